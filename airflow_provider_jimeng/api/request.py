@@ -1,0 +1,253 @@
+"""Where a generation request is built and checked, before anything is sent or paid for.
+
+:func:`build_request_body` turns Python arguments into the JSON body; :func:`validate_body` checks a
+body against the rules of its model family. The emulator runs the same :func:`validate_body` on what
+it receives, so client and emulator agree on every rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from airflow_provider_jimeng.api.capabilities import (
+    MAX_IMAGES_PER_REQUEST,
+    MAX_SEED,
+    RESPONSE_FORMATS,
+    SEQUENTIAL_MODES,
+    SOFT_PROMPT_MAX_CJK_CHARS,
+    SOFT_PROMPT_MAX_WORDS,
+    ModelFamily,
+    family_for_model,
+    size_error,
+)
+from airflow_provider_jimeng.api.reference_images import (
+    ImageInput,
+    normalize_reference_image,
+    validate_data_uri,
+)
+from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+
+log = logging.getLogger(__name__)
+
+#: Body fields this provider sets from named parameters; ``extra_body`` may not override them.
+KNOWN_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "image",
+        "size",
+        "seed",
+        "sequential_image_generation",
+        "sequential_image_generation_options",
+        "stream",
+        "response_format",
+        "watermark",
+        "optimize_prompt_options",
+        "guidance_scale",
+    }
+)
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+def _fail(parameter: str, message: str) -> JiMengConfigurationError:
+    return JiMengConfigurationError(parameter, message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_prompt(prompt: Any, parameter: str = "prompt") -> str:
+    """Refuse a prompt the API would refuse; warn about one longer than recommended."""
+    if not isinstance(prompt, str):
+        raise _fail(parameter, f"must be a non-empty string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise _fail(parameter, "must be a non-empty string, got an empty or whitespace-only prompt")
+    cjk_chars = len(_CJK.findall(prompt))
+    words = len(prompt.split())
+    if cjk_chars > SOFT_PROMPT_MAX_CJK_CHARS or words > SOFT_PROMPT_MAX_WORDS:
+        log.warning(
+            "%s is longer than recommended (%d Chinese characters, %d words; recommended at most %d or %d): "
+            "the model may ignore part of it",
+            parameter,
+            cjk_chars,
+            words,
+            SOFT_PROMPT_MAX_CJK_CHARS,
+            SOFT_PROMPT_MAX_WORDS,
+        )
+    return prompt
+
+
+def reference_image_count(body: Mapping[str, Any]) -> int:
+    image = body.get("image")
+    if image is None:
+        return 0
+    return 1 if isinstance(image, str) else len(image)
+
+
+def max_images_billed(body: Mapping[str, Any]) -> int:
+    """The most images one request with this body can generate (and bill)."""
+    if body.get("sequential_image_generation") == "auto":
+        options = body.get("sequential_image_generation_options") or {}
+        return int(options.get("max_images", MAX_IMAGES_PER_REQUEST - reference_image_count(body)))
+    return 1
+
+
+def validate_body(body: Mapping[str, Any]) -> ModelFamily:
+    """Check a request body against its model family's rules; raise naming the first bad field."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _fail("model", "is required: a model id such as 'doubao-seedream-4-0-250828' or an endpoint id 'ep-...'")
+    family = family_for_model(model)
+    check_prompt(body.get("prompt"))
+
+    size = body.get("size")
+    if size is not None:
+        if not isinstance(size, str):
+            raise _fail("size", f"must be a string, got {type(size).__name__}; allowed: {family.describe_sizes()}")
+        if problem := size_error(family, size):
+            raise _fail("size", problem)
+
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not -1 <= seed <= MAX_SEED):
+        raise _fail("seed", f"{seed!r} is not allowed; allowed: an integer in [-1, {MAX_SEED}]")
+
+    response_format = body.get("response_format")
+    if response_format is not None and response_format not in RESPONSE_FORMATS:
+        raise _fail("response_format", f"{response_format!r} is not allowed; allowed: 'url' or 'b64_json'")
+
+    for flag in ("watermark", "stream"):
+        if body.get(flag) is not None and not isinstance(body[flag], bool):
+            raise _fail(flag, f"must be true or false, got {body[flag]!r}")
+    if body.get("stream") and not family.stream:
+        raise _fail("stream", f"streaming is not supported by {family.name}")
+
+    n_refs = _validate_images(body, family)
+    _validate_sequential(body, family, n_refs)
+
+    options = body.get("optimize_prompt_options")
+    if options is not None:
+        mode = options.get("mode") if isinstance(options, Mapping) else None
+        if not family.optimize_prompt_modes:
+            raise _fail("optimize_prompt_mode", f"is not supported by {family.name}")
+        if mode not in family.optimize_prompt_modes:
+            raise _fail(
+                "optimize_prompt_mode",
+                f"{mode!r} is not allowed for {family.name}; allowed: "
+                + " or ".join(repr(m) for m in family.optimize_prompt_modes),
+            )
+
+    guidance = body.get("guidance_scale")
+    if guidance is not None:
+        if not family.guidance_scale:
+            raise _fail("guidance_scale", f"is not supported by {family.name} (Seedream 3.0 only)")
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 1 <= guidance <= 10:
+            raise _fail("guidance_scale", f"{guidance!r} is not allowed; allowed: a number in [1, 10]")
+    return family
+
+
+def _validate_images(body: Mapping[str, Any], family: ModelFamily) -> int:
+    image = body.get("image")
+    if image is None:
+        return 0
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+        raise _fail("image", "must be a URL or data URI string, or a list of them")
+    if not family.reference_images and images:
+        raise _fail("image", f"reference images are not supported by {family.name}")
+    if len(images) > family.max_reference_images:
+        raise _fail(
+            "image",
+            f"{len(images)} reference images given; {family.name} allows at most {family.max_reference_images}",
+        )
+    for position, item in enumerate(images):
+        parameter = f"image[{position}]"
+        lowered = item[:8].lower()
+        if lowered.startswith("data:"):
+            validate_data_uri(parameter, item)
+        elif not lowered.startswith(("http://", "https://")):
+            raise _fail(parameter, "must be an http(s) URL or a 'data:image/<format>;base64,...' URI")
+    return len(images)
+
+
+def _validate_sequential(body: Mapping[str, Any], family: ModelFamily, n_refs: int) -> None:
+    mode = body.get("sequential_image_generation")
+    options = body.get("sequential_image_generation_options")
+    if mode is not None:
+        if mode not in SEQUENTIAL_MODES:
+            raise _fail("sequential_image_generation", f"{mode!r} is not allowed; allowed: 'auto' or 'disabled'")
+        if mode == "auto" and not family.sequential:
+            raise _fail("sequential_image_generation", f"'auto' is not supported by {family.name}")
+    if options is None:
+        return
+    if not isinstance(options, Mapping):
+        raise _fail("sequential_image_generation_options", "must be an object like {'max_images': 4}")
+    max_images = options.get("max_images")
+    if max_images is None:
+        return
+    limit = MAX_IMAGES_PER_REQUEST - n_refs
+    if not _is_int(max_images) or not 1 <= max_images <= limit:
+        explain = f" (15 minus {n_refs} reference image(s))" if n_refs else ""
+        raise _fail("max_images", f"{max_images!r} is not allowed; allowed: an integer in [1, {limit}]{explain}")
+
+
+def build_request_body(
+    prompt: str,
+    *,
+    model: str,
+    size: str | None = None,
+    response_format: str = "url",
+    watermark: bool = True,
+    image: ImageInput | Sequence[ImageInput] | None = None,
+    seed: int | None = None,
+    sequential_image_generation: str | None = None,
+    max_images: int | None = None,
+    optimize_prompt_mode: str | None = None,
+    guidance_scale: float | None = None,
+    stream: bool = False,
+    extra_body: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build and validate the JSON body of ``POST /images/generations``."""
+    body: dict[str, Any] = {"model": model, "prompt": prompt}
+    if image is not None:
+        if isinstance(image, (str, bytes, bytearray)) or not isinstance(image, Sequence):
+            body["image"] = normalize_reference_image("image", image)
+        else:
+            images = [normalize_reference_image(f"image[{pos}]", item) for pos, item in enumerate(image)]
+            if images:
+                body["image"] = images
+    if size is not None:
+        body["size"] = size
+    if seed is not None:
+        body["seed"] = seed
+    if max_images is not None and sequential_image_generation != "auto":
+        raise _fail(
+            "max_images",
+            "only applies to sets of images: set sequential_image_generation='auto' to use it",
+        )
+    if sequential_image_generation is not None:
+        body["sequential_image_generation"] = sequential_image_generation
+        if sequential_image_generation == "auto":
+            # Always explicit: the upstream default would be up to 15 billed images.
+            if max_images is None:
+                max_images = MAX_IMAGES_PER_REQUEST - reference_image_count(body)
+            body["sequential_image_generation_options"] = {"max_images": max_images}
+    body["response_format"] = response_format
+    body["watermark"] = watermark
+    if stream:
+        body["stream"] = True
+    if optimize_prompt_mode is not None:
+        body["optimize_prompt_options"] = {"mode": optimize_prompt_mode}
+    if guidance_scale is not None:
+        body["guidance_scale"] = guidance_scale
+    if extra_body:
+        clashes = sorted(KNOWN_FIELDS.intersection(extra_body))
+        if clashes:
+            raise _fail("extra_body", f"sets {', '.join(clashes)}: pass them as named parameters instead")
+        body.update(extra_body)
+    validate_body(body)
+    return body

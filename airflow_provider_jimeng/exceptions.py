@@ -1,0 +1,162 @@
+"""Exceptions raised by the JiMeng provider.
+
+Every error derives from :class:`JiMengError` (an ``AirflowException``) so a DAG author can catch the
+whole family at once, and each API error class says whether repeating the call could help
+(``retryable``). Messages carry the API's error code and request id but never the API key, base64
+image data or a full signed URL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.exceptions import AirflowException
+
+
+class JiMengError(AirflowException):
+    """Base class for every error of this provider."""
+
+
+class JiMengConfigurationError(JiMengError, ValueError):
+    """The connection or an argument is invalid; raised before any request is sent."""
+
+    def __init__(self, parameter: str, message: str) -> None:
+        self.parameter = parameter
+        super().__init__(f"{parameter}: {message}")
+
+
+class JiMengAPIError(JiMengError):
+    """An error answered by the API (or a gateway in front of it)."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        code: str | None = None,
+        request_id: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.status_code = status_code
+        self.code = code
+        self.api_message = message
+        self.request_id = request_id
+        self.param = param
+        self.retry_after = retry_after
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        parts = [f"HTTP {self.status_code}" if self.status_code else "JiMeng API error"]
+        if self.code:
+            parts.append(self.code)
+        text = " ".join(parts) + f": {self.api_message}"
+        if self.param:
+            text += f" (param: {self.param})"
+        if self.request_id and self.request_id not in self.api_message:
+            text += f" [request id: {self.request_id}]"
+        return text
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructor: teach pickle (used by Airflow's log shipping) how to rebuild us.
+        return (
+            _rebuild_api_error,
+            (
+                type(self),
+                self.api_message,
+                {
+                    "status_code": self.status_code,
+                    "code": self.code,
+                    "request_id": self.request_id,
+                    "param": self.param,
+                    "retry_after": self.retry_after,
+                },
+            ),
+        )
+
+
+def _rebuild_api_error(cls: type[JiMengAPIError], message: str, kwargs: dict[str, Any]) -> JiMengAPIError:
+    return cls(message, **kwargs)
+
+
+class JiMengAuthenticationError(JiMengAPIError):
+    """401/403: wrong key, key of another region, account overdue or service not enabled."""
+
+
+class JiMengInvalidRequestError(JiMengAPIError):
+    """400/404: the request was refused as invalid (bad parameter, unknown model, bad image URL)."""
+
+
+class JiMengContentPolicyError(JiMengInvalidRequestError):
+    """400: the prompt, a reference image or the output was blocked by content moderation."""
+
+
+class JiMengRateLimitError(JiMengAPIError):
+    """429: too many requests or images per minute; retried with backoff."""
+
+    retryable = True
+
+
+class JiMengQuotaExceededError(JiMengAPIError):
+    """429 ``QuotaExceeded``/``SetLimitExceeded``: the spending cap is reached; retrying cannot help."""
+
+
+class JiMengServerError(JiMengAPIError):
+    """5xx: the service failed; retried with backoff."""
+
+    retryable = True
+
+
+class JiMengTimeoutError(JiMengAPIError):
+    """The connection failed or timed out; retried, but a timed-out request may still have been billed."""
+
+    retryable = True
+
+
+class JiMengResponseError(JiMengAPIError):
+    """The answer was not the documented shape (malformed or truncated body, bad stream)."""
+
+    retryable = True
+
+
+class JiMengDownloadError(JiMengError):
+    """An image could not be downloaded (expired URL, too large, not an image)."""
+
+
+class JiMengGenerationIncompleteError(JiMengError):
+    """Some images of a run failed; those that succeeded were kept. The message lists every failure."""
+
+    def __init__(self, failures: list[str], *, stored: int) -> None:
+        self.failures = failures
+        self.stored = stored
+        listing = "\n".join(f"  - {failure}" for failure in failures)
+        super().__init__(f"{len(failures)} image(s) failed, {stored} stored:\n{listing}")
+
+
+_CONTENT_POLICY_PREFIXES = (
+    "InputTextSensitiveContentDetected",
+    "InputImageSensitiveContentDetected",
+    "OutputImageSensitiveContentDetected",
+    "SensitiveContentDetected",
+)
+_QUOTA_CODES = frozenset({"QuotaExceeded", "SetLimitExceeded"})
+
+
+def error_class_for(status_code: int | None, code: str | None) -> type[JiMengAPIError]:
+    """Map an HTTP status and API error code to the class that says what to do about it."""
+    code = code or ""
+    if code.startswith(_CONTENT_POLICY_PREFIXES):
+        return JiMengContentPolicyError
+    if code in _QUOTA_CODES:
+        return JiMengQuotaExceededError
+    if status_code == 429:
+        return JiMengRateLimitError
+    if status_code in (401, 403):
+        return JiMengAuthenticationError
+    if status_code is not None and status_code >= 500:
+        return JiMengServerError
+    if status_code in (400, 404, 405, 409, 413, 422):
+        return JiMengInvalidRequestError
+    return JiMengAPIError

@@ -1,0 +1,56 @@
+"""Provider metadata read by Airflow's providers manager (entry point ``apache_airflow_provider``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_provider_jimeng import __version__
+
+INTEGRATION = "JiMeng (Seedream)"
+
+
+def _conn_fields() -> dict[str, Any]:
+    from airflow_provider_jimeng.hooks.connection_form import CONNECTION_EXTRAS
+
+    return CONNECTION_EXTRAS
+
+
+def _ui_field_behaviour() -> dict[str, Any]:
+    from airflow_provider_jimeng.hooks.connection_form import UI_FIELD_BEHAVIOUR
+
+    return {
+        "hidden-fields": UI_FIELD_BEHAVIOUR["hidden_fields"],
+        "relabeling": UI_FIELD_BEHAVIOUR["relabeling"],
+        "placeholders": UI_FIELD_BEHAVIOUR["placeholders"],
+    }
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-provider-jimeng",
+        "name": "JiMeng (Seedream)",
+        "description": "Generate images with ByteDance JiMeng 4.0 (Seedream 4.0) and store them durably in S3.",
+        "versions": [__version__],
+        "integrations": [
+            {
+                "integration-name": INTEGRATION,
+                "external-doc-url": "https://www.volcengine.com/docs/82379/1541523",
+                "tags": ["ai", "service"],
+            }
+        ],
+        "hooks": [{"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.hooks.jimeng"]}],
+        "operators": [
+            {"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.operators.jimeng"]}
+        ],
+        "connection-types": [
+            {
+                "hook-class-name": "airflow_provider_jimeng.hooks.jimeng.JiMengHook",
+                "hook-name": "JiMeng (Seedream)",
+                "connection-type": "jimeng",
+                "ui-field-behaviour": _ui_field_behaviour(),
+                "conn-fields": _conn_fields(),
+            }
+        ],
+        "extra-links": ["airflow_provider_jimeng.links.jimeng.JiMengImagesLink"],
+        "task-decorators": [{"name": "jimeng", "class-name": "airflow_provider_jimeng.decorators.jimeng.jimeng_task"}],
+    }

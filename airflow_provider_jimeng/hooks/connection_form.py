@@ -1,0 +1,75 @@
+"""The ``jimeng`` connection's form: fields, labels and extras, shared by the hook and provider info.
+
+Kept free of Airflow imports because the providers manager reads it while Airflow is still starting.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from airflow_provider_jimeng.api.capabilities import DEFAULT_MODEL
+
+CHINA_BASE_URL = "https://ark.cn-beijing.volces.com/api/v3"
+BYTEPLUS_BASE_URL = "https://ark.ap-southeast.bytepluses.com/api/v3"
+GENERATIONS_PATH = "/images/generations"
+OFFICIAL_HOST_SUFFIXES = ("volces.com", "bytepluses.com")
+
+#: Connection extras a user may set, with what each one means; feeds the UI form and the docs.
+CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
+    "model": {
+        "label": "Default model",
+        "description": "Model or endpoint id used when a task names none, e.g. doubao-seedream-4-0-250828.",
+        "schema": {"type": ["string", "null"]},
+    },
+    "timeout": {
+        "label": "Read timeout (seconds)",
+        "description": "How long to wait for an answer; generation takes seconds to minutes. Default 300.",
+        "schema": {"type": ["number", "null"], "minimum": 1},
+    },
+    "connect_timeout": {
+        "label": "Connect timeout (seconds)",
+        "description": "How long to wait for a connection. Default 10.",
+        "schema": {"type": ["number", "null"], "minimum": 0.1},
+    },
+    "max_retries": {
+        "label": "Max retries",
+        "description": "Retries on rate limits, server errors and timeouts (never on invalid input). Default 5.",
+        "schema": {"type": ["integer", "null"], "minimum": 0},
+    },
+    "watermark": {
+        "label": "Watermark",
+        "description": "Default for the 'AI generated' mark; sent explicitly on every request. Default true.",
+        "schema": {"type": ["boolean", "null"]},
+    },
+    "max_images_per_minute": {
+        "label": "Max images per minute",
+        "description": "Client-side pacing per task, below the account's rate limit (500 by default).",
+        "schema": {"type": ["integer", "null"], "minimum": 1},
+    },
+    "proxies": {
+        "label": "Proxies (JSON)",
+        "description": 'requests-style proxies, e.g. {"https": "http://proxy:3128"}.',
+        "schema": {"type": ["object", "string", "null"]},
+    },
+    "verify": {
+        "label": "Verify TLS",
+        "description": "true (default), false, or a path to a CA bundle.",
+        "schema": {"type": ["boolean", "string", "null"]},
+    },
+    "allow_http": {
+        "label": "Allow plain HTTP",
+        "description": "Permit http:// base and image URLs (the offline emulator on loopback). Default false.",
+        "schema": {"type": ["boolean", "null"]},
+    },
+}
+
+UI_FIELD_BEHAVIOUR: dict[str, Any] = {
+    "hidden_fields": ["login", "schema", "port"],
+    "relabeling": {"host": "Base URL", "password": "API Key"},
+    "placeholders": {
+        "host": f"{CHINA_BASE_URL} (empty = China endpoint; BytePlus: {BYTEPLUS_BASE_URL}; gateway: https://…/v1)",
+        "password": "API key (Bearer token)",
+        "extra": json.dumps({"model": DEFAULT_MODEL, "timeout": 300, "watermark": False}),
+    },
+}

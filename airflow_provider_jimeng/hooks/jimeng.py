@@ -1,0 +1,690 @@
+"""Where requests are sent: :class:`JiMengHook` holds the ``jimeng`` connection and talks HTTP."""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
+from airflow_provider_jimeng.api.reference_images import ImageInput
+from airflow_provider_jimeng.api.request import build_request_body, max_images_billed
+from airflow_provider_jimeng.api.response import (
+    GenerationResult,
+    api_error_from_payload,
+    parse_event_stream,
+    parse_generation,
+    redact_url,
+)
+from airflow_provider_jimeng.exceptions import (
+    JiMengAPIError,
+    JiMengConfigurationError,
+    JiMengDownloadError,
+    JiMengResponseError,
+    JiMengTimeoutError,
+)
+from airflow_provider_jimeng.hooks.connection_form import (
+    BYTEPLUS_BASE_URL,
+    CHINA_BASE_URL,
+    CONNECTION_EXTRAS,
+    GENERATIONS_PATH,
+    OFFICIAL_HOST_SUFFIXES,
+    UI_FIELD_BEHAVIOUR,
+)
+from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
+from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+def _as_bool(parameter: str, value: Any, default: bool) -> bool:
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise JiMengConfigurationError(parameter, f"{value!r} is not a boolean; use true or false")
+
+
+def _as_number(parameter: str, value: Any, default: float | None, *, minimum: float) -> float | None:
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise JiMengConfigurationError(parameter, f"{value!r} is not a number") from None
+    if number < minimum:
+        raise JiMengConfigurationError(parameter, f"{value!r} is below the minimum of {minimum:g}")
+    return number
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class JiMengConnectionConfig:
+    """Everything a hook needs from its connection, resolved and checked once."""
+
+    base_url: str
+    api_key: str = field(repr=False)
+    model: str
+    timeout: float
+    connect_timeout: float
+    max_retries: int
+    watermark: bool
+    max_images_per_minute: float | None
+    proxies: dict[str, str] | None
+    verify: bool | str
+    allow_http: bool
+
+    @property
+    def generations_url(self) -> str:
+        return self.base_url + GENERATIONS_PATH
+
+
+def resolve_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
+    """Turn the connection's host (and, from URI form, schema/port) into the API base URL."""
+    host = (host or "").strip()
+    if not host:
+        return CHINA_BASE_URL
+    if "://" not in host:
+        if "/" in host:
+            raise JiMengConfigurationError(
+                "host",
+                f"base URL {host[:100]!r} has no scheme; write it in full, e.g. https://{host[:60]}",
+            )
+        netloc = f"{host}:{port}" if port else host
+        path = f"/{schema.strip('/')}" if schema and schema.strip("/") else ""
+        if not path and host.endswith(OFFICIAL_HOST_SUFFIXES):
+            path = "/api/v3"
+        host = f"https://{netloc}{path}"
+    parts = urlsplit(host)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise JiMengConfigurationError(
+            "host", f"base URL {host[:100]!r} must be an http(s) URL such as {CHINA_BASE_URL}"
+        )
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise JiMengConfigurationError(
+            "host", "base URL may not carry a query, fragment or credentials; put the key in the password"
+        )
+    base = host.rstrip("/")
+    if base.endswith(GENERATIONS_PATH):
+        base = base[: -len(GENERATIONS_PATH)]
+    return base
+
+
+class ImageDownload:
+    """A streamed image body: read it in chunks, with a size cap, counting bytes and a SHA-256."""
+
+    def __init__(self, response: requests.Response, *, max_bytes: int, label: str) -> None:
+        self._response = response
+        self._max_bytes = max_bytes
+        self._label = label
+        self._digest = hashlib.sha256()
+        self.bytes_read = 0
+        self.content_type = response.headers.get("Content-Type", "")
+        length = response.headers.get("Content-Length")
+        self.content_length = int(length) if length and length.isdigit() else None
+        if self.content_length is not None and self.content_length > max_bytes:
+            response.close()
+            raise JiMengDownloadError(
+                f"image {label} is {self.content_length} bytes, above the {max_bytes}-byte download cap"
+            )
+
+    def read(self, size: int = -1) -> bytes:
+        """File-like read, so S3 uploads can consume the body chunk by chunk."""
+        try:
+            chunk = self._response.raw.read(DOWNLOAD_CHUNK_BYTES if size is None or size < 0 else size)
+        except (requests.RequestException, OSError) as exc:
+            raise JiMengDownloadError(
+                f"download of image {self._label} broke after {self.bytes_read} bytes: {type(exc).__name__}"
+            ) from None
+        self.bytes_read += len(chunk)
+        if self.bytes_read > self._max_bytes:
+            raise JiMengDownloadError(f"image {self._label} exceeds the {self._max_bytes}-byte download cap")
+        if not chunk and self.content_length is not None and self.bytes_read < self.content_length:
+            raise JiMengDownloadError(
+                f"download of image {self._label} ended after {self.bytes_read} of {self.content_length} bytes"
+            )
+        self._digest.update(chunk)
+        return chunk
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __enter__(self) -> ImageDownload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class JiMengHook(BaseHook):
+    """Generate images with JiMeng 4.0 / Seedream through a ``jimeng`` connection.
+
+    One pooled :class:`requests.Session` serves every call of a hook, including calls from several
+    threads at once. Retryable failures (rate limits, 5xx, timeouts) are repeated with backoff inside
+    the hook; invalid input is refused before a request is sent.
+
+    :param jimeng_conn_id: connection holding the base URL (host) and API key (password).
+    :param timeout: read timeout in seconds; overrides the connection's ``timeout`` extra.
+    :param max_retries: overrides the connection's ``max_retries`` extra.
+    :param retry_backoff: first backoff wait in seconds (doubles each retry).
+    :param retry_max_wait: longest single wait, also the cap on a server's ``Retry-After``.
+    :param max_images_per_minute: client-side pacing; overrides the connection's extra.
+    :param pool_maxsize: HTTP connections kept per host; at least the number of concurrent calls.
+    """
+
+    conn_name_attr = "jimeng_conn_id"
+    default_conn_name = "jimeng_default"
+    conn_type = "jimeng"
+    hook_name = "JiMeng (Seedream)"
+
+    def __init__(
+        self,
+        jimeng_conn_id: str = default_conn_name,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        retry_backoff: float = 2.0,
+        retry_max_wait: float = 120.0,
+        max_images_per_minute: float | None = None,
+        pool_maxsize: int = 32,
+        logger_name: str | None = None,
+    ) -> None:
+        super().__init__(logger_name=logger_name)
+        self.jimeng_conn_id = jimeng_conn_id
+        self._timeout_override = timeout
+        self._max_retries_override = max_retries
+        self._retry_backoff = retry_backoff
+        self._retry_max_wait = retry_max_wait
+        self._max_images_per_minute_override = max_images_per_minute
+        self._pool_maxsize = pool_maxsize
+        self._session: requests.Session | None = None
+        self._session_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._counter_lock = threading.Lock()
+        #: Counters for reports and benchmarks: attempts sent, 429s received, retries made.
+        self.stats: dict[str, int] = {"attempts": 0, "rate_limited": 0, "retries": 0}
+
+    # ----------------------------------------------------------------------------------- UI metadata
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Relabel and hide connection form fields (Airflow < 3.2 reads this; later, provider info)."""
+        return UI_FIELD_BEHAVIOUR
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """Extra fields of the connection form for Airflow < 3.2 (later releases read provider info)."""
+        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import BooleanField, StringField
+
+        widgets: dict[str, Any] = {}
+        for name, spec in CONNECTION_EXTRAS.items():
+            types = spec["schema"]["type"]
+            if types == ["boolean", "null"]:
+                widgets[name] = BooleanField(lazy_gettext(spec["label"]), description=spec["description"])
+            else:
+                widgets[name] = StringField(
+                    lazy_gettext(spec["label"]), widget=BS3TextFieldWidget(), description=spec["description"]
+                )
+        return widgets
+
+    # -------------------------------------------------------------------------------- configuration
+    @cached_property
+    def config(self) -> JiMengConnectionConfig:
+        """The connection, resolved once; the API key is registered with Airflow's secret masker."""
+        conn = self.get_connection(self.jimeng_conn_id)
+        api_key = (conn.password or "").strip()
+        if not api_key:
+            raise JiMengConfigurationError(
+                "password",
+                f"connection {self.jimeng_conn_id!r} has no API key; put the key in the password field",
+            )
+        mask_secret(api_key)
+        extras: Mapping[str, Any] = conn.extra_dejson or {}
+        base_url = resolve_base_url(conn.host, conn.schema, conn.port)
+        allow_http = _as_bool("allow_http", extras.get("allow_http"), False)
+        if base_url.startswith("http://") and not allow_http:
+            raise JiMengConfigurationError(
+                "host",
+                f"base URL {base_url!r} uses plain http; use https, or set the extra allow_http=true "
+                "(for the offline emulator on loopback)",
+            )
+        model = str(extras.get("model") or "").strip() or (
+            DEFAULT_BYTEPLUS_MODEL if "bytepluses.com" in base_url else DEFAULT_MODEL
+        )
+        timeout = self._timeout_override or extras.get("timeout")
+        max_retries = (
+            self._max_retries_override if self._max_retries_override is not None else extras.get("max_retries")
+        )
+        pacing = self._max_images_per_minute_override or extras.get("max_images_per_minute")
+        proxies = extras.get("proxies")
+        if isinstance(proxies, str) and proxies.strip():
+            try:
+                proxies = json.loads(proxies)
+            except ValueError:
+                raise JiMengConfigurationError("proxies", 'must be a JSON object like {"https": "..."}') from None
+        if proxies is not None and proxies != "" and not isinstance(proxies, dict):
+            raise JiMengConfigurationError("proxies", 'must be a JSON object like {"https": "..."}')
+        verify_raw = extras.get("verify")
+        verify: bool | str
+        if isinstance(verify_raw, str) and verify_raw.strip().lower() not in ("", "true", "false", "1", "0"):
+            verify = verify_raw
+        else:
+            verify = _as_bool("verify", verify_raw, True)
+        return JiMengConnectionConfig(
+            base_url=base_url,
+            api_key=api_key,
+            model=model,
+            timeout=_as_number("timeout", timeout, DEFAULT_TIMEOUT, minimum=1) or DEFAULT_TIMEOUT,
+            connect_timeout=_as_number(
+                "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
+            )
+            or DEFAULT_CONNECT_TIMEOUT,
+            max_retries=int(_as_number("max_retries", max_retries, DEFAULT_MAX_RETRIES, minimum=0) or 0),
+            watermark=_as_bool("watermark", extras.get("watermark"), True),
+            max_images_per_minute=_as_number("max_images_per_minute", pacing, None, minimum=1),
+            proxies=proxies or None,
+            verify=verify,
+            allow_http=allow_http,
+        )
+
+    @cached_property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_retries=self.config.max_retries, backoff=self._retry_backoff, max_wait=self._retry_max_wait
+        )
+
+    @cached_property
+    def pacer(self) -> ImageRatePacer | None:
+        rate = self.config.max_images_per_minute
+        return ImageRatePacer(rate) if rate else None
+
+    def get_conn(self) -> requests.Session:
+        """The hook's pooled session, created once even when threads race for it."""
+        with self._session_lock:
+            if self._session is None:
+                config = self.config
+                session = requests.Session()
+                adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_maxsize, max_retries=0)
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
+                session.headers.update(
+                    {
+                        "Authorization": f"Bearer {config.api_key}",
+                        "Content-Type": "application/json",
+                        "Accept": "application/json",
+                        "User-Agent": "airflow-provider-jimeng",
+                    }
+                )
+                if config.proxies:
+                    session.proxies.update(config.proxies)
+                session.verify = config.verify
+                self._session = session
+            return self._session
+
+    def close(self) -> None:
+        """Stop waiting and retrying, and close pooled connections (in-flight reads then fail)."""
+        self._stop.set()
+        with self._session_lock:
+            if self._session is not None:
+                self._session.close()
+                self._session = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # ----------------------------------------------------------------------------------- generation
+    def build_body(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        size: str | None = None,
+        response_format: str = "url",
+        watermark: bool | None = None,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        seed: int | None = None,
+        sequential_image_generation: str | None = None,
+        max_images: int | None = None,
+        optimize_prompt_mode: str | None = None,
+        guidance_scale: float | None = None,
+        stream: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Validate arguments and return the request body, filling model/watermark from the connection."""
+        return build_request_body(
+            prompt,
+            model=model or self.config.model,
+            size=size,
+            response_format=response_format,
+            watermark=self.config.watermark if watermark is None else watermark,
+            image=image,
+            seed=seed,
+            sequential_image_generation=sequential_image_generation,
+            max_images=max_images,
+            optimize_prompt_mode=optimize_prompt_mode,
+            guidance_scale=guidance_scale,
+            stream=stream,
+            extra_body=extra_body,
+        )
+
+    def generate_images(
+        self,
+        prompt: str,
+        *,
+        model: str | None = None,
+        size: str | None = None,
+        response_format: str = "url",
+        watermark: bool | None = None,
+        image: ImageInput | Sequence[ImageInput] | None = None,
+        seed: int | None = None,
+        sequential_image_generation: str | None = None,
+        max_images: int | None = None,
+        optimize_prompt_mode: str | None = None,
+        guidance_scale: float | None = None,
+        stream: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> GenerationResult:
+        """Generate one image, or a set with ``sequential_image_generation="auto"``.
+
+        ``image`` takes reference images as URLs, data URIs, bytes or local file paths (a list for
+        several). Per-image failures inside a set are returned in the result, not raised.
+        """
+        body = self.build_body(
+            prompt,
+            model=model,
+            size=size,
+            response_format=response_format,
+            watermark=watermark,
+            image=image,
+            seed=seed,
+            sequential_image_generation=sequential_image_generation,
+            max_images=max_images,
+            optimize_prompt_mode=optimize_prompt_mode,
+            guidance_scale=guidance_scale,
+            stream=stream,
+            extra_body=extra_body,
+        )
+        return self.send(body)
+
+    def send(self, body: Mapping[str, Any]) -> GenerationResult:
+        """Send a validated body, pacing and retrying; the single path every generation takes."""
+        images = max_images_billed(body)
+        attempt = 0
+        while True:
+            attempt += 1
+            if self._stop.is_set():
+                raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
+            if self.pacer is not None:
+                self.pacer.acquire(images, stop=self._stop)
+            try:
+                return self._send_once(body, attempt)
+            except JiMengAPIError as error:
+                if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
+                    raise
+                wait = self.retry_policy.wait_seconds(error, attempt)
+                with self._counter_lock:
+                    self.stats["retries"] += 1
+                self.log.warning(
+                    "JiMeng attempt %d of %d failed (%s, request id %s); retrying in %.2fs",
+                    attempt,
+                    self.retry_policy.max_retries + 1,
+                    error.code or type(error).__name__,
+                    error.request_id,
+                    wait,
+                )
+                if self._stop.wait(wait):
+                    raise
+
+    def _send_once(self, body: Mapping[str, Any], attempt: int) -> GenerationResult:
+        config = self.config
+        client_request_id = uuid.uuid4().hex
+        stream = bool(body.get("stream"))
+        with self._counter_lock:
+            self.stats["attempts"] += 1
+        self.log.info(
+            "JiMeng request attempt %d: model=%s size=%s images<=%d stream=%s client request id %s",
+            attempt,
+            body.get("model"),
+            body.get("size", "default"),
+            max_images_billed(body),
+            stream,
+            client_request_id,
+        )
+        started = time.monotonic()
+        try:
+            response = self.get_conn().post(
+                config.generations_url,
+                data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                headers={"X-Client-Request-Id": client_request_id},
+                timeout=(config.connect_timeout, config.timeout),
+                stream=stream,
+            )
+        except requests.Timeout as exc:
+            raise JiMengTimeoutError(
+                f"no answer within {config.timeout:g}s ({type(exc).__name__}); the request may still be billed",
+                code="Timeout",
+                request_id=client_request_id,
+            ) from None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            raise JiMengTimeoutError(
+                f"connection to {urlsplit(config.base_url).netloc} failed ({type(exc).__name__})",
+                code="ConnectionError",
+                request_id=client_request_id,
+            ) from None
+        request_id = response.headers.get("x-request-id") or client_request_id
+        try:
+            if response.status_code != 200:
+                raise self._error_from_response(response, request_id)
+            if stream and response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                result = parse_event_stream(self._stream_lines(response), request_id)
+            else:
+                result = parse_generation(self._json(response, request_id), request_id)
+        finally:
+            response.close()
+        self.log.info(
+            "JiMeng request %s: %d image(s) ok, %d failed, billed %s, %.1fs",
+            request_id,
+            len(result.succeeded),
+            len(result.failed),
+            result.usage.generated_images,
+            time.monotonic() - started,
+        )
+        return result
+
+    def _json(self, response: requests.Response, request_id: str) -> Any:
+        try:
+            return json.loads(response.content)
+        except (ValueError, requests.RequestException) as exc:
+            raise JiMengResponseError(
+                f"the response body is not valid JSON ({type(exc).__name__})",
+                status_code=response.status_code,
+                code="MalformedResponse",
+                request_id=request_id,
+            ) from None
+
+    @staticmethod
+    def _stream_lines(response: requests.Response) -> Iterator[bytes]:
+        """Lines of an SSE body; a broken connection just ends the stream (the parser keeps what came)."""
+        try:
+            yield from response.iter_lines()
+        except (requests.RequestException, OSError):
+            return
+
+    def _error_from_response(self, response: requests.Response, request_id: str) -> JiMengAPIError:
+        try:
+            payload = json.loads(response.content)
+        except (ValueError, requests.RequestException):
+            payload = None
+        error = api_error_from_payload(
+            response.status_code,
+            payload,
+            request_id=request_id,
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            fallback_message=response.reason or "",
+        )
+        if response.status_code == 429:
+            with self._counter_lock:
+                self.stats["rate_limited"] += 1
+        return error
+
+    # ------------------------------------------------------------------------------------ downloads
+    def check_download_url(self, url: str) -> None:
+        """Refuse image URLs that are not https (plain http only with ``allow_http`` or on loopback)."""
+        parts = urlsplit(url)
+        if parts.scheme == "https":
+            return
+        if parts.scheme == "http" and (self.config.allow_http or _is_loopback(parts.hostname)):
+            return
+        raise JiMengDownloadError(
+            f"refusing to download {redact_url(url)}: only https URLs are fetched "
+            "(set the connection extra allow_http=true to permit http)"
+        )
+
+    def open_image(self, url: str, *, max_bytes: int = DEFAULT_DOWNLOAD_MAX_BYTES) -> ImageDownload:
+        """Start streaming an image URL; transient failures are retried, expiry and 404 are not."""
+        self.check_download_url(url)
+        label = redact_url(url)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._open_image_once(url, label, max_bytes)
+            except JiMengAPIError as error:
+                if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
+                    raise JiMengDownloadError(f"download of image {label} failed: {error}") from None
+                wait = self.retry_policy.wait_seconds(error, attempt)
+                self.log.warning("Download of %s failed (%s); retrying in %.2fs", label, error.code, wait)
+                if self._stop.wait(wait):
+                    raise JiMengDownloadError(f"download of image {label} stopped") from None
+
+    def _open_image_once(self, url: str, label: str, max_bytes: int) -> ImageDownload:
+        config = self.config
+        try:
+            # Signed URLs carry their own authorisation: never send the API key to the storage host.
+            response = requests.get(
+                url,
+                stream=True,
+                timeout=(config.connect_timeout, config.timeout),
+                proxies=config.proxies,
+                verify=config.verify,
+                headers={"Accept": "image/*"},
+            )
+        except requests.Timeout:
+            raise JiMengTimeoutError(f"download of {label} timed out", code="Timeout") from None
+        except requests.ConnectionError as exc:
+            raise JiMengTimeoutError(
+                f"download of {label} failed to connect ({type(exc).__name__})", code="ConnectionError"
+            ) from None
+        if response.status_code != 200:
+            response.close()
+            status = response.status_code
+            if status in (403, 404, 410):
+                hint = "the signed URL has expired (24 h lifetime)" if status == 403 else "the image is gone"
+                raise JiMengDownloadError(f"download of image {label} failed: HTTP {status}, {hint}")
+            error_class = JiMengTimeoutError if status >= 500 or status == 429 else JiMengDownloadError
+            if error_class is JiMengDownloadError:
+                raise JiMengDownloadError(f"download of image {label} failed: HTTP {status}")
+            raise JiMengTimeoutError(
+                f"download of {label} answered HTTP {status}",
+                status_code=status,
+                code="DownloadFailed",
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if not content_type.startswith("image/"):
+            response.close()
+            raise JiMengDownloadError(
+                f"download of image {label} returned Content-Type {content_type or 'none'!r}, not an image"
+            )
+        response.raw.decode_content = True
+        return ImageDownload(response, max_bytes=max_bytes, label=label)
+
+    # ------------------------------------------------------------------------------ test connection
+    def test_connection(self) -> tuple[bool, str]:
+        """Check reachability, base URL and key without generating (or paying for) an image.
+
+        Sends a generation request with no prompt: a valid key gets a free 400 asking for the prompt,
+        a bad key 401/403, a wrong base URL 404.
+        """
+        try:
+            config = self.config
+        except JiMengConfigurationError as exc:
+            return False, str(exc)
+        host = urlsplit(config.base_url).netloc
+        try:
+            response = self.get_conn().post(
+                config.generations_url,
+                data=json.dumps({"model": config.model}).encode("utf-8"),
+                timeout=(config.connect_timeout, min(config.timeout, 30.0)),
+            )
+        except requests.exceptions.SSLError as exc:
+            return (
+                False,
+                f"TLS handshake with {host} failed ({type(exc).__name__}); check the base URL and 'verify'",
+            )
+        except requests.RequestException as exc:
+            return False, f"Cannot reach {host} ({type(exc).__name__}); check the base URL and network/proxy"
+        finally:
+            pass
+        try:
+            payload = json.loads(response.content)
+        except ValueError:
+            payload = None
+        error = payload.get("error") if isinstance(payload, dict) else None
+        code = error.get("code") if isinstance(error, dict) else None
+        status = response.status_code
+        response.close()
+        if status == 400 and code:
+            return True, f"Connection OK: {host} accepted the API key (model {config.model})"
+        if status in (401, 403):
+            return False, (
+                f"The API key was rejected by {host} (HTTP {status} {code or ''}). Keys are regional: a China "
+                f"key only works on {urlsplit(CHINA_BASE_URL).netloc}, a BytePlus key on "
+                f"{urlsplit(BYTEPLUS_BASE_URL).netloc}."
+            ).replace("  ", " ")
+        if status == 404 and code and "Model" in code:
+            return False, f"{host} accepted the key but model {config.model!r} is not available ({code})"
+        if status in (404, 405):
+            return False, (
+                f"{config.generations_url} does not exist on {host} (HTTP {status}): the base URL should be "
+                f"everything before {GENERATIONS_PATH}, e.g. {CHINA_BASE_URL} or https://<gateway>/v1"
+            )
+        if status == 200:
+            return True, f"Connection OK: {host} answered"
+        return False, f"Unexpected answer from {host}: HTTP {status} {code or ''}".rstrip()
