@@ -125,6 +125,10 @@ class JiMengDownloadError(JiMengError):
     """An image could not be downloaded (expired URL, too large, not an image)."""
 
 
+class JiMengStorageError(JiMengError):
+    """Storing an image or its record failed (bucket missing, access denied, S3 unreachable)."""
+
+
 class JiMengGenerationIncompleteError(JiMengError):
     """Some images of a run failed; those that succeeded were kept. The message lists every failure."""
 

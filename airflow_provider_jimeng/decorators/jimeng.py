@@ -1,0 +1,88 @@
+"""``@task.jimeng``: a Python function builds the prompt(s); the task then runs as the operator."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from airflow.providers.common.compat.sdk import (
+    DecoratedOperator,
+    TaskDecorator,
+    context_merge,
+    determine_kwargs,
+    task_decorator_factory,
+)
+
+from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+#: Parameters the decorated function may set by returning a dict.
+RETURNABLE_PARAMETERS = frozenset(
+    name
+    for name in inspect.signature(JiMengGenerateOperator.__init__).parameters
+    if name not in ("self", "kwargs", "jimeng_conn_id", "aws_conn_id")
+)
+
+
+class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
+    """Calls the function with upstream values, then generates from what it returned.
+
+    The function returns a prompt, a list of prompts, or a dict of operator parameters that must
+    include ``prompt``. Returned prompts are used as they are: they are not rendered as Jinja, so
+    upstream data containing braces cannot inject template code.
+    """
+
+    template_fields: Sequence[str] = (*DecoratedOperator.template_fields, *JiMengGenerateOperator.template_fields)
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        **DecoratedOperator.template_fields_renderers,
+        **JiMengGenerateOperator.template_fields_renderers,
+    }
+    custom_operator_name: str = "@task.jimeng"
+    overwrite_rtif_after_execution: bool = True
+
+    def __init__(
+        self,
+        *,
+        python_callable: Callable[..., Any],
+        op_args: Collection[Any] | None = None,
+        op_kwargs: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("prompt", None)
+        super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)
+
+    def execute(self, context: Context) -> Any:
+        context_merge(context, self.op_kwargs)
+        kwargs = determine_kwargs(self.python_callable, self.op_args, context)
+        returned = self.python_callable(*self.op_args, **kwargs)
+        if isinstance(returned, Mapping):
+            unknown = sorted(set(returned) - RETURNABLE_PARAMETERS)
+            if unknown:
+                raise JiMengConfigurationError(
+                    "return value",
+                    f"the dict sets unknown parameter(s) {unknown}; "
+                    f"allowed: {', '.join(sorted(RETURNABLE_PARAMETERS))}",
+                )
+            if "prompt" not in returned:
+                raise JiMengConfigurationError("return value", "the dict must include 'prompt'")
+            for name, value in returned.items():
+                setattr(self, name, value)
+        else:
+            self.prompt = returned
+        return JiMengGenerateOperator.execute(self, context)
+
+
+def jimeng_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> TaskDecorator:
+    """Wrap a function that returns prompt(s) into a :class:`JiMengGenerateOperator` task.
+
+    Keyword arguments are operator parameters (``s3_bucket``, ``size``, ``max_concurrency``...).
+    """
+    return task_decorator_factory(
+        python_callable=python_callable,
+        decorated_operator_class=_JiMengDecoratedOperator,
+        **kwargs,
+    )

@@ -1,0 +1,667 @@
+"""``JiMengGenerateOperator``: prompts in, durable images out.
+
+The operator renders prompts (Jinja, prompt files, XCom), refuses bad input and over-budget runs
+before spending anything, generates with bounded concurrency over one hook, and streams every
+image into S3 on a separate pool so that storage never holds up generation. Downstream tasks get
+small things only: ``s3://`` URIs (or, without storage, the image URLs) and per-image records.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_provider_jimeng.api.request import check_prompt, max_images_billed, reference_image_count
+from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, Usage, redact_url
+from airflow_provider_jimeng.exceptions import (
+    JiMengAPIError,
+    JiMengAuthenticationError,
+    JiMengConfigurationError,
+    JiMengContentPolicyError,
+    JiMengDownloadError,
+    JiMengError,
+    JiMengGenerationIncompleteError,
+    JiMengInvalidRequestError,
+    JiMengQuotaExceededError,
+)
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
+from airflow_provider_jimeng.storage.s3 import (
+    JOURNAL_MAX_AGE_SECONDS,
+    S3ImageStore,
+    TaskKeyspace,
+    check_bucket_name,
+    check_key_template,
+    prompt_fingerprint,
+)
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+ON_PARTIAL_FAILURE = ("fail", "continue")
+RESPONSE_FORMATS = ("url", "b64_json")
+#: Errors that no other prompt of the run could escape either: stop submitting work at once.
+_FATAL_ERRORS = (JiMengAuthenticationError, JiMengQuotaExceededError, JiMengConfigurationError)
+
+
+@dataclass
+class PromptOutcome:
+    """What happened to one prompt: images kept (stored or URL) and failures, in order."""
+
+    prompt_index: int
+    records: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    usage: dict[str, Any] = field(default_factory=dict)
+    requests: int = 0
+    reused: bool = False
+
+
+def _describe_error(error: BaseException) -> str:
+    if isinstance(error, JiMengAPIError):
+        code = error.code or type(error).__name__
+        return f"{code} (request id {error.request_id or 'n/a'}): {error.api_message}"
+    return f"{type(error).__name__}: {error}"
+
+
+class JiMengGenerateOperator(BaseOperator):
+    """Generate images with JiMeng 4.0 / Seedream from templated prompts and hand downstream their keys.
+
+    :param prompt: a prompt, a list of prompts, a prompt file (``.txt``, ``.j2``, ``.jinja``) or an
+        XComArg resolving to a string or list of strings. Templated.
+    :param jimeng_conn_id: the ``jimeng`` connection.
+    :param model: model or endpoint id; the connection's default when ``None``. Templated.
+    :param size: ``1K``/``2K``/``4K`` or ``WxH`` as the model allows. Templated.
+    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket``).
+    :param watermark: add the "AI generated" mark; the connection's default when ``None``.
+    :param image: reference image(s) for edits: URLs, data URIs or local files. Templated.
+    :param seed: integer seed in [-1, 2147483647]. Templated.
+    :param sequential_image_generation: ``auto`` to let the model return a set of related images.
+    :param max_images: the most images of a set (1-15, minus reference images); billed per image.
+    :param max_concurrency: requests in flight at once (the API's latency is seconds per image).
+    :param max_images_per_minute: client-side pacing; the connection's extra when ``None``.
+    :param aws_conn_id: the AWS connection for S3.
+    :param s3_bucket: store images in this bucket and push ``s3://`` URIs. Templated.
+    :param s3_key_prefix: prefix of the default keys. Templated.
+    :param s3_key: key template with ``{dag_id}``, ``{run_id}``, ``{task_id}``, ``{map_index}``,
+        ``{prompt_index}``, ``{image_index}``, ``{ext}``. Templated (Jinja first, then these fields).
+    :param replace: regenerate and overwrite even what an earlier try already stored.
+    :param on_partial_failure: ``fail`` (default: store what succeeded, then fail listing each failed
+        image's code and request id) or ``continue`` (store what succeeded and succeed with a warning).
+    :param dry_run: render and validate everything and log what would be sent; call nothing billable.
+    :param max_images_per_task: refuse, before any request, a run that could bill more images.
+    :param extra_body: extra JSON fields for gateways (for example ``n``); named fields cannot be overridden.
+    """
+
+    template_fields: Sequence[str] = (
+        "prompt",
+        "model",
+        "size",
+        "image",
+        "seed",
+        "s3_bucket",
+        "s3_key_prefix",
+        "s3_key",
+        "jimeng_conn_id",
+        "aws_conn_id",
+    )
+    template_ext: Sequence[str] = (".txt", ".j2", ".jinja")
+    template_fields_renderers = {"prompt": "py"}
+    ui_color = "#f3e8ff"
+    operator_extra_links = (JiMengImagesLink(),)
+
+    def __init__(
+        self,
+        *,
+        prompt: str | Sequence[str] | Any,
+        jimeng_conn_id: str = JiMengHook.default_conn_name,
+        model: str | None = None,
+        size: str | None = None,
+        response_format: str = "url",
+        watermark: bool | None = None,
+        image: Any = None,
+        seed: int | str | None = None,
+        sequential_image_generation: str | None = None,
+        max_images: int | None = None,
+        optimize_prompt_mode: str | None = None,
+        max_concurrency: int = 4,
+        max_images_per_minute: float | None = None,
+        aws_conn_id: str | None = "aws_default",
+        s3_bucket: str | None = None,
+        s3_key_prefix: str = "jimeng",
+        s3_key: str | None = None,
+        replace: bool = False,
+        on_partial_failure: str = "fail",
+        dry_run: bool = False,
+        max_images_per_task: int | None = None,
+        extra_body: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.prompt = prompt
+        self.jimeng_conn_id = jimeng_conn_id
+        self.model = model
+        self.size = size
+        self.response_format = response_format
+        self.watermark = watermark
+        self.image = image
+        self.seed = seed
+        self.sequential_image_generation = sequential_image_generation
+        self.max_images = max_images
+        self.optimize_prompt_mode = optimize_prompt_mode
+        self.max_concurrency = max_concurrency
+        self.max_images_per_minute = max_images_per_minute
+        self.aws_conn_id = aws_conn_id
+        self.s3_bucket = s3_bucket
+        self.s3_key_prefix = s3_key_prefix
+        self.s3_key = s3_key
+        self.replace = replace
+        self.on_partial_failure = on_partial_failure
+        self.dry_run = dry_run
+        self.max_images_per_task = max_images_per_task
+        self.extra_body = extra_body
+        self._stop = threading.Event()
+        self._hook: JiMengHook | None = None
+
+    # ---------------------------------------------------------------------------------- validation
+    def _prompts(self) -> list[str]:
+        """The rendered prompt(s) as a list, refusing what upstream data can get wrong."""
+        prompt = self.prompt
+        if prompt is None:
+            raise JiMengConfigurationError(
+                "prompt", "rendered to None; did the upstream task push a value (check the XCom key and task id)?"
+            )
+        if isinstance(prompt, Mapping):
+            raise JiMengConfigurationError(
+                "prompt",
+                "got a dict; pass a string or a list of strings (@task.jimeng may return a dict of parameters)",
+            )
+        prompts: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise JiMengConfigurationError("prompt", "is an empty list; at least one prompt is needed")
+        for position, item in enumerate(prompts):
+            if not isinstance(item, str):
+                raise JiMengConfigurationError(
+                    f"prompt[{position}]", f"must be a string, got {type(item).__name__}: {str(item)[:60]!r}"
+                )
+            check_prompt(item, f"prompt[{position}]" if len(prompts) > 1 else "prompt")
+        return prompts
+
+    def _seed(self) -> int | None:
+        if self.seed is None or self.seed == "":
+            return None
+        if isinstance(self.seed, bool):
+            raise JiMengConfigurationError("seed", f"{self.seed!r} is not an integer")
+        try:
+            return int(self.seed)
+        except (TypeError, ValueError):
+            raise JiMengConfigurationError("seed", f"{self.seed!r} is not an integer in [-1, 2147483647]") from None
+
+    def _check_options(self) -> None:
+        if self.on_partial_failure not in ON_PARTIAL_FAILURE:
+            raise JiMengConfigurationError(
+                "on_partial_failure", f"{self.on_partial_failure!r} is not allowed; allowed: 'fail' or 'continue'"
+            )
+        if self.response_format not in RESPONSE_FORMATS:
+            raise JiMengConfigurationError(
+                "response_format", f"{self.response_format!r} is not allowed; allowed: 'url' or 'b64_json'"
+            )
+        if self.response_format == "b64_json" and not self.s3_bucket:
+            raise JiMengConfigurationError(
+                "response_format", "'b64_json' needs s3_bucket: image data is never pushed to XCom"
+            )
+        if (
+            not isinstance(self.max_concurrency, int)
+            or isinstance(self.max_concurrency, bool)
+            or not (1 <= self.max_concurrency <= 64)
+        ):
+            raise JiMengConfigurationError(
+                "max_concurrency", f"{self.max_concurrency!r} is not allowed; allowed: an integer in [1, 64]"
+            )
+        if self.max_images_per_task is not None and (
+            not isinstance(self.max_images_per_task, int) or self.max_images_per_task < 1
+        ):
+            raise JiMengConfigurationError(
+                "max_images_per_task", f"{self.max_images_per_task!r} is not allowed; allowed: a positive integer"
+            )
+        if self.s3_bucket:
+            check_bucket_name(self.s3_bucket)
+
+    def _build_bodies(self, hook: JiMengHook, prompts: list[str]) -> list[dict[str, Any]]:
+        seed = self._seed()
+        bodies = []
+        for position, prompt in enumerate(prompts):
+            try:
+                bodies.append(
+                    hook.build_body(
+                        prompt,
+                        model=self.model or None,
+                        size=self.size or None,
+                        response_format=self.response_format,
+                        watermark=self.watermark,
+                        image=self.image or None,
+                        seed=seed,
+                        sequential_image_generation=self.sequential_image_generation,
+                        max_images=self.max_images,
+                        optimize_prompt_mode=self.optimize_prompt_mode,
+                        extra_body=self.extra_body,
+                    )
+                )
+            except JiMengConfigurationError as error:
+                if error.parameter == "prompt" and len(prompts) > 1:
+                    raise JiMengConfigurationError(f"prompt[{position}]", str(error).split(": ", 1)[1]) from None
+                raise
+        return bodies
+
+    # ------------------------------------------------------------------------------------- execute
+    def execute(self, context: Context) -> list[str]:
+        self._check_options()
+        prompts = self._prompts()
+        hook = JiMengHook(
+            self.jimeng_conn_id,
+            max_images_per_minute=self.max_images_per_minute,
+            pool_maxsize=max(8, self.max_concurrency * 2),
+        )
+        self._hook = hook
+        bodies = self._build_bodies(hook, prompts)
+        planned = sum(max_images_billed(body) for body in bodies)
+        if self.max_images_per_task is not None and planned > self.max_images_per_task:
+            raise JiMengConfigurationError(
+                "max_images_per_task",
+                f"this run could bill up to {planned} images ({len(prompts)} prompt(s) x up to "
+                f"{planned // len(prompts)} each), above the limit of {self.max_images_per_task}; "
+                "lower max_images, split the prompts, or raise the limit",
+            )
+        store = self._open_store(context, planned) if self.s3_bucket else None
+        if self.dry_run:
+            return self._dry_run(bodies, store)
+
+        self.log.info(
+            "Generating %d prompt(s), up to %d image(s), %d at a time, into %s",
+            len(prompts),
+            planned,
+            self.max_concurrency,
+            f"s3://{store.bucket}/{store.keyspace.task_prefix}/" if store else "XCom (URLs, valid 24 h)",
+        )
+        try:
+            outcomes, fatal = self._run(hook, bodies, store)
+        finally:
+            hook.close()
+        return self._finish(context, prompts, bodies, outcomes, fatal, store)
+
+    def _open_store(self, context: Context, planned: int) -> S3ImageStore:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        if self.s3_key:
+            check_key_template(self.s3_key, images_per_task=planned)
+        ti = context["ti"]
+        keyspace = TaskKeyspace(
+            bucket=str(self.s3_bucket),
+            prefix=self.s3_key_prefix or "",
+            dag_id=ti.dag_id,
+            run_id=ti.run_id,
+            task_id=ti.task_id,
+            map_index=getattr(ti, "map_index", -1) if getattr(ti, "map_index", -1) is not None else -1,
+            key_template=self.s3_key,
+        )
+        return S3ImageStore(S3Hook(aws_conn_id=self.aws_conn_id), keyspace)
+
+    def _dry_run(self, bodies: list[dict[str, Any]], store: S3ImageStore | None) -> list[str]:
+        for index, body in enumerate(bodies):
+            shown = {key: value for key, value in body.items() if key != "image"}
+            if "image" in body:
+                images = body["image"] if isinstance(body["image"], list) else [body["image"]]
+                shown["image"] = [redact_url(item) if item.startswith("http") else "data:<redacted>" for item in images]
+            self.log.info("Dry run, prompt %d would send: %s", index, shown)
+            if store is not None:
+                self.log.info(
+                    "Dry run, prompt %d would store under %s",
+                    index,
+                    store.keyspace.uri(store.keyspace.image_key(index, 0)),
+                )
+        self.log.info("Dry run: nothing was sent and nothing was billed")
+        return []
+
+    # ---------------------------------------------------------------------------- the concurrent run
+    def _run(
+        self, hook: JiMengHook, bodies: list[dict[str, Any]], store: S3ImageStore | None
+    ) -> tuple[list[PromptOutcome], BaseException | None]:
+        outcomes = [PromptOutcome(prompt_index=index) for index in range(len(bodies))]
+        existing = store.existing_keys() if store is not None and not self.replace else {}
+        fingerprints = [prompt_fingerprint(body) for body in bodies]
+        fatal: BaseException | None = None
+        storage_workers = max(2, self.max_concurrency) if store is not None else 1
+        with (
+            ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="jimeng-generate") as generate_pool,
+            ThreadPoolExecutor(storage_workers, thread_name_prefix="jimeng-store") as store_pool,
+        ):
+            generation: dict[Future[Any], int] = {}
+            storing: dict[Future[Any], int] = {}
+            for index, body in enumerate(bodies):
+                if store is not None and not self.replace:
+                    resumed = self._resume(store, index, fingerprints[index], existing, outcomes[index], store_pool)
+                    if resumed is not None:
+                        if isinstance(resumed, Future):
+                            storing[resumed] = index
+                        continue
+                generation[generate_pool.submit(hook.send, body)] = index
+
+            while generation or storing:
+                done, _ = wait([*generation, *storing], timeout=1.0, return_when=FIRST_COMPLETED)
+                if self._stop.is_set():
+                    for future in generation:
+                        future.cancel()
+                for future in done:
+                    if future in generation:
+                        index = generation.pop(future)
+                        try:
+                            result: GenerationResult = future.result()
+                        except BaseException as error:
+                            fatal = fatal or self._record_request_failure(outcomes[index], error, generation)
+                            continue
+                        outcomes[index].requests += 1
+                        outcomes[index].usage = result.usage.as_dict()
+                        if store is None:
+                            self._keep_urls(outcomes[index], result)
+                        else:
+                            storing[
+                                store_pool.submit(
+                                    self._store_result,
+                                    store,
+                                    bodies[index],
+                                    fingerprints[index],
+                                    outcomes[index],
+                                    result,
+                                )
+                            ] = index
+                    else:
+                        index = storing.pop(future)
+                        try:
+                            future.result()
+                        except BaseException as error:
+                            outcomes[index].failures.append(f"prompt {index}: not stored: {_describe_error(error)}")
+        return outcomes, fatal
+
+    def _record_request_failure(
+        self, outcome: PromptOutcome, error: BaseException, pending: dict[Future[Any], int]
+    ) -> BaseException | None:
+        if isinstance(error, CancelledError):
+            outcome.failures.append(f"prompt {outcome.prompt_index}: not sent (the run stopped)")
+            return None
+        outcome.requests += 1
+        outcome.failures.append(f"prompt {outcome.prompt_index}: {_describe_error(error)}")
+        self.log.error("Prompt %d failed: %s", outcome.prompt_index, _describe_error(error))
+        is_fatal = isinstance(error, _FATAL_ERRORS) or (
+            isinstance(error, JiMengInvalidRequestError) and not isinstance(error, JiMengContentPolicyError)
+        )
+        if not isinstance(error, JiMengError):
+            is_fatal = True
+        if is_fatal:
+            cancelled = sum(future.cancel() for future in pending)
+            if cancelled:
+                self.log.error("Stopping: %d prompt(s) not sent because this error affects every request", cancelled)
+            return error
+        return None
+
+    def _keep_urls(self, outcome: PromptOutcome, result: GenerationResult) -> None:
+        for image in result.images:
+            if image.ok and image.url:
+                outcome.outputs.append(image.url)
+                outcome.records.append(self._image_record(outcome.prompt_index, image, result, url=image.url))
+            else:
+                outcome.failures.append(self._image_failure(outcome.prompt_index, image, result))
+
+    @staticmethod
+    def _image_failure(prompt_index: int, image: GeneratedImage, result: GenerationResult) -> str:
+        return (
+            f"prompt {prompt_index} image {image.index}: {image.error_code} "
+            f"(request id {result.request_id or 'n/a'}): {image.error_message or ''}".rstrip(": ")
+        )
+
+    def _image_record(
+        self,
+        prompt_index: int,
+        image: GeneratedImage,
+        result: GenerationResult,
+        *,
+        url: str | None = None,
+        store: S3ImageStore | None = None,
+        key: str | None = None,
+        size_bytes: int | None = None,
+        sha256: str | None = None,
+    ) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "prompt_index": prompt_index,
+            "image_index": image.index,
+            "size": image.size,
+            "request_id": result.request_id,
+            "model": result.model,
+        }
+        if store is not None and key is not None:
+            record.update(
+                {
+                    "uri": store.keyspace.uri(key),
+                    "bucket": store.bucket,
+                    "key": key,
+                    "bytes": size_bytes,
+                    "sha256": sha256,
+                }
+            )
+        else:
+            record["url"] = redact_url(url)
+        return record
+
+    # ------------------------------------------------------------------------------------- storage
+    def _resume(
+        self,
+        store: S3ImageStore,
+        index: int,
+        fingerprint: str,
+        existing: dict[str, int],
+        outcome: PromptOutcome,
+        store_pool: ThreadPoolExecutor,
+    ) -> Future[Any] | bool | None:
+        """Reuse what an earlier try stored; ``None`` means the prompt must be generated."""
+        keyspace = store.keyspace
+        if keyspace.record_key(index) in existing:
+            record = store.read_json(keyspace.record_key(index))
+            if record and record.get("fingerprint") == fingerprint:
+                outcome.reused = True
+                outcome.records = list(record.get("images", []))
+                outcome.outputs = [item["uri"] for item in outcome.records]
+                outcome.failures = list(record.get("failures", []))
+                self.log.info("Prompt %d: reusing %d image(s) stored by an earlier try", index, len(outcome.records))
+                return True
+        if keyspace.journal_key(index) in existing:
+            journal = store.read_json(keyspace.journal_key(index))
+            if (
+                journal
+                and journal.get("fingerprint") == fingerprint
+                and time.time() - float(journal.get("written_at", 0)) < JOURNAL_MAX_AGE_SECONDS
+            ):
+                self.log.info("Prompt %d: finishing the storage of an earlier try's images (no new request)", index)
+                result = GenerationResult(
+                    model=journal.get("model"),
+                    created=journal.get("created"),
+                    images=[GeneratedImage(**item) for item in journal.get("images", [])],
+                    usage=Usage.from_json(journal.get("usage") if isinstance(journal.get("usage"), Mapping) else None),
+                    request_id=journal.get("request_id"),
+                )
+                outcome.usage = {"generated_images": 0, "resumed_images": len(result.succeeded)}
+                outcome.reused = True
+                return store_pool.submit(self._store_result, store, None, fingerprint, outcome, result, existing, True)
+        return None
+
+    def _store_result(
+        self,
+        store: S3ImageStore,
+        body: Mapping[str, Any] | None,
+        fingerprint: str,
+        outcome: PromptOutcome,
+        result: GenerationResult,
+        existing: Mapping[str, int] | None = None,
+        resumed: bool = False,
+    ) -> None:
+        """Store every image of one response, then write the prompt's record (the completion mark)."""
+        keyspace = store.keyspace
+        index = outcome.prompt_index
+        if not resumed and any(image.url for image in result.succeeded):
+            store.write_json(
+                keyspace.journal_key(index),
+                {
+                    "fingerprint": fingerprint,
+                    "written_at": time.time(),
+                    "model": result.model,
+                    "created": result.created,
+                    "request_id": result.request_id,
+                    "usage": result.usage.as_dict(),
+                    "images": [
+                        {"index": image.index, "url": image.url, "size": image.size} for image in result.succeeded
+                    ],
+                },
+            )
+        records: list[dict[str, Any]] = []
+        failures = [self._image_failure(index, image, result) for image in result.failed]
+        incomplete = False
+        for image in result.succeeded:
+            key = keyspace.image_key(index, image.index)
+            metadata = {
+                "jimeng-request-id": str(result.request_id or ""),
+                "jimeng-model": str(result.model or ""),
+                "jimeng-size": str(image.size or ""),
+                "airflow-dag-id": keyspace.dag_id,
+                "airflow-run-id": keyspace.run_id,
+                "airflow-task-id": keyspace.task_id,
+                "airflow-map-index": str(keyspace.map_index),
+            }
+            try:
+                if existing and key in existing:
+                    head = store.head(key)
+                    size_bytes, sha256 = int(head.get("ContentLength", 0)), None
+                else:
+                    size_bytes, sha256 = self._store_image(store, key, image, metadata)
+            except JiMengDownloadError as error:
+                failures.append(
+                    f"prompt {index} image {image.index}: ImageLost (request id {result.request_id}): {error}"
+                )
+                continue
+            except JiMengError as error:
+                incomplete = True
+                failures.append(f"prompt {index} image {image.index}: not stored: {error}")
+                continue
+            records.append(
+                self._image_record(index, image, result, store=store, key=key, size_bytes=size_bytes, sha256=sha256)
+            )
+        outcome.records = records
+        outcome.outputs = [record["uri"] for record in records]
+        outcome.failures.extend(failures)
+        if incomplete:
+            # Keep the journal: a retry downloads what is missing instead of paying again.
+            return
+        store.write_json(
+            keyspace.record_key(index),
+            {
+                "fingerprint": fingerprint,
+                "prompt": body.get("prompt") if body else None,
+                "parameters": {k: v for k, v in (body or {}).items() if k not in ("prompt", "image")},
+                "reference_images": reference_image_count(body or {}),
+                "model": result.model,
+                "created": result.created,
+                "request_id": result.request_id,
+                "usage": result.usage.as_dict(),
+                "images": records,
+                "failures": failures,
+                "airflow": {
+                    "dag_id": keyspace.dag_id,
+                    "run_id": keyspace.run_id,
+                    "task_id": keyspace.task_id,
+                    "map_index": keyspace.map_index,
+                },
+            },
+        )
+        if not resumed and any(image.url for image in result.succeeded):
+            store.delete(keyspace.journal_key(index))
+
+    def _store_image(
+        self, store: S3ImageStore, key: str, image: GeneratedImage, metadata: dict[str, str]
+    ) -> tuple[int, str]:
+        if image.b64_json:
+            try:
+                data = base64.b64decode(image.b64_json, validate=True)
+            except (binascii.Error, ValueError):
+                raise JiMengDownloadError(f"image {image.index}'s base64 data does not decode") from None
+            return store.upload_bytes(key, data, metadata)
+        if self._hook is None or not image.url:
+            raise JiMengDownloadError(f"image {image.index} has neither data nor a URL")
+        with self._hook.open_image(image.url) as download:
+            size_bytes, sha256 = store.upload_stream(key, download, metadata)
+        return size_bytes, sha256
+
+    # ------------------------------------------------------------------------------------- results
+    def _finish(
+        self,
+        context: Context,
+        prompts: list[str],
+        bodies: list[dict[str, Any]],
+        outcomes: list[PromptOutcome],
+        fatal: BaseException | None,
+        store: S3ImageStore | None,
+    ) -> list[str]:
+        outputs = [output for outcome in outcomes for output in outcome.outputs]
+        records = [record for outcome in outcomes for record in outcome.records]
+        failures = [failure for outcome in outcomes for failure in outcome.failures]
+        usage = {
+            "generated_images": sum(int(o.usage.get("generated_images") or 0) for o in outcomes),
+            "output_tokens": sum(int(o.usage.get("output_tokens") or 0) for o in outcomes),
+            "total_tokens": sum(int(o.usage.get("total_tokens") or 0) for o in outcomes),
+            "requests": sum(o.requests for o in outcomes),
+            "reused_prompts": sum(1 for o in outcomes if o.reused),
+        }
+        ti = context["ti"]
+        ti.xcom_push(key="images", value=records)
+        ti.xcom_push(key="usage", value=usage)
+        if store is not None:
+            self._emit_asset_events(context, store, len(records))
+        self.log.info(
+            "JiMeng: %d image(s) kept, %d failure(s); billed %d image(s) in %d request(s)",
+            len(outputs),
+            len(failures),
+            usage["generated_images"],
+            usage["requests"],
+        )
+        if fatal is not None:
+            raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
+        if failures:
+            if self.on_partial_failure == "fail":
+                raise JiMengGenerationIncompleteError(failures, stored=len(outputs))
+            for failure in failures:
+                self.log.warning("Image not produced: %s", failure)
+        return outputs
+
+    def _emit_asset_events(self, context: Context, store: S3ImageStore, count: int) -> None:
+        """Attach what was stored to declared outlets; an AssetAlias outlet gets the task's prefix as an Asset."""
+        from airflow.sdk import Asset, AssetAlias
+
+        outlet_events = context.get("outlet_events")
+        if outlet_events is None:
+            return
+        extra = {"prefix": store.keyspace.uri(store.keyspace.task_prefix + "/"), "images": count}
+        for outlet in self.outlets or []:
+            if isinstance(outlet, AssetAlias):
+                outlet_events[outlet].add(Asset(extra["prefix"]), extra=extra)
+            elif isinstance(outlet, Asset):
+                outlet_events[outlet].extra = extra
+
+    def on_kill(self) -> None:
+        """Cancel prompts not yet sent, stop retry waits and close connections."""
+        self._stop.set()
+        if self._hook is not None:
+            self._hook.close()
