@@ -32,7 +32,7 @@ class ImageKey(NamedTuple):
 
     prompt: str
     seed: int
-    index: int
+    image_index: int
     width: int
     height: int
     watermark: bool
@@ -52,7 +52,7 @@ def render_jpeg(key: ImageKey) -> bytes:
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError(PILLOW_MISSING) from exc
 
-    digest = hashlib.sha256(f"{key.prompt}\x00{key.seed}\x00{key.index}".encode()).digest()
+    digest = hashlib.sha256(f"{key.prompt}\x00{key.seed}\x00{key.image_index}".encode()).digest()
     colours = _palette(digest, 6)
     width = _CANVAS_WIDTH
     height = max(4, min(1024, round(_CANVAS_WIDTH * key.height / key.width)))
@@ -73,7 +73,7 @@ def render_jpeg(key: ImageKey) -> bytes:
             draw.rectangle((x0, y0, x1, y1), fill=colours[2 + shape])
     # The image's position in its set, readable after upscaling.
     draw.rectangle((1, 1, 13, 13), fill=(255, 255, 255))
-    draw.text((3, 1), str(key.index + 1), fill=(0, 0, 0))
+    draw.text((3, 1), str(key.image_index + 1), fill=(0, 0, 0))
     if key.watermark:
         draw.rectangle((width - 12, height - 4, width - 2, height - 2), fill=(235, 235, 235))
 

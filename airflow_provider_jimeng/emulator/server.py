@@ -23,6 +23,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from hashlib import sha256
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -89,8 +90,13 @@ class _Server(ThreadingHTTPServer):
         self.server_port = int(self.server_address[1])
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # Called by socketserver while handling the exception; clients hanging up are routine here.
-        log.debug("JiMeng emulator: connection from %s failed: %r", client_address, sys.exc_info()[1])
+        # Called by socketserver while it handles the exception: clients hanging up are routine,
+        # anything else is a bug worth a traceback.
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            log.debug("JiMeng emulator: connection from %s failed: %r", client_address, error)
+        else:
+            log.error("JiMeng emulator: error serving %s:\n%s", client_address, traceback.format_exc())
 
 
 class JiMengEmulator:
@@ -99,7 +105,11 @@ class JiMengEmulator:
     ``latency`` (seconds per generated image), ``images_per_minute`` (``None`` = unlimited),
     ``url_ttl`` and ``moderation_marker`` may be changed while it runs. A prompt containing
     ``moderation_marker`` is refused as sensitive (400); ``FAIL_IMAGE_<k>`` in a prompt makes image
-    ``k`` (0-based) of the answer fail moderation while the others succeed.
+    ``k`` (0-based) of the answer fail moderation while the others succeed (and are billed).
+
+    ``GET {base_url}/models`` lists the known models and requires the key, so a connection test can
+    check the key without paying for an image. That route is an emulator convenience: the real
+    Ark endpoint is not guaranteed to offer it, so the hook must probe the real service differently.
     """
 
     def __init__(
@@ -163,7 +173,12 @@ class JiMengEmulator:
         if server is None:
             return
         self._stopping.set()
-        server.shutdown()
+        # shutdown() waits for the serve loop to wake up; a throwaway connection wakes it at once.
+        stopper = threading.Thread(target=server.shutdown, name="jimeng-emulator-stop", daemon=True)
+        stopper.start()
+        with contextlib.suppress(OSError):
+            socket.create_connection(self._connect_address(), timeout=0.5).close()
+        stopper.join()
         with self._lock:
             connections = list(self._connections)
         for connection in connections:
@@ -184,11 +199,15 @@ class JiMengEmulator:
 
     # -- addresses -------------------------------------------------------------------------------
 
+    def _connect_address(self) -> tuple[str, int]:
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return host, self._bound_port or 0
+
     @property
     def root_url(self) -> str:
         if self._bound_port is None:
             raise RuntimeError("the emulator is not started: call start() or use it as a context manager")
-        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        host = self._connect_address()[0]
         if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self._bound_port}"
@@ -313,6 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out in separate writes: avoid 40 ms stalls
     timeout = 300.0  # idle keep-alive connections are closed after this
     server: _Server
+    _chunked = True
 
     @property
     def emulator(self) -> JiMengEmulator:
@@ -361,6 +381,25 @@ class _Handler(BaseHTTPRequestHandler):
             )
         else:
             self._not_found(path)
+
+    def _method_not_allowed(self) -> None:
+        request_id = new_request_id()
+        self._read_body_quietly()
+        self._send(
+            405,
+            error_body(
+                "MethodNotAllowed", f"{self.command} is not allowed here.", request_id, error_type="MethodNotAllowed"
+            ),
+            request_id=request_id,
+        )
+
+    do_PUT = do_DELETE = do_PATCH = _method_not_allowed
+
+    def _read_body_quietly(self) -> None:
+        try:
+            self._read_body()
+        except _BadRequestBody:
+            self.close_connection = True
 
     def do_POST(self) -> None:
         path = urlsplit(self.path).path
@@ -829,7 +868,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_chunk(self, data: bytes) -> bool:
         try:
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if self._chunked else data)
             return True
         except OSError:
             self.close_connection = True
@@ -845,11 +884,20 @@ class _Handler(BaseHTTPRequestHandler):
         root = self._url_root()
         record["status"] = 200
         emulator._add_record(record)
+        # HTTP/1.1 clients get chunked encoding (the connection stays usable); HTTP/1.0 ones an
+        # unframed body ended by closing the connection.
+        self._chunked = self.request_version == "HTTP/1.1"
         try:
+            if self._peer_gone():
+                raise ConnectionAbortedError("the client hung up before the stream started")
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream; charset=utf-8")
             self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
+            if self._chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.send_header("x-request-id", request_id)
             self.end_headers()
             alive = True
@@ -859,9 +907,8 @@ class _Handler(BaseHTTPRequestHandler):
         cut_after = max(1, len(keys) // 2) if kind in ("truncated", "reset_mid_body") else len(keys)
         billed = 0
         errored = False
+        # Like the service, generation goes on (and bills) even if the client has hung up.
         for index, key in enumerate(keys):
-            if not alive:
-                break
             emulator._sleep(emulator.latency)
             base = {"model": model, "created": created, "image_index": index}
             if key is None:
@@ -872,7 +919,7 @@ class _Handler(BaseHTTPRequestHandler):
                 except Exception:
                     log.exception("JiMeng emulator: generating request %s failed", request_id)
                     error = {"code": "InternalServiceError", "message": f"Rendering failed. Request id: {request_id}"}
-                    alive = self._write_chunk(_sse({"type": "error", "error": error}))
+                    alive = alive and self._write_chunk(_sse({"type": "error", "error": error}))
                     errored = True
                     break
                 billed += 1
@@ -881,7 +928,7 @@ class _Handler(BaseHTTPRequestHandler):
                 frame = b"data: {not json\n\n" if index == 0 else b""
             else:
                 frame = _sse(event) if index < cut_after else b""
-            if frame:
+            if frame and alive:
                 alive = self._write_chunk(frame)
         record["images"] = billed
         tokens = billed * width * height // 256
@@ -893,7 +940,7 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "reset_mid_body":
             self._reset()
             alive = False
-        elif alive:
+        elif alive and self._chunked:
             try:
                 self.wfile.write(b"0\r\n\r\n")
             except OSError:

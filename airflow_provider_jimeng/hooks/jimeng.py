@@ -232,6 +232,7 @@ class JiMengHook(BaseHook):
         self._max_images_per_minute_override = max_images_per_minute
         self._pool_maxsize = pool_maxsize
         self._session: requests.Session | None = None
+        self._pacer: ImageRatePacer | None = None
         self._session_lock = threading.Lock()
         self._stop = threading.Event()
         self._counter_lock = threading.Lock()
@@ -328,10 +329,13 @@ class JiMengHook(BaseHook):
             max_retries=self.config.max_retries, backoff=self._retry_backoff, max_wait=self._retry_max_wait
         )
 
-    @cached_property
+    @property
     def pacer(self) -> ImageRatePacer | None:
-        rate = self.config.max_images_per_minute
-        return ImageRatePacer(rate) if rate else None
+        """One pacer per hook, created under a lock because every worker thread shares it."""
+        with self._session_lock:
+            if self._pacer is None and self.config.max_images_per_minute:
+                self._pacer = ImageRatePacer(self.config.max_images_per_minute)
+            return self._pacer
 
     def get_conn(self) -> requests.Session:
         """The hook's pooled session, created once even when threads race for it."""
@@ -450,8 +454,9 @@ class JiMengHook(BaseHook):
             attempt += 1
             if self._stop.is_set():
                 raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
-            if self.pacer is not None:
-                self.pacer.acquire(images, stop=self._stop)
+            pacer = self.pacer
+            if pacer is not None:
+                pacer.acquire(images, stop=self._stop)
             try:
                 return self._send_once(body, attempt)
             except JiMengAPIError as error:

@@ -31,6 +31,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengGenerationIncompleteError,
     JiMengInvalidRequestError,
     JiMengQuotaExceededError,
+    JiMengStorageError,
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
@@ -347,12 +348,14 @@ class JiMengGenerateOperator(BaseOperator):
             storing: dict[Future[Any], int] = {}
             for index, body in enumerate(bodies):
                 if store is not None and not self.replace:
-                    resumed = self._resume(store, index, fingerprints[index], existing, outcomes[index], store_pool)
+                    resumed = self._resume(
+                        store, index, body, fingerprints[index], existing, outcomes[index], store_pool
+                    )
                     if resumed is not None:
                         if isinstance(resumed, Future):
                             storing[resumed] = index
                         continue
-                generation[generate_pool.submit(hook.send, body)] = index
+                generation[generate_pool.submit(self._generate, hook, store, index, body, fingerprints[index])] = index
 
             while generation or storing:
                 done, _ = wait([*generation, *storing], timeout=1.0, return_when=FIRST_COMPLETED)
@@ -389,6 +392,35 @@ class JiMengGenerateOperator(BaseOperator):
                         except BaseException as error:
                             outcomes[index].failures.append(f"prompt {index}: not stored: {_describe_error(error)}")
         return outcomes, fatal
+
+    def _generate(
+        self, hook: JiMengHook, store: S3ImageStore | None, index: int, body: dict[str, Any], fingerprint: str
+    ) -> GenerationResult:
+        """Send one prompt; in ``url`` mode journal the signed URLs at once, before storage even starts.
+
+        The journal is what lets a retry store images this try paid for if the process dies now, so
+        it is written on the generation thread (one small object) rather than queued behind uploads.
+        """
+        result = hook.send(body)
+        if store is not None and any(image.url for image in result.succeeded):
+            try:
+                store.write_json(
+                    store.keyspace.journal_key(index),
+                    {
+                        "fingerprint": fingerprint,
+                        "written_at": time.time(),
+                        "model": result.model,
+                        "created": result.created,
+                        "request_id": result.request_id,
+                        "usage": result.usage.as_dict(),
+                        "images": [
+                            {"index": image.index, "url": image.url, "size": image.size} for image in result.succeeded
+                        ],
+                    },
+                )
+            except JiMengStorageError as error:
+                self.log.error("Prompt %d: could not journal its images before storing them: %s", index, error)
+        return result
 
     def _record_request_failure(
         self, outcome: PromptOutcome, error: BaseException, pending: dict[Future[Any], int]
@@ -464,6 +496,7 @@ class JiMengGenerateOperator(BaseOperator):
         self,
         store: S3ImageStore,
         index: int,
+        body: dict[str, Any],
         fingerprint: str,
         existing: dict[str, int],
         outcome: PromptOutcome,
@@ -497,7 +530,7 @@ class JiMengGenerateOperator(BaseOperator):
                 )
                 outcome.usage = {"generated_images": 0, "resumed_images": len(result.succeeded)}
                 outcome.reused = True
-                return store_pool.submit(self._store_result, store, None, fingerprint, outcome, result, existing, True)
+                return store_pool.submit(self._store_result, store, body, fingerprint, outcome, result, existing, True)
         return None
 
     def _store_result(
@@ -513,21 +546,6 @@ class JiMengGenerateOperator(BaseOperator):
         """Store every image of one response, then write the prompt's record (the completion mark)."""
         keyspace = store.keyspace
         index = outcome.prompt_index
-        if not resumed and any(image.url for image in result.succeeded):
-            store.write_json(
-                keyspace.journal_key(index),
-                {
-                    "fingerprint": fingerprint,
-                    "written_at": time.time(),
-                    "model": result.model,
-                    "created": result.created,
-                    "request_id": result.request_id,
-                    "usage": result.usage.as_dict(),
-                    "images": [
-                        {"index": image.index, "url": image.url, "size": image.size} for image in result.succeeded
-                    ],
-                },
-            )
         records: list[dict[str, Any]] = []
         failures = [self._image_failure(index, image, result) for image in result.failed]
         incomplete = False

@@ -26,7 +26,10 @@ def session() -> Iterator[requests.Session]:
 
 
 @pytest.fixture
-def generate(jimeng_emulator: JiMengEmulator, session: requests.Session) -> Callable[..., requests.Response]:
+def generate(
+    jimeng_emulator: JiMengEmulator,  # noqa: F811 - the fixture imported above
+    session: requests.Session,
+) -> Callable[..., requests.Response]:
     """POST a generation request to the default emulator: ``generate(prompt="...", size="1K")``."""
 
     def post(path: str = "/api/v3", timeout: float = 10, **fields: Any) -> requests.Response:

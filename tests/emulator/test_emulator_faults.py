@@ -108,7 +108,7 @@ def test_unparseable_answers_are_billed(generate, jimeng_emulator, kind) -> None
     jimeng_emulator.inject(Fault(kind))
     response = generate()
     assert response.status_code == 200
-    with pytest.raises(ValueError):
+    with pytest.raises(requests.JSONDecodeError):
         response.json()
     assert jimeng_emulator.billed_images == 1
     assert generate().status_code == 200  # the connection is still in a clean state
@@ -169,7 +169,7 @@ def test_reset_mid_stream(generate, jimeng_emulator, wait_for) -> None:  # type:
 def test_malformed_stream(generate, jimeng_emulator) -> None:  # type: ignore[no-untyped-def]
     jimeng_emulator.inject(Fault("malformed"))
     lines = _stream_lines(generate(stream=True))
-    with pytest.raises(ValueError):
+    with pytest.raises(json.JSONDecodeError):
         json.loads(lines[0][len("data: ") :])
     assert jimeng_emulator.billed_images == 1
 

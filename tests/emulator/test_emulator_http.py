@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,7 +38,7 @@ def _sse_events(response: requests.Response) -> list[tuple[str | None, str]]:
 
 def _connections_opened(session: requests.Session, url: str) -> int:
     pools = session.get_adapter(url).poolmanager.pools
-    return sum(pools[key].num_connections for key in pools.keys())
+    return sum(pools[key].num_connections for key in pools.keys())  # noqa: SIM118 - no __iter__
 
 
 # -- auth, ids, routing -------------------------------------------------------------------------
@@ -119,7 +121,10 @@ def test_keep_alive_survives_errors(jimeng_emulator: JiMengEmulator, session: re
     [
         ({"size": "3K"}, "size"),
         ({"size": "100x100"}, "size"),
-        ({"sequential_image_generation": "auto", "sequential_image_generation_options": {"max_images": 16}}, "max_images"),
+        (
+            {"sequential_image_generation": "auto", "sequential_image_generation_options": {"max_images": 16}},
+            "max_images",
+        ),
         ({"model": "doubao-seedream-4-5-251128", "size": "1K"}, "size"),
         ({"model": "doubao-seedream-3-0-t2i-250415", "size": "1024x1024", "stream": True}, "stream"),
         ({"prompt": "   "}, "prompt"),
@@ -255,7 +260,8 @@ def test_one_failed_image_is_not_billed(generate, jimeng_emulator) -> None:  # t
         sequential_image_generation="auto",
         sequential_image_generation_options={"max_images": 3},
     ).json()
-    assert "url" in payload["data"][0] and "url" in payload["data"][2]
+    assert "url" in payload["data"][0]
+    assert "url" in payload["data"][2]
     assert payload["data"][1]["error"]["code"] == "OutputImageSensitiveContentDetected"
     assert payload["usage"] == {"generated_images": 2, "output_tokens": 32768, "total_tokens": 32768}
     (entry,) = jimeng_emulator.ledger
@@ -323,7 +329,8 @@ def test_stream_sends_one_event_per_image_then_completed_and_done(generate, jime
         "image_generation.completed",
     ]
     assert [payload.get("image_index") for payload in payloads[:3]] == [0, 1, 2]
-    assert payloads[0]["size"] == "1024x1024" and payloads[0]["url"]
+    assert payloads[0]["size"] == "1024x1024"
+    assert payloads[0]["url"]
     assert payloads[2]["error"]["code"] == "OutputImageSensitiveContentDetected"
     assert payloads[3]["usage"]["generated_images"] == 2
     assert jimeng_emulator.billed_images == 2
@@ -411,7 +418,42 @@ def test_stop_interrupts_latency_sleep() -> None:
         started = time.monotonic()
         emulator.stop()
         assert time.monotonic() - started < 3
-        try:
+        with contextlib.suppress(requests.RequestException):
             future.result(timeout=5)
-        except requests.RequestException:
-            pass
+
+
+def test_stream_client_hanging_up_is_still_billed(make_jimeng_emulator, session, wait_for) -> None:  # type: ignore[no-untyped-def]
+    emulator = make_jimeng_emulator(latency=0.05)
+    body = {
+        "model": MODEL,
+        "prompt": "4 images",
+        "size": "1K",
+        "stream": True,
+        "sequential_image_generation": "auto",
+        "sequential_image_generation_options": {"max_images": 4},
+    }
+    response = session.post(f"{emulator.base_url}/images/generations", json=body, stream=True, timeout=5)
+    next(response.iter_lines())
+    response.close()
+    assert wait_for(lambda: bool(emulator.ledger))
+    assert emulator.ledger[0].images == 4
+    assert wait_for(lambda: emulator.ledger[0].delivered is False)
+
+
+def test_http10_stream_is_ended_by_closing(jimeng_emulator: JiMengEmulator) -> None:
+    payload = json.dumps({"model": MODEL, "prompt": "x", "size": "1K", "stream": True}).encode()
+    request = (
+        b"POST /api/v3/images/generations HTTP/1.0\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + DEFAULT_API_KEY.encode() + b"\r\n"
+        b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+    )
+    host, port = jimeng_emulator.root_url.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(request)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, _, stream = received.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head
+    assert stream.startswith(b"event: image_generation.partial_succeeded\n")
+    assert stream.endswith(b"data: [DONE]\n\n")
