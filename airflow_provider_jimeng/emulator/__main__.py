@@ -24,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     auth.add_argument("--no-auth", action="store_true", help="accept any key or none")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per generated image (default: 0)")
     parser.add_argument("--images-per-minute", type=int, default=None, help="rate limit (default: unlimited)")
+    parser.add_argument(
+        "--rate-limit-burst",
+        type=int,
+        default=None,
+        help="make the rate limit a token bucket of this many images, refilled evenly (default: a sliding 60 s window)",
+    )
     parser.add_argument("--url-ttl", type=float, default=86400.0, help="signed URL lifetime in seconds")
     parser.add_argument("--moderation-marker", default="FORBIDDEN", help="prompts containing it are refused")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request")
@@ -41,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         api_key=None if args.no_auth else args.api_key,
         latency=args.latency,
         images_per_minute=args.images_per_minute,
+        rate_limit_burst=args.rate_limit_burst,
         url_ttl=args.url_ttl,
         moderation_marker=args.moderation_marker,
     )

@@ -103,7 +103,9 @@ class JiMengEmulator:
     """An offline JiMeng API on ``http://host:port``; use as a context manager or start()/stop().
 
     ``latency`` (seconds per generated image), ``images_per_minute`` (``None`` = unlimited),
-    ``url_ttl`` and ``moderation_marker`` may be changed while it runs. A prompt containing
+    ``rate_limit_burst`` (``None``: the limit is a sliding 60 s window; a number: a token bucket of
+    that many images, refilled evenly over the minute), ``url_ttl`` and ``moderation_marker`` may be
+    changed while it runs. A prompt containing
     ``moderation_marker`` is refused as sensitive (400); ``FAIL_IMAGE_<k>`` in a prompt makes image
     ``k`` (0-based) of the answer fail moderation while the others succeed (and are billed).
 
@@ -122,12 +124,14 @@ class JiMengEmulator:
         images_per_minute: int | None = None,
         url_ttl: float = 86400.0,
         moderation_marker: str = "FORBIDDEN",
+        rate_limit_burst: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.api_key = api_key
         self.latency = latency
         self.images_per_minute = images_per_minute
+        self.rate_limit_burst = rate_limit_burst
         self.url_ttl = url_ttl
         self.moderation_marker = moderation_marker
         self._faults = FaultQueue()
@@ -749,7 +753,7 @@ class _Handler(BaseHTTPRequestHandler):
             reservation_size = max_images_billed(body)
         except (TypeError, ValueError):
             reservation_size = MAX_IMAGES_PER_REQUEST
-        reservation = emulator._limiter.reserve(reservation_size, emulator.images_per_minute)
+        reservation = emulator._limiter.reserve(reservation_size, emulator.images_per_minute, emulator.rate_limit_burst)
         if reservation is None:
             emulator._count("_rate_limited")
             _, code, error_type, message = ERROR_FAULTS["rate_limit"]

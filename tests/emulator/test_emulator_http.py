@@ -204,14 +204,14 @@ def test_url_downloads_are_counted_and_signatures_checked(generate, jimeng_emula
 
 
 def test_urls_expire(make_jimeng_emulator, session) -> None:  # type: ignore[no-untyped-def]
-    emulator = make_jimeng_emulator(url_ttl=0.2)
+    emulator = make_jimeng_emulator(url_ttl=0.5)
     response = session.post(
         f"{emulator.base_url}/images/generations", json={"model": MODEL, "prompt": "x", "size": "1K"}, timeout=5
     )
     url = response.json()["data"][0]["url"]
     assert "X-Tos-Expires=1" in url
     assert session.get(url, timeout=5).status_code == 200
-    time.sleep(0.3)
+    time.sleep(0.55)
     expired = session.get(url, timeout=5)
     assert expired.status_code == 403
     assert expired.json()["Code"] == "AccessDenied"
@@ -400,7 +400,7 @@ def test_64_concurrent_requests_overlap(make_jimeng_emulator) -> None:  # type: 
     elapsed = time.monotonic() - started
     assert statuses == [200] * 64
     assert emulator.billed_images == 64
-    assert elapsed < 3.0, f"64 requests of 0.3 s took {elapsed:.2f} s: they did not run concurrently"
+    assert elapsed < 6.0, f"64 requests of 0.3 s took {elapsed:.2f} s: they did not run concurrently"
 
 
 def test_stop_interrupts_latency_sleep() -> None:
