@@ -22,7 +22,12 @@ class JiMengConfigurationError(JiMengError, ValueError):
 
     def __init__(self, parameter: str, message: str) -> None:
         self.parameter = parameter
+        self.detail = message
         super().__init__(f"{parameter}: {message}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Two-argument constructor: the default (cls, self.args) would rebuild with one argument.
+        return (type(self), (self.parameter, self.detail))
 
 
 class JiMengAPIError(JiMengError):
@@ -40,7 +45,7 @@ class JiMengAPIError(JiMengError):
         param: str | None = None,
         retry_after: float | None = None,
     ) -> None:
-        self.status_code = status_code
+        self.status_code = status_code  # type: ignore[assignment]  # AirflowException declares an HTTPStatus
         self.code = code
         self.api_message = message
         self.request_id = request_id
@@ -125,6 +130,14 @@ class JiMengDownloadError(JiMengError):
     """An image could not be downloaded (expired URL, too large, not an image)."""
 
 
+class JiMengDownloadInterruptedError(JiMengDownloadError):
+    """The download broke off or the image host kept failing; the URL may still work later.
+
+    Unlike its parent (the image is gone for good), a retry of the task can fetch the image from
+    the journaled URL without paying for a new generation.
+    """
+
+
 class JiMengStorageError(JiMengError):
     """Storing an image or its record failed (bucket missing, access denied, S3 unreachable)."""
 
@@ -138,6 +151,15 @@ class JiMengGenerationIncompleteError(JiMengError):
         listing = "\n".join(f"  - {failure}" for failure in failures)
         super().__init__(f"{len(failures)} image(s) failed, {stored} stored:\n{listing}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_generation_incomplete, (type(self), self.failures, self.stored))
+
+
+def _rebuild_generation_incomplete(
+    cls: type[JiMengGenerationIncompleteError], failures: list[str], stored: int
+) -> JiMengGenerationIncompleteError:
+    return cls(failures, stored=stored)
+
 
 _CONTENT_POLICY_PREFIXES = (
     "InputTextSensitiveContentDetected",
@@ -146,11 +168,25 @@ _CONTENT_POLICY_PREFIXES = (
     "SensitiveContentDetected",
 )
 _QUOTA_CODES = frozenset({"QuotaExceeded", "SetLimitExceeded"})
+_RATE_LIMIT_PREFIXES = (
+    "ModelAccountIpmRateLimitExceeded",
+    "ModelAccountRpmRateLimitExceeded",
+    "RateLimitExceeded",
+    "RequestBurstTooFast",
+    "ServerOverloaded",
+    "InflightBatchsizeExceeded",
+)
 
 
 def error_class_for(status_code: int | None, code: str | None) -> type[JiMengAPIError]:
     """Map an HTTP status and API error code to the class that says what to do about it."""
     code = code or ""
+    if status_code is None:
+        # Stream "error" events carry a code but no HTTP status: infer the status the code implies.
+        if code.startswith(_RATE_LIMIT_PREFIXES):
+            status_code = 429
+        elif code.startswith(("InternalServiceError", "ServiceUnavailable", "InternalError")):
+            status_code = 500
     if code.startswith(_CONTENT_POLICY_PREFIXES):
         return JiMengContentPolicyError
     if code in _QUOTA_CODES:

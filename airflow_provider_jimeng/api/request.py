@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from airflow_provider_jimeng.api.capabilities import (
     MAX_IMAGES_PER_REQUEST,
@@ -217,7 +217,8 @@ def build_request_body(
         if isinstance(image, (str, bytes, bytearray)) or not isinstance(image, Sequence):
             body["image"] = normalize_reference_image("image", image)
         else:
-            images = [normalize_reference_image(f"image[{pos}]", item) for pos, item in enumerate(image)]
+            references = cast("Sequence[ImageInput]", image)  # bytes were handled above
+            images = [normalize_reference_image(f"image[{pos}]", item) for pos, item in enumerate(references)]
             if images:
                 body["image"] = images
     if size is not None:

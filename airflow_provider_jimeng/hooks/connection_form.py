@@ -37,6 +37,16 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "description": "Retries on rate limits, server errors and timeouts (never on invalid input). Default 5.",
         "schema": {"type": ["integer", "null"], "minimum": 0},
     },
+    "retry_backoff": {
+        "label": "Retry backoff (seconds)",
+        "description": "First wait before a retry; doubles each retry, with jitter. Default 2.",
+        "schema": {"type": ["number", "null"], "minimum": 0},
+    },
+    "retry_max_wait": {
+        "label": "Longest retry wait (seconds)",
+        "description": "Cap on one wait between retries, including a server's Retry-After. Default 120.",
+        "schema": {"type": ["number", "null"], "minimum": 0},
+    },
     "watermark": {
         "label": "Watermark",
         "description": "Default for the 'AI generated' mark; sent explicitly on every request. Default true.",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import threading
 import time
 import uuid
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
 
 from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
 from airflow_provider_jimeng.api.reference_images import ImageInput
@@ -31,6 +33,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengAPIError,
     JiMengConfigurationError,
     JiMengDownloadError,
+    JiMengDownloadInterruptedError,
     JiMengResponseError,
     JiMengTimeoutError,
 )
@@ -48,8 +51,28 @@ from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_RETRY_BACKOFF = 2.0
+DEFAULT_RETRY_MAX_WAIT = 120.0
 DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+
+
+class _SignedUrlLogFilter(logging.Filter):
+    """Cut query strings (signatures) out of urllib3's DEBUG request lines before any handler sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+            isinstance(arg, str) and "?" in arg and "Signature" in arg for arg in record.args
+        ):
+            record.args = tuple(
+                arg.split("?", 1)[0] + "?<redacted>" if isinstance(arg, str) and "Signature" in arg else arg
+                for arg in record.args
+            )
+        return True
+
+
+# Signed image URLs are bearer credentials for 24 h: urllib3 would log them in full at DEBUG level.
+logging.getLogger("urllib3.connectionpool").addFilter(_SignedUrlLogFilter())
 
 
 def _as_bool(parameter: str, value: Any, default: bool) -> bool:
@@ -98,6 +121,8 @@ class JiMengConnectionConfig:
     timeout: float
     connect_timeout: float
     max_retries: int
+    retry_backoff: float
+    retry_max_wait: float
     watermark: bool
     max_images_per_minute: float | None
     proxies: dict[str, str] | None
@@ -143,10 +168,15 @@ def resolve_base_url(host: str | None, schema: str | None = None, port: int | No
 class ImageDownload:
     """A streamed image body: read it in chunks, with a size cap, counting bytes and a SHA-256."""
 
-    def __init__(self, response: requests.Response, *, max_bytes: int, label: str) -> None:
+    def __init__(
+        self, response: requests.Response, *, max_bytes: int, label: str, deadline_seconds: float | None = None
+    ) -> None:
         self._response = response
         self._max_bytes = max_bytes
         self._label = label
+        # Read timeouts bound each socket read; the deadline bounds the whole body (a host trickling
+        # bytes would otherwise keep a task busy forever).
+        self._deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
         self._digest = hashlib.sha256()
         self.bytes_read = 0
         self.content_type = response.headers.get("Content-Type", "")
@@ -162,15 +192,20 @@ class ImageDownload:
         """File-like read, so S3 uploads can consume the body chunk by chunk."""
         try:
             chunk = self._response.raw.read(DOWNLOAD_CHUNK_BYTES if size is None or size < 0 else size)
-        except (requests.RequestException, OSError) as exc:
-            raise JiMengDownloadError(
+        except (requests.RequestException, Urllib3Error, OSError) as exc:  # raw reads raise urllib3's errors
+            raise JiMengDownloadInterruptedError(
                 f"download of image {self._label} broke after {self.bytes_read} bytes: {type(exc).__name__}"
             ) from None
+        if self._deadline is not None and chunk and time.monotonic() > self._deadline:
+            self._response.close()
+            raise JiMengDownloadInterruptedError(
+                f"download of image {self._label} took too long ({self.bytes_read} bytes read); giving up"
+            )
         self.bytes_read += len(chunk)
         if self.bytes_read > self._max_bytes:
             raise JiMengDownloadError(f"image {self._label} exceeds the {self._max_bytes}-byte download cap")
         if not chunk and self.content_length is not None and self.bytes_read < self.content_length:
-            raise JiMengDownloadError(
+            raise JiMengDownloadInterruptedError(
                 f"download of image {self._label} ended after {self.bytes_read} of {self.content_length} bytes"
             )
         self._digest.update(chunk)
@@ -200,8 +235,10 @@ class JiMengHook(BaseHook):
     :param jimeng_conn_id: connection holding the base URL (host) and API key (password).
     :param timeout: read timeout in seconds; overrides the connection's ``timeout`` extra.
     :param max_retries: overrides the connection's ``max_retries`` extra.
-    :param retry_backoff: first backoff wait in seconds (doubles each retry).
-    :param retry_max_wait: longest single wait, also the cap on a server's ``Retry-After``.
+    :param retry_backoff: first backoff wait in seconds (doubles each retry); overrides the
+        connection's ``retry_backoff`` extra (default 2).
+    :param retry_max_wait: longest single wait, also the cap on a server's ``Retry-After``; overrides
+        the connection's ``retry_max_wait`` extra (default 120).
     :param max_images_per_minute: client-side pacing; overrides the connection's extra.
     :param pool_maxsize: HTTP connections kept per host; at least the number of concurrent calls.
     """
@@ -217,8 +254,8 @@ class JiMengHook(BaseHook):
         *,
         timeout: float | None = None,
         max_retries: int | None = None,
-        retry_backoff: float = 2.0,
-        retry_max_wait: float = 120.0,
+        retry_backoff: float | None = None,
+        retry_max_wait: float | None = None,
         max_images_per_minute: float | None = None,
         pool_maxsize: int = 32,
         logger_name: str | None = None,
@@ -316,6 +353,10 @@ class JiMengHook(BaseHook):
             )
             or DEFAULT_CONNECT_TIMEOUT,
             max_retries=int(_as_number("max_retries", max_retries, DEFAULT_MAX_RETRIES, minimum=0) or 0),
+            retry_backoff=_as_number("retry_backoff", extras.get("retry_backoff"), DEFAULT_RETRY_BACKOFF, minimum=0)
+            or 0.0,
+            retry_max_wait=_as_number("retry_max_wait", extras.get("retry_max_wait"), DEFAULT_RETRY_MAX_WAIT, minimum=0)
+            or 0.0,
             watermark=_as_bool("watermark", extras.get("watermark"), True),
             max_images_per_minute=_as_number("max_images_per_minute", pacing, None, minimum=1),
             proxies=proxies or None,
@@ -326,7 +367,9 @@ class JiMengHook(BaseHook):
     @cached_property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
-            max_retries=self.config.max_retries, backoff=self._retry_backoff, max_wait=self._retry_max_wait
+            max_retries=self.config.max_retries,
+            backoff=self._retry_backoff if self._retry_backoff is not None else self.config.retry_backoff,
+            max_wait=self._retry_max_wait if self._retry_max_wait is not None else self.config.retry_max_wait,
         )
 
     @property
@@ -498,7 +541,8 @@ class JiMengHook(BaseHook):
                 data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers={"X-Client-Request-Id": client_request_id},
                 timeout=(config.connect_timeout, config.timeout),
-                stream=stream,
+                # Headers first, body after: if the body breaks off, the server's request id is known.
+                stream=True,
             )
         except requests.Timeout as exc:
             raise JiMengTimeoutError(
@@ -534,8 +578,17 @@ class JiMengHook(BaseHook):
 
     def _json(self, response: requests.Response, request_id: str) -> Any:
         try:
-            return json.loads(response.content)
-        except (ValueError, requests.RequestException) as exc:
+            content = response.content
+        except requests.RequestException as exc:
+            raise JiMengTimeoutError(
+                f"the connection broke while the answer was read ({type(exc).__name__}); "
+                "the request may still be billed",
+                code="ConnectionError",
+                request_id=request_id,
+            ) from None
+        try:
+            return json.loads(content)
+        except ValueError as exc:
             raise JiMengResponseError(
                 f"the response body is not valid JSON ({type(exc).__name__})",
                 status_code=response.status_code,
@@ -592,11 +645,11 @@ class JiMengHook(BaseHook):
                 return self._open_image_once(url, label, max_bytes)
             except JiMengAPIError as error:
                 if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
-                    raise JiMengDownloadError(f"download of image {label} failed: {error}") from None
+                    raise JiMengDownloadInterruptedError(f"download of image {label} failed: {error}") from None
                 wait = self.retry_policy.wait_seconds(error, attempt)
                 self.log.warning("Download of %s failed (%s); retrying in %.2fs", label, error.code, wait)
                 if self._stop.wait(wait):
-                    raise JiMengDownloadError(f"download of image {label} stopped") from None
+                    raise JiMengDownloadInterruptedError(f"download of image {label} stopped") from None
 
     def _open_image_once(self, url: str, label: str, max_bytes: int) -> ImageDownload:
         config = self.config
@@ -638,7 +691,7 @@ class JiMengHook(BaseHook):
                 f"download of image {label} returned Content-Type {content_type or 'none'!r}, not an image"
             )
         response.raw.decode_content = True
-        return ImageDownload(response, max_bytes=max_bytes, label=label)
+        return ImageDownload(response, max_bytes=max_bytes, label=label, deadline_seconds=config.timeout)
 
     # ------------------------------------------------------------------------------ test connection
     def test_connection(self) -> tuple[bool, str]:
@@ -683,7 +736,11 @@ class JiMengHook(BaseHook):
                 f"key only works on {urlsplit(CHINA_BASE_URL).netloc}, a BytePlus key on "
                 f"{urlsplit(BYTEPLUS_BASE_URL).netloc}."
             ).replace("  ", " ")
-        if status == 404 and code and "Model" in code:
+        # "InvalidEndpointOrModel.NotFound" also answers a wrong path: blame the model only when the error names it.
+        names_model = isinstance(error, dict) and (
+            error.get("param") == "model" or config.model in str(error.get("message") or "")
+        )
+        if status == 404 and code and "Model" in code and names_model:
             return False, f"{host} accepted the key but model {config.model!r} is not available ({code})"
         if status in (404, 405):
             return False, (

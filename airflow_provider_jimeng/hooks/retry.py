@@ -52,7 +52,7 @@ class RetryPolicy:
         retry_after = error.retry_after if isinstance(error, JiMengAPIError) else None
         if retry_after is not None:
             return min(retry_after, self.max_wait)
-        ceiling = min(self.max_wait, self.backoff * 2 ** (attempt - 1))
+        ceiling: float = min(self.max_wait, self.backoff * 2 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 

@@ -1,0 +1,195 @@
+"""Helpers for the hook tests: connections, hooks that clean up after themselves, log capture, images."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import structlog
+from PIL import Image
+from structlog.testing import LogCapture
+
+from airflow_provider_jimeng.emulator import DEFAULT_API_KEY, JiMengEmulator
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.testing import jimeng_connection_json
+
+#: Retry settings that keep retry tests fast while still exercising real waits.
+FAST_RETRIES: dict[str, float] = {"retry_backoff": 0.01, "retry_max_wait": 0.2}
+
+SetConnection = Callable[..., None]
+
+
+@pytest.fixture
+def set_connection(monkeypatch: pytest.MonkeyPatch) -> SetConnection:
+    """``set_connection(value, conn_id="jimeng_default")``: a URI string or a dict of connection fields.
+
+    A dict is written in Airflow's JSON form with ``conn_type`` ``jimeng``; a string is used as is.
+    """
+
+    def set_(value: str | dict[str, Any], conn_id: str = "jimeng_default") -> None:
+        if isinstance(value, dict):
+            value = json.dumps({"conn_type": "jimeng", **value})
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", value)
+
+    return set_
+
+
+@pytest.fixture
+def connect(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``connect(base_url, api_key=..., conn_id=..., **extra)``: a connection to an emulator (http allowed)."""
+
+    def connect_(
+        base_url: str, *, api_key: str = DEFAULT_API_KEY, conn_id: str = "jimeng_default", **extra: Any
+    ) -> None:
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", jimeng_connection_json(base_url, api_key, **extra))
+
+    return connect_
+
+
+@pytest.fixture
+def make_hook() -> Iterator[Callable[..., JiMengHook]]:
+    """A factory for hooks (``JiMengHook`` arguments, fast retries unless overridden); all closed after the test."""
+    hooks: list[JiMengHook] = []
+
+    def make(conn_id: str = "jimeng_default", **kwargs: Any) -> JiMengHook:
+        hook = JiMengHook(conn_id, **{**FAST_RETRIES, **kwargs})
+        hooks.append(hook)
+        return hook
+
+    yield make
+    for hook in hooks:
+        hook.close()
+
+
+@pytest.fixture
+def hook(jimeng_conn: JiMengEmulator, make_hook: Callable[..., JiMengHook]) -> JiMengHook:
+    """A hook on ``jimeng_default`` (pointing at the test's emulator) with fast retries."""
+    return make_hook()
+
+
+@dataclass
+class CapturedLogs:
+    """Everything logged during a test: stdlib records (caplog) and the hook's structlog events."""
+
+    caplog: pytest.LogCaptureFixture
+    capture: LogCapture
+
+    @property
+    def hook_events(self) -> list[dict[str, Any]]:
+        return list(self.capture.entries)
+
+    @property
+    def messages(self) -> list[str]:
+        stdlib = [f"{record.name} {record.levelname} {record.getMessage()}" for record in self.caplog.records]
+        events = [" ".join(f"{key}={value}" for key, value in entry.items()) for entry in self.capture.entries]
+        return stdlib + events
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.messages)
+
+
+@pytest.fixture
+def logs(caplog: pytest.LogCaptureFixture) -> Iterator[CapturedLogs]:
+    """Capture every log line at DEBUG: the provider's, ``urllib3``'s, ``requests``' and the hook's own."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("urllib3", "requests", "airflow_provider_jimeng"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    capture = LogCapture()
+    saved = structlog.get_config()
+    structlog.configure(processors=[capture])
+    try:
+        yield CapturedLogs(caplog, capture)
+    finally:
+        structlog.configure(processors=saved["processors"])
+
+
+@pytest.fixture
+def make_image() -> Callable[..., bytes]:
+    """``make_image("JPEG", (32, 32))``: the bytes of a real image made with Pillow."""
+
+    def make(image_format: str = "PNG", size: tuple[int, int] = (64, 48)) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (30, 120, 200)).save(buffer, format=image_format)
+        return buffer.getvalue()
+
+    return make
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition``: the emulator may finish its bookkeeping just after the client gave up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.fixture(name="wait_for")
+def wait_for_fixture() -> Callable[..., bool]:
+    return wait_for
+
+
+@dataclass(frozen=True)
+class CannedResponse:
+    """What :func:`canned_server` answers to every GET and POST."""
+
+    body: bytes
+    content_type: str = "image/jpeg"
+    content_length: int | None = None  # None: no header, the body ends when the connection closes
+    status: int = 200
+
+
+class _CannedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+    canned: CannedResponse
+
+    def do_GET(self) -> None:
+        self.send_response(self.canned.status)
+        self.send_header("Content-Type", self.canned.content_type)
+        if self.canned.content_length is not None:
+            self.send_header("Content-Length", str(self.canned.content_length))
+        self.end_headers()
+        self.wfile.write(self.canned.body)
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.do_GET()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def canned_server() -> Iterator[Callable[..., str]]:
+    """``canned_server(body, content_type=..., content_length=..., status=...)``: a loopback server
+    answering every request with that (see :class:`CannedResponse`); returns an image URL on it.
+
+    For what the emulator cannot do: an image body cut short, or one without a Content-Length.
+    """
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(
+        body: bytes, *, content_type: str = "image/jpeg", content_length: int | None = None, status: int = 200
+    ) -> str:
+        canned = CannedResponse(body, content_type, content_length, status)
+        handler = type("Handler", (_CannedHandler,), {"canned": canned})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/image.jpeg?X-Tos-Signature=canned-signature"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
