@@ -4,8 +4,11 @@ AIRFLOW_VERSION ?=
 VENV ?= .venv$(if $(AIRFLOW_VERSION),-airflow-$(AIRFLOW_VERSION),)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The lock pins the newest supported Airflow; an explicit AIRFLOW_VERSION resolves afresh around it.
-CONSTRAINTS := $(if $(AIRFLOW_VERSION),,--constraint requirements/constraints.txt)
+# The lock pins the newest supported Airflow; an explicit AIRFLOW_VERSION resolves afresh around it,
+# within requirements/airflow-<major>.<minor>.txt where that series needs older libraries (docs/compatibility.md).
+AIRFLOW_SERIES := $(word 1,$(subst ., ,$(AIRFLOW_VERSION))).$(word 2,$(subst ., ,$(AIRFLOW_VERSION)))
+SERIES_CONSTRAINTS := $(if $(AIRFLOW_VERSION),$(wildcard requirements/airflow-$(AIRFLOW_SERIES).txt),)
+CONSTRAINTS := $(if $(AIRFLOW_VERSION),$(addprefix --constraint ,$(SERIES_CONSTRAINTS)),--constraint requirements/constraints.txt)
 AIRFLOW_PIN := $(if $(AIRFLOW_VERSION),apache-airflow==$(AIRFLOW_VERSION),)
 export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
@@ -13,7 +16,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt $(SERIES_CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "uv>=0.4"
 	$(BIN)/uv pip install --python $(BIN)/python $(CONSTRAINTS) -e ".[test,lint]" $(AIRFLOW_PIN)
@@ -23,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m airflow_provider_jimeng.demo --output demo-output
+	$(BIN)/python scripts/demo.py --output demo-output
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
@@ -33,6 +36,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy airflow_provider_jimeng
 
+# The docs extra goes into the same venv on demand (most targets never need it).
+docs: $(STAMP)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -40,8 +48,16 @@ format: $(STAMP)
 lock:
 	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install --quiet uv
 	.venv-lock/bin/uv pip compile --quiet --python-version 3.10 --universal -o requirements/constraints.txt \
-		--extra test --extra lint pyproject.toml
+		--extra test --extra lint --extra docs --extra e2e pyproject.toml
 	rm -rf .venv-lock
+
+# The browser end-to-end test (opt-in, about 2 minutes): a real Airflow on loopback driven in headless
+# Debian Chromium by Playwright; refreshes the screenshots in docs/img. Never `playwright install`.
+E2E_SCREENSHOT_DIR ?= docs/img
+e2e: $(STAMP)
+	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[e2e]"
+	JIMENG_E2E=1 JIMENG_E2E_SCREENSHOT_DIR=$(E2E_SCREENSHOT_DIR) $(BIN)/python -m pytest -q -s -m e2e tests/e2e $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv .venv-* demo-output site
