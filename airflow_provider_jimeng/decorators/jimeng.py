@@ -41,6 +41,11 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
         **DecoratedOperator.template_fields_renderers,
         **JiMengGenerateOperator.template_fields_renderers,
     }
+    # Both parents name attributes that must not be deep-copied (the callable; the operator's thread events).
+    shallow_copy_attrs: Sequence[str] = (
+        *DecoratedOperator.shallow_copy_attrs,
+        *JiMengGenerateOperator.shallow_copy_attrs,
+    )
     custom_operator_name: str = "@task.jimeng"
     overwrite_rtif_after_execution: bool = True
 
@@ -59,6 +64,12 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
         context_merge(context, self.op_kwargs)
         kwargs = determine_kwargs(self.python_callable, self.op_args, context)
         returned = self.python_callable(*self.op_args, **kwargs)
+        if returned is None:
+            raise JiMengConfigurationError(
+                "return value",
+                "the function returned None; allowed: a prompt string, a list of prompt strings, "
+                "or a dict of operator parameters that includes 'prompt'",
+            )
         if isinstance(returned, Mapping):
             unknown = sorted(set(returned) - RETURNABLE_PARAMETERS)
             if unknown:
@@ -81,8 +92,12 @@ def jimeng_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any
 
     Keyword arguments are operator parameters (``s3_bucket``, ``size``, ``max_concurrency``...).
     """
+    # The task's output is always the operator's list of URIs, whatever the function returns: without
+    # this, a function annotated ``-> dict`` would make Airflow infer multiple_outputs and fail the task.
+    kwargs.pop("multiple_outputs", None)
     return task_decorator_factory(
         python_callable=python_callable,
+        multiple_outputs=False,
         decorated_operator_class=_JiMengDecoratedOperator,
         **kwargs,
     )
