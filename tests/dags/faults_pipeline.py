@@ -1,0 +1,72 @@
+"""DAGs for ``tests/faults`` and ``tests/security``: one JiMeng task each, driven by ``run_conf``.
+
+Every DAG retries its task once at once (``retries=1, retry_delay=0``): ``dag.test()`` in Airflow 3.3
+runs that retry itself. The callbacks record each failed try's exception (``dag.test()`` does not
+return it) and run the test's ``BEFORE_RETRY`` hooks between the tries, so a test can repair what
+it broke (restart S3, create the bucket) the way an operator would before the retry.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any
+
+from airflow.sdk import DAG, Param
+
+from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+
+#: ``(callback kind, exception)`` for every failed try, in order.
+CALLBACKS: list[tuple[str, BaseException | None]] = []
+#: Called (in order) after a failed try and before its retry.
+BEFORE_RETRY: list[Callable[[], None]] = []
+
+
+def _on_retry(context: Any) -> None:
+    CALLBACKS.append(("retry", context.get("exception")))
+    for hook in BEFORE_RETRY:
+        hook()
+
+
+def _on_failure(context: Any) -> None:
+    CALLBACKS.append(("failure", context.get("exception")))
+
+
+def _pipeline(dag_id: str, **operator_kwargs: Any) -> DAG:
+    with DAG(
+        dag_id,
+        schedule=None,
+        start_date=datetime.datetime(2024, 1, 1),
+        catchup=False,
+        render_template_as_native_obj=True,
+        params={
+            "bucket": Param("bucket", type="string"),
+            "prompts": Param(["a red fox in the snow"], type="array"),
+            "size": Param("1K", type="string"),
+        },
+        default_args={
+            "retries": 1,
+            "retry_delay": datetime.timedelta(0),
+            "on_retry_callback": _on_retry,
+            "on_failure_callback": _on_failure,
+        },
+        tags=["tests", "faults"],
+    ) as dag:
+        JiMengGenerateOperator(
+            task_id="generate",
+            prompt="{{ params.prompts }}",
+            s3_bucket="{{ params.bucket }}",
+            size="{{ params.size }}",
+            **operator_kwargs,
+        )
+    return dag
+
+
+#: Up to two prompts in flight at once.
+faults_pipeline = _pipeline("faults_pipeline", max_concurrency=2)
+#: One prompt at a time, so a test can break S3 between two prompts.
+faults_pipeline_serial = _pipeline("faults_pipeline_serial", max_concurrency=1)
+#: Sets of up to three related images per prompt.
+faults_pipeline_set = _pipeline("faults_pipeline_set", sequential_image_generation="auto", max_images=3)
+#: Images delivered inline as base64 (no signed URL, so no S3 journal).
+faults_pipeline_b64 = _pipeline("faults_pipeline_b64", response_format="b64_json", max_concurrency=1)

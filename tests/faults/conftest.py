@@ -1,0 +1,373 @@
+"""Fixtures of the fault-injection suite: the emulator, an S3 "gate" that can fail, and the pipeline runner.
+
+* ``emulator``: a fresh JiMeng emulator; ``jimeng_default`` points at it with quick retry settings
+  (connection extras ``max_retries=1``, ``retry_backoff=0.01``, ``timeout=1``).
+* ``gate``: an HTTP proxy in front of the session's moto S3 server; ``aws_default`` points at it. It
+  can stop listening (``stop()``/``start()``: "connection refused", like a stopped server), refuse
+  writes with ``403 AccessDenied`` or answer ``404 NoSuchBucket``. Stopping moto itself would not do:
+  moto keeps everything in memory, so a stopped moto forgets every object, which a real S3 outage
+  does not.
+* ``pipeline``: runs a DAG of ``tests/dags/faults_pipeline.py`` with ``dag.test()`` and reports the
+  run, the failed tries' exceptions, what is stored and what was billed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import http.client
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from airflow_provider_jimeng.emulator import JiMengEmulator
+from airflow_provider_jimeng.testing import AWS_REGION, S3Server, jimeng_connection_json
+
+#: Every run of a test uses this date, hence one run id: a second ``dag.test()`` is a rerun of the
+#: same task instance (what clearing it in the UI does) and finds what the first one stored.
+RUN_AFTER = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+#: Connection extras of ``jimeng_default``: one retry inside the hook, waits of milliseconds.
+FAST_RETRIES = {"max_retries": 1, "retry_backoff": 0.01, "retry_max_wait": 0.5, "timeout": 1}
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "te", "upgrade"}
+
+
+# ------------------------------------------------------------------------------------------- S3 gate
+class S3Gate:
+    """A proxy in front of moto that fails on demand: stopped, denying writes, or without the bucket."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.mode = "pass"  # "pass" | "deny_writes" | "deny_all" | "no_bucket"
+        self.port = 0
+        self.requests: list[tuple[str, str, int]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> S3Gate:
+        gate = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with gate._lock:
+                    gate._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with contextlib.suppress(OSError):
+                    super().finish()
+                with gate._lock:
+                    gate._connections.discard(self.connection)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                gate._forward(self)
+
+            do_PUT = do_POST = do_DELETE = do_HEAD = do_GET
+
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        server.block_on_close = False
+        self.port = int(server.server_address[1])
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and break open connections: new requests are refused, like a stopped server."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def _error(self, handler: BaseHTTPRequestHandler, status: int, code: str, message: str) -> None:
+        request_id = f"GATE{uuid.uuid4().hex[:12].upper()}"
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message>'
+            f"<RequestId>{request_id}</RequestId><HostId>s3-gate</HostId></Error>"
+        ).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/xml")
+        handler.send_header("x-amz-request-id", request_id)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+    def _read_body(self, handler: BaseHTTPRequestHandler) -> bytes:
+        if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
+            parts = []
+            while True:
+                size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return b"".join(parts)
+                parts.append(handler.rfile.read(size))
+                handler.rfile.readline()
+        return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+    def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        body = self._read_body(handler)
+        method = handler.command
+        self.requests.append((method, handler.path.split("?")[0], len(body)))
+        if self.mode == "no_bucket":
+            self._error(handler, 404, "NoSuchBucket", "The specified bucket does not exist")
+            return
+        if self.mode == "deny_all" or (self.mode == "deny_writes" and method in ("PUT", "POST", "DELETE")):
+            self._error(handler, 403, "AccessDenied", "Access Denied")
+            return
+        headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Content-Length"] = str(len(body))
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=30)
+        try:
+            upstream.request(method, handler.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = response.read()
+            handler.send_response(response.status, response.reason)
+            for name, value in response.getheaders():
+                if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":
+                    handler.send_header(name, value)
+            length = response.getheader("Content-Length") if method == "HEAD" else str(len(data))
+            handler.send_header("Content-Length", length or "0")
+            handler.end_headers()
+            if method != "HEAD":
+                handler.wfile.write(data)
+        finally:
+            upstream.close()
+
+
+# ----------------------------------------------------------------------------------------- accounting
+@dataclass
+class Accounting:
+    """What the emulator billed against what reached the bucket.
+
+    ``lost_in_transit`` counts images that were paid for but could never reach us, by cause:
+    ``undelivered`` (the ledger says the answer was not delivered: timeout, reset, killed client),
+    ``unreadable`` (a 200 answer whose body was malformed or truncated) and ``dead_urls`` (images
+    whose signed URL had expired or 404'd at download).
+    """
+
+    billed: int
+    stored: int
+    requests: int
+    undelivered: int
+    unreadable: int
+    dead_urls: int
+
+    @property
+    def lost_in_transit(self) -> int:
+        return self.undelivered + self.unreadable + self.dead_urls
+
+
+def account(emulator: JiMengEmulator, s3_client: Any, bucket: str) -> Accounting:
+    records = {record["request_id"]: record for record in emulator.requests}
+    undelivered = unreadable = dead_urls = 0
+    for entry in emulator.ledger:
+        fault = (records.get(entry.request_id) or {}).get("fault")
+        if not entry.delivered:
+            undelivered += entry.images
+        elif fault in ("malformed", "truncated"):
+            unreadable += entry.images
+        elif fault in ("expired_url", "missing_url"):
+            dead_urls += entry.images
+    return Accounting(
+        billed=emulator.billed_images,
+        stored=len(image_keys(s3_client, bucket)),
+        requests=emulator.request_count,
+        undelivered=undelivered,
+        unreadable=unreadable,
+        dead_urls=dead_urls,
+    )
+
+
+def object_keys(s3_client: Any, bucket: str) -> list[str]:
+    keys: list[str] = []
+    with contextlib.suppress(s3_client.exceptions.NoSuchBucket):
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys += [item["Key"] for item in page.get("Contents", [])]
+    return keys
+
+
+def image_keys(s3_client: Any, bucket: str) -> list[str]:
+    return [key for key in object_keys(s3_client, bucket) if key.endswith(".jpeg")]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+_REQUEST_ID = re.compile(r"request id ([0-9A-Za-z]+)")
+
+
+def assert_names_code_and_request_id(message: str, code: str, emulator: JiMengEmulator) -> None:
+    """The message quotes ``code`` and the id of a request the API really received."""
+    assert code in message, message
+    known = {record["request_id"] for record in emulator.requests}
+    known |= {record["client_request_id"] for record in emulator.requests if record.get("client_request_id")}
+    quoted = set(_REQUEST_ID.findall(message))
+    assert quoted & known, f"no known request id in: {message}"
+
+
+# ------------------------------------------------------------------------------------------- pipeline
+@dataclass
+class PipelineRun:
+    state: str
+    try_number: int
+    errors: list[str] = field(default_factory=list)
+    xcom: dict[str, Any] = field(default_factory=dict)
+    duration: float = 0.0
+
+
+class _NoDagBag:
+    def __init__(self, **kwargs: Any) -> None:
+        self.dags: dict[str, Any] = {}
+
+
+_SYNCED = {"done": False}
+
+
+def _dag_test_resyncs_the_folder() -> bool:
+    """Whether this Airflow's ``dag.test()`` re-syncs the DAGs folder (3.3 does; 3.0 runs the DAG it is given)."""
+    try:
+        from airflow.dag_processing import dagbag
+    except ImportError:
+        return False
+    return hasattr(dagbag, "BundleDagBag") and hasattr(dagbag, "sync_bag_to_db")
+
+
+def run_dag_test(dag: Any, run_conf: dict[str, Any], run_after: datetime.datetime = RUN_AFTER) -> Any:
+    """``dag.test()`` with a fixed run date (hence run id), skipping the DAGs folder re-sync after the first.
+
+    Airflow 3.3's ``dag.test()`` re-parses and re-serialises every DAG of the folder on each call
+    (2+ s here, mostly Param schema checks). The DAGs do not change during a session: after the first
+    real sync of the process, the DAG versions in the database are current and the sync is skipped.
+    """
+    with ExitStack() as stack:
+        if _SYNCED["done"] and _dag_test_resyncs_the_folder():
+            stack.enter_context(mock.patch("airflow.dag_processing.dagbag.BundleDagBag", _NoDagBag))
+            stack.enter_context(mock.patch("airflow.dag_processing.dagbag.sync_bag_to_db", return_value=None))
+        dag_run = dag.test(run_conf=run_conf, logical_date=run_after, run_after=run_after)
+    _SYNCED["done"] = True
+    return dag_run
+
+
+def xcoms_of(dag_run: Any) -> list[tuple[str, int, str, Any]]:
+    """Every XCom of a run: ``(task_id, map_index, key, value)``."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter(XComModel.dag_id == dag_run.dag_id, XComModel.run_id == dag_run.run_id)
+        return [(row.task_id, row.map_index, row.key, row.value) for row in rows]
+
+
+class Pipeline:
+    """Runs the faults DAGs with ``dag.test()`` against the test's emulator and bucket."""
+
+    def __init__(self, emulator: JiMengEmulator, bucket: str, s3_client: Any) -> None:
+        self.emulator = emulator
+        self.bucket = bucket
+        self.s3 = s3_client
+
+    @staticmethod
+    def module() -> Any:
+        from tests.dags import faults_pipeline
+
+        return faults_pipeline
+
+    def run(self, dag_id: str = "faults_pipeline", *, prompts: list[str] | None = None, **conf: Any) -> PipelineRun:
+        module = self.module()
+        module.CALLBACKS.clear()
+        started = time.monotonic()
+        run_conf = {"bucket": self.bucket, "prompts": prompts or ["a red fox in the snow"], **conf}
+        dag_run = run_dag_test(getattr(module, dag_id), run_conf)
+        duration = time.monotonic() - started
+        (ti,) = dag_run.get_task_instances()
+        return PipelineRun(
+            state=str(ti.state),
+            try_number=ti.try_number,
+            errors=[str(error) for _, error in module.CALLBACKS if error is not None],
+            xcom={key: value for _, _, key, value in xcoms_of(dag_run)},
+            duration=duration,
+        )
+
+    def before_retry(self, hook: Callable[[], None]) -> None:
+        self.module().BEFORE_RETRY.append(hook)
+
+    def account(self) -> Accounting:
+        return account(self.emulator, self.s3, self.bucket)
+
+    def objects(self) -> list[str]:
+        return object_keys(self.s3, self.bucket)
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture
+def emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[JiMengEmulator]:
+    with JiMengEmulator() as emulator:
+        monkeypatch.setenv("AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(emulator.base_url, **FAST_RETRIES))
+        yield emulator
+
+
+@pytest.fixture
+def gate(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Gate]:
+    gate = S3Gate(s3_server.port).start()
+    extra = {
+        "endpoint_url": gate.endpoint_url,
+        "region_name": AWS_REGION,
+        # Fail fast when the gate is closed: one retry, short timeouts.
+        "config_kwargs": {"retries": {"mode": "standard", "max_attempts": 2}, "connect_timeout": 1, "read_timeout": 5},
+    }
+    connection = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(connection))
+    yield gate
+    gate.stop()
+
+
+@pytest.fixture
+def bucket(s3_client: Any, gate: S3Gate) -> str:
+    name = f"jimeng-faults-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def pipeline(airflow_db: None, emulator: JiMengEmulator, bucket: str, s3_client: Any) -> Iterator[Pipeline]:
+    runner = Pipeline(emulator, bucket, s3_client)
+    yield runner
+    runner.module().BEFORE_RETRY.clear()

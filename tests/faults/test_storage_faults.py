@@ -1,0 +1,168 @@
+"""S3 failing before or during a run: stopped, bucket missing, access denied.
+
+Retries run as in ``test_api_faults`` (``dag.test()`` retries the task once); the test repairs S3 in
+the DAG's ``on_retry_callback`` (``pipeline.before_retry``), between try 1 and try 2, the way an
+operator would before a retry. What must hold:
+
+* S3 failing before anything is paid (the first listing fails): the task fails at once, nothing billed;
+* S3 failing after images were paid for: no further prompt is sent, the paid images are journaled
+  (in S3 when it still takes writes, else in a local file on the worker), the task fails naming the
+  S3 error code and the JiMeng request id, and the retry stores them without a new request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from airflow_provider_jimeng.emulator import JiMengEmulator
+from airflow_provider_jimeng.storage.s3 import LocalJournal, TaskKeyspace
+from tests.faults.conftest import Pipeline, S3Gate, assert_names_code_and_request_id, wait_for
+
+pytestmark = pytest.mark.timeout(60)
+
+RUN_ID = "manual__2025-01-01T00:00:00+00:00"
+
+
+def keyspace(bucket: str, dag_id: str) -> TaskKeyspace:
+    return TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
+
+
+def local_journal(bucket: str, dag_id: str) -> LocalJournal:
+    return LocalJournal(keyspace(bucket, dag_id))
+
+
+def when(condition: Callable[[], bool], action: Callable[[], None]) -> threading.Thread:
+    """Run ``action`` as soon as ``condition`` holds (polled in the background)."""
+
+    def watch() -> None:
+        if wait_for(condition, timeout=30):
+            action()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("failure", ["stopped", "no_bucket", "denied"])
+def test_s3_failing_before_the_run_costs_nothing(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, failure: str
+) -> None:
+    if failure == "stopped":
+        gate.stop()
+        pipeline.before_retry(gate.start)
+    else:
+        gate.mode = "no_bucket" if failure == "no_bucket" else "deny_all"
+        pipeline.before_retry(lambda: setattr(gate, "mode", "pass"))
+
+    run = pipeline.run(prompts=["a red fox", "a grey owl"])
+
+    assert run.state == "success"
+    assert run.try_number == 2
+    (message,) = run.errors
+    expected = {"stopped": "EndpointConnectionError", "no_bucket": "NoSuchBucket", "denied": "AccessDenied"}[failure]
+    assert expected in message
+    assert "listing s3://" in message
+    if failure != "stopped":
+        assert "S3 request id GATE" in message
+    accounting = pipeline.account()
+    assert accounting.requests == 2  # all in try 2: try 1 failed before sending anything
+    assert accounting.billed == accounting.stored == 2
+
+
+def test_s3_stopped_mid_run(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, s3_client: Any, bucket: str
+) -> None:
+    # Prompt 0 is stored; S3 goes away while prompt 1 is being generated (0.6 s per image).
+    emulator.latency = 0.6
+    record_0 = keyspace(bucket, "faults_pipeline_serial").record_key(0)
+    watcher = when(lambda: record_0 in pipeline.objects(), gate.stop)
+    after_try_1: dict[str, Any] = {}
+
+    def repair() -> None:
+        after_try_1.update(billed=emulator.billed_images, keys=pipeline.objects())
+        after_try_1["local"] = local_journal(bucket, "faults_pipeline_serial").read(1)
+        emulator.latency = 0.0
+        gate.start()
+
+    pipeline.before_retry(repair)
+
+    run = pipeline.run("faults_pipeline_serial", prompts=["a red fox", "a grey owl"])
+    watcher.join(timeout=5)
+
+    assert run.state == "success"
+    assert run.try_number == 2
+    (message,) = run.errors
+    assert_names_code_and_request_id(message, "EndpointConnectionError", emulator)
+    assert "prompt 1 image 0: not stored" in message
+    assert "kept for a retry" in message
+    # After try 1: both paid, prompt 0 stored, prompt 1's signed URL kept on this machine (S3 was down).
+    assert after_try_1["billed"] == 2
+    stored_after_try_1 = [key for key in after_try_1["keys"] if key.endswith(".jpeg")]
+    assert stored_after_try_1 == [keyspace(bucket, "faults_pipeline_serial").image_key(0, 0)]
+    assert after_try_1["local"] is not None
+    assert after_try_1["local"]["images"][0]["url"]
+    accounting = pipeline.account()
+    assert accounting.requests == 2  # try 2 sent nothing: prompt 0 had its record, prompt 1 its journal
+    assert accounting.billed == accounting.stored == 2
+    assert local_journal(bucket, "faults_pipeline_serial").read(1) is None  # cleaned up once stored
+
+
+def test_bucket_deleted_mid_run(pipeline: Pipeline, emulator: JiMengEmulator, s3_client: Any, bucket: str) -> None:
+    # The bucket (still empty) disappears while the only prompt is being generated.
+    emulator.latency = 0.6
+    watcher = when(lambda: emulator.request_count >= 1, lambda: s3_client.delete_bucket(Bucket=bucket))
+
+    def repair() -> None:
+        emulator.latency = 0.0
+        s3_client.create_bucket(Bucket=bucket)
+
+    pipeline.before_retry(repair)
+
+    run = pipeline.run()
+    watcher.join(timeout=5)
+
+    assert run.state == "success"
+    assert run.try_number == 2
+    (message,) = run.errors
+    assert_names_code_and_request_id(message, "NoSuchBucket", emulator)
+    assert "S3 request id" in message
+    accounting = pipeline.account()
+    assert accounting.requests == 1  # the recreated bucket was empty: the local journal saved the payment
+    assert accounting.billed == accounting.stored == 1
+
+
+@pytest.mark.parametrize("dag_id", ["faults_pipeline_serial", "faults_pipeline_b64"], ids=["url", "b64_json"])
+def test_access_denied_mid_run(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str, dag_id: str
+) -> None:
+    # Listing is allowed, writing is not (a role without s3:PutObject): found out only after paying once.
+    gate.mode = "deny_writes"
+    after_try_1: dict[str, int] = {}
+
+    def repair() -> None:
+        after_try_1.update(billed=emulator.billed_images, requests=emulator.request_count)
+        gate.mode = "pass"
+
+    pipeline.before_retry(repair)
+
+    run = pipeline.run(dag_id, prompts=["one", "two", "three"])
+
+    assert run.state == "success"
+    assert run.try_number == 2
+    (message,) = run.errors
+    assert_names_code_and_request_id(message, "AccessDenied", emulator)
+    # The refusal is seen when the first journal (url) or upload (b64_json) write comes back; prompts
+    # already sent by then are paid. The emulator answers at once, so that can be all three: the
+    # journal is written beside the generation thread, not in its way. Every one of them is kept
+    # (in the local journal) and none is paid again; those not yet sent are not sent at all.
+    paid_in_try_1 = after_try_1["requests"]
+    assert after_try_1["billed"] == paid_in_try_1 >= 1
+    assert message.count("kept for a retry") == paid_in_try_1
+    assert message.count("not sent (the run stopped)") == 3 - paid_in_try_1
+    accounting = pipeline.account()
+    assert accounting.requests == 3  # the prompts paid in try 1 were finished from their journals
+    assert accounting.billed == accounting.stored == 3
