@@ -1,0 +1,162 @@
+"""Where images end up: S3 with deterministic keys, metadata and records, or URLs without storage."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+from urllib.parse import urlsplit
+
+from PIL import Image
+
+from tests.dags import jimeng_test_generate
+from tests.operators.conftest import Bucket, RunDag, TrackingEmulator, task_prefix
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk"]
+
+
+def test_images_are_stored_under_deterministic_keys_with_metadata_and_records(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": bucket.name, "size": "1280x720"})
+
+    assert run.state == "success"
+    prefix = task_prefix(run)
+    expected = [f"{prefix}/p0000_i00.jpeg", f"{prefix}/p0001_i00.jpeg"]
+    assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in expected]
+    assert run.xcom("count") == 2, "the consumer task received the URIs"
+    # Images, one record per prompt, and no journal left behind after success.
+    assert bucket.keys(prefix) == sorted([*expected, f"{prefix}/p0000.json", f"{prefix}/p0001.json"])
+    assert bucket.keys(f"{prefix}/_pending/") == []
+
+    billed = {entry.prompt: entry for entry in emulator.ledger}
+    assert emulator.billed_images == 2
+    for index, key in enumerate(expected):
+        head = bucket.head(key)
+        request_id = billed[PROMPTS[index]].request_id
+        assert head["ContentType"] == "image/jpeg"
+        assert head["Metadata"] == {
+            "jimeng-request-id": request_id,
+            "jimeng-model": "doubao-seedream-4-0-250828",
+            "jimeng-size": "1280x720",
+            "airflow-dag-id": run.dag_id,
+            "airflow-run-id": run.run_id,
+            "airflow-task-id": "gen",
+            "airflow-map-index": "-1",
+        }
+        with Image.open(io.BytesIO(bucket.read(key))) as image:
+            assert image.format == "JPEG"
+            assert image.size == (1280, 720)
+
+        record = bucket.json(f"{prefix}/p{index:04d}.json")
+        assert record["prompt"] == PROMPTS[index]
+        assert record["model"] == "doubao-seedream-4-0-250828"
+        assert record["request_id"] == request_id
+        assert record["parameters"]["size"] == "1280x720"
+        assert record["parameters"]["model"] == "doubao-seedream-4-0-250828"
+        assert record["usage"]["generated_images"] == 1
+        assert record["usage"]["output_tokens"] == 1280 * 720 // 256
+        assert record["failures"] == []
+        assert record["airflow"] == {"dag_id": run.dag_id, "run_id": run.run_id, "task_id": "gen", "map_index": -1}
+        assert [image["key"] for image in record["images"]] == [key]
+
+
+def test_images_and_usage_xcoms_describe_what_was_stored(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": bucket.name})
+
+    prefix = task_prefix(run)
+    images = run.xcom("gen", "images")
+    assert [(item["prompt_index"], item["image_index"]) for item in images] == [(0, 0), (1, 0)]
+    for item in images:
+        data = bucket.read(item["key"])
+        assert item["uri"] == f"s3://{bucket.name}/{item['key']}"
+        assert item["key"].startswith(prefix + "/")
+        assert item["bucket"] == bucket.name
+        assert item["bytes"] == len(data)
+        assert item["sha256"] == hashlib.sha256(data).hexdigest()
+        assert item["size"] == "1024x1024"
+        assert item["model"] == "doubao-seedream-4-0-250828"
+        assert item["request_id"] in {entry.request_id for entry in emulator.ledger}
+    assert run.xcom("gen", "usage") == {
+        "generated_images": 2,
+        "output_tokens": 2 * 1024 * 1024 // 256,
+        "total_tokens": 2 * 1024 * 1024 // 256,
+        "requests": 2,
+        "reused_prompts": 0,
+        "rate_limited": 0,
+        "retries": 0,
+    }
+
+
+def test_custom_key_template_is_rendered_with_jinja_then_key_fields(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    template = "renders/{dag_id}/{run_id}/{task_id}/{prompt_index:03d}-{image_index}.{ext}"
+    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": bucket.name, "s3_key": template})
+
+    assert run.state == "success"
+    safe_run_id = task_prefix(run).split("/")[2]
+    expected = [f"renders/{run.dag_id}/{safe_run_id}/gen/{index:03d}-0.jpeg" for index in range(2)]
+    assert bucket.images("renders/") == expected
+    assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in expected]
+    # Records stay under the task prefix, where a retry looks for them.
+    assert bucket.keys(task_prefix(run)) == [f"{task_prefix(run)}/p0000.json", f"{task_prefix(run)}/p0001.json"]
+
+
+def test_key_prefix_is_templated(emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag) -> None:
+    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS[:1], "bucket": bucket.name, "s3_key_prefix": "team/a"})
+
+    assert bucket.images() == [f"{task_prefix(run, prefix='team/a')}/p0000_i00.jpeg"]
+
+
+def test_without_storage_returns_urls_and_records_hold_redacted_urls(
+    emulator: TrackingEmulator, run_dag: RunDag
+) -> None:
+    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": None})
+
+    assert run.state == "success"
+    urls = run.xcom("gen")
+    assert len(urls) == 2
+    for url in urls:
+        assert url.startswith(emulator.root_url + "/tos/")
+        assert "X-Tos-Signature=" in urlsplit(url).query, "downstream gets the working (signed) URL"
+    images = run.xcom("gen", "images")
+    for url, record in zip(urls, images, strict=True):
+        assert "X-Tos" not in record["url"], "the record keeps no signature"
+        assert urlsplit(record["url"]).query in ("", "<redacted>")
+        assert record["url"].split("?")[0] == url.split("?")[0]
+        assert "key" not in record
+    assert run.xcom("gen", "usage")["generated_images"] == 2
+    assert emulator.downloads == 0, "without storage nothing is downloaded"
+
+
+def test_b64_json_with_storage_keeps_image_data_out_of_xcom(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    run = run_dag(jimeng_test_generate.b64_dag, {"prompts": PROMPTS, "bucket": bucket.name})
+
+    assert run.state == "success"
+    assert [request["body"]["response_format"] for request in emulator.requests] == ["b64_json", "b64_json"]
+    prefix = task_prefix(run)
+    assert bucket.images(prefix) == [f"{prefix}/p0000_i00.jpeg", f"{prefix}/p0001_i00.jpeg"]
+    assert bucket.keys(f"{prefix}/_pending/") == [], "b64 mode needs no journal (no URL to come back to)"
+    stored = [bucket.read(key) for key in bucket.images(prefix)]
+    for data in stored:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.size == (1024, 1024)
+    xcom_text = json.dumps([value for *_, value in run.xcoms()])
+    for data in stored:
+        assert base64.b64encode(data)[:64].decode() not in xcom_text
+    assert "/9j/" not in xcom_text, "no base64 JPEG anywhere in XCom"
+    assert emulator.downloads == 0
+
+
+def test_b64_json_without_bucket_fails_before_any_request(emulator: TrackingEmulator, run_dag: RunDag) -> None:
+    run = run_dag(jimeng_test_generate.b64_dag, {"prompts": PROMPTS, "bucket": None})
+
+    assert run.task_state("gen") == "failed"
+    assert "'b64_json' needs s3_bucket" in run.log("gen")
+    assert emulator.request_count == 0
