@@ -12,13 +12,15 @@ from typing import Any
 
 from airflow.exceptions import AirflowException
 
+from airflow_provider_jimeng.version_compat import AirflowFailException
+
 
 class JiMengError(AirflowException):
     """Base class for every error of this provider."""
 
 
-class JiMengConfigurationError(JiMengError, ValueError):
-    """The connection or an argument is invalid; raised before any request is sent."""
+class JiMengConfigurationError(JiMengError, AirflowFailException, ValueError):
+    """The connection or an argument is invalid; raised before any request is sent, never retried."""
 
     def __init__(self, parameter: str, message: str) -> None:
         self.parameter = parameter
@@ -153,6 +155,10 @@ class JiMengGenerationIncompleteError(JiMengError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_generation_incomplete, (type(self), self.failures, self.stored))
+
+
+class JiMengRunAbortedError(JiMengGenerationIncompleteError, AirflowFailException):
+    """The run stopped on an error every try would meet (bad key, spending cap, invalid request): not retried."""
 
 
 def _rebuild_generation_incomplete(

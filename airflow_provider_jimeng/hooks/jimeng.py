@@ -9,9 +9,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -94,7 +95,9 @@ def _as_number(parameter: str, value: Any, default: float | None, *, minimum: fl
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise JiMengConfigurationError(parameter, f"{value!r} is not a number") from None
+        raise JiMengConfigurationError(
+            parameter, f"{value!r} is not a number; allowed: a number >= {minimum:g}"
+        ) from None
     if number < minimum:
         raise JiMengConfigurationError(parameter, f"{value!r} is below the minimum of {minimum:g}")
     return number
@@ -189,18 +192,37 @@ class ImageDownload:
             )
 
     def read(self, size: int = -1) -> bytes:
-        """File-like read, so S3 uploads can consume the body chunk by chunk."""
-        try:
-            chunk = self._response.raw.read(DOWNLOAD_CHUNK_BYTES if size is None or size < 0 else size)
-        except (requests.RequestException, Urllib3Error, OSError) as exc:  # raw reads raise urllib3's errors
-            raise JiMengDownloadInterruptedError(
-                f"download of image {self._label} broke after {self.bytes_read} bytes: {type(exc).__name__}"
-            ) from None
-        if self._deadline is not None and chunk and time.monotonic() > self._deadline:
-            self._response.close()
-            raise JiMengDownloadInterruptedError(
-                f"download of image {self._label} took too long ({self.bytes_read} bytes read); giving up"
-            )
+        """File-like read of ``size`` bytes (fewer only at the end), so S3 uploads can consume the body.
+
+        Reads whatever has arrived (``read1``) until ``size`` bytes are there, checking the deadline in
+        between: a plain ``read(size)`` blocks until all of them arrive, however slowly they trickle.
+        """
+        want = DOWNLOAD_CHUNK_BYTES if size is None or size < 0 else size
+        # urllib3 < 2 has no read1: a plain read then (the deadline is checked between chunks only).
+        read_some = getattr(self._response.raw, "read1", self._response.raw.read)
+        pieces: list[bytes] = []
+        received = 0
+        while received < want:
+            try:
+                piece = read_some(want - received)
+            except (requests.RequestException, Urllib3Error, OSError) as exc:  # raw reads raise urllib3's errors
+                raise JiMengDownloadInterruptedError(
+                    f"download of image {self._label} broke after {self.bytes_read + received} bytes: "
+                    f"{type(exc).__name__}"
+                ) from None
+            if not piece:
+                break
+            pieces.append(piece)
+            received += len(piece)
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                self._response.close()
+                raise JiMengDownloadInterruptedError(
+                    f"download of image {self._label} took too long ({self.bytes_read + received} bytes read); "
+                    "giving up"
+                )
+            if self.bytes_read + received > self._max_bytes:
+                break
+        chunk = b"".join(pieces)
         self.bytes_read += len(chunk)
         if self.bytes_read > self._max_bytes:
             raise JiMengDownloadError(f"image {self._label} exceeds the {self._max_bytes}-byte download cap")
@@ -269,6 +291,7 @@ class JiMengHook(BaseHook):
         self._max_images_per_minute_override = max_images_per_minute
         self._pool_maxsize = pool_maxsize
         self._session: requests.Session | None = None
+        self._downloads: requests.Session | None = None
         self._pacer: ImageRatePacer | None = None
         self._session_lock = threading.Lock()
         self._stop = threading.Event()
@@ -403,13 +426,32 @@ class JiMengHook(BaseHook):
                 self._session = session
             return self._session
 
+    def _download_session(self) -> requests.Session:
+        """A pooled session for image downloads: no API key, no cookies, its own connections.
+
+        Signed URLs carry their own authorisation, so this session never sends the key; reusing its
+        connections saves a TCP (and TLS) handshake and a session set-up per image.
+        """
+        with self._session_lock:
+            if self._downloads is None:
+                session = requests.Session()
+                adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self._pool_maxsize, max_retries=0)
+                session.mount("https://", adapter)
+                session.mount("http://", adapter)
+                session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+                session.headers["User-Agent"] = "airflow-provider-jimeng"
+                self._downloads = session
+            return self._downloads
+
     def close(self) -> None:
         """Stop waiting and retrying, and close pooled connections (in-flight reads then fail)."""
         self._stop.set()
         with self._session_lock:
-            if self._session is not None:
-                self._session.close()
-                self._session = None
+            for session in (self._session, self._downloads):
+                if session is not None:
+                    session.close()
+            self._session = None
+            self._downloads = None
 
     @property
     def stopped(self) -> bool:
@@ -489,8 +531,15 @@ class JiMengHook(BaseHook):
         )
         return self.send(body)
 
-    def send(self, body: Mapping[str, Any]) -> GenerationResult:
-        """Send a validated body, pacing and retrying; the single path every generation takes."""
+    def send(
+        self, body: Mapping[str, Any], *, before_body: Callable[[int | None], None] | None = None
+    ) -> GenerationResult:
+        """Send a validated body, pacing and retrying; the single path every generation takes.
+
+        ``before_body`` is called with the Content-Length (``None`` if unknown) of each successful
+        non-streamed answer before its body is read; it may block, to bound the memory that large
+        ``b64_json`` bodies take (the unread body waits in the socket), or raise to abandon the attempt.
+        """
         images = max_images_billed(body)
         attempt = 0
         while True:
@@ -501,7 +550,7 @@ class JiMengHook(BaseHook):
             if pacer is not None:
                 pacer.acquire(images, stop=self._stop)
             try:
-                return self._send_once(body, attempt)
+                return self._send_once(body, attempt, before_body)
             except JiMengAPIError as error:
                 if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
                     raise
@@ -519,7 +568,9 @@ class JiMengHook(BaseHook):
                 if self._stop.wait(wait):
                     raise
 
-    def _send_once(self, body: Mapping[str, Any], attempt: int) -> GenerationResult:
+    def _send_once(
+        self, body: Mapping[str, Any], attempt: int, before_body: Callable[[int | None], None] | None = None
+    ) -> GenerationResult:
         config = self.config
         client_request_id = uuid.uuid4().hex
         stream = bool(body.get("stream"))
@@ -543,12 +594,30 @@ class JiMengHook(BaseHook):
                 timeout=(config.connect_timeout, config.timeout),
                 # Headers first, body after: if the body breaks off, the server's request id is known.
                 stream=True,
+                # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE / HTTPS_PROXY
+                # in the environment override a session's verify and proxies.
+                verify=config.verify,
+                proxies=config.proxies,
             )
         except requests.Timeout as exc:
             raise JiMengTimeoutError(
                 f"no answer within {config.timeout:g}s ({type(exc).__name__}); the request may still be billed",
                 code="Timeout",
                 request_id=client_request_id,
+            ) from None
+        except requests.exceptions.SSLError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+                raise JiMengTimeoutError(
+                    f"TLS connection to {urlsplit(config.base_url).netloc} failed (SSLError)",
+                    code="ConnectionError",
+                    request_id=client_request_id,
+                ) from None
+            # A certificate that does not verify will not verify on a retry either: say what to fix.
+            raise JiMengConfigurationError(
+                "verify",
+                f"the TLS certificate of {urlsplit(config.base_url).netloc} does not verify (nothing was sent); "
+                "allowed: a host whose certificate chains to a trusted CA, or the connection extra "
+                "verify=<path to a CA bundle> for a private CA",
             ) from None
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             raise JiMengTimeoutError(
@@ -563,6 +632,9 @@ class JiMengHook(BaseHook):
             if stream and response.headers.get("Content-Type", "").startswith("text/event-stream"):
                 result = parse_event_stream(self._stream_lines(response), request_id)
             else:
+                if before_body is not None:
+                    length = response.headers.get("Content-Length", "")
+                    before_body(int(length) if length.isdigit() else None)
                 result = parse_generation(self._json(response, request_id), request_id)
         finally:
             response.close()
@@ -655,7 +727,7 @@ class JiMengHook(BaseHook):
         config = self.config
         try:
             # Signed URLs carry their own authorisation: never send the API key to the storage host.
-            response = requests.get(
+            response = self._download_session().get(
                 url,
                 stream=True,
                 timeout=(config.connect_timeout, config.timeout),
@@ -665,6 +737,14 @@ class JiMengHook(BaseHook):
             )
         except requests.Timeout:
             raise JiMengTimeoutError(f"download of {label} timed out", code="Timeout") from None
+        except requests.exceptions.SSLError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
+                raise JiMengTimeoutError(f"download of {label} failed (SSLError)", code="ConnectionError") from None
+            # Not retried: it would fail the same way. The URL stays valid for a retry once 'verify' is fixed.
+            raise JiMengDownloadInterruptedError(
+                f"download of image {label} refused: the host's TLS certificate does not verify; "
+                "set the connection extra verify=<path to a CA bundle> for a private CA"
+            ) from None
         except requests.ConnectionError as exc:
             raise JiMengTimeoutError(
                 f"download of {label} failed to connect ({type(exc).__name__})", code="ConnectionError"
@@ -710,6 +790,8 @@ class JiMengHook(BaseHook):
                 config.generations_url,
                 data=json.dumps({"model": config.model}).encode("utf-8"),
                 timeout=(config.connect_timeout, min(config.timeout, 30.0)),
+                verify=config.verify,
+                proxies=config.proxies,
             )
         except requests.exceptions.SSLError as exc:
             return (

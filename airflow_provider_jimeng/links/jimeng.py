@@ -32,12 +32,17 @@ class JiMengImagesLink(BaseOperatorLink):
     name = "JiMeng images"
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        from airflow.sdk.execution_time.xcom import XCom
+        # Airflow 3 evaluates links on the worker right after execute: the operator that just ran knows
+        # its first output, and a failed run (no output) must not go looking for an XCom that is not there.
+        if hasattr(operator, "images_link_target"):
+            first = operator.images_link_target
+        else:
+            from airflow.sdk.execution_time.xcom import XCom
 
-        outputs: Any = XCom.get_value(ti_key=ti_key, key="return_value")
-        if not outputs or not isinstance(outputs, list) or not isinstance(outputs[0], str):
+            outputs: Any = XCom.get_value(ti_key=ti_key, key="return_value")
+            first = outputs[0] if isinstance(outputs, list) and outputs else None
+        if not isinstance(first, str) or not first:
             return ""
-        first = outputs[0]
         if not first.startswith("s3://"):
             return first
         return s3_browser_url(first, _endpoint_url(getattr(operator, "aws_conn_id", None)))

@@ -12,11 +12,12 @@ import base64
 import binascii
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import jinja2
 from airflow.sdk import BaseOperator
 
 from airflow_provider_jimeng.api.request import check_prompt, max_images_billed, reference_image_count
@@ -27,12 +28,15 @@ from airflow_provider_jimeng.exceptions import (
     JiMengConfigurationError,
     JiMengContentPolicyError,
     JiMengDownloadError,
+    JiMengDownloadInterruptedError,
     JiMengError,
     JiMengGenerationIncompleteError,
     JiMengInvalidRequestError,
     JiMengQuotaExceededError,
+    JiMengRunAbortedError,
     JiMengStorageError,
 )
+from airflow_provider_jimeng.hooks.budget import ByteBudget
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.storage.s3 import (
@@ -48,6 +52,13 @@ if TYPE_CHECKING:
     from airflow.sdk import Context
 
 ON_PARTIAL_FAILURE = ("fail", "continue")
+#: Memory a b64_json answer takes per byte of body while parsed: the body, its text and the decoded
+#: string coexist, and the C allocator keeps some of it (measured: ~4x the body's Content-Length).
+B64_MEMORY_FACTOR = 4
+#: What an answer or download without Content-Length is assumed to weigh.
+UNKNOWN_BODY_BYTES = 8 * 1024 * 1024
+#: Transient buffers of a streamed download on top of the image (one read chunk, copied once).
+DOWNLOAD_READ_OVERHEAD = 2 * 1024 * 1024
 RESPONSE_FORMATS = ("url", "b64_json")
 #: Errors that no other prompt of the run could escape either: stop submitting work at once.
 _FATAL_ERRORS = (JiMengAuthenticationError, JiMengQuotaExceededError, JiMengConfigurationError)
@@ -64,6 +75,8 @@ class PromptOutcome:
     usage: dict[str, Any] = field(default_factory=dict)
     requests: int = 0
     reused: bool = False
+    #: Paid images not stored yet (S3 failed, download broke off): a retry stores them without paying.
+    incomplete: bool = False
 
 
 def _describe_error(error: BaseException) -> str:
@@ -118,6 +131,9 @@ class JiMengGenerateOperator(BaseOperator):
     template_fields_renderers = {"prompt": "py"}
     ui_color = "#f3e8ff"
     operator_extra_links = (JiMengImagesLink(),)
+    # Threading primitives cannot be deep-copied; Airflow deep-copies operators (DAG.partial_subset, and
+    # Airflow 3.0 when converting a DAG for dag.test()), so these are shared with the copy instead.
+    shallow_copy_attrs: Sequence[str] = ("_stop", "_hook", "_budget")
 
     def __init__(
         self,
@@ -166,11 +182,46 @@ class JiMengGenerateOperator(BaseOperator):
         self.s3_key = s3_key
         self.replace = replace
         self.on_partial_failure = on_partial_failure
-        self.dry_run = dry_run
+        # Shadows BaseOperator.dry_run(), a method Airflow itself never calls.
+        self.dry_run = dry_run  # type: ignore[method-assign,assignment]
         self.max_images_per_task = max_images_per_task
         self.extra_body = extra_body
         self._stop = threading.Event()
+        #: Caps the image bytes in memory (b64_json answers, downloads) whatever N and max_concurrency.
+        self._budget = ByteBudget(stop=self._stop)
         self._hook: JiMengHook | None = None
+        #: The first image of a successful run, for the "JiMeng images" link (``None`` until then).
+        self.images_link_target: str | None = None
+        self._storage_error: JiMengStorageError | None = None
+        self._halted: BaseException | None = None
+
+    # ---------------------------------------------------------------------------------- templating
+    def _do_render_template_fields(
+        self,
+        parent: Any,
+        template_fields: Iterable[str],
+        context: Context,
+        jinja_env: jinja2.Environment,
+        seen_oids: set[int],
+    ) -> None:
+        """Render as Airflow does, field by field, so that a Jinja error names the field it is in.
+
+        Airflow re-raises the bare Jinja error (``'topic' is undefined``) and names the field only in
+        a log line; this is the one method both plain and mapped tasks render through.
+        """
+        if parent is not self:
+            super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+            return
+        for name in template_fields:
+            try:
+                super()._do_render_template_fields(parent, (name,), context, jinja_env, seen_oids)
+            except jinja2.TemplateError as error:
+                raise JiMengConfigurationError(
+                    name,
+                    f"its Jinja template does not render ({type(error).__name__}: {str(error)[:200]}); allowed: "
+                    "a valid template over the task's context, e.g. {{ params.topic }}, {{ ds }} or "
+                    "{{ ti.xcom_pull(task_ids='...') }}, or a prompt file (.txt, .j2, .jinja) next to the DAG",
+                ) from None
 
     # ---------------------------------------------------------------------------------- validation
     def _prompts(self) -> list[str]:
@@ -178,7 +229,9 @@ class JiMengGenerateOperator(BaseOperator):
         prompt = self.prompt
         if prompt is None:
             raise JiMengConfigurationError(
-                "prompt", "rendered to None; did the upstream task push a value (check the XCom key and task id)?"
+                "prompt",
+                "rendered to None; allowed: a string or a list of strings (did the upstream task push a value? "
+                "check the XCom key and task id)",
             )
         if isinstance(prompt, Mapping):
             raise JiMengConfigurationError(
@@ -282,7 +335,7 @@ class JiMengGenerateOperator(BaseOperator):
                 "lower max_images, split the prompts, or raise the limit",
             )
         store = self._open_store(context, planned) if self.s3_bucket else None
-        if self.dry_run:
+        if self.dry_run:  # type: ignore[truthy-function]
             return self._dry_run(bodies, store)
 
         self.log.info(
@@ -339,7 +392,15 @@ class JiMengGenerateOperator(BaseOperator):
         existing = store.existing_keys() if store is not None and not self.replace else {}
         fingerprints = [prompt_fingerprint(body) for body in bodies]
         fatal: BaseException | None = None
+        #: The first S3 failure of the run: once S3 fails, nothing more is generated (paid for).
+        self._storage_error = None
+        #: Set by a generation thread the moment an error stops the run, so that no queued prompt is sent.
+        self._halted = None
         storage_workers = max(2, self.max_concurrency) if store is not None else 1
+        #: Prompts whose record is written: their journals are deleted in one request at the end.
+        self._journals_done: list[int] = []
+        #: Bytes of the budget each generated-but-unstored b64_json answer holds, by prompt.
+        self._charges: dict[int, int] = {}
         with (
             ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="jimeng-generate") as generate_pool,
             ThreadPoolExecutor(storage_workers, thread_name_prefix="jimeng-store") as store_pool,
@@ -368,7 +429,9 @@ class JiMengGenerateOperator(BaseOperator):
                         try:
                             result: GenerationResult = future.result()
                         except BaseException as error:
-                            fatal = fatal or self._record_request_failure(outcomes[index], error, generation)
+                            # Record every failure, also those after the first fatal one (no short-circuit).
+                            stops_run = self._record_request_failure(outcomes[index], error, generation)
+                            fatal = fatal or stops_run
                             continue
                         outcomes[index].requests += 1
                         outcomes[index].usage = result.usage.as_dict()
@@ -387,11 +450,43 @@ class JiMengGenerateOperator(BaseOperator):
                             ] = index
                     else:
                         index = storing.pop(future)
+                        self._budget.release(self._charges.pop(index, 0))
                         try:
                             future.result()
                         except BaseException as error:
+                            outcomes[index].incomplete = True
                             outcomes[index].failures.append(f"prompt {index}: not stored: {_describe_error(error)}")
+                if self._storage_error is not None and fatal is None:
+                    fatal = self._storage_error
+                    cancelled = sum(future.cancel() for future in generation)
+                    self.log.error(
+                        "Stopping: S3 failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
+                        "storage works again",
+                        self._storage_error,
+                        cancelled,
+                    )
+        if store is not None and self._journals_done:
+            store.discard_journals(self._journals_done)
         return outcomes, fatal
+
+    @staticmethod
+    def _journal(fingerprint: str, result: GenerationResult, *, with_data: bool = False) -> dict[str, Any]:
+        """What a retry needs to store a response's images without a new request."""
+        images = []
+        for image in result.succeeded:
+            item: dict[str, Any] = {"index": image.index, "url": image.url, "size": image.size}
+            if with_data and image.b64_json:
+                item["b64_json"] = image.b64_json
+            images.append(item)
+        return {
+            "fingerprint": fingerprint,
+            "written_at": time.time(),
+            "model": result.model,
+            "created": result.created,
+            "request_id": result.request_id,
+            "usage": result.usage.as_dict(),
+            "images": images,
+        }
 
     def _generate(
         self, hook: JiMengHook, store: S3ImageStore | None, index: int, body: dict[str, Any], fingerprint: str
@@ -399,28 +494,46 @@ class JiMengGenerateOperator(BaseOperator):
         """Send one prompt; in ``url`` mode journal the signed URLs at once, before storage even starts.
 
         The journal is what lets a retry store images this try paid for if the process dies now, so
-        it is written on the generation thread (one small object) rather than queued behind uploads.
+        it is written on the generation thread (one small object) rather than queued behind uploads;
+        a refused write also stops the run before this thread pays for its next prompt. A ``b64_json``
+        answer waits for room in the memory budget before its body is read, and holds that room until
+        its images are stored.
         """
-        result = hook.send(body)
+        if self._halted is not None or self._storage_error is not None:
+            # The run stopped while this prompt waited for a free slot: do not pay for it.
+            raise CancelledError
+        charge = 0
+
+        def before_body(length: int | None) -> None:
+            nonlocal charge
+            self._budget.release(charge)  # an earlier attempt's, if it broke off
+            charge = self._budget.acquire(B64_MEMORY_FACTOR * (length or UNKNOWN_BODY_BYTES))
+
+        try:
+            result = hook.send(body, before_body=before_body if self.response_format == "b64_json" else None)
+        except BaseException as error:
+            self._budget.release(charge)
+            if self._is_fatal(error):
+                self._halted = self._halted or error
+            raise
+        self._charges[index] = charge
         if store is not None and any(image.url for image in result.succeeded):
             try:
-                store.write_json(
-                    store.keyspace.journal_key(index),
-                    {
-                        "fingerprint": fingerprint,
-                        "written_at": time.time(),
-                        "model": result.model,
-                        "created": result.created,
-                        "request_id": result.request_id,
-                        "usage": result.usage.as_dict(),
-                        "images": [
-                            {"index": image.index, "url": image.url, "size": image.size} for image in result.succeeded
-                        ],
-                    },
-                )
+                store.write_journal(index, self._journal(fingerprint, result))
             except JiMengStorageError as error:
-                self.log.error("Prompt %d: could not journal its images before storing them: %s", index, error)
+                # write_journal kept a local copy; stop generating more than S3 can take.
+                self._storage_error = self._storage_error or error
+                self.log.error("Prompt %d: could not journal its images in S3: %s", index, error)
         return result
+
+    @staticmethod
+    def _is_fatal(error: BaseException) -> bool:
+        """Whether no other prompt of the run could escape this error (bad key, spending cap, bad request)."""
+        if not isinstance(error, JiMengError):
+            return True
+        return isinstance(error, _FATAL_ERRORS) or (
+            isinstance(error, JiMengInvalidRequestError) and not isinstance(error, JiMengContentPolicyError)
+        )
 
     def _record_request_failure(
         self, outcome: PromptOutcome, error: BaseException, pending: dict[Future[Any], int]
@@ -431,12 +544,7 @@ class JiMengGenerateOperator(BaseOperator):
         outcome.requests += 1
         outcome.failures.append(f"prompt {outcome.prompt_index}: {_describe_error(error)}")
         self.log.error("Prompt %d failed: %s", outcome.prompt_index, _describe_error(error))
-        is_fatal = isinstance(error, _FATAL_ERRORS) or (
-            isinstance(error, JiMengInvalidRequestError) and not isinstance(error, JiMengContentPolicyError)
-        )
-        if not isinstance(error, JiMengError):
-            is_fatal = True
-        if is_fatal:
+        if self._is_fatal(error):
             cancelled = sum(future.cancel() for future in pending)
             if cancelled:
                 self.log.error("Stopping: %d prompt(s) not sent because this error affects every request", cancelled)
@@ -506,31 +614,36 @@ class JiMengGenerateOperator(BaseOperator):
         keyspace = store.keyspace
         if keyspace.record_key(index) in existing:
             record = store.read_json(keyspace.record_key(index))
-            if record and record.get("fingerprint") == fingerprint:
+            same = record is not None and record.get("fingerprint") == fingerprint
+            if record and same and not record.get("images") and record.get("failures"):
+                # Nothing of it was stored (lost at download, or refused by moderation, which is not billed):
+                # generating it again cannot pay twice for anything this task kept.
+                self.log.info("Prompt %d: an earlier try stored none of its images; generating it again", index)
+                return None
+            if record and same:
                 outcome.reused = True
                 outcome.records = list(record.get("images", []))
                 outcome.outputs = [item["uri"] for item in outcome.records]
                 outcome.failures = list(record.get("failures", []))
                 self.log.info("Prompt %d: reusing %d image(s) stored by an earlier try", index, len(outcome.records))
                 return True
-        if keyspace.journal_key(index) in existing:
-            journal = store.read_json(keyspace.journal_key(index))
-            if (
-                journal
-                and journal.get("fingerprint") == fingerprint
-                and time.time() - float(journal.get("written_at", 0)) < JOURNAL_MAX_AGE_SECONDS
-            ):
-                self.log.info("Prompt %d: finishing the storage of an earlier try's images (no new request)", index)
-                result = GenerationResult(
-                    model=journal.get("model"),
-                    created=journal.get("created"),
-                    images=[GeneratedImage(**item) for item in journal.get("images", [])],
-                    usage=Usage.from_json(journal.get("usage") if isinstance(journal.get("usage"), Mapping) else None),
-                    request_id=journal.get("request_id"),
-                )
-                outcome.usage = {"generated_images": 0, "resumed_images": len(result.succeeded)}
-                outcome.reused = True
-                return store_pool.submit(self._store_result, store, body, fingerprint, outcome, result, existing, True)
+        journal = store.read_journal(index, existing)
+        if (
+            journal is not None
+            and journal.get("fingerprint") == fingerprint
+            and time.time() - float(journal.get("written_at", 0)) < JOURNAL_MAX_AGE_SECONDS
+        ):
+            self.log.info("Prompt %d: finishing the storage of an earlier try's images (no new request)", index)
+            result = GenerationResult(
+                model=journal.get("model"),
+                created=journal.get("created"),
+                images=[GeneratedImage(**item) for item in journal.get("images", [])],
+                usage=Usage.from_json(journal.get("usage") if isinstance(journal.get("usage"), Mapping) else None),
+                request_id=journal.get("request_id"),
+            )
+            outcome.usage = {"generated_images": 0, "resumed_images": len(result.succeeded)}
+            outcome.reused = True
+            return store_pool.submit(self._store_result, store, body, fingerprint, outcome, result, existing, True)
         return None
 
     def _store_result(
@@ -548,7 +661,11 @@ class JiMengGenerateOperator(BaseOperator):
         index = outcome.prompt_index
         records: list[dict[str, Any]] = []
         failures = [self._image_failure(index, image, result) for image in result.failed]
-        incomplete = False
+        #: Paid images kept for a retry (their journal stays), one failure line each.
+        unstored: list[str] = []
+        # Once S3 has failed in this run, do not wait on it again for every image.
+        storage_error: JiMengStorageError | None = self._storage_error
+        request_id = result.request_id or "n/a"
         for image in result.succeeded:
             key = keyspace.image_key(index, image.index)
             metadata = {
@@ -560,30 +677,64 @@ class JiMengGenerateOperator(BaseOperator):
                 "airflow-task-id": keyspace.task_id,
                 "airflow-map-index": str(keyspace.map_index),
             }
+            not_stored = f"prompt {index} image {image.index}: not stored (request id {request_id}, kept for a retry)"
+            if storage_error is not None:
+                unstored.append(f"{not_stored}: not attempted after an earlier S3 failure ({storage_error})")
+                continue
             try:
                 if existing and key in existing:
                     head = store.head(key)
                     size_bytes, sha256 = int(head.get("ContentLength", 0)), None
                 else:
                     size_bytes, sha256 = self._store_image(store, key, image, metadata)
-            except JiMengDownloadError as error:
-                failures.append(
-                    f"prompt {index} image {image.index}: ImageLost (request id {result.request_id}): {error}"
-                )
+            except JiMengDownloadInterruptedError as error:
+                unstored.append(f"{not_stored}: {error}")
                 continue
-            except JiMengError as error:
-                incomplete = True
-                failures.append(f"prompt {index} image {image.index}: not stored: {error}")
+            except JiMengDownloadError as error:
+                failures.append(f"prompt {index} image {image.index}: ImageLost (request id {request_id}): {error}")
+                continue
+            except JiMengStorageError as error:
+                storage_error = error
+                unstored.append(f"{not_stored}: {error}")
                 continue
             records.append(
                 self._image_record(index, image, result, store=store, key=key, size_bytes=size_bytes, sha256=sha256)
             )
+        if not unstored:
+            try:
+                self._write_record(store, index, body, fingerprint, result, records, failures)
+            except JiMengStorageError as error:
+                storage_error = error
+                unstored.append(
+                    f"prompt {index}: {len(records)} image(s) stored but not the record (request id {request_id}, "
+                    f"kept for a retry): {error}"
+                )
         outcome.records = records
         outcome.outputs = [record["uri"] for record in records]
-        outcome.failures.extend(failures)
-        if incomplete:
-            # Keep the journal: a retry downloads what is missing instead of paying again.
+        outcome.failures.extend(failures + unstored)
+        if unstored:
+            # Keep the journal (and, when S3 is the problem, a local copy that holds base64 data too):
+            # a retry stores what is missing instead of paying again.
+            outcome.incomplete = True
+            if storage_error is not None:
+                self._storage_error = self._storage_error or storage_error
+                store.save_local_journal(index, self._journal(fingerprint, result, with_data=True))
             return
+        if resumed or any(image.url for image in result.succeeded):
+            self._journals_done.append(index)  # deleted with the others in one request at the end
+
+    @staticmethod
+    def _write_record(
+        store: S3ImageStore,
+        index: int,
+        body: Mapping[str, Any] | None,
+        fingerprint: str,
+        result: GenerationResult,
+        records: list[dict[str, Any]],
+        failures: list[str],
+    ) -> None:
+        """Write a prompt's record: the mark that it is done, with everything needed to audit it."""
+        keyspace = store.keyspace
         store.write_json(
             keyspace.record_key(index),
             {
@@ -605,8 +756,6 @@ class JiMengGenerateOperator(BaseOperator):
                 },
             },
         )
-        if not resumed and any(image.url for image in result.succeeded):
-            store.delete(keyspace.journal_key(index))
 
     def _store_image(
         self, store: S3ImageStore, key: str, image: GeneratedImage, metadata: dict[str, str]
@@ -619,7 +768,11 @@ class JiMengGenerateOperator(BaseOperator):
             return store.upload_bytes(key, data, metadata)
         if self._hook is None or not image.url:
             raise JiMengDownloadError(f"image {image.index} has neither data nor a URL")
-        with self._hook.open_image(image.url) as download:
+        # Headers are in, the body is not: wait for memory there, while the image stays on the server.
+        with (
+            self._hook.open_image(image.url) as download,
+            self._budget.hold((download.content_length or UNKNOWN_BODY_BYTES) + DOWNLOAD_READ_OVERHEAD),
+        ):
             size_bytes, sha256 = store.upload_stream(key, download, metadata)
         return size_bytes, sha256
 
@@ -642,6 +795,9 @@ class JiMengGenerateOperator(BaseOperator):
             "total_tokens": sum(int(o.usage.get("total_tokens") or 0) for o in outcomes),
             "requests": sum(o.requests for o in outcomes),
             "reused_prompts": sum(1 for o in outcomes if o.reused),
+            # What the API pushed back with: 429 answers received, and retries made for any cause.
+            "rate_limited": self._hook.stats["rate_limited"] if self._hook else 0,
+            "retries": self._hook.stats["retries"] if self._hook else 0,
         }
         ti = context["ti"]
         ti.xcom_push(key="images", value=records)
@@ -655,13 +811,31 @@ class JiMengGenerateOperator(BaseOperator):
             usage["generated_images"],
             usage["requests"],
         )
-        if fatal is not None:
+        unstored = [outcome.prompt_index for outcome in outcomes if outcome.incomplete]
+        if unstored:
+            # Whatever on_partial_failure says: succeeding now would leave paid images unstored for good.
+            self.log.error(
+                "Prompt(s) %s: generated and paid for but not stored; a retry of this task stores them "
+                "without a new request",
+                unstored,
+            )
+        if (
+            isinstance(fatal, (JiMengConfigurationError, JiMengInvalidRequestError))
+            and not isinstance(fatal, JiMengContentPolicyError)
+            and not unstored
+        ):
+            # The service called the request itself invalid (unknown model, bad parameter): every try
+            # would send the same request, so do not retry. A bad key or a spending cap can be fixed
+            # between tries, so those keep the task's retries.
+            raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
+        if fatal is not None or unstored:
             raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
         if failures:
             if self.on_partial_failure == "fail":
                 raise JiMengGenerationIncompleteError(failures, stored=len(outputs))
             for failure in failures:
                 self.log.warning("Image not produced: %s", failure)
+        self.images_link_target = outputs[0] if outputs else None
         return outputs
 
     def _emit_asset_events(self, context: Context, store: S3ImageStore, count: int) -> None:
@@ -671,7 +845,7 @@ class JiMengGenerateOperator(BaseOperator):
         outlet_events = context.get("outlet_events")
         if outlet_events is None:
             return
-        extra = {"prefix": store.keyspace.uri(store.keyspace.task_prefix + "/"), "images": count}
+        extra: dict[str, Any] = {"prefix": store.keyspace.uri(store.keyspace.task_prefix + "/"), "images": count}
         for outlet in self.outlets or []:
             if isinstance(outlet, AssetAlias):
                 outlet_events[outlet].add(Asset(extra["prefix"]), extra=extra)

@@ -8,25 +8,44 @@ and honest:
   signed URLs (valid 24 h) so a try that died before storing can still fetch what was paid for;
 * the *record* (``p0000.json``), written once every image of the prompt is stored, marks the prompt
   done and carries its metadata (prompt, model, parameters, request id, usage, Airflow ids).
+
+When S3 itself fails, the journal falls back to a file on the worker (:class:`LocalJournal`, mode
+0600) so a retry that runs on the same machine can still store what was paid for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import mmap
+import os
 import re
 import string
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
+
+log = logging.getLogger(__name__)
 
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
 KEY_TEMPLATE_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "prompt_index", "image_index", "ext")
 IMAGE_CONTENT_TYPE = "image/jpeg"
+#: boto3's default: objects up to this size are uploaded with one PutObject.
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+#: Image buffers this large are mapped from the OS, not malloc'd. Unmapped, they are returned at
+#: once; a malloc'd block of megabytes stays in its thread's arena (glibc raises its mmap and trim
+#: thresholds as large blocks are freed), so a dozen storage threads would keep tens of MiB.
+MAPPED_BUFFER_BYTES = 1024 * 1024
+#: Downloads are read in pieces this small, for the same reason.
+READ_CHUNK_BYTES = 256 * 1024
 #: Journals older than this are not trusted: the signed URLs in them are about to expire.
 JOURNAL_MAX_AGE_SECONDS = 23 * 3600
 
@@ -116,6 +135,33 @@ def prompt_fingerprint(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+def _read_all(stream: Any, length: int) -> bytes | bytearray | mmap.mmap:
+    """Read a stream announced as ``length`` bytes into one buffer, piece by piece (close it after use)."""
+    buffer: bytearray | mmap.mmap = mmap.mmap(-1, length) if length >= MAPPED_BUFFER_BYTES else bytearray(length)
+    filled = 0
+    while chunk := stream.read(READ_CHUNK_BYTES):
+        end = filled + len(chunk)
+        if end > length:  # more than announced (a decoded Content-Encoding): finish in a growing buffer
+            grown = bytearray(buffer[:filled])
+            grown += chunk
+            while chunk := stream.read(READ_CHUNK_BYTES):
+                grown += chunk
+            _close(buffer)
+            return grown
+        buffer[filled:end] = chunk
+        filled = end
+    if filled < length:
+        short = bytes(buffer[:filled])
+        _close(buffer)
+        return short
+    return buffer
+
+
+def _close(buffer: object) -> None:
+    if isinstance(buffer, mmap.mmap):
+        buffer.close()
+
+
 class HashingReader:
     """Wrap a readable stream, hashing and counting what passes through (for streamed uploads)."""
 
@@ -136,19 +182,66 @@ class HashingReader:
 
 
 def _describe(error: Exception) -> str:
+    """The S3 error code (with S3's request id when there is one), else the exception's class name."""
     response = getattr(error, "response", None)
     if isinstance(response, Mapping):
         code = response.get("Error", {}).get("Code")
+        request_id = (response.get("ResponseMetadata") or {}).get("RequestId")
         if code:
-            return str(code)
+            return f"{code} (S3 request id {request_id})" if request_id else str(code)
     return type(error).__name__
+
+
+class LocalJournal:
+    """Journals on the worker's disk, for when S3 cannot take them (outage, access denied, no bucket).
+
+    One file per prompt, named by a hash of the S3 journal's URI, in a per-user directory of the
+    system temp dir (``0700``; files ``0600``: they hold signed URLs or image data). Best effort: it
+    helps when the retry runs on the same machine (LocalExecutor, a Celery worker, ``dag.test``), not
+    when every try gets a fresh container.
+    """
+
+    def __init__(self, keyspace: TaskKeyspace, directory: Path | None = None) -> None:
+        self.keyspace = keyspace
+        uid = getattr(os, "getuid", lambda: 0)()
+        self.directory = directory or Path(tempfile.gettempdir()) / f"airflow-provider-jimeng-{uid}" / "journal"
+
+    def path(self, prompt_index: int) -> Path:
+        uri = self.keyspace.uri(self.keyspace.journal_key(prompt_index))
+        return self.directory / f"{hashlib.sha256(uri.encode()).hexdigest()[:40]}.json"
+
+    def write(self, prompt_index: int, data: Mapping[str, Any]) -> Path | None:
+        path = self.path(prompt_index)
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, ensure_ascii=False, default=str)
+            os.replace(partial, path)
+        except OSError as error:
+            log.error("Could not write a local journal for prompt %d either: %s", prompt_index, type(error).__name__)
+            return None
+        return path
+
+    def read(self, prompt_index: int) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.path(prompt_index).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def delete(self, prompt_index: int) -> None:
+        with contextlib.suppress(OSError):
+            self.path(prompt_index).unlink()
 
 
 class S3ImageStore:
     """Reads and writes one task's objects through the amazon provider's ``S3Hook`` client."""
 
-    def __init__(self, s3_hook: Any, keyspace: TaskKeyspace) -> None:
+    def __init__(self, s3_hook: Any, keyspace: TaskKeyspace, local_journal: LocalJournal | None = None) -> None:
         self.keyspace = keyspace
+        self.local_journal = local_journal or LocalJournal(keyspace)
         self._hook = s3_hook
         self._client = s3_hook.get_conn()  # boto3 clients are thread-safe; one serves every worker
         self._extra_args: dict[str, Any] = dict(getattr(s3_hook, "extra_args", {}) or {})
@@ -204,6 +297,59 @@ class S3ImageStore:
         except Exception as error:
             raise self._fail("deleting", key, error) from None
 
+    # ---------------------------------------------------------------------------------- journals
+    def write_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
+        """Journal a prompt's generated images in S3; if S3 fails, on local disk, then raise the S3 error."""
+        try:
+            self.write_json(self.keyspace.journal_key(prompt_index), data)
+        except JiMengStorageError:
+            self.save_local_journal(prompt_index, data)
+            raise
+
+    def save_local_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
+        where = self.local_journal.write(prompt_index, data)
+        if where is not None:
+            log.warning(
+                "Prompt %d: S3 failed; its generated image(s) are journaled on this machine (%s) for a retry",
+                prompt_index,
+                where,
+            )
+
+    def read_journal(self, prompt_index: int, existing: Mapping[str, int]) -> dict[str, Any] | None:
+        """An earlier try's journal: the one in S3, else the local fallback (``None`` if neither)."""
+        if self.keyspace.journal_key(prompt_index) in existing:
+            journal = self.read_json(self.keyspace.journal_key(prompt_index))
+            if journal is not None:
+                return journal
+        return self.local_journal.read(prompt_index)
+
+    def discard_journal(self, prompt_index: int) -> None:
+        """Drop a prompt's journals once its record is written; a failure here loses nothing."""
+        self.local_journal.delete(prompt_index)
+        try:
+            self.delete(self.keyspace.journal_key(prompt_index))
+        except JiMengStorageError as error:
+            # The record, read first on a retry, supersedes the journal: only tidiness is lost.
+            log.warning("Prompt %d: could not delete its journal: %s", prompt_index, error)
+
+    def discard_journals(self, prompt_indexes: list[int]) -> None:
+        """Drop the journals of prompts whose records are written: one request per 1,000 prompts."""
+        keys = []
+        for index in prompt_indexes:
+            self.local_journal.delete(index)
+            keys.append({"Key": self.keyspace.journal_key(index)})
+        for start in range(0, len(keys), 1000):
+            try:
+                answer = self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
+                )
+                errors = answer.get("Errors") or []
+            except Exception as error:
+                errors = [{"Code": _describe(error)}]
+            if errors:
+                # Records, read first on a retry, supersede journals: only tidiness is lost.
+                log.warning("Could not delete %d journal(s): %s", len(errors), errors[0].get("Code"))
+
     def head(self, key: str) -> dict[str, Any]:
         try:
             return dict(self._client.head_object(Bucket=self.bucket, Key=key))
@@ -211,7 +357,23 @@ class S3ImageStore:
             raise self._fail("inspecting", key, error) from None
 
     def upload_stream(self, key: str, stream: Any, metadata: Mapping[str, str]) -> tuple[int, str]:
-        """Stream an image into S3 chunk by chunk; returns (bytes, sha256)."""
+        """Upload an image from a readable stream; returns (bytes, sha256).
+
+        A stream of known length up to the multipart threshold (8 MiB unless the connection says
+        otherwise) is read into one buffer and sent with a single PutObject: S3 needs its length and
+        checksum before the body, so a managed transfer would buffer it all the same, and would add a
+        thread pool per upload. Larger or unsized streams go through a managed transfer in parts.
+        """
+        length = getattr(stream, "content_length", None)
+        threshold = getattr(self._transfer_config, "multipart_threshold", None) or MULTIPART_THRESHOLD
+        if isinstance(length, int) and length <= threshold:
+            data = _read_all(stream, length)
+            try:
+                digest = getattr(stream, "sha256", None)
+                self._put_image(key, data, metadata)
+                return len(data), digest if isinstance(digest, str) else hashlib.sha256(data).hexdigest()
+            finally:
+                _close(data)
         reader = HashingReader(stream)
         extra = {**self._extra_args, "ContentType": IMAGE_CONTENT_TYPE, "Metadata": dict(metadata)}
         try:
@@ -226,6 +388,10 @@ class S3ImageStore:
         return reader.bytes_read, reader.sha256
 
     def upload_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> tuple[int, str]:
+        self._put_image(key, data, metadata)
+        return len(data), hashlib.sha256(data).hexdigest()
+
+    def _put_image(self, key: str, data: bytes | bytearray | mmap.mmap, metadata: Mapping[str, str]) -> None:
         try:
             self._client.put_object(
                 Bucket=self.bucket,
@@ -237,4 +403,3 @@ class S3ImageStore:
             )
         except Exception as error:
             raise self._fail("uploading", key, error) from None
-        return len(data), hashlib.sha256(data).hexdigest()

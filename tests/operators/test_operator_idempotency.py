@@ -206,3 +206,15 @@ def test_an_s3_outage_keeps_paid_images_in_a_local_journal_for_the_rerun(
         assert [bucket.json(f"{prefix}/p{index:04d}.json")["prompt"] for index in range(3)] == prompts
         assert bucket.keys(f"{prefix}/_pending/") == []
         assert again.log("gen").count("no new request") == 3
+
+
+def test_invalid_input_fails_at_once_without_spending_the_task_retries(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    """A bad size fails every try alike: the task fails on try 1 (AirflowFailException), nothing is sent."""
+    run = run_dag(jimeng_test_generate.retry_dag, {"prompts": PROMPTS, "bucket": bucket.name, "size": "3K"})
+
+    assert run.state == "failed"
+    assert run.try_number("gen") == 1, "configuration errors are not retried"
+    assert "size" in run.log("gen")
+    assert emulator.request_count == 0

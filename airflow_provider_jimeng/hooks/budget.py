@@ -1,0 +1,72 @@
+"""Where image bytes held in memory are bounded: :class:`ByteBudget`.
+
+A 4K image weighs megabytes (a third more as base64), and a run may generate hundreds. Image data is
+in the worker's memory only between its arrival (a ``b64_json`` answer, a download) and its upload to
+S3; a byte budget shared by every thread of a run caps that sum. A thread that would exceed it waits
+*before* reading a body, so the bytes stay in the kernel's socket buffers meanwhile. Memory then
+depends on the budget, not on the number of prompts or on ``max_concurrency``.
+
+The cap is soft: a body waits at most ``timeout`` seconds, then is read anyway, because it was paid
+for and a server does not hold an unread answer forever; an image larger than the whole budget
+waits until nothing else is held, then goes alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: Image bytes one run may hold at once: room for several 4K images, far more than 1K/2K need.
+DEFAULT_IMAGE_MEMORY_BYTES = 32 * 1024 * 1024
+#: The longest a body waits for memory before it is read regardless.
+DEFAULT_WAIT_SECONDS = 30.0
+
+
+class ByteBudget:
+    """A weighted semaphore in bytes, shared by the threads of one run."""
+
+    def __init__(self, capacity: int = DEFAULT_IMAGE_MEMORY_BYTES, stop: threading.Event | None = None) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self.used = 0
+        #: For reports: the most ever held, and how often a thread waited or went over the cap.
+        self.peak = 0
+        self.waits = 0
+        self.overdrawn = 0
+        self._stop = stop
+        self._condition = threading.Condition()
+
+    def acquire(self, amount: int, timeout: float = DEFAULT_WAIT_SECONDS) -> int:
+        """Take ``amount`` bytes, waiting while they do not fit (at most ``timeout`` s); returns the amount."""
+        amount = max(0, int(amount))
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            if self.used and self.used + amount > self.capacity:
+                self.waits += 1
+            while self.used and self.used + amount > self.capacity:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self._stop is not None and self._stop.is_set()):
+                    self.overdrawn += 1
+                    break
+                self._condition.wait(min(remaining, 0.5))
+            self.used += amount
+            self.peak = max(self.peak, self.used)
+        return amount
+
+    def release(self, amount: int) -> None:
+        if amount <= 0:
+            return
+        with self._condition:
+            self.used = max(0, self.used - amount)
+            self._condition.notify_all()
+
+    @contextmanager
+    def hold(self, amount: int, timeout: float = DEFAULT_WAIT_SECONDS) -> Iterator[int]:
+        taken = self.acquire(amount, timeout)
+        try:
+            yield taken
+        finally:
+            self.release(taken)
