@@ -26,6 +26,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengContentPolicyError,
     JiMengError,
     JiMengGenerationIncompleteError,
+    JiMengRunAbortedError,
     JiMengInvalidRequestError,
     JiMengQuotaExceededError,
     JiMengRateLimitError,
@@ -421,6 +422,7 @@ _SPECIAL_ERRORS: dict[type[JiMengError], JiMengError] = {
     JiMengGenerationIncompleteError: JiMengGenerationIncompleteError(
         ["image 1: OutputImageSensitiveContentDetected"], stored=2
     ),
+    JiMengRunAbortedError: JiMengRunAbortedError(["prompt 0: InvalidEndpointOrModel.NotFound"], stored=0),
 }
 
 
