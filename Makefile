@@ -28,7 +28,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --output demo-output
 
+# The bench extra (matplotlib, for the scaling plot) goes into the same venv on demand.
 bench: $(STAMP)
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python -m bench
 
 lint: $(STAMP)

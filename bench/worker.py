@@ -1,0 +1,250 @@
+"""Measured workloads in a worker process: ``python -m bench.worker LOG_PATH``, specs on stdin.
+
+The harness starts a fresh worker per measurement, which keeps runs from inheriting each other's
+heap, thread pools and connection pools and gives an honest RSS baseline (``--quick`` reuses one
+worker for every run, to stay fast). Before its first run of a workload the worker runs it once on
+one image (imports, connection lookup, botocore's service model, first connections); for each spec
+it then prints ``READY`` and waits for ``go`` so that the harness can reset the emulator's counters
+and rate limit, measures exactly one run and prints ``RESULT`` with the numbers as JSON.
+
+The operator runs through ``JiMengGenerateOperator.execute(context)`` with a minimal but real
+context (a task instance that records XComs): the execute path a worker runs, without the
+scheduler, the supervisor and the metadata database, which cost the same whatever the operator does.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import gc
+import json
+import logging
+import pstats
+import resource
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+READY = "BENCH-WORKER-READY"
+_WARMED_UP: set[str] = set()
+RESULT = "BENCH-WORKER-RESULT "
+MODEL = "doubao-seedream-4-0-250828"
+
+
+def prompt_text(index: int) -> str:
+    """Deterministic prompts: the emulator's render cache then serves repeated runs."""
+    return f"bench prompt {index}: a lighthouse on a cliff at dusk, watercolour"
+
+
+@dataclass
+class BenchTaskInstance:
+    """What the operator reads from ``context["ti"]``: ids for its keys, and ``xcom_push``."""
+
+    dag_id: str
+    run_id: str
+    task_id: str = "generate"
+    map_index: int = -1
+    xcoms: dict[str, Any] = field(default_factory=dict)
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcoms[key] = value
+
+
+class MemoryProbe:
+    """Peak RSS of this process from a chosen moment on.
+
+    Linux resets the peak (``VmHWM``) when ``5`` is written to ``/proc/self/clear_refs``; where that
+    is refused, a thread samples ``VmRSS`` every 5 ms instead (and may miss short spikes).
+    """
+
+    def __init__(self) -> None:
+        self.method = "VmHWM after clear_refs"
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _status(field_name: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+    def rss(self) -> int:
+        return self._status("VmRSS")
+
+    def start(self) -> int:
+        """Reset the peak and return the current RSS (the baseline)."""
+        gc.collect()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.method = "VmRSS sampled every 5 ms"
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        baseline = self.rss()
+        self._peak = baseline
+        return baseline
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._peak = max(self._peak, self.rss())
+
+    def peak(self) -> int:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            return max(self._peak, self.rss())
+        return self._status("VmHWM")
+
+
+class ThreadProfiler:
+    """cProfile of CPU time for every thread started from now on, plus this one (cProfile sees one thread).
+
+    Only for finding where time goes (``--profile``): it slows the measured run several-fold.
+    """
+
+    def __init__(self) -> None:
+        self._profiles: list[cProfile.Profile] = []
+        self._lock = threading.Lock()
+
+    def _install(self, *_: Any) -> None:
+        sys.setprofile(None)
+        profile = cProfile.Profile(time.thread_time)  # CPU time of the profiled thread, not wall time
+        with self._lock:
+            self._profiles.append(profile)
+        profile.enable()
+
+    def start(self) -> None:
+        threading.setprofile(self._install)
+        self._install()
+
+    def dump(self, path: str) -> None:
+        threading.setprofile(None)
+        with self._lock:
+            main, *others = self._profiles
+        stats = pstats.Stats(*others, main) if others else pstats.Stats(main)
+        stats.dump_stats(path)
+
+
+def _operator_run(spec: dict[str, Any], prompts: list[str], label: str) -> dict[str, Any]:
+    from airflow_provider_jimeng.exceptions import JiMengGenerationIncompleteError
+    from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+
+    operator = JiMengGenerateOperator(
+        task_id="generate",
+        prompt=prompts,
+        jimeng_conn_id=spec["jimeng_conn_id"],
+        aws_conn_id=spec["aws_conn_id"],
+        s3_bucket=spec["bucket"] if spec["storage"] else None,
+        s3_key_prefix="bench",
+        size=spec["size"],
+        response_format=spec["response_format"],
+        max_concurrency=spec["max_concurrency"],
+        max_images_per_minute=spec.get("max_images_per_minute"),
+    )
+    ti = BenchTaskInstance(dag_id="bench", run_id=label)
+    error = None
+    try:
+        outputs = operator.execute({"ti": ti})  # type: ignore[typeddict-item]  # a stand-in task instance
+    except JiMengGenerationIncompleteError as exc:
+        outputs, error = [], f"{type(exc).__name__}: {str(exc)[:300]}"
+    stored = sum(int(record.get("bytes") or 0) for record in ti.xcoms.get("images", []))
+    return {"outputs": len(outputs), "error": error, "usage": ti.xcoms.get("usage", {}), "image_bytes": stored}
+
+
+def _naive_run(spec: dict[str, Any], prompts: list[str], label: str) -> dict[str, Any]:
+    """What a user writes in a PythonOperator: one prompt at a time, download, put into S3."""
+    import requests
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    from airflow_provider_jimeng.version_compat import BaseHook
+
+    conn = BaseHook.get_connection(spec["jimeng_conn_id"])
+    s3 = S3Hook(aws_conn_id=spec["aws_conn_id"]).get_conn()
+    headers = {"Authorization": f"Bearer {conn.password}"}
+    stored = 0
+    for index, prompt in enumerate(prompts):
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "size": spec["size"],
+            "response_format": "url",
+            "watermark": True,
+        }
+        response = requests.post(f"{conn.host}/images/generations", json=body, headers=headers, timeout=300)
+        response.raise_for_status()
+        image = requests.get(response.json()["data"][0]["url"], timeout=300)
+        image.raise_for_status()
+        stored += len(image.content)
+        s3.put_object(
+            Bucket=spec["bucket"],
+            Key=f"naive/{label}/{index:04d}.jpeg",
+            Body=image.content,
+            ContentType="image/jpeg",
+        )
+    return {"outputs": len(prompts), "error": None, "usage": {"generated_images": len(prompts)}, "image_bytes": stored}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    """Warm up, wait for the harness's ``go``, measure one run; returns the measurement."""
+    workload = _operator_run if spec["kind"] == "operator" else _naive_run
+    label = spec["label"]
+    if spec["kind"] not in _WARMED_UP:  # once per workload and process (a --quick worker serves many runs)
+        workload({**spec, "max_images_per_minute": None}, ["bench warm-up image"], f"{label}-warmup")
+        _WARMED_UP.add(spec["kind"])
+    probe = MemoryProbe()
+    print(READY, flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("the harness did not say go")
+    prompts = [prompt_text(index) for index in range(spec["n"])]
+    baseline = probe.start()
+    usage_before = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    profiler = ThreadProfiler() if spec.get("profile") else None
+    if profiler is not None:
+        profiler.start()
+    outcome = workload(spec, prompts, label)
+    wall = time.perf_counter() - started
+    if profiler is not None:
+        profiler.dump(spec["profile"])
+    cpu = time.process_time() - cpu_before
+    usage_after = resource.getrusage(resource.RUSAGE_SELF)
+    peak = probe.peak()
+    return {
+        **outcome,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "user_s": usage_after.ru_utime - usage_before.ru_utime,
+        "system_s": usage_after.ru_stime - usage_before.ru_stime,
+        "rss_baseline_mib": baseline / 2**20,
+        "rss_peak_mib": peak / 2**20,
+        "rss_growth_mib": (peak - baseline) / 2**20,
+        "rss_method": probe.method,
+        "voluntary_switches": usage_after.ru_nvcsw - usage_before.ru_nvcsw,
+        "involuntary_switches": usage_after.ru_nivcsw - usage_before.ru_nivcsw,
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Serve specs from stdin, one JSON object a line, until stdin closes."""
+    (log_path,) = argv
+    # The operator's own lines go through Airflow's structlog set-up to stdout (the harness keeps
+    # them in a file), as formatted as in a task; plain stdlib loggers (botocore, urllib3) to LOG_PATH.
+    import airflow_provider_jimeng.operators.jimeng  # noqa: F401
+
+    logging.basicConfig(
+        filename=log_path, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s", force=True
+    )
+    for line in sys.stdin:
+        if line.strip():
+            result = run(json.loads(line))
+            print(RESULT + json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
