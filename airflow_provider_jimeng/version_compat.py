@@ -7,15 +7,27 @@ from typing import TYPE_CHECKING
 from airflow import __version__ as AIRFLOW_VERSION
 from packaging.version import Version
 
-AIRFLOW_V_3_1_PLUS = Version(Version(AIRFLOW_VERSION).base_version) >= Version("3.1.0")
+_base_version = Version(Version(AIRFLOW_VERSION).base_version)
+AIRFLOW_V_3_1_PLUS = _base_version >= Version("3.1.0")
+AIRFLOW_V_3_2_PLUS = _base_version >= Version("3.2.0")
 
 if TYPE_CHECKING or AIRFLOW_V_3_1_PLUS:
     from airflow.sdk import BaseHook
-    from airflow.sdk.exceptions import AirflowFailException
     from airflow.sdk.log import mask_secret
 else:  # Airflow 3.0 kept these outside the Task SDK's public surface.
-    from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
     from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
     from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
 
-__all__ = ["AIRFLOW_VERSION", "AIRFLOW_V_3_1_PLUS", "AirflowFailException", "BaseHook", "mask_secret"]
+if TYPE_CHECKING or AIRFLOW_V_3_2_PLUS:
+    from airflow.sdk.exceptions import AirflowFailException
+else:  # Airflow 3.0 and 3.1: only in core (3.2 moved it to the Task SDK, deprecating the old name).
+    from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
+
+__all__ = [
+    "AIRFLOW_VERSION",
+    "AIRFLOW_V_3_1_PLUS",
+    "AIRFLOW_V_3_2_PLUS",
+    "AirflowFailException",
+    "BaseHook",
+    "mask_secret",
+]

@@ -15,7 +15,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # dag.test() finds DAGs by parsing the DAGs folder: expose the examples and the test DAGs there.
 DAGS_FOLDER = Path(_AIRFLOW_HOME) / "dags"
 DAGS_FOLDER.mkdir()
-for _source in [*sorted((REPO_ROOT / "dags_examples").glob("*.py")), *sorted((REPO_ROOT / "tests" / "dags").glob("*.py"))]:
+_DAG_SOURCES = [
+    *sorted((REPO_ROOT / "dags_examples").glob("*.py")),
+    *sorted((REPO_ROOT / "tests" / "dags").glob("*.py")),
+]
+for _source in _DAG_SOURCES:
     if not _source.name.startswith("_"):
         (DAGS_FOLDER / _source.name).symlink_to(_source)
 os.environ.update(
@@ -44,10 +48,13 @@ from airflow_provider_jimeng.testing import (  # noqa: E402
     aws_connection_json,
     jimeng_connection_json,
 )
+from tests.compat import install_dag_test_shims  # noqa: E402
+
+install_dag_test_shims()
 
 
 @pytest.fixture
-def jimeng_conn(jimeng_emulator: JiMengEmulator, monkeypatch: pytest.MonkeyPatch) -> JiMengEmulator:
+def jimeng_conn(jimeng_emulator: JiMengEmulator, monkeypatch: pytest.MonkeyPatch) -> JiMengEmulator:  # noqa: F811
     """``jimeng_default`` pointing at a fresh emulator; returns the emulator for its ledger and knobs."""
     monkeypatch.setenv("AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(jimeng_emulator.base_url))
     return jimeng_emulator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,9 @@ def test_providers_manager_serves_the_form_behaviour() -> None:
     manager = _providers_manager()
     if not hasattr(manager, "field_behaviours"):
         pytest.skip("this Airflow release has no ProvidersManager.field_behaviours")
+    if "jimeng" not in manager.field_behaviours and importlib.util.find_spec("wtforms") is None:
+        # Airflow < 3.2 reads form behaviour from the hook, inside a block that imports wtforms first.
+        pytest.skip("this Airflow reads form behaviour from hooks only with wtforms (the FAB provider) installed")
     behaviour = manager.field_behaviours["jimeng"]
     assert {"login", "schema", "port"} <= set(behaviour["hidden_fields"])
     assert behaviour["relabeling"]["password"] == "API Key"

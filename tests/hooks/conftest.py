@@ -84,7 +84,13 @@ class CapturedLogs:
 
     @property
     def hook_events(self) -> list[dict[str, Any]]:
-        return list(self.capture.entries)
+        # Airflow 3.1+ hooks log through structlog; Airflow 3.0's BaseHook logs through stdlib logging.
+        stdlib = [
+            {"event": record.getMessage(), "log_level": record.levelname.lower()}
+            for record in self.caplog.records
+            if record.name.endswith(".JiMengHook")
+        ]
+        return list(self.capture.entries) + stdlib
 
     @property
     def messages(self) -> list[str]:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from airflow.providers.common.compat.sdk import redact  # redact moved between Airflow 3.0, 3.1 and 3.2
 
 from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
@@ -17,7 +18,6 @@ from airflow_provider_jimeng.hooks.jimeng import (
     JiMengConnectionConfig,
     JiMengHook,
 )
-from airflow_provider_jimeng.version_compat import redact
 
 KEY = "sk-config-test-key-0042"
 GATEWAY = "https://gw.example.com/v1"

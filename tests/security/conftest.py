@@ -61,6 +61,7 @@ def unmasked(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     for module in (
         "airflow.sdk._shared.secrets_masker.secrets_masker",
         "airflow._shared.secrets_masker.secrets_masker",
+        "airflow.sdk.execution_time.secrets_masker",  # Airflow 3.0 (later releases re-export the class above)
     ):
         with contextlib.suppress(ImportError, AttributeError):
             masker_class = __import__(module, fromlist=["SecretsMasker"]).SecretsMasker
