@@ -1,0 +1,96 @@
+"""A real Airflow on loopback for the browser tests: API server, scheduler, DAG processor, emulator.
+
+Opt-in: these tests run only with ``JIMENG_E2E=1`` (``make e2e`` sets it), because starting Airflow
+takes most of a minute on two cores. The browser is the Debian ``chromium`` package driven by
+Playwright; ``playwright install`` (a browser download) is never needed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.stack import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    EMULATOR_API_KEY,
+    REPO_ROOT,
+    STARTUP_TIMEOUT,
+    AirflowStack,
+    free_port,
+    stack_env,
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if os.environ.get("JIMENG_E2E") == "1":
+        return
+    skip = pytest.mark.skip(reason="browser end-to-end test; opt in with `make e2e` (JIMENG_E2E=1)")
+    for item in items:
+        if "e2e" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def airflow_stack() -> Iterator[AirflowStack]:
+    """The emulator and Airflow 3 (API server, scheduler, DAG processor) on loopback, healthy."""
+    home = Path(tempfile.mkdtemp(prefix="jimeng-e2e-airflow-"))
+    (home / "logs").mkdir()
+    dags = home / "dags"
+    dags.mkdir()
+    (dags / "jimeng_hello.py").symlink_to(REPO_ROOT / "dags_examples" / "jimeng_hello.py")
+    api_port, emulator_port = free_port(), free_port()
+    stack = AirflowStack(home=home, api_port=api_port, emulator_port=emulator_port, env=stack_env(home, api_port))
+    started = time.monotonic()
+    try:
+        stack.start(
+            "emulator",
+            "airflow_provider_jimeng.emulator",
+            "--port",
+            str(emulator_port),
+            "--api-key",
+            EMULATOR_API_KEY,
+        )
+        stack.run("db-migrate", "airflow", "db", "migrate")
+        stack.timings["db migrate"] = time.monotonic() - started
+        stack.start("api-server", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(api_port))
+        stack.start("scheduler", "airflow", "scheduler")
+        stack.start("dag-processor", "airflow", "dag-processor")
+        stack.wait_for("Airflow healthy", stack.healthy, STARTUP_TIMEOUT)
+        stack.wait_for("DAG jimeng_hello parsed", lambda: stack.api("dags/jimeng_hello")["dag_id"], STARTUP_TIMEOUT)
+        stack.timings["stack ready"] = time.monotonic() - started
+        yield stack
+    finally:
+        stack.stop()
+        if os.environ.get("JIMENG_E2E_KEEP") != "1":
+            shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright (no browser download)."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="install the e2e extra: pip install -e '.[e2e]'")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium chromium-driver (make e2e does this)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="session")
+def screenshot_dir() -> Path:
+    """Where screenshots go: ``JIMENG_E2E_SCREENSHOT_DIR`` (``make e2e``: docs/img), else a temp dir."""
+    configured = os.environ.get("JIMENG_E2E_SCREENSHOT_DIR")
+    directory = (REPO_ROOT / configured) if configured else Path(tempfile.mkdtemp(prefix="jimeng-e2e-shots-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory

@@ -1,0 +1,164 @@
+"""The provider as a person meets it: the connection form, a run of the hello DAG, the extra link.
+
+One test walks the whole path in a real browser against a real Airflow on loopback, because each
+step needs the one before it (the DAG uses the connection the form created).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_provider_jimeng.hooks.connection_form import CONNECTION_EXTRAS, UI_FIELD_BEHAVIOUR
+from tests.e2e.stack import EMULATOR_API_KEY, AirflowStack
+
+# Starting Airflow alone takes most of a minute on two cores; the whole path stays well under 5 minutes.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+CONN_ID = "jimeng_default"
+DAG_ID = "jimeng_hello"
+RUN_TIMEOUT = 180.0
+#: The labels Airflow would show for fields this connection type hides.
+HIDDEN_LABELS = {"login": "Login", "schema": "Schema", "port": "Port"}
+
+
+def _open_connection_form(page: Any, stack: AirflowStack) -> Any:
+    page.goto(f"{stack.base_url}/connections")
+    page.get_by_role("button", name="Add Connection").click()
+    dialog = page.get_by_role("dialog")
+    dialog.get_by_label("Connection ID").fill(CONN_ID)
+    connection_type = dialog.get_by_role("combobox")
+    connection_type.click()
+    connection_type.fill("JiMeng")
+    page.get_by_role("option", name="JiMeng (Seedream)").click()
+    return dialog
+
+
+def _check_standard_fields(dialog: Any) -> None:
+    """Host and password are relabelled, with placeholders; login, schema and port are gone."""
+    relabelling = UI_FIELD_BEHAVIOUR["relabeling"]
+    assert relabelling == {"host": "Base URL", "password": "API Key"}
+    base_url = dialog.get_by_label("Base URL", exact=True)
+    api_key = dialog.get_by_label("API Key", exact=True)
+    base_url.wait_for()
+    assert base_url.get_attribute("placeholder") == UI_FIELD_BEHAVIOUR["placeholders"]["host"]
+    assert api_key.get_attribute("placeholder") == UI_FIELD_BEHAVIOUR["placeholders"]["password"]
+    assert api_key.get_attribute("type") == "password"
+    for field in UI_FIELD_BEHAVIOUR["hidden_fields"]:
+        label = HIDDEN_LABELS[field]
+        assert dialog.get_by_label(label, exact=True).count() == 0, f"{label} should be hidden"
+    for original in ("Host", "Password"):
+        assert dialog.get_by_label(original, exact=True).count() == 0, f"{original} should be relabelled"
+
+
+def _check_extra_fields(dialog: Any) -> None:
+    """Every extra in connection_form.CONNECTION_EXTRAS, with its label, help text and kind of input."""
+    dialog.get_by_role("button", name="Extra Fields", exact=True).click()
+    for name, spec in CONNECTION_EXTRAS.items():
+        control = dialog.locator(f"[name='element_{name}']")
+        control.wait_for(state="attached")
+        label = dialog.get_by_text(spec["label"], exact=True)
+        assert label.is_visible(), f"extra {name!r}: label {spec['label']!r} not shown"
+        assert dialog.get_by_text(spec["description"], exact=True).is_visible(), f"extra {name!r}: no help text"
+        if spec["schema"]["type"] == ["boolean", "null"]:
+            assert control.get_attribute("type") == "checkbox", f"extra {name!r} should be a switch"
+
+
+def _switch_on(dialog: Any, name: str) -> None:
+    # Chakra draws the switch over a visually hidden checkbox: click the drawn control.
+    control = dialog.locator(f"input[name='element_{name}']")
+    dialog.locator(f"label[data-scope='switch']:has(input[name='element_{name}'])").click()
+    assert control.is_checked()
+
+
+def _wait_for_run(stack: AirflowStack, run_id: str) -> str:
+    run_path = urllib.parse.quote(run_id, safe="")
+
+    def finished() -> str | None:
+        state = stack.api(f"dags/{DAG_ID}/dagRuns/{run_path}")["state"]
+        return state if state in ("success", "failed") else None
+
+    state: str = stack.wait_for(f"run {run_id}", finished, RUN_TIMEOUT, interval=2.0)
+    if state != "success":
+        instances = stack.api(f"dags/{DAG_ID}/dagRuns/{run_path}/taskInstances")["task_instances"]
+        summary = {ti["task_id"]: ti["state"] for ti in instances}
+        pytest.fail(f"{DAG_ID} run {run_id} ended {state}: {summary}\n{stack.diagnostics()}")
+    return state
+
+
+def test_connection_form_hello_run_and_images_link(
+    browser: Any, airflow_stack: AirflowStack, screenshot_dir: Path
+) -> None:
+    stack = airflow_stack
+    timings = dict(stack.timings)
+    started = time.monotonic()
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(30_000)
+
+    # 1. The connection form for type jimeng: relabelled, hidden and extra fields.
+    dialog = _open_connection_form(page, stack)
+    _check_standard_fields(dialog)
+    dialog.get_by_label("Base URL", exact=True).fill(stack.emulator_base_url)
+    dialog.get_by_label("API Key", exact=True).fill(EMULATOR_API_KEY)
+    dialog.get_by_label("Description", exact=True).fill("JiMeng emulator on loopback (end-to-end test)")
+    dialog.screenshot(path=str(screenshot_dir / "ui-connection-form.png"))
+    page.set_viewport_size({"width": 1280, "height": 1900})  # the extras are a long list
+    _check_extra_fields(dialog)
+    _switch_on(dialog, "allow_http")
+    dialog.screenshot(path=str(screenshot_dir / "ui-connection-extras.png"))
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+    # 2. Create it; what was saved is what the form said.
+    dialog.get_by_role("button", name="Save").click()
+    page.get_by_text("Connection has been successfully created.").wait_for()
+    saved = stack.api(f"connections/{CONN_ID}")
+    assert saved["conn_type"] == "jimeng"
+    assert saved["host"] == stack.emulator_base_url
+    assert (saved["login"], saved["schema"], saved["port"]) == (None, None, None)
+    extra = json.loads(saved["extra"])
+    assert extra["allow_http"] is True
+    timings["connection form"] = time.monotonic() - started
+
+    # 3. Trigger the hello DAG from its page, with the default params.
+    page.goto(f"{stack.base_url}/dags/{DAG_ID}")
+    page.get_by_role("button", name="Trigger").first.click()
+    page.get_by_role("dialog").get_by_role("button", name="Trigger").click()
+    run_id = stack.wait_for(
+        "the triggered run",
+        lambda: (stack.api(f"dags/{DAG_ID}/dagRuns?order_by=-run_after&limit=1")["dag_runs"] or [{}])[0]["dag_run_id"],
+        30,
+    )
+    page.goto("about:blank")  # the grid polls the API: keep SQLite and the CPU free for the run
+    triggered = time.monotonic()
+    _wait_for_run(stack, run_id)
+    timings["hello run"] = time.monotonic() - triggered
+
+    # 4. The finished task's "JiMeng images" link is the first image on the emulator.
+    run_path = urllib.parse.quote(run_id, safe="")
+    page.goto(f"{stack.base_url}/dags/{DAG_ID}/runs/{run_path}/tasks/generate/details")
+    link = page.get_by_role("link", name="JiMeng images")
+    link.wait_for()
+    href = link.get_attribute("href")
+    urls = stack.task_api(DAG_ID, run_id, "generate", "/xcomEntries/return_value")["value"]
+    assert href == urls[0]
+    assert href.startswith(f"{stack.emulator_root}/tos/"), href
+    assert urllib.parse.urlsplit(href).path.endswith(".jpeg"), href
+    with urllib.request.urlopen(href, timeout=10) as response:
+        assert response.headers["Content-Type"] == "image/jpeg"
+        assert response.read(3) == b"\xff\xd8\xff"  # a JPEG
+    link.hover()
+    page.screenshot(path=str(screenshot_dir / "ui-extra-link.png"))
+    with page.context.expect_page() as opened:  # the link opens in a new tab: follow it like a person
+        link.click()
+    image_tab = opened.value
+    image_tab.wait_for_load_state()
+    assert image_tab.url == href
+    image_tab.screenshot(path=str(screenshot_dir / "ui-extra-link-image.png"))
+    timings["total in browser"] = time.monotonic() - started
+    print("e2e timings (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
