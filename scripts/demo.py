@@ -154,7 +154,9 @@ def run_pipeline(size: str, output: Path, real: tuple[str, str] | None) -> dict[
         module = load_dag_module(Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]) / f"{DAG_ID}.py")
         for task in module.dag.tasks:
             task.retries = 0  # report a failure now rather than after the DAG's retry delays
-        activate_assets(module.dag)
+        from airflow_provider_jimeng.testing import activate_dag_assets
+
+        activate_dag_assets(module.dag)
         dag_run = module.dag.test(run_conf={"bucket": BUCKET, "prefix": PREFIX, "size": size})
         result: dict[str, Any] = {
             "backend": backend,
@@ -167,25 +169,6 @@ def run_pipeline(size: str, output: Path, real: tuple[str, str] | None) -> dict[
             keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])]
             result["saved"] = save_gallery(s3, keys, output)
         return result
-
-
-def activate_assets(dag: Any) -> None:
-    """Airflow 3.0's dag.test() never registers the DAG's assets, so a task with an asset outlet fails
-    as "inactive" (apache/airflow#51644); later releases sync the DAG, assets included, first."""
-    from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
-
-    if AIRFLOW_V_3_1_PLUS:
-        return
-    from airflow.dag_processing.collection import AssetModelOperation
-    from airflow.serialization.serialized_objects import SerializedDAG
-    from airflow.utils.session import create_session
-
-    scheduler_dag = SerializedDAG.deserialize_dag(SerializedDAG.serialize_dag(dag))
-    with create_session() as session:
-        assets = AssetModelOperation.collect({dag.dag_id: scheduler_dag})
-        models = assets.sync_assets(session=session)
-        session.flush()  # the active-asset rows reference the asset rows
-        assets.activate_assets_if_possible(models.values(), session=session)
 
 
 def load_dag_module(path: Path) -> Any:

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
+from airflow_provider_jimeng.testing import activate_dag_assets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -53,28 +54,9 @@ def load_example(name: str) -> ModuleType:
     return module
 
 
-def activate_assets(dag: Any) -> None:
-    """Airflow 3.0's dag.test() never registers the DAG's assets, so a task with an asset outlet fails
-    as "inactive" (apache/airflow#51644); later releases sync the DAG, assets included, first."""
-    from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
-
-    if AIRFLOW_V_3_1_PLUS:
-        return
-    from airflow.dag_processing.collection import AssetModelOperation
-    from airflow.serialization.serialized_objects import SerializedDAG
-    from airflow.utils.session import create_session
-
-    scheduler_dag = SerializedDAG.deserialize_dag(SerializedDAG.serialize_dag(dag))
-    with create_session() as session:
-        assets = AssetModelOperation.collect({dag.dag_id: scheduler_dag})
-        models = assets.sync_assets(session=session)
-        session.flush()  # the active-asset rows reference the asset rows
-        assets.activate_assets_if_possible(models.values(), session=session)
-
-
 def run_example(name: str, **conf: Any) -> Any:
     dag = load_example(name).dag
-    activate_assets(dag)
+    activate_dag_assets(dag)
     dag_run = dag.test(run_conf=conf)
     failed = {f"{ti.task_id}[{ti.map_index}]": ti.state for ti in dag_run.get_task_instances() if ti.state != "success"}
     assert dag_run.state == "success", f"{name} ended {dag_run.state}; tasks not successful: {failed}"
