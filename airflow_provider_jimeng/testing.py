@@ -148,11 +148,12 @@ def activate_dag_assets(dag: Any) -> None:
 
     if AIRFLOW_V_3_1_PLUS:
         return
+    # Airflow 3.0 only (type-checked against a later release, where these moved).
     from airflow.dag_processing.collection import AssetModelOperation
-    from airflow.serialization.serialized_objects import SerializedDAG
+    from airflow.serialization.serialized_objects import SerializedDAG  # type: ignore[attr-defined]
     from airflow.utils.session import create_session
 
-    scheduler_dag = SerializedDAG.deserialize_dag(SerializedDAG.serialize_dag(dag))
+    scheduler_dag = SerializedDAG.deserialize_dag(SerializedDAG.serialize_dag(dag))  # type: ignore[attr-defined]
     with create_session() as session:
         assets = AssetModelOperation.collect({dag.dag_id: scheduler_dag})
         models = assets.sync_assets(session=session)

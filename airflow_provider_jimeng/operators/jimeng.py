@@ -39,6 +39,7 @@ from airflow_provider_jimeng.exceptions import (
 from airflow_provider_jimeng.hooks.budget import ByteBudget
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
+from airflow_provider_jimeng.storage.journal import JournalWriter
 from airflow_provider_jimeng.storage.s3 import (
     JOURNAL_MAX_AGE_SECONDS,
     S3ImageStore,
@@ -77,6 +78,8 @@ class PromptOutcome:
     reused: bool = False
     #: Paid images not stored yet (S3 failed, download broke off): a retry stores them without paying.
     incomplete: bool = False
+    #: The prompt's entry of ``records.json`` once it is finished (stored, or reused from an earlier try).
+    record: dict[str, Any] | None = None
 
 
 def _describe_error(error: BaseException) -> str:
@@ -389,95 +392,145 @@ class JiMengGenerateOperator(BaseOperator):
         self, hook: JiMengHook, bodies: list[dict[str, Any]], store: S3ImageStore | None
     ) -> tuple[list[PromptOutcome], BaseException | None]:
         outcomes = [PromptOutcome(prompt_index=index) for index in range(len(bodies))]
-        existing = store.existing_keys() if store is not None and not self.replace else {}
         fingerprints = [prompt_fingerprint(body) for body in bodies]
         fatal: BaseException | None = None
         #: The first S3 failure of the run: once S3 fails, nothing more is generated (paid for).
         self._storage_error = None
         #: Set by a generation thread the moment an error stops the run, so that no queued prompt is sent.
         self._halted = None
-        storage_workers = max(2, self.max_concurrency) if store is not None else 1
-        #: Prompts whose record is written: their journals are deleted in one request at the end.
-        self._journals_done: list[int] = []
         #: Bytes of the budget each generated-but-unstored b64_json answer holds, by prompt.
         self._charges: dict[int, int] = {}
-        with (
-            ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="jimeng-generate") as generate_pool,
-            ThreadPoolExecutor(storage_workers, thread_name_prefix="jimeng-store") as store_pool,
-        ):
-            generation: dict[Future[Any], int] = {}
-            storing: dict[Future[Any], int] = {}
-            for index, body in enumerate(bodies):
-                if store is not None and not self.replace:
-                    resumed = self._resume(
-                        store, index, body, fingerprints[index], existing, outcomes[index], store_pool
-                    )
-                    if resumed is not None:
-                        if isinstance(resumed, Future):
-                            storing[resumed] = index
-                        continue
-                generation[generate_pool.submit(self._generate, hook, store, index, body, fingerprints[index])] = index
-
-            while generation or storing:
-                done, _ = wait([*generation, *storing], timeout=1.0, return_when=FIRST_COMPLETED)
-                if self._stop.is_set():
-                    for future in generation:
-                        future.cancel()
-                for future in done:
-                    if future in generation:
-                        index = generation.pop(future)
-                        try:
-                            result: GenerationResult = future.result()
-                        except BaseException as error:
-                            # Record every failure, also those after the first fatal one (no short-circuit).
-                            stops_run = self._record_request_failure(outcomes[index], error, generation)
-                            fatal = fatal or stops_run
+        existing: dict[str, int] = {}
+        earlier_records: dict[int, dict[str, Any]] = {}
+        earlier_journals: dict[int, dict[str, Any]] = {}
+        journal_objects: dict[str, set[int]] = {}
+        if store is not None and not self.replace:
+            existing = store.existing_keys()
+            earlier_records = store.read_records(existing)
+            earlier_journals, journal_objects = store.read_journals(existing)
+        self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure) if store is not None else None
+        storage_workers = max(2, self.max_concurrency) if store is not None else 1
+        try:
+            with (
+                ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="jimeng-generate") as generate_pool,
+                ThreadPoolExecutor(storage_workers, thread_name_prefix="jimeng-store") as store_pool,
+            ):
+                generation: dict[Future[Any], int] = {}
+                storing: dict[Future[Any], int] = {}
+                for index, body in enumerate(bodies):
+                    if store is not None and not self.replace:
+                        resumed = self._resume(
+                            store,
+                            index,
+                            fingerprints[index],
+                            earlier_records.get(index),
+                            store.read_journal(index, earlier_journals),
+                            existing,
+                            outcomes[index],
+                        )
+                        if isinstance(resumed, tuple):
+                            storing[store_pool.submit(self._store_result, store, body, *resumed)] = index
+                        if resumed is not None:
                             continue
-                        outcomes[index].requests += 1
-                        outcomes[index].usage = result.usage.as_dict()
-                        if store is None:
-                            self._keep_urls(outcomes[index], result)
-                        else:
-                            storing[
-                                store_pool.submit(
+                    future = generate_pool.submit(self._generate, hook, store, index, body, fingerprints[index])
+                    generation[future] = index
+
+                while generation or storing:
+                    done, _ = wait([*generation, *storing], timeout=1.0, return_when=FIRST_COMPLETED)
+                    if self._stop.is_set():
+                        for future in generation:
+                            future.cancel()
+                    for future in done:
+                        if future in generation:
+                            index = generation.pop(future)
+                            try:
+                                result: GenerationResult = future.result()
+                            except BaseException as error:
+                                # Record every failure, also those after the first fatal one (no short-circuit).
+                                stops_run = self._record_request_failure(outcomes[index], error, generation)
+                                fatal = fatal or stops_run
+                                continue
+                            outcomes[index].requests += 1
+                            outcomes[index].usage = result.usage.as_dict()
+                            if store is None:
+                                self._keep_urls(outcomes[index], result)
+                            else:
+                                task = store_pool.submit(
                                     self._store_result,
                                     store,
                                     bodies[index],
                                     fingerprints[index],
                                     outcomes[index],
                                     result,
+                                    result.succeeded,
                                 )
-                            ] = index
-                    else:
-                        index = storing.pop(future)
-                        self._budget.release(self._charges.pop(index, 0))
-                        try:
-                            future.result()
-                        except BaseException as error:
-                            outcomes[index].incomplete = True
-                            outcomes[index].failures.append(f"prompt {index}: not stored: {_describe_error(error)}")
-                if self._storage_error is not None and fatal is None:
-                    fatal = self._storage_error
-                    cancelled = sum(future.cancel() for future in generation)
-                    self.log.error(
-                        "Stopping: S3 failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
-                        "storage works again",
-                        self._storage_error,
-                        cancelled,
-                    )
-        if store is not None and self._journals_done:
-            store.discard_journals(self._journals_done)
+                                storing[task] = index
+                        else:
+                            index = storing.pop(future)
+                            self._budget.release(self._charges.pop(index, 0))
+                            try:
+                                future.result()
+                            except BaseException as error:
+                                outcomes[index].incomplete = True
+                                outcomes[index].failures.append(f"prompt {index}: not stored: {_describe_error(error)}")
+                    if self._storage_error is not None and fatal is None:
+                        fatal = self._storage_error
+                        cancelled = sum(future.cancel() for future in generation)
+                        self.log.error(
+                            "Stopping: S3 failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
+                            "storage works again",
+                            self._storage_error,
+                            cancelled,
+                        )
+        finally:
+            if self._journal_writer is not None:
+                self._journal_writer.close()
+        if store is not None:
+            fatal = self._write_records(store, outcomes, journal_objects) or fatal
         return outcomes, fatal
+
+    def _on_storage_failure(self, error: JiMengStorageError) -> None:
+        """Stop paying for prompts S3 cannot take (called by the journal writer)."""
+        self._storage_error = self._storage_error or error
+
+    def _write_records(
+        self, store: S3ImageStore, outcomes: list[PromptOutcome], earlier_journals: dict[str, set[int]]
+    ) -> JiMengStorageError | None:
+        """Write ``records.json``, then drop the journals it supersedes; a refused write keeps them all."""
+        records = [outcome.record for outcome in outcomes if outcome.record is not None]
+        if not records:
+            return None
+        try:
+            store.write_records(records)
+        except JiMengStorageError as error:
+            self._storage_error = self._storage_error or error
+            for outcome in outcomes:
+                if outcome.record is not None and not outcome.reused:
+                    outcome.failures.append(
+                        f"prompt {outcome.prompt_index}: {len(outcome.records)} image(s) stored but not its record "
+                        f"(kept for a retry, which needs no new request): {error}"
+                    )
+                    outcome.incomplete = True
+            return error
+        finished = {outcome.prompt_index for outcome in outcomes if outcome.record is not None}
+        written = self._journal_writer.written if self._journal_writer is not None else {}
+        superseded = [key for key, prompts in {**earlier_journals, **written}.items() if prompts <= finished]
+        store.discard_journals(superseded, sorted(finished))
+        return None
 
     @staticmethod
     def _journal(fingerprint: str, result: GenerationResult, *, with_data: bool = False) -> dict[str, Any]:
-        """What a retry needs to store a response's images without a new request."""
+        """What a retry needs to finish a response's images without a new request (base64 data only locally)."""
         images = []
         for image in result.succeeded:
             item: dict[str, Any] = {"index": image.index, "url": image.url, "size": image.size}
             if with_data and image.b64_json:
                 item["b64_json"] = image.b64_json
             images.append(item)
+        failed = [
+            {"index": image.index, "error_code": image.error_code, "error_message": image.error_message}
+            for image in result.failed
+        ]
         return {
             "fingerprint": fingerprint,
             "written_at": time.time(),
@@ -486,18 +539,18 @@ class JiMengGenerateOperator(BaseOperator):
             "request_id": result.request_id,
             "usage": result.usage.as_dict(),
             "images": images,
+            "failed": failed,
         }
 
     def _generate(
         self, hook: JiMengHook, store: S3ImageStore | None, index: int, body: dict[str, Any], fingerprint: str
     ) -> GenerationResult:
-        """Send one prompt; in ``url`` mode journal the signed URLs at once, before storage even starts.
+        """Send one prompt and hand its journal entry to the journal writer, before storage even starts.
 
-        The journal is what lets a retry store images this try paid for if the process dies now, so
-        it is written on the generation thread (one small object) rather than queued behind uploads;
-        a refused write also stops the run before this thread pays for its next prompt. A ``b64_json``
-        answer waits for room in the memory budget before its body is read, and holds that room until
-        its images are stored.
+        The journal is what lets a retry finish images this try paid for if the process dies now; the
+        writer batches it off this thread, which goes on to its next prompt at once. A refused journal
+        write stops the run before further prompts are sent. A ``b64_json`` answer waits for room in
+        the memory budget before its body is read, and holds that room until its images are stored.
         """
         if self._halted is not None or self._storage_error is not None:
             # The run stopped while this prompt waited for a free slot: do not pay for it.
@@ -517,13 +570,8 @@ class JiMengGenerateOperator(BaseOperator):
                 self._halted = self._halted or error
             raise
         self._charges[index] = charge
-        if store is not None and any(image.url for image in result.succeeded):
-            try:
-                store.write_journal(index, self._journal(fingerprint, result))
-            except JiMengStorageError as error:
-                # write_journal kept a local copy; stop generating more than S3 can take.
-                self._storage_error = self._storage_error or error
-                self.log.error("Prompt %d: could not journal its images in S3: %s", index, error)
+        if self._journal_writer is not None and result.succeeded:
+            self._journal_writer.add(index, self._journal(fingerprint, result))
         return result
 
     @staticmethod
@@ -604,47 +652,55 @@ class JiMengGenerateOperator(BaseOperator):
         self,
         store: S3ImageStore,
         index: int,
-        body: dict[str, Any],
         fingerprint: str,
-        existing: dict[str, int],
+        record: Mapping[str, Any] | None,
+        journal: Mapping[str, Any] | None,
+        existing: Mapping[str, int],
         outcome: PromptOutcome,
-        store_pool: ThreadPoolExecutor,
-    ) -> Future[Any] | bool | None:
-        """Reuse what an earlier try stored; ``None`` means the prompt must be generated."""
-        keyspace = store.keyspace
-        if keyspace.record_key(index) in existing:
-            record = store.read_json(keyspace.record_key(index))
-            same = record is not None and record.get("fingerprint") == fingerprint
-            if record and same and not record.get("images") and record.get("failures"):
+    ) -> tuple[str, PromptOutcome, GenerationResult, list[GeneratedImage], Mapping[str, int]] | bool | None:
+        """Reuse what an earlier try stored: ``True`` (all done), the arguments of ``_store_result`` for the
+        images still to store from a journal (no new request), or ``None`` (the prompt must be generated)."""
+        if record is not None and record.get("fingerprint") == fingerprint:
+            if not record.get("images") and record.get("failures"):
                 # Nothing of it was stored (lost at download, or refused by moderation, which is not billed):
                 # generating it again cannot pay twice for anything this task kept.
                 self.log.info("Prompt %d: an earlier try stored none of its images; generating it again", index)
                 return None
-            if record and same:
-                outcome.reused = True
-                outcome.records = list(record.get("images", []))
-                outcome.outputs = [item["uri"] for item in outcome.records]
-                outcome.failures = list(record.get("failures", []))
-                self.log.info("Prompt %d: reusing %d image(s) stored by an earlier try", index, len(outcome.records))
-                return True
-        journal = store.read_journal(index, existing)
-        if (
-            journal is not None
-            and journal.get("fingerprint") == fingerprint
-            and time.time() - float(journal.get("written_at", 0)) < JOURNAL_MAX_AGE_SECONDS
-        ):
-            self.log.info("Prompt %d: finishing the storage of an earlier try's images (no new request)", index)
-            result = GenerationResult(
-                model=journal.get("model"),
-                created=journal.get("created"),
-                images=[GeneratedImage(**item) for item in journal.get("images", [])],
-                usage=Usage.from_json(journal.get("usage") if isinstance(journal.get("usage"), Mapping) else None),
-                request_id=journal.get("request_id"),
-            )
-            outcome.usage = {"generated_images": 0, "resumed_images": len(result.succeeded)}
             outcome.reused = True
-            return store_pool.submit(self._store_result, store, body, fingerprint, outcome, result, existing, True)
-        return None
+            outcome.record = dict(record)
+            outcome.records = list(record.get("images", []))
+            outcome.outputs = [item["uri"] for item in outcome.records]
+            outcome.failures = list(record.get("failures", []))
+            self.log.info("Prompt %d: reusing %d image(s) stored by an earlier try", index, len(outcome.records))
+            return True
+        if journal is None or journal.get("fingerprint") != fingerprint:
+            return None
+        images = [
+            GeneratedImage(
+                index=int(item["index"]), url=item.get("url"), b64_json=item.get("b64_json"), size=item.get("size")
+            )
+            for item in journal.get("images", [])
+        ]
+        missing = [image for image in images if store.keyspace.image_key(index, image.index) not in existing]
+        fresh = time.time() - float(journal.get("written_at", 0)) < JOURNAL_MAX_AGE_SECONDS
+        if not all(image.b64_json or (fresh and image.url) for image in missing):
+            return None  # what is missing cannot be fetched any more (expired URLs, or base64 data lost)
+        self.log.info(
+            "Prompt %d: finishing the storage of an earlier try's images (no new request): %d to download",
+            index,
+            len(missing),
+        )
+        failed = [GeneratedImage(**item) for item in journal.get("failed", [])]
+        result = GenerationResult(
+            model=journal.get("model"),
+            created=journal.get("created"),
+            images=[*images, *failed],
+            usage=Usage.from_json(journal.get("usage") if isinstance(journal.get("usage"), Mapping) else None),
+            request_id=journal.get("request_id"),
+        )
+        outcome.usage = {"generated_images": 0, "resumed_images": len(images)}
+        outcome.reused = True
+        return fingerprint, outcome, result, images, existing
 
     def _store_result(
         self,
@@ -653,10 +709,11 @@ class JiMengGenerateOperator(BaseOperator):
         fingerprint: str,
         outcome: PromptOutcome,
         result: GenerationResult,
+        images: list[GeneratedImage],
         existing: Mapping[str, int] | None = None,
-        resumed: bool = False,
     ) -> None:
-        """Store every image of one response, then write the prompt's record (the completion mark)."""
+        """Store ``images`` of one response (those in ``existing`` are checked, not stored again), then
+        make the prompt's record; ``records.json`` is written once for the whole run."""
         keyspace = store.keyspace
         index = outcome.prompt_index
         records: list[dict[str, Any]] = []
@@ -666,7 +723,7 @@ class JiMengGenerateOperator(BaseOperator):
         # Once S3 has failed in this run, do not wait on it again for every image.
         storage_error: JiMengStorageError | None = self._storage_error
         request_id = result.request_id or "n/a"
-        for image in result.succeeded:
+        for image in images:
             key = keyspace.image_key(index, image.index)
             metadata = {
                 "jimeng-request-id": str(result.request_id or ""),
@@ -682,10 +739,11 @@ class JiMengGenerateOperator(BaseOperator):
                 unstored.append(f"{not_stored}: not attempted after an earlier S3 failure ({storage_error})")
                 continue
             try:
-                if existing and key in existing:
-                    head = store.head(key)
+                head = store.head(key) if existing and key in existing else None
+                stored_by = (head or {}).get("Metadata", {}).get("jimeng-request-id")
+                if head is not None and stored_by == metadata["jimeng-request-id"]:
                     size_bytes, sha256 = int(head.get("ContentLength", 0)), None
-                else:
+                else:  # not stored yet, or an older answer's image under the same key
                     size_bytes, sha256 = self._store_image(store, key, image, metadata)
             except JiMengDownloadInterruptedError as error:
                 unstored.append(f"{not_stored}: {error}")
@@ -700,15 +758,6 @@ class JiMengGenerateOperator(BaseOperator):
             records.append(
                 self._image_record(index, image, result, store=store, key=key, size_bytes=size_bytes, sha256=sha256)
             )
-        if not unstored:
-            try:
-                self._write_record(store, index, body, fingerprint, result, records, failures)
-            except JiMengStorageError as error:
-                storage_error = error
-                unstored.append(
-                    f"prompt {index}: {len(records)} image(s) stored but not the record (request id {request_id}, "
-                    f"kept for a retry): {error}"
-                )
         outcome.records = records
         outcome.outputs = [record["uri"] for record in records]
         outcome.failures.extend(failures + unstored)
@@ -720,11 +769,10 @@ class JiMengGenerateOperator(BaseOperator):
                 self._storage_error = self._storage_error or storage_error
                 store.save_local_journal(index, self._journal(fingerprint, result, with_data=True))
             return
-        if resumed or any(image.url for image in result.succeeded):
-            self._journals_done.append(index)  # deleted with the others in one request at the end
+        outcome.record = self._prompt_record(store, index, body, fingerprint, result, records, failures)
 
     @staticmethod
-    def _write_record(
+    def _prompt_record(
         store: S3ImageStore,
         index: int,
         body: Mapping[str, Any] | None,
@@ -732,30 +780,21 @@ class JiMengGenerateOperator(BaseOperator):
         result: GenerationResult,
         records: list[dict[str, Any]],
         failures: list[str],
-    ) -> None:
-        """Write a prompt's record: the mark that it is done, with everything needed to audit it."""
-        keyspace = store.keyspace
-        store.write_json(
-            keyspace.record_key(index),
-            {
-                "fingerprint": fingerprint,
-                "prompt": body.get("prompt") if body else None,
-                "parameters": {k: v for k, v in (body or {}).items() if k not in ("prompt", "image")},
-                "reference_images": reference_image_count(body or {}),
-                "model": result.model,
-                "created": result.created,
-                "request_id": result.request_id,
-                "usage": result.usage.as_dict(),
-                "images": records,
-                "failures": failures,
-                "airflow": {
-                    "dag_id": keyspace.dag_id,
-                    "run_id": keyspace.run_id,
-                    "task_id": keyspace.task_id,
-                    "map_index": keyspace.map_index,
-                },
-            },
-        )
+    ) -> dict[str, Any]:
+        """A prompt's entry of ``records.json``: that it is done, with everything needed to audit it."""
+        return {
+            "prompt_index": index,
+            "fingerprint": fingerprint,
+            "prompt": body.get("prompt") if body else None,
+            "parameters": {k: v for k, v in (body or {}).items() if k not in ("prompt", "image")},
+            "reference_images": reference_image_count(body or {}),
+            "model": result.model,
+            "created": result.created,
+            "request_id": result.request_id,
+            "usage": result.usage.as_dict(),
+            "images": records,
+            "failures": failures,
+        }
 
     def _store_image(
         self, store: S3ImageStore, key: str, image: GeneratedImage, metadata: dict[str, str]

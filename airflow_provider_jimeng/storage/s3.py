@@ -1,15 +1,19 @@
-"""Where images are stored: deterministic S3 keys, streamed uploads, and per-prompt records.
+"""Where images are stored: deterministic S3 keys, streamed uploads, records and journals.
 
 Keys depend only on the DAG, run, task, map index, prompt index and image index, so a retried or
-cleared task finds what an earlier try stored. Two small JSON objects per prompt make retries cheap
-and honest:
+cleared task finds what an earlier try stored. Two kinds of small JSON objects make retries cheap
+and honest, each written once per batch of prompts, never once per prompt (an S3 request costs more
+client CPU than the rest of an image's handling):
 
-* the *journal* (``_pending/p0000.json``), written right after generation in ``url`` mode, keeps the
-  signed URLs (valid 24 h) so a try that died before storing can still fetch what was paid for;
-* the *record* (``p0000.json``), written once every image of the prompt is stored, marks the prompt
-  done and carries its metadata (prompt, model, parameters, request id, usage, Airflow ids).
+* *journals* (``_pending/<try>-<seq>.json``), written by :class:`~.journal.JournalWriter` off the
+  generation threads as answers arrive, say what was paid for: request id, usage, image indexes and,
+  in ``url`` mode, the signed URLs (valid 24 h) so a try that died before storing can still fetch
+  them. They are deleted once ``records.json`` covers their prompts.
+* ``records.json``, written at the end of each try, holds one record per finished prompt (prompt,
+  parameters, model, request id, usage, stored images, failures, Airflow ids): the audit trail, and
+  what the next try reuses without a request.
 
-When S3 itself fails, the journal falls back to a file on the worker (:class:`LocalJournal`, mode
+When S3 itself fails, a journal falls back to a file on the worker (:class:`LocalJournal`, mode
 0600) so a retry that runs on the same machine can still store what was paid for.
 """
 
@@ -119,11 +123,16 @@ class TaskKeyspace:
             ).lstrip("/")
         return f"{self.task_prefix}/p{prompt_index:04d}_i{image_index:02d}.jpeg"
 
-    def record_key(self, prompt_index: int) -> str:
-        return f"{self.task_prefix}/p{prompt_index:04d}.json"
+    @property
+    def records_key(self) -> str:
+        return f"{self.task_prefix}/records.json"
 
-    def journal_key(self, prompt_index: int) -> str:
-        return f"{self.task_prefix}/_pending/p{prompt_index:04d}.json"
+    @property
+    def journal_prefix(self) -> str:
+        return f"{self.task_prefix}/_pending/"
+
+    def journal_key(self, batch: str) -> str:
+        return f"{self.journal_prefix}{batch}.json"
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
@@ -195,7 +204,7 @@ def _describe(error: Exception) -> str:
 class LocalJournal:
     """Journals on the worker's disk, for when S3 cannot take them (outage, access denied, no bucket).
 
-    One file per prompt, named by a hash of the S3 journal's URI, in a per-user directory of the
+    One file per prompt, named by a hash of the task prefix and prompt index, in a per-user directory of the
     system temp dir (``0700``; files ``0600``: they hold signed URLs or image data). Best effort: it
     helps when the retry runs on the same machine (LocalExecutor, a Celery worker, ``dag.test``), not
     when every try gets a fresh container.
@@ -207,7 +216,7 @@ class LocalJournal:
         self.directory = directory or Path(tempfile.gettempdir()) / f"airflow-provider-jimeng-{uid}" / "journal"
 
     def path(self, prompt_index: int) -> Path:
-        uri = self.keyspace.uri(self.keyspace.journal_key(prompt_index))
+        uri = self.keyspace.uri(f"{self.keyspace.journal_prefix}p{prompt_index:04d}")
         return self.directory / f"{hashlib.sha256(uri.encode()).hexdigest()[:40]}.json"
 
     def write(self, prompt_index: int, data: Mapping[str, Any]) -> Path | None:
@@ -297,16 +306,63 @@ class S3ImageStore:
         except Exception as error:
             raise self._fail("deleting", key, error) from None
 
-    # ---------------------------------------------------------------------------------- journals
-    def write_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
-        """Journal a prompt's generated images in S3; if S3 fails, on local disk, then raise the S3 error."""
-        try:
-            self.write_json(self.keyspace.journal_key(prompt_index), data)
-        except JiMengStorageError:
-            self.save_local_journal(prompt_index, data)
-            raise
+    # ------------------------------------------------------------------------- records and journals
+    def read_records(self, existing: Mapping[str, int]) -> dict[int, dict[str, Any]]:
+        """The records an earlier try wrote, by prompt index (empty if it wrote none)."""
+        if self.keyspace.records_key not in existing:
+            return {}
+        data = self.read_json(self.keyspace.records_key) or {}
+        prompts = data.get("prompts")
+        return {
+            int(entry["prompt_index"]): entry
+            for entry in (prompts if isinstance(prompts, list) else [])
+            if isinstance(entry, dict) and isinstance(entry.get("prompt_index"), int)
+        }
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        keyspace = self.keyspace
+        self.write_json(
+            keyspace.records_key,
+            {
+                "airflow": {
+                    "dag_id": keyspace.dag_id,
+                    "run_id": keyspace.run_id,
+                    "task_id": keyspace.task_id,
+                    "map_index": keyspace.map_index,
+                },
+                "prompts": records,
+            },
+        )
+
+    def read_journals(self, existing: Mapping[str, int]) -> tuple[dict[int, dict[str, Any]], dict[str, set[int]]]:
+        """Earlier tries' journal entries by prompt (the newest wins), and which prompts each object holds."""
+        entries: dict[int, dict[str, Any]] = {}
+        objects: dict[str, set[int]] = {}
+        for key in sorted(key for key in existing if key.startswith(self.keyspace.journal_prefix)):
+            batch = self.read_json(key) or {}
+            prompts = batch.get("prompts") if isinstance(batch.get("prompts"), dict) else {}
+            objects[key] = set()
+            for index_text, entry in (prompts or {}).items():
+                if not (isinstance(entry, dict) and str(index_text).isdigit()):
+                    continue
+                index = int(index_text)
+                objects[key].add(index)
+                if float(entry.get("written_at", 0)) >= float(entries.get(index, {}).get("written_at", 0)):
+                    entries[index] = entry
+        return entries, objects
+
+    def read_journal(self, prompt_index: int, entries: Mapping[int, dict[str, Any]]) -> dict[str, Any] | None:
+        """A prompt's journal entry: from S3 (``entries``), else the local fallback (``None`` if neither)."""
+        return entries.get(prompt_index) or self.local_journal.read(prompt_index)
 
     def save_local_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
+        current = self.local_journal.read(prompt_index)
+        if (
+            current is not None
+            and current.get("request_id") == data.get("request_id")
+            and any("b64_json" in image for image in current.get("images", []))
+        ):
+            return  # the same answer is kept here already, with its image data
         where = self.local_journal.write(prompt_index, data)
         if where is not None:
             log.warning(
@@ -315,39 +371,21 @@ class S3ImageStore:
                 where,
             )
 
-    def read_journal(self, prompt_index: int, existing: Mapping[str, int]) -> dict[str, Any] | None:
-        """An earlier try's journal: the one in S3, else the local fallback (``None`` if neither)."""
-        if self.keyspace.journal_key(prompt_index) in existing:
-            journal = self.read_json(self.keyspace.journal_key(prompt_index))
-            if journal is not None:
-                return journal
-        return self.local_journal.read(prompt_index)
-
-    def discard_journal(self, prompt_index: int) -> None:
-        """Drop a prompt's journals once its record is written; a failure here loses nothing."""
-        self.local_journal.delete(prompt_index)
-        try:
-            self.delete(self.keyspace.journal_key(prompt_index))
-        except JiMengStorageError as error:
-            # The record, read first on a retry, supersedes the journal: only tidiness is lost.
-            log.warning("Prompt %d: could not delete its journal: %s", prompt_index, error)
-
-    def discard_journals(self, prompt_indexes: list[int]) -> None:
-        """Drop the journals of prompts whose records are written: one request per 1,000 prompts."""
-        keys = []
+    def discard_journals(self, keys: list[str], prompt_indexes: list[int]) -> None:
+        """Drop journals whose prompts are in ``records.json``: one request per 1,000 objects."""
         for index in prompt_indexes:
             self.local_journal.delete(index)
-            keys.append({"Key": self.keyspace.journal_key(index)})
-        for start in range(0, len(keys), 1000):
+        objects = [{"Key": key} for key in keys]
+        for start in range(0, len(objects), 1000):
             try:
                 answer = self._client.delete_objects(
-                    Bucket=self.bucket, Delete={"Objects": keys[start : start + 1000], "Quiet": True}
+                    Bucket=self.bucket, Delete={"Objects": objects[start : start + 1000], "Quiet": True}
                 )
                 errors = answer.get("Errors") or []
             except Exception as error:
                 errors = [{"Code": _describe(error)}]
             if errors:
-                # Records, read first on a retry, supersede journals: only tidiness is lost.
+                # records.json, read first on a retry, supersedes journals: only tidiness is lost.
                 log.warning("Could not delete %d journal(s): %s", len(errors), errors[0].get("Code"))
 
     def head(self, key: str) -> dict[str, Any]:

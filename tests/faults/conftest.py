@@ -48,7 +48,7 @@ class S3Gate:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.mode = "pass"  # "pass" | "deny_writes" | "deny_all" | "no_bucket"
+        self.mode = "pass"  # "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records"
         self.port = 0
         self.requests: list[tuple[str, str, int]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -143,7 +143,13 @@ class S3Gate:
         if self.mode == "no_bucket":
             self._error(handler, 404, "NoSuchBucket", "The specified bucket does not exist")
             return
-        if self.mode == "deny_all" or (self.mode == "deny_writes" and method in ("PUT", "POST", "DELETE")):
+        writing = method in ("PUT", "POST", "DELETE")
+        records = handler.path.split("?")[0].endswith("/records.json")
+        if (
+            self.mode == "deny_all"
+            or (self.mode == "deny_writes" and writing)
+            or (self.mode == "deny_records" and writing and records)
+        ):
             self._error(handler, 403, "AccessDenied", "Access Denied")
             return
         headers = {k: v for k, v in handler.headers.items() if k.lower() not in _HOP_BY_HOP}

@@ -78,8 +78,8 @@ def test_s3_stopped_mid_run(
 ) -> None:
     # Prompt 0 is stored; S3 goes away while prompt 1 is being generated (0.6 s per image).
     emulator.latency = 0.6
-    record_0 = keyspace(bucket, "faults_pipeline_serial").record_key(0)
-    watcher = when(lambda: record_0 in pipeline.objects(), gate.stop)
+    image_0 = keyspace(bucket, "faults_pipeline_serial").image_key(0, 0)
+    watcher = when(lambda: image_0 in pipeline.objects(), gate.stop)
     after_try_1: dict[str, Any] = {}
 
     def repair() -> None:
@@ -106,7 +106,7 @@ def test_s3_stopped_mid_run(
     assert after_try_1["local"] is not None
     assert after_try_1["local"]["images"][0]["url"]
     accounting = pipeline.account()
-    assert accounting.requests == 2  # try 2 sent nothing: prompt 0 had its record, prompt 1 its journal
+    assert accounting.requests == 2  # try 2 sent nothing: prompt 0 was stored, prompt 1 had its journal
     assert accounting.billed == accounting.stored == 2
     assert local_journal(bucket, "faults_pipeline_serial").read(1) is None  # cleaned up once stored
 
@@ -166,3 +166,35 @@ def test_access_denied_mid_run(
     accounting = pipeline.account()
     assert accounting.requests == 3  # the prompts paid in try 1 were finished from their journals
     assert accounting.billed == accounting.stored == 3
+
+
+def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str
+) -> None:
+    # Every image is stored, but records.json (written once, at the end) is refused: the journals stay.
+    gate.mode = "deny_records"
+    prompts = ["one", "two", "three"]
+    after_try_1: dict[str, Any] = {}
+
+    def repair() -> None:
+        after_try_1.update(downloads=emulator.downloads, keys=pipeline.objects())
+        gate.mode = "pass"
+
+    pipeline.before_retry(repair)
+
+    run = pipeline.run(prompts=prompts)
+
+    assert run.state == "success"
+    assert run.try_number == 2
+    (message,) = run.errors
+    assert message.count("stored but not its record") == 3
+    assert "AccessDenied" in message
+    space = keyspace(bucket, "faults_pipeline")
+    assert [key for key in after_try_1["keys"] if key.startswith(space.journal_prefix)], "journals kept"
+    # Try 2 found each image stored by the answer its journal names: no request, no download.
+    accounting = pipeline.account()
+    assert accounting.requests == 3
+    assert accounting.billed == accounting.stored == 3
+    assert emulator.downloads == after_try_1["downloads"] == 3
+    assert not [key for key in pipeline.objects() if key.startswith(space.journal_prefix)]
+    assert space.records_key in pipeline.objects()

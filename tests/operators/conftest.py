@@ -109,6 +109,15 @@ class Bucket:
         data: dict[str, Any] = json.loads(self.read(key))
         return data
 
+    def record(self, task_prefix: str, prompt_index: int) -> dict[str, Any]:
+        """A prompt's record, from the task's ``records.json``."""
+        (record,) = [
+            entry
+            for entry in self.json(f"{task_prefix}/records.json")["prompts"]
+            if entry["prompt_index"] == prompt_index
+        ]
+        return record
+
     def head(self, key: str) -> dict[str, Any]:
         return dict(self.client.head_object(Bucket=self.name, Key=key))
 

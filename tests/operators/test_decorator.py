@@ -28,7 +28,7 @@ def test_decorated_tasks_run_as_the_operator_and_refuse_unknown_parameters(
     assert run.task_state("as_str") == "success"
     prefix = task_prefix(run, "as_str")
     assert run.xcom("as_str") == [f"s3://{bucket.name}/{prefix}/p0000_i00.jpeg"]
-    assert bucket.json(f"{prefix}/p0000.json")["prompt"] == "a windmill at sunrise"
+    assert bucket.record(prefix, 0)["prompt"] == "a windmill at sunrise"
     assert run.xcom("as_str", "usage")["generated_images"] == 1
 
     # A list: one image per prompt, in order, same keys and XComs as the operator.
@@ -36,7 +36,7 @@ def test_decorated_tasks_run_as_the_operator_and_refuse_unknown_parameters(
     prefix = task_prefix(run, "as_list")
     assert run.xcom("as_list") == [f"s3://{bucket.name}/{prefix}/p{index:04d}_i00.jpeg" for index in range(2)]
     assert [item["prompt_index"] for item in run.xcom("as_list", "images")] == [0, 1]
-    assert [bucket.json(f"{prefix}/p{index:04d}.json")["prompt"] for index in range(2)] == [
+    assert [bucket.record(prefix, index)["prompt"] for index in range(2)] == [
         "a windmill in spring",
         "a windmill in winter",
     ]

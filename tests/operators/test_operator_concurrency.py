@@ -56,7 +56,7 @@ def test_stored_outputs_keep_prompt_order(emulator: TrackingEmulator, bucket: Bu
     assert run.state == "success"
     prefix = task_prefix(run)
     assert run.xcom("gen") == [f"s3://{bucket.name}/{prefix}/p{index:04d}_i00.jpeg" for index in range(8)]
-    assert [bucket.json(f"{prefix}/p{index:04d}.json")["prompt"] for index in range(8)] == PROMPTS
+    assert [bucket.record(prefix, index)["prompt"] for index in range(8)] == PROMPTS
 
 
 def test_max_concurrency_one_sends_one_request_at_a_time(emulator: TrackingEmulator, run_dag: RunDag) -> None:

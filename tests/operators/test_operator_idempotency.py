@@ -92,7 +92,7 @@ def test_a_changed_prompt_is_regenerated_and_the_others_reused(
     billed = emulator.prompts_billed()
     assert sorted(billed[:3]) == sorted(PROMPTS), "the first run, in any order"
     assert billed[3:] == ["a lighthouse at dawn"], "the re-run paid for the changed prompt only"
-    assert bucket.json(f"{task_prefix(again)}/p0001.json")["prompt"] == "a lighthouse at dawn"
+    assert bucket.record(task_prefix(again), 1)["prompt"] == "a lighthouse at dawn"
     usage = again.xcom("gen", "usage")
     assert (usage["generated_images"], usage["reused_prompts"]) == (1, 2)
 
@@ -101,14 +101,14 @@ def test_replace_regenerates_and_overwrites(emulator: TrackingEmulator, bucket: 
     conf = {"prompts": PROMPTS[:2], "bucket": bucket.name}
     first = run_dag(jimeng_test_generate.replace_dag, conf)
     prefix = task_prefix(first)
-    first_ids = [bucket.json(f"{prefix}/p{index:04d}.json")["request_id"] for index in range(2)]
+    first_ids = [bucket.record(prefix, index)["request_id"] for index in range(2)]
 
     again = run_dag(jimeng_test_generate.replace_dag, conf, again=first)
 
     assert again.state == "success"
     assert emulator.billed_images == 4, "replace=True pays again on purpose"
     assert bucket.images(prefix) == [f"{prefix}/p0000_i00.jpeg", f"{prefix}/p0001_i00.jpeg"]
-    second_ids = [bucket.json(f"{prefix}/p{index:04d}.json")["request_id"] for index in range(2)]
+    second_ids = [bucket.record(prefix, index)["request_id"] for index in range(2)]
     assert set(first_ids).isdisjoint(second_ids)
     assert [bucket.head(key)["Metadata"]["jimeng-request-id"] for key in bucket.images(prefix)] == second_ids
     assert again.xcom("gen", "usage")["reused_prompts"] == 0
@@ -135,7 +135,7 @@ def test_retry_stores_from_the_journal_without_a_new_generation_request(
     assert emulator.billed_images == 1
     prefix = task_prefix(run)
     assert bucket.images(prefix) == [f"{prefix}/p0000_i00.jpeg"]
-    record = bucket.json(f"{prefix}/p0000.json")
+    record = bucket.record(prefix, 0)
     assert record["request_id"] == emulator.ledger[0].request_id
     assert record["failures"] == []
     assert bucket.keys(f"{prefix}/_pending/") == [], "the journal is removed once its images are stored"
@@ -163,7 +163,7 @@ def test_a_lost_image_is_generated_again_by_the_retry(
     prefix = task_prefix(run)
     assert bucket.images(prefix) == [f"{prefix}/p0000_i00.jpeg"]
     assert emulator.billed_images == 2, "the lost image and its replacement"
-    record = bucket.json(f"{prefix}/p0000.json")
+    record = bucket.record(prefix, 0)
     assert record["request_id"] == emulator.ledger[1].request_id
     assert record["failures"] == []
 
@@ -203,7 +203,7 @@ def test_an_s3_outage_keeps_paid_images_in_a_local_journal_for_the_rerun(
         assert emulator.billed_images == 3
         prefix = task_prefix(again)
         assert bucket.images(prefix) == [f"{prefix}/p{index:04d}_i00.jpeg" for index in range(3)]
-        assert [bucket.json(f"{prefix}/p{index:04d}.json")["prompt"] for index in range(3)] == prompts
+        assert [bucket.record(prefix, index)["prompt"] for index in range(3)] == prompts
         assert bucket.keys(f"{prefix}/_pending/") == []
         assert again.log("gen").count("no new request") == 3
 

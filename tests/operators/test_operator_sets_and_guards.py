@@ -26,7 +26,7 @@ def test_a_set_stores_every_image_of_the_prompt(emulator: TrackingEmulator, buck
     assert bucket.images(prefix) == keys
     assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in keys]
     assert [item["image_index"] for item in run.xcom("gen", "images")] == [0, 1, 2]
-    record = bucket.json(f"{prefix}/p0000.json")
+    record = bucket.record(prefix, 0)
     assert [image["key"] for image in record["images"]] == keys
     assert record["usage"]["generated_images"] == 3
     assert emulator.billed_images == 3
@@ -46,7 +46,7 @@ def test_a_partial_set_failure_stores_the_rest_then_fails_naming_code_and_reques
     prefix = task_prefix(run)
     assert bucket.images(prefix) == [f"{prefix}/p0000_i00.jpeg", f"{prefix}/p0000_i02.jpeg"]
     assert emulator.billed_images == 2, "a refused image is not billed"
-    record = bucket.json(f"{prefix}/p0000.json")
+    record = bucket.record(prefix, 0)
     assert len(record["failures"]) == 1
     assert "OutputImageSensitiveContentDetected" in record["failures"][0]
 

@@ -26,9 +26,15 @@ def test_images_are_stored_under_deterministic_keys_with_metadata_and_records(
     expected = [f"{prefix}/p0000_i00.jpeg", f"{prefix}/p0001_i00.jpeg"]
     assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in expected]
     assert run.xcom("count") == 2, "the consumer task received the URIs"
-    # Images, one record per prompt, and no journal left behind after success.
-    assert bucket.keys(prefix) == sorted([*expected, f"{prefix}/p0000.json", f"{prefix}/p0001.json"])
+    # Images, the task's records, and no journal left behind after success.
+    assert bucket.keys(prefix) == sorted([*expected, f"{prefix}/records.json"])
     assert bucket.keys(f"{prefix}/_pending/") == []
+    assert bucket.json(f"{prefix}/records.json")["airflow"] == {
+        "dag_id": run.dag_id,
+        "run_id": run.run_id,
+        "task_id": "gen",
+        "map_index": -1,
+    }
 
     billed = {entry.prompt: entry for entry in emulator.ledger}
     assert emulator.billed_images == 2
@@ -49,7 +55,7 @@ def test_images_are_stored_under_deterministic_keys_with_metadata_and_records(
             assert image.format == "JPEG"
             assert image.size == (1280, 720)
 
-        record = bucket.json(f"{prefix}/p{index:04d}.json")
+        record = bucket.record(prefix, index)
         assert record["prompt"] == PROMPTS[index]
         assert record["model"] == "doubao-seedream-4-0-250828"
         assert record["request_id"] == request_id
@@ -58,7 +64,6 @@ def test_images_are_stored_under_deterministic_keys_with_metadata_and_records(
         assert record["usage"]["generated_images"] == 1
         assert record["usage"]["output_tokens"] == 1280 * 720 // 256
         assert record["failures"] == []
-        assert record["airflow"] == {"dag_id": run.dag_id, "run_id": run.run_id, "task_id": "gen", "map_index": -1}
         assert [image["key"] for image in record["images"]] == [key]
 
 
@@ -103,7 +108,8 @@ def test_custom_key_template_is_rendered_with_jinja_then_key_fields(
     assert bucket.images("renders/") == expected
     assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in expected]
     # Records stay under the task prefix, where a retry looks for them.
-    assert bucket.keys(task_prefix(run)) == [f"{task_prefix(run)}/p0000.json", f"{task_prefix(run)}/p0001.json"]
+    assert bucket.keys(task_prefix(run)) == [f"{task_prefix(run)}/records.json"]
+    assert [bucket.record(task_prefix(run), index)["images"][0]["key"] for index in range(2)] == expected
 
 
 def test_key_prefix_is_templated(emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag) -> None:
@@ -142,7 +148,7 @@ def test_b64_json_with_storage_keeps_image_data_out_of_xcom(
     assert [request["body"]["response_format"] for request in emulator.requests] == ["b64_json", "b64_json"]
     prefix = task_prefix(run)
     assert bucket.images(prefix) == [f"{prefix}/p0000_i00.jpeg", f"{prefix}/p0001_i00.jpeg"]
-    assert bucket.keys(f"{prefix}/_pending/") == [], "b64 mode needs no journal (no URL to come back to)"
+    assert bucket.keys(f"{prefix}/_pending/") == [], "journals are dropped once records.json is written"
     stored = [bucket.read(key) for key in bucket.images(prefix)]
     for data in stored:
         with Image.open(io.BytesIO(data)) as image:

@@ -32,7 +32,7 @@ def test_prompts_come_from_jinja_xcomargs_and_a_prompt_file(
         assert run.rendered_fields(task_id)["prompt"] in (prompts, prompts[0])
         prefix = task_prefix(run, task_id)
         assert run.xcom(task_id) == [f"s3://{bucket.name}/{prefix}/p{i:04d}_i00.jpeg" for i in range(len(prompts))]
-        assert [bucket.json(f"{prefix}/p{i:04d}.json")["prompt"] for i in range(len(prompts))] == prompts
+        assert [bucket.record(prefix, i)["prompt"] for i in range(len(prompts))] == prompts
 
 
 def test_rendered_fields_xcoms_and_logs_never_show_the_api_key(
@@ -70,9 +70,9 @@ def test_mapped_instances_get_one_prompt_each_with_their_own_keys_and_xcoms(
         images = run.xcom("gen", "images", map_index=index)
         assert [item["key"] for item in images] == [key]
         assert run.xcom("gen", "usage", map_index=index)["generated_images"] == 1
-        record = bucket.json(f"{prefix}/p0000.json")
+        record = bucket.record(prefix, 0)
         assert record["prompt"] == prompt
-        assert record["airflow"]["map_index"] == index
+        assert bucket.json(f"{prefix}/records.json")["airflow"]["map_index"] == index
         assert bucket.head(key)["Metadata"]["airflow-map-index"] == str(index)
         uris.append(f"s3://{bucket.name}/{key}")
     assert len(set(uris)) == 3

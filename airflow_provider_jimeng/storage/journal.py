@@ -1,0 +1,97 @@
+"""Group commit of journals: what was paid for reaches S3 in batches, off the generation threads.
+
+A journal entry must be durable soon after an answer arrives (a try that dies before storing its
+images can then finish them without paying again), but one ``PutObject`` per answer, written on the
+thread that sends the next paid request, costs a round trip per prompt on the generation path and
+more client CPU than the rest of an image's handling. One writer thread instead takes whatever
+entries arrived while its previous write was in flight (waiting :data:`LINGER_SECONDS` for a burst
+to complete) and writes them as one object, like a database's group commit: generation threads hand
+over an entry and go on at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from airflow_provider_jimeng.exceptions import JiMengStorageError
+from airflow_provider_jimeng.storage.s3 import S3ImageStore
+
+log = logging.getLogger(__name__)
+
+#: How long the writer waits after the first entry of a batch for the rest of a burst (answers of
+#: one round arrive within milliseconds). It bounds how long an answer stays journaled in memory only.
+LINGER_SECONDS = 0.05
+
+
+class JournalWriter:
+    """Writes journal entries to ``_pending/<try>-<seq>.json`` on one background thread.
+
+    :param store: the task's store.
+    :param on_failure: called (on the writer thread) when S3 refuses a batch; the batch's entries
+        are then kept on the worker's disk (:class:`~.s3.LocalJournal`) and later entries are not sent.
+    """
+
+    def __init__(self, store: S3ImageStore, *, on_failure: Callable[[JiMengStorageError], None]) -> None:
+        self._store = store
+        self._on_failure = on_failure
+        #: Unique per try, so that a retry never overwrites an earlier try's journals.
+        self._try_token = uuid.uuid4().hex[:12]
+        self._sequence = 0
+        self._queue: dict[int, Mapping[str, Any]] = {}
+        self._condition = threading.Condition()
+        self._closing = False
+        self._failed: JiMengStorageError | None = None
+        #: Journal objects written by this try -> the prompts each holds.
+        self.written: dict[str, set[int]] = {}
+        self._thread = threading.Thread(target=self._serve, name="jimeng-journal", daemon=True)
+        self._thread.start()
+
+    def add(self, prompt_index: int, entry: Mapping[str, Any]) -> None:
+        """Queue a prompt's entry; returns at once."""
+        with self._condition:
+            self._queue[prompt_index] = entry
+            self._condition.notify()
+
+    def close(self) -> None:
+        """Write what is queued and stop (waits for the last write)."""
+        with self._condition:
+            self._closing = True
+            self._condition.notify()
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while True:
+            with self._condition:
+                while not self._queue and not self._closing:
+                    self._condition.wait()
+                if not self._queue:
+                    return
+                deadline = time.monotonic() + LINGER_SECONDS  # let the rest of a burst join this batch
+                while not self._closing and (remaining := deadline - time.monotonic()) > 0:
+                    self._condition.wait(remaining)
+                batch, self._queue = self._queue, {}
+            self._write(batch)
+
+    def _write(self, batch: dict[int, Mapping[str, Any]]) -> None:
+        if self._failed is None:
+            key = self._store.keyspace.journal_key(f"{self._try_token}-{self._sequence:05d}")
+            self._sequence += 1
+            try:
+                self._store.write_json(
+                    key, {"written_at": time.time(), "prompts": {str(index): entry for index, entry in batch.items()}}
+                )
+            except JiMengStorageError as error:
+                self._failed = error
+                log.error("Could not journal %d prompt(s) in S3: %s", len(batch), error)
+                self._on_failure(error)
+            else:
+                self.written[key] = set(batch)
+                return
+        # S3 refused journals in this run: keep them on this machine, for a retry that runs here.
+        for index, entry in batch.items():
+            self._store.save_local_journal(index, entry)
