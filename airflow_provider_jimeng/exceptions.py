@@ -141,7 +141,11 @@ class JiMengDownloadInterruptedError(JiMengDownloadError):
 
 
 class JiMengStorageError(JiMengError):
-    """Storing an image or its record failed (bucket missing, access denied, S3 unreachable)."""
+    """An S3 call failed: bucket missing, access denied, S3 unreachable.
+
+    Raised for the listing of the task's prefix, reads and writes of ``records.json`` and journals,
+    and the upload or check (``HEAD``) of an image.
+    """
 
 
 class JiMengGenerationIncompleteError(JiMengError):

@@ -157,5 +157,6 @@ def activate_dag_assets(dag: Any) -> None:
     with create_session() as session:
         assets = AssetModelOperation.collect({dag.dag_id: scheduler_dag})
         models = assets.sync_assets(session=session)
+        assets.sync_asset_aliases(session=session)
         session.flush()  # the active-asset rows reference the asset rows
         assets.activate_assets_if_possible(models.values(), session=session)

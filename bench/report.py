@@ -84,6 +84,18 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(p1["pass"]),
             )
         )
+        if "before_first_request_s" in p1:
+            before, after = p1["before_first_request_s"]["median"], p1["after_last_answer_s"]["median"]
+            table.append(
+                (
+                    "P1 where the time beyond the ideal goes (medians, by the emulator's clock)",
+                    "for diagnosis",
+                    f"before the first request {before:.3f} s (S3 client, listing); after the last answer "
+                    f"{after:.3f} s (last round's storage, records.json); in the rounds "
+                    f"{wall['median'] - p1['ideal_s'] - before - after:.3f} s",
+                    "-",
+                )
+            )
         table.append(
             (
                 "P1 naive baseline (sequential post + get + put_object)",

@@ -14,6 +14,7 @@ import os
 import resource
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
         images.render_jpeg = _padded_renderer(images.render_jpeg, options["jpeg_bits_per_pixel"])  # type: ignore[assignment]
     emulator = JiMengEmulator().start()
     emulator._cache.max_bytes = options["cache_bytes"]
+    # When the first generation request started its latency and the last one ended it (this host's
+    # monotonic clock, which the worker shares): what the operator spends before and after the API.
+    span: dict[str, float] = {}
+    sleep = emulator._sleep
+
+    def timed_sleep(seconds: float) -> None:
+        span.setdefault("first_request_at", time.monotonic())
+        sleep(seconds)
+        span["last_answer_at"] = time.monotonic()
+
+    emulator._sleep = timed_sleep  # type: ignore[method-assign]
     conn.send({"base_url": emulator.base_url, "pid": os.getpid()})
     try:
         while True:
@@ -75,6 +87,7 @@ def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
                 conn.send(None)
             elif command == "reset":
                 emulator.reset()
+                span.clear()
                 conn.send(None)
             elif command == "stats":
                 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -86,6 +99,7 @@ def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
                         "downloads": emulator.downloads,
                         "renders": emulator._cache.renders,
                         "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                        **span,
                     }
                 )
             else:

@@ -203,12 +203,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = probe.start()
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = time.process_time()
+    started_at = time.monotonic()
     started = time.perf_counter()
     profiler = ThreadProfiler() if spec.get("profile") else None
     if profiler is not None:
         profiler.start()
     outcome = workload(spec, prompts, label)
     wall = time.perf_counter() - started
+    ended_at = time.monotonic()
     if profiler is not None:
         profiler.dump(spec["profile"])
     cpu = time.process_time() - cpu_before
@@ -217,6 +219,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         **outcome,
         "wall_s": wall,
+        "started_at": started_at,
+        "ended_at": ended_at,
         "cpu_s": cpu,
         "user_s": usage_after.ru_utime - usage_before.ru_utime,
         "system_s": usage_after.ru_stime - usage_before.ru_stime,

@@ -31,7 +31,7 @@ EXAMPLES = REPO_ROOT / "dags_examples"
 DAG_ID = "jimeng_content_pipeline"
 BUCKET = "jimeng-demo"
 PREFIX = "catalogue"
-#: Files of the gallery folder copied to the output directory (the per-prompt records stay in S3).
+#: Files of the gallery folder copied to the output directory (the operator's records.json stays in S3).
 GALLERY_FILES = ("index.html", "manifest.json")
 #: A traceback's last line, e.g. "airflow_provider_jimeng.exceptions.JiMengAuthenticationError: ...".
 ERROR_LINE = re.compile(r"^[\w.]*(?:Error|Exception): .+")

@@ -12,6 +12,7 @@ import functools
 import logging
 from typing import Any
 
+from airflow_provider_jimeng.testing import activate_dag_assets
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 
@@ -96,20 +97,7 @@ def _dag_test_registers_assets() -> None:
 
     @functools.wraps(original)
     def test(self: DAG, *args: Any, **kwargs: Any) -> Any:
-        _activate_assets(self)
+        activate_dag_assets(self)
         return original(self, *args, **kwargs)
 
     DAG.test = test  # type: ignore[method-assign]
-
-
-def _activate_assets(dag: Any) -> None:
-    from airflow.dag_processing.collection import AssetModelOperation
-    from airflow.serialization.serialized_objects import SerializedDAG
-    from airflow.utils.session import create_session
-
-    scheduler_dag = SerializedDAG.deserialize_dag(SerializedDAG.serialize_dag(dag))
-    with create_session() as session:
-        assets = AssetModelOperation.collect({dag.dag_id: scheduler_dag})
-        models = assets.sync_assets(session=session)
-        session.flush()  # the active-asset rows reference the asset rows
-        assets.activate_assets_if_possible(models.values(), session=session)

@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
-from airflow_provider_jimeng.testing import activate_dag_assets
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -56,7 +55,6 @@ def load_example(name: str) -> ModuleType:
 
 def run_example(name: str, **conf: Any) -> Any:
     dag = load_example(name).dag
-    activate_dag_assets(dag)
     dag_run = dag.test(run_conf=conf)
     failed = {f"{ti.task_id}[{ti.map_index}]": ti.state for ti in dag_run.get_task_instances() if ti.state != "success"}
     assert dag_run.state == "success", f"{name} ended {dag_run.state}; tasks not successful: {failed}"

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import queue
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -417,6 +418,14 @@ class JiMengGenerateOperator(BaseOperator):
             ):
                 generation: dict[Future[Any], int] = {}
                 storing: dict[Future[Any], int] = {}
+                # Futures report here as they finish: O(1) a completion, where wait() over every pending
+                # future would cost O(N) each time, O(N^2) for a run of N prompts.
+                finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+
+                def track(table: dict[Future[Any], int], future: Future[Any], index: int) -> None:
+                    table[future] = index
+                    future.add_done_callback(finished.put)
+
                 for index, body in enumerate(bodies):
                     if store is not None and not self.replace:
                         resumed = self._resume(
@@ -429,20 +438,28 @@ class JiMengGenerateOperator(BaseOperator):
                             outcomes[index],
                         )
                         if isinstance(resumed, tuple):
-                            storing[store_pool.submit(self._store_result, store, body, *resumed)] = index
+                            track(storing, store_pool.submit(self._store_result, store, body, *resumed), index)
                         if resumed is not None:
                             continue
-                    future = generate_pool.submit(self._generate, hook, store, index, body, fingerprints[index])
-                    generation[future] = index
+                    track(
+                        generation,
+                        generate_pool.submit(self._generate, hook, store, index, body, fingerprints[index]),
+                        index,
+                    )
 
                 while generation or storing:
-                    done, _ = wait([*generation, *storing], timeout=1.0, return_when=FIRST_COMPLETED)
+                    try:
+                        done = [finished.get(timeout=1.0)]
+                    except queue.Empty:
+                        done = []
                     if self._stop.is_set():
                         for future in generation:
                             future.cancel()
                     for future in done:
                         if future in generation:
                             index = generation.pop(future)
+                            if not generation and self._journal_writer is not None:
+                                self._journal_writer.flush()  # the last answer is in: nothing to wait for
                             try:
                                 result: GenerationResult = future.result()
                             except BaseException as error:
@@ -464,8 +481,8 @@ class JiMengGenerateOperator(BaseOperator):
                                     result,
                                     result.succeeded,
                                 )
-                                storing[task] = index
-                        else:
+                                track(storing, task, index)
+                        elif future in storing:
                             index = storing.pop(future)
                             self._budget.release(self._charges.pop(index, 0))
                             try:

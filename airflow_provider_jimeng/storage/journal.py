@@ -45,6 +45,7 @@ class JournalWriter:
         self._queue: dict[int, Mapping[str, Any]] = {}
         self._condition = threading.Condition()
         self._closing = False
+        self._hurry = False
         self._failed: JiMengStorageError | None = None
         #: Journal objects written by this try -> the prompts each holds.
         self.written: dict[str, set[int]] = {}
@@ -57,10 +58,16 @@ class JournalWriter:
             self._queue[prompt_index] = entry
             self._condition.notify()
 
+    def flush(self) -> None:
+        """No more entries are coming soon (the last answers are in): write what is queued without lingering."""
+        with self._condition:
+            self._hurry = True
+            self._condition.notify()
+
     def close(self) -> None:
         """Write what is queued and stop (waits for the last write)."""
         with self._condition:
-            self._closing = True
+            self._closing = self._hurry = True
             self._condition.notify()
         self._thread.join()
 
@@ -72,7 +79,7 @@ class JournalWriter:
                 if not self._queue:
                     return
                 deadline = time.monotonic() + LINGER_SECONDS  # let the rest of a burst join this batch
-                while not self._closing and (remaining := deadline - time.monotonic()) > 0:
+                while not self._hurry and (remaining := deadline - time.monotonic()) > 0:
                     self._condition.wait(remaining)
                 batch, self._queue = self._queue, {}
             self._write(batch)

@@ -352,8 +352,22 @@ class S3ImageStore:
         return entries, objects
 
     def read_journal(self, prompt_index: int, entries: Mapping[int, dict[str, Any]]) -> dict[str, Any] | None:
-        """A prompt's journal entry: from S3 (``entries``), else the local fallback (``None`` if neither)."""
-        return entries.get(prompt_index) or self.local_journal.read(prompt_index)
+        """A prompt's journal entry: from S3 (``entries``), else the local fallback (``None`` if neither).
+
+        A local copy of the same answer wins when it holds base64 data (S3 took the journal, then
+        refused the upload): without the data the images could only be paid for again.
+        """
+        entry = entries.get(prompt_index)
+        local = self.local_journal.read(prompt_index)
+        if local is not None and (
+            entry is None
+            or (
+                local.get("request_id") == entry.get("request_id")
+                and any("b64_json" in image for image in local.get("images", []))
+            )
+        ):
+            return local
+        return entry
 
     def save_local_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
         current = self.local_journal.read(prompt_index)

@@ -48,7 +48,8 @@ class S3Gate:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.mode = "pass"  # "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records"
+        #: "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records" | "deny_images"
+        self.mode = "pass"
         self.port = 0
         self.requests: list[tuple[str, str, int]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -144,11 +145,12 @@ class S3Gate:
             self._error(handler, 404, "NoSuchBucket", "The specified bucket does not exist")
             return
         writing = method in ("PUT", "POST", "DELETE")
-        records = handler.path.split("?")[0].endswith("/records.json")
+        path = handler.path.split("?")[0]
         if (
             self.mode == "deny_all"
             or (self.mode == "deny_writes" and writing)
-            or (self.mode == "deny_records" and writing and records)
+            or (self.mode == "deny_records" and writing and path.endswith("/records.json"))
+            or (self.mode == "deny_images" and writing and path.endswith(".jpeg"))
         ):
             self._error(handler, 403, "AccessDenied", "Access Denied")
             return

@@ -198,3 +198,31 @@ def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
     assert emulator.downloads == after_try_1["downloads"] == 3
     assert not [key for key in pipeline.objects() if key.startswith(space.journal_prefix)]
     assert space.records_key in pipeline.objects()
+
+
+def test_b64_images_refused_after_their_journal_are_stored_from_the_local_copy(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str
+) -> None:
+    # S3 takes the journal (which never holds image data) but refuses the image: only the local copy
+    # of the answer holds the data, and the retry must prefer it to paying again.
+    gate.mode = "deny_images"
+    gate.requests.clear()
+
+    def repair() -> None:
+        gate.mode = "pass"
+
+    pipeline.before_retry(repair)
+
+    run = pipeline.run("faults_pipeline_b64", prompts=["one"])
+
+    assert run.state == "success"
+    assert run.try_number == 2
+    (message,) = run.errors
+    assert "AccessDenied" in message
+    space = keyspace(bucket, "faults_pipeline_b64")
+    assert [path for method, path, _ in gate.requests if method == "PUT" and "/_pending/" in path], "S3 journal"
+    accounting = pipeline.account()
+    assert accounting.requests == 1  # stored from the local journal's data by try 2
+    assert accounting.billed == accounting.stored == 1
+    assert local_journal(bucket, "faults_pipeline_b64").read(0) is None
+    assert space.records_key in pipeline.objects()

@@ -25,7 +25,6 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, jimeng_connection_json
-from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -286,8 +285,6 @@ def run_dag(airflow_db: None, capsys: pytest.CaptureFixture[str]) -> RunDag:
         if again is not None:
             assert again.dag_id == dag.dag_id
             kwargs.update(logical_date=again.logical_date, run_after=again.run_after)
-        if not AIRFLOW_V_3_1_PLUS:
-            _register_assets_for_airflow_3_0(dag)
         before = capsys.readouterr()
         sys.stdout.write(before.out)
         # dag.test() marks where each task starts and ends through stdlib logging, while task logs go to
@@ -313,26 +310,6 @@ def run_dag(airflow_db: None, capsys: pytest.CaptureFixture[str]) -> RunDag:
         )
 
     return run
-
-
-def _register_assets_for_airflow_3_0(dag: DAG) -> None:
-    """Airflow 3.0's ``dag.test()`` never records the DAG's assets in the metadata DB, so they stay
-    inactive and a task with an asset outlet fails. Record and activate them as the DAG processor
-    would (later releases do this inside ``dag.test()``)."""
-    from airflow.dag_processing.collection import AssetModelOperation
-    from airflow.serialization.serialized_objects import (  # type: ignore[attr-defined]
-        LazyDeserializedDAG,
-        SerializedDAG,
-    )
-    from airflow.utils.session import create_session
-
-    serialized = SerializedDAG.to_dict(dag)  # type: ignore[attr-defined]  # Airflow 3.0 API
-    operation = AssetModelOperation.collect({dag.dag_id: LazyDeserializedDAG(data=serialized)})
-    with create_session() as session:
-        assets = operation.sync_assets(session=session)
-        operation.sync_asset_aliases(session=session)
-        session.flush()
-        operation.activate_assets_if_possible(assets.values(), session=session)
 
 
 # ------------------------------------------------------------------------------------ waiting
