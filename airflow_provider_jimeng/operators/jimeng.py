@@ -323,22 +323,29 @@ class JiMengGenerateOperator(BaseOperator):
     def execute(self, context: Context) -> list[str]:
         self._check_options()
         prompts = self._prompts()
-        hook = JiMengHook(
-            self.jimeng_conn_id,
-            max_images_per_minute=self.max_images_per_minute,
-            pool_maxsize=max(8, self.max_concurrency * 2),
-        )
-        self._hook = hook
-        bodies = self._build_bodies(hook, prompts)
-        planned = sum(max_images_billed(body) for body in bodies)
-        if self.max_images_per_task is not None and planned > self.max_images_per_task:
-            raise JiMengConfigurationError(
-                "max_images_per_task",
-                f"this run could bill up to {planned} images ({len(prompts)} prompt(s) x up to "
-                f"{planned // len(prompts)} each), above the limit of {self.max_images_per_task}; "
-                "lower max_images, split the prompts, or raise the limit",
+        with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
+            # The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon
+            # provider walks the caller's stack, with source lines, for its user agent): build it
+            # beside the JiMeng hook and the request bodies, on a thread whose stack is short.
+            opening = setup.submit(S3ImageStore, self._s3_hook(), self._keyspace(context)) if self.s3_bucket else None
+            hook = JiMengHook(
+                self.jimeng_conn_id,
+                max_images_per_minute=self.max_images_per_minute,
+                pool_maxsize=max(8, self.max_concurrency * 2),
             )
-        store = self._open_store(context, planned) if self.s3_bucket else None
+            self._hook = hook
+            bodies = self._build_bodies(hook, prompts)
+            planned = sum(max_images_billed(body) for body in bodies)
+            if self.max_images_per_task is not None and planned > self.max_images_per_task:
+                raise JiMengConfigurationError(
+                    "max_images_per_task",
+                    f"this run could bill up to {planned} images ({len(prompts)} prompt(s) x up to "
+                    f"{planned // len(prompts)} each), above the limit of {self.max_images_per_task}; "
+                    "lower max_images, split the prompts, or raise the limit",
+                )
+            if self.s3_key:
+                check_key_template(self.s3_key, images_per_task=planned)
+            store = opening.result() if opening is not None else None
         if self.dry_run:  # type: ignore[truthy-function]
             return self._dry_run(bodies, store)
 
@@ -355,13 +362,9 @@ class JiMengGenerateOperator(BaseOperator):
             hook.close()
         return self._finish(context, prompts, bodies, outcomes, fatal, store)
 
-    def _open_store(self, context: Context, planned: int) -> S3ImageStore:
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        if self.s3_key:
-            check_key_template(self.s3_key, images_per_task=planned)
+    def _keyspace(self, context: Context) -> TaskKeyspace:
         ti = context["ti"]
-        keyspace = TaskKeyspace(
+        return TaskKeyspace(
             bucket=str(self.s3_bucket),
             prefix=self.s3_key_prefix or "",
             dag_id=ti.dag_id,
@@ -370,7 +373,14 @@ class JiMengGenerateOperator(BaseOperator):
             map_index=getattr(ti, "map_index", -1) if getattr(ti, "map_index", -1) is not None else -1,
             key_template=self.s3_key,
         )
-        return S3ImageStore(S3Hook(aws_conn_id=self.aws_conn_id), keyspace)
+
+    def _s3_hook(self) -> Any:
+        """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow."""
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        s3_hook = S3Hook(aws_conn_id=self.aws_conn_id)
+        s3_hook.conn_config  # noqa: B018  # cached; the client is built from it on the set-up thread
+        return s3_hook
 
     def _dry_run(self, bodies: list[dict[str, Any]], store: S3ImageStore | None) -> list[str]:
         for index, body in enumerate(bodies):
