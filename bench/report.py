@@ -341,10 +341,15 @@ ideal `ceil(N/K) x latency`:
   into one buffer (mapped from the OS from 1 MiB up, so that it is returned whole when freed) and sent
   with one `PutObject`, without a managed transfer below the multipart threshold. A `b64_json` answer
   is parsed whole (body, text and decoded string coexist), so it counts four times its length and 4K
-  answers are parsed one at a time; the rest of the growth is the C allocator's per-thread arenas
-  (on the worker, `MALLOC_ARENA_MAX=2` takes ~15 MiB off; `MALLOC_MMAP_THRESHOLD_=1048576`, which
-  returns every image-sized block to the OS, measured 33-35 MiB for `b64_json` and 29-31 MiB for `url`
-  here, at the cost of about 45% more CPU for the page faults).
+  answers are parsed one at a time. Those blocks are megabytes each, and glibc raises its mmap
+  threshold as large blocks are freed, so they would end up in the malloc arena of whichever
+  generation thread parsed them, which keeps them: memory grew with the number of threads that had
+  had a turn (55 MiB at N=8, 63 MiB at N=32 before). In `b64_json` mode the operator therefore fixes
+  the threshold at 1 MiB for its task process (`return_image_blocks_to_the_os` in
+  `hooks/budget.py`): every image-sized block is mapped from the OS and returned when freed, for about
+  35 ms of page faults per 4K image, nothing beside seconds of generation. In `url` mode the download
+  buffer is mapped explicitly and the rest of the growth is the C allocator's per-thread arenas
+  (`MALLOC_ARENA_MAX=2` on the worker takes ~15 MiB off).
 * **CPU (P4).** Each `PutObject` costs 1.5-3 ms of botocore CPU (endpoint rules, signing, checksums,
   response parsing), more than the rest of an image's handling, so the operator makes about one S3
   request per image, like the naive loop: the image. Journals (what was paid for, written as answers

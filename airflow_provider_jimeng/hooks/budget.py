@@ -13,6 +13,8 @@ waits until nothing else is held, then goes alone.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,29 @@ from contextlib import contextmanager
 DEFAULT_IMAGE_MEMORY_BYTES = 32 * 1024 * 1024
 #: The longest a body waits for memory before it is read regardless.
 DEFAULT_WAIT_SECONDS = 30.0
+#: glibc's ``mallopt`` parameter for the size from which blocks are mapped from the OS.
+_M_MMAP_THRESHOLD = -3
+#: Blocks this large are image-sized: each is mapped from the OS and returned whole when freed.
+IMAGE_BLOCK_BYTES = 1024 * 1024
+
+
+def return_image_blocks_to_the_os() -> None:
+    """Map every image-sized block from the OS, in this (the task's) process.
+
+    glibc raises its mmap threshold each time a large mapped block is freed, up to 32 MiB, so after
+    the first base64 answer the next ones (body, text, decoded string: megabytes each) come from the
+    parsing thread's malloc arena, which keeps them when freed. Every generation thread takes its turn
+    with a large answer, so a run's memory grows with its number of threads up to ~64 MiB. A fixed
+    threshold keeps image-sized blocks out of the arenas, for the cost of a page fault per 4 KiB.
+    A no-op where the C library is not glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, IMAGE_BLOCK_BYTES)
 
 
 class ByteBudget:

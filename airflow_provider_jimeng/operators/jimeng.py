@@ -37,7 +37,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunAbortedError,
     JiMengStorageError,
 )
-from airflow_provider_jimeng.hooks.budget import ByteBudget
+from airflow_provider_jimeng.hooks.budget import ByteBudget, return_image_blocks_to_the_os
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.storage.journal import JournalWriter
@@ -323,6 +323,8 @@ class JiMengGenerateOperator(BaseOperator):
     def execute(self, context: Context) -> list[str]:
         self._check_options()
         prompts = self._prompts()
+        if self.response_format == "b64_json":
+            return_image_blocks_to_the_os()
         with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
             # The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon
             # provider walks the caller's stack, with source lines, for its user agent): build it
