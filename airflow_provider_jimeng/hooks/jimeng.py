@@ -576,7 +576,8 @@ class JiMengHook(BaseHook):
         stream = bool(body.get("stream"))
         with self._counter_lock:
             self.stats["attempts"] += 1
-        self.log.info(
+        # A first attempt is said by the result line that follows; a retry is worth a line of its own.
+        (self.log.info if attempt > 1 else self.log.debug)(
             "JiMeng request attempt %d: model=%s size=%s images<=%d stream=%s client request id %s",
             attempt,
             body.get("model"),

@@ -293,7 +293,7 @@ class S3ImageStore:
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
-                Body=json.dumps(data, ensure_ascii=False, indent=1, default=str).encode("utf-8"),
+                Body=json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8"),
                 ContentType="application/json",
                 **self._extra_args,
             )

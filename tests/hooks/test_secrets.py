@@ -90,7 +90,7 @@ def test_generation_and_failures_leak_no_key_signature_or_base64(
     _assert_nothing_secret(texts, secrets)
     # The capture did see the traffic: these checks are not vacuous.
     assert "/api/v3/images/generations" in logs.text
-    assert "JiMeng request attempt 1" in logs.text
+    assert "image(s) ok" in logs.text
     assert any("urllib3" in message for message in logs.messages)
 
 
