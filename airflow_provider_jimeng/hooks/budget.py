@@ -26,7 +26,9 @@ DEFAULT_IMAGE_MEMORY_BYTES = 32 * 1024 * 1024
 DEFAULT_WAIT_SECONDS = 30.0
 #: glibc's ``mallopt`` parameter for the size from which blocks are mapped from the OS.
 _M_MMAP_THRESHOLD = -3
-#: Blocks this large are image-sized: each is mapped from the OS and returned whole when freed.
+#: Blocks this large are image-sized and mapped from the OS, not malloc'd: unmapped, they are returned
+#: at once, where a malloc'd block of megabytes would stay in its thread's arena (glibc raises its mmap
+#: and trim thresholds as large blocks are freed), so a dozen threads would keep tens of MiB.
 IMAGE_BLOCK_BYTES = 1024 * 1024
 
 

@@ -420,7 +420,7 @@ class JiMengGenerateOperator(BaseOperator):
         if store is not None and not self.replace:
             existing = store.existing_keys()
             earlier_records = store.read_records(existing)
-            earlier_journals, journal_objects = store.read_journals(existing)
+            earlier_journals, journal_objects = store.read_journals(existing, len(bodies))
         self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure) if store is not None else None
         storage_workers = max(2, self.max_concurrency) if store is not None else 1
         try:
@@ -445,12 +445,23 @@ class JiMengGenerateOperator(BaseOperator):
                             index,
                             fingerprints[index],
                             earlier_records.get(index),
-                            store.read_journal(index, earlier_journals),
+                            earlier_journals.get(index),
                             existing,
                             outcomes[index],
                         )
                         if isinstance(resumed, tuple):
-                            track(storing, store_pool.submit(self._store_result, store, body, *resumed), index)
+                            journaled, images = resumed
+                            task = store_pool.submit(
+                                self._store_result,
+                                store,
+                                body,
+                                fingerprints[index],
+                                outcomes[index],
+                                journaled,
+                                images,
+                                existing,
+                            )
+                            track(storing, task, index)
                         if resumed is not None:
                             continue
                     track(
@@ -686,9 +697,9 @@ class JiMengGenerateOperator(BaseOperator):
         journal: Mapping[str, Any] | None,
         existing: Mapping[str, int],
         outcome: PromptOutcome,
-    ) -> tuple[str, PromptOutcome, GenerationResult, list[GeneratedImage], Mapping[str, int]] | bool | None:
-        """Reuse what an earlier try stored: ``True`` (all done), the arguments of ``_store_result`` for the
-        images still to store from a journal (no new request), or ``None`` (the prompt must be generated)."""
+    ) -> tuple[GenerationResult, list[GeneratedImage]] | bool | None:
+        """Reuse what an earlier try stored: ``True`` (all done), the journaled answer and its images for
+        ``_store_result`` to finish (no new request), or ``None`` (the prompt must be generated)."""
         if record is not None and record.get("fingerprint") == fingerprint:
             if not record.get("images") and record.get("failures"):
                 # Nothing of it was stored (lost at download, or refused by moderation, which is not billed):
@@ -729,7 +740,7 @@ class JiMengGenerateOperator(BaseOperator):
         )
         outcome.usage = {"generated_images": 0, "resumed_images": len(images)}
         outcome.reused = True
-        return fingerprint, outcome, result, images, existing
+        return result, images
 
     def _store_result(
         self,

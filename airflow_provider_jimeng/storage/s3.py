@@ -28,12 +28,13 @@ import os
 import re
 import string
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
+from airflow_provider_jimeng.hooks.budget import IMAGE_BLOCK_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ KEY_TEMPLATE_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "prompt_index
 IMAGE_CONTENT_TYPE = "image/jpeg"
 #: boto3's default: objects up to this size are uploaded with one PutObject.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
-#: Image buffers this large are mapped from the OS, not malloc'd. Unmapped, they are returned at
-#: once; a malloc'd block of megabytes stays in its thread's arena (glibc raises its mmap and trim
-#: thresholds as large blocks are freed), so a dozen storage threads would keep tens of MiB.
-MAPPED_BUFFER_BYTES = 1024 * 1024
 #: Downloads are read in pieces this small, for the same reason.
 READ_CHUNK_BYTES = 256 * 1024
 #: Journals older than this are not trusted: the signed URLs in them are about to expire.
@@ -146,7 +143,7 @@ def prompt_fingerprint(body: Mapping[str, Any]) -> str:
 
 def _read_all(stream: Any, length: int) -> bytes | bytearray | mmap.mmap:
     """Read a stream announced as ``length`` bytes into one buffer, piece by piece (close it after use)."""
-    buffer: bytearray | mmap.mmap = mmap.mmap(-1, length) if length >= MAPPED_BUFFER_BYTES else bytearray(length)
+    buffer: bytearray | mmap.mmap = mmap.mmap(-1, length) if length >= IMAGE_BLOCK_BYTES else bytearray(length)
     filled = 0
     while chunk := stream.read(READ_CHUNK_BYTES):
         end = filled + len(chunk)
@@ -240,9 +237,32 @@ class LocalJournal:
             return None
         return data if isinstance(data, dict) else None
 
+    def read_many(self, prompt_indexes: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """The journals kept here for these prompts, from one listing of the directory."""
+        try:
+            names = set(os.listdir(self.directory))
+        except OSError:
+            return {}
+        found = {}
+        for index in prompt_indexes:
+            if self.path(index).name in names and (data := self.read(index)) is not None:
+                found[index] = data
+        return found
+
     def delete(self, prompt_index: int) -> None:
         with contextlib.suppress(OSError):
             self.path(prompt_index).unlink()
+
+
+def _holds_data_of(local: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
+    """Whether a local journal keeps the same answer as ``entry``, with its base64 image data.
+
+    Such a copy must win over (and never be overwritten by) a journal of that answer without the
+    data: S3 took the journal, then refused the upload, and only the data avoids paying again.
+    """
+    return local.get("request_id") == entry.get("request_id") and any(
+        "b64_json" in image for image in local.get("images", [])
+    )
 
 
 class S3ImageStore:
@@ -300,12 +320,6 @@ class S3ImageStore:
         except Exception as error:
             raise self._fail("writing", key, error) from None
 
-    def delete(self, key: str) -> None:
-        try:
-            self._client.delete_object(Bucket=self.bucket, Key=key)
-        except Exception as error:
-            raise self._fail("deleting", key, error) from None
-
     # ------------------------------------------------------------------------- records and journals
     def read_records(self, existing: Mapping[str, int]) -> dict[int, dict[str, Any]]:
         """The records an earlier try wrote, by prompt index (empty if it wrote none)."""
@@ -334,8 +348,14 @@ class S3ImageStore:
             },
         )
 
-    def read_journals(self, existing: Mapping[str, int]) -> tuple[dict[int, dict[str, Any]], dict[str, set[int]]]:
-        """Earlier tries' journal entries by prompt (the newest wins), and which prompts each object holds."""
+    def read_journals(
+        self, existing: Mapping[str, int], prompt_count: int
+    ) -> tuple[dict[int, dict[str, Any]], dict[str, set[int]]]:
+        """Earlier tries' journal entries by prompt, and which prompts each S3 object holds.
+
+        The newest entry of a prompt wins; a local journal stands in where S3 has none, or where it
+        holds the answer's image data (:func:`_holds_data_of`).
+        """
         entries: dict[int, dict[str, Any]] = {}
         objects: dict[str, set[int]] = {}
         for key in sorted(key for key in existing if key.startswith(self.keyspace.journal_prefix)):
@@ -349,33 +369,14 @@ class S3ImageStore:
                 objects[key].add(index)
                 if float(entry.get("written_at", 0)) >= float(entries.get(index, {}).get("written_at", 0)):
                     entries[index] = entry
+        for index, local in self.local_journal.read_many(range(prompt_count)).items():
+            if index not in entries or _holds_data_of(local, entries[index]):
+                entries[index] = local
         return entries, objects
-
-    def read_journal(self, prompt_index: int, entries: Mapping[int, dict[str, Any]]) -> dict[str, Any] | None:
-        """A prompt's journal entry: from S3 (``entries``), else the local fallback (``None`` if neither).
-
-        A local copy of the same answer wins when it holds base64 data (S3 took the journal, then
-        refused the upload): without the data the images could only be paid for again.
-        """
-        entry = entries.get(prompt_index)
-        local = self.local_journal.read(prompt_index)
-        if local is not None and (
-            entry is None
-            or (
-                local.get("request_id") == entry.get("request_id")
-                and any("b64_json" in image for image in local.get("images", []))
-            )
-        ):
-            return local
-        return entry
 
     def save_local_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
         current = self.local_journal.read(prompt_index)
-        if (
-            current is not None
-            and current.get("request_id") == data.get("request_id")
-            and any("b64_json" in image for image in current.get("images", []))
-        ):
+        if current is not None and _holds_data_of(current, data):
             return  # the same answer is kept here already, with its image data
         where = self.local_journal.write(prompt_index, data)
         if where is not None:

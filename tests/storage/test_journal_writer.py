@@ -46,7 +46,7 @@ def test_entries_are_written_in_batches_and_read_back_by_prompt(s3_bucket: str, 
     objects = sorted(key for key in existing if key.startswith(store.keyspace.journal_prefix))
     assert 1 <= len(objects) < 16, "entries of a burst share an object"
     assert sorted(writer.written) == objects
-    entries, held = store.read_journals(existing)
+    entries, held = store.read_journals(existing, 16)
     assert sorted(entries) == list(range(16))
     assert entries[7]["request_id"] == "r7"
     assert set().union(*held.values()) == set(range(16))
@@ -61,7 +61,7 @@ def test_close_writes_what_is_queued_and_a_later_try_never_overwrites(s3_bucket:
     second.add(0, {**_entry(0), "written_at": 2.0, "request_id": "newer"})
     second.close()
 
-    entries, held = store.read_journals(store.existing_keys())
+    entries, held = store.read_journals(store.existing_keys(), 1)
     assert len(held) == 2, "each try writes its own objects"
     assert entries[0]["request_id"] == "newer", "the newest entry of a prompt wins"
 
