@@ -417,10 +417,14 @@ class JiMengGenerateOperator(BaseOperator):
         earlier_records: dict[int, dict[str, Any]] = {}
         earlier_journals: dict[int, dict[str, Any]] = {}
         journal_objects: dict[str, set[int]] = {}
-        if store is not None and not self.replace:
+        if store is not None:
             existing = store.existing_keys()
-            earlier_records = store.read_records(existing)
-            earlier_journals, journal_objects = store.read_journals(existing, len(bodies))
+            if self.replace:
+                # Nothing earlier is reused; earlier tries' journals go with this try's once records.json is written.
+                journal_objects = {key: set() for key in existing if key.startswith(store.keyspace.journal_prefix)}
+            else:
+                earlier_records = store.read_records(existing)
+                earlier_journals, journal_objects = store.read_journals(existing, len(bodies))
         self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure) if store is not None else None
         storage_workers = max(2, self.max_concurrency) if store is not None else 1
         try:

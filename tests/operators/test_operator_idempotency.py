@@ -15,6 +15,8 @@ decides exactly which request of which try fails.
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 
 import pytest
@@ -102,6 +104,10 @@ def test_replace_regenerates_and_overwrites(emulator: TrackingEmulator, bucket: 
     first = run_dag(jimeng_test_generate.replace_dag, conf)
     prefix = task_prefix(first)
     first_ids = [bucket.record(prefix, index)["request_id"] for index in range(2)]
+    # A journal an earlier try left behind (it died before records.json): replace=True must not use it, only drop it.
+    stale_journal = f"{prefix}/_pending/earlier-try-1.json"
+    entry = {**bucket.record(prefix, 0), "written_at": time.time(), "images": []}
+    bucket.client.put_object(Bucket=bucket.name, Key=stale_journal, Body=json.dumps({"prompts": {"0": entry}}))
 
     again = run_dag(jimeng_test_generate.replace_dag, conf, again=first)
 
@@ -112,6 +118,7 @@ def test_replace_regenerates_and_overwrites(emulator: TrackingEmulator, bucket: 
     assert set(first_ids).isdisjoint(second_ids)
     assert [bucket.head(key)["Metadata"]["jimeng-request-id"] for key in bucket.images(prefix)] == second_ids
     assert again.xcom("gen", "usage")["reused_prompts"] == 0
+    assert not bucket.keys(f"{prefix}/_pending/"), "earlier and own journals dropped once records.json is written"
 
 
 def test_retry_stores_from_the_journal_without_a_new_generation_request(
