@@ -84,35 +84,28 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 _verdict(p1["pass"]),
             )
         )
-        if "before_first_request_s" in p1:
-            before, after = p1["before_first_request_s"]["median"], p1["after_last_answer_s"]["median"]
-            table.append(
-                (
-                    "P1 where the time beyond the ideal goes (medians, by the emulator's clock)",
-                    "for diagnosis",
-                    f"before the first request {before:.3f} s (S3 client, listing); after the last answer "
-                    f"{after:.3f} s (last round's storage, records.json); in the rounds "
-                    f"{wall['median'] - p1['ideal_s'] - before - after:.3f} s. Before and after alone: "
-                    f"**{1 + (before + after) / p1['ideal_s']:.3f}** x ideal"
-                    + (
-                        f" (the naive loop too spends {p1['naive_before_first_request_s']:.3f} s on its S3 client "
-                        "before its first request)"
-                        if "naive_before_first_request_s" in p1
-                        else ""
-                    ),
-                    "-",
-                )
+        before, after = p1["before_first_request_s"]["median"], p1["after_last_answer_s"]["median"]
+        table.append(
+            (
+                "P1 where the time beyond the ideal goes (medians, by the emulator's clock)",
+                "for diagnosis",
+                f"before the first request {before:.3f} s (S3 client, listing); after the last answer "
+                f"{after:.3f} s (last round's storage, records.json); in the rounds "
+                f"{wall['median'] - p1['ideal_s'] - before - after:.3f} s. Before and after alone: "
+                f"**{1 + (before + after) / p1['ideal_s']:.3f}** x ideal (the naive loop too spends "
+                f"{p1['naive_before_first_request_s']:.3f} s on its S3 client before its first request)",
+                "-",
             )
-        if "without_storage_ratio" in p1:
-            table.append(
-                (
-                    "P1 without storage (URLs only; one run)",
-                    "for comparison",
-                    f"{p1['without_storage_wall_s']:.2f} s = **{p1['without_storage_ratio']:.3f}** x ideal: "
-                    "the API (emulator) and HTTP alone",
-                    "-",
-                )
+        )
+        table.append(
+            (
+                "P1 without storage (URLs only; one run)",
+                "for comparison",
+                f"{p1['without_storage_wall_s']:.2f} s = **{p1['without_storage_ratio']:.3f}** x ideal: "
+                "the API (emulator) and HTTP alone",
+                "-",
             )
+        )
         table.append(
             (
                 "P1 naive baseline (sequential post + get + put_object)",

@@ -803,10 +803,12 @@ class _Handler(BaseHTTPRequestHandler):
             }
         }
 
-    def _bill(self, body: dict[str, Any], request_id: str, images: int, pixels: int, created: int) -> None:
+    def _bill(
+        self, body: dict[str, Any], request_id: str, images: int, pixels: int, created: int, *, delivered: bool = True
+    ) -> None:
         if images:
             entry = LedgerEntry(
-                request_id, body["model"], body["prompt"], images, images * pixels // 256, True, created
+                request_id, body["model"], body["prompt"], images, images * pixels // 256, delivered, created
             )
             self.emulator._ledger.record(entry)
         log.debug(
@@ -847,13 +849,16 @@ class _Handler(BaseHTTPRequestHandler):
             "data": items,
             "usage": {"generated_images": billed, "output_tokens": tokens, "total_tokens": tokens},
         }
-        self._bill(body, request_id, billed, width * height, created)
+        # A client that gave up (timed out, hung up) is billed as undelivered in the same step, so that
+        # nobody reading the ledger sees the answer delivered in between.
+        gone = self._peer_gone()
+        self._bill(body, request_id, billed, width * height, created, delivered=not gone)
         data = json.dumps(payload).encode()
         record["status"] = 200
         record["images"] = billed
         emulator._add_record(record)
         kind = fault.kind if fault else None
-        if self._peer_gone():
+        if gone:
             delivered = False
             self.close_connection = True
         elif kind == "malformed":
@@ -866,7 +871,7 @@ class _Handler(BaseHTTPRequestHandler):
             delivered = False
         else:
             delivered = self._send(200, data, request_id=request_id)
-        if not delivered:
+        if not delivered and not gone:
             emulator._ledger.mark_undelivered(request_id)
         return billed
 

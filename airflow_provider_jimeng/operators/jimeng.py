@@ -421,7 +421,7 @@ class JiMengGenerateOperator(BaseOperator):
             existing = store.existing_keys()
             if self.replace:
                 # Nothing earlier is reused; earlier tries' journals go with this try's once records.json is written.
-                journal_objects = {key: set() for key in existing if key.startswith(store.keyspace.journal_prefix)}
+                journal_objects = {key: set() for key in store.journal_keys(existing)}
             else:
                 earlier_records = store.read_records(existing)
                 earlier_journals, journal_objects = store.read_journals(existing, len(bodies))

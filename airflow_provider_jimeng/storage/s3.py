@@ -348,6 +348,10 @@ class S3ImageStore:
             },
         )
 
+    def journal_keys(self, existing: Mapping[str, int]) -> list[str]:
+        """The journal objects among ``existing`` (a listing of the task's prefix), oldest batch first."""
+        return sorted(key for key in existing if key.startswith(self.keyspace.journal_prefix))
+
     def read_journals(
         self, existing: Mapping[str, int], prompt_count: int
     ) -> tuple[dict[int, dict[str, Any]], dict[str, set[int]]]:
@@ -358,7 +362,7 @@ class S3ImageStore:
         """
         entries: dict[int, dict[str, Any]] = {}
         objects: dict[str, set[int]] = {}
-        for key in sorted(key for key in existing if key.startswith(self.keyspace.journal_prefix)):
+        for key in self.journal_keys(existing):
             batch = self.read_json(key) or {}
             prompts = batch.get("prompts") if isinstance(batch.get("prompts"), dict) else {}
             objects[key] = set()

@@ -75,7 +75,7 @@ def test_slow_answer_is_billed_even_when_the_client_gave_up(generate, jimeng_emu
     jimeng_emulator.inject(Fault("slow", delay=1.2))
     with pytest.raises(requests.ReadTimeout):
         generate(timeout=0.2)
-    # Billed first, then marked undelivered once the emulator finds the client gone: wait for both.
+    # Billed (as undelivered: the client is gone) only once the emulator finishes the slow answer.
     assert wait_for(lambda: len(jimeng_emulator.ledger) == 1 and jimeng_emulator.ledger[0].delivered is False)
     assert jimeng_emulator.billed_images == 1
 

@@ -71,7 +71,6 @@ def test_task_process_killed_between_generation_and_storage(
     run = pipeline.run("faults_pipeline", prompts=PROMPTS)
 
     # The request in flight at the kill completes on the server meanwhile: billed, never delivered.
-    # (billed first, marked undelivered just after: wait for the mark too)
     assert wait_for(
         lambda: len(emulator.ledger) == 3 and any(not entry.delivered for entry in emulator.ledger), timeout=15
     )

@@ -173,7 +173,7 @@ def test_read_timeout_is_retried_and_the_timed_out_request_is_still_billed(
     assert "(Timeout, request id" in _warnings(logs)[0]
     # Like the real API (no idempotency key), the service finishes the abandoned request and bills it:
     # the retry paid a second time. Only storing results durably can avoid paying again on task retry.
-    # Billed first, marked undelivered just after: wait for the mark too.
+    # (the abandoned answer is billed, undelivered, when the emulator finishes it)
     assert wait_for(
         lambda: (
             jimeng_conn.billed_images == 2 and sorted(entry.delivered for entry in jimeng_conn.ledger) == [False, True]
