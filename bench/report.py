@@ -351,7 +351,7 @@ ideal `ceil(N/K) x latency`:
   generation thread parsed them, which keeps them: memory grew with the number of threads that had
   had a turn (55 MiB at N=8, 63 MiB at N=32 before). In `b64_json` mode the operator therefore fixes
   the threshold at 1 MiB for its task process (`return_image_blocks_to_the_os` in
-  `hooks/budget.py`): every image-sized block is mapped from the OS and returned when freed, for about
+  `budget.py`): every image-sized block is mapped from the OS and returned when freed, for about
   35 ms of page faults per 4K image, nothing beside seconds of generation. In `url` mode the download
   buffer is mapped explicitly and the rest of the growth is the C allocator's per-thread arenas
   (`MALLOC_ARENA_MAX=2` on the worker takes ~15 MiB off).

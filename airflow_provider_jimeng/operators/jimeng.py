@@ -37,7 +37,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunAbortedError,
     JiMengStorageError,
 )
-from airflow_provider_jimeng.hooks.budget import ByteBudget, return_image_blocks_to_the_os
+from airflow_provider_jimeng.budget import ByteBudget, return_image_blocks_to_the_os
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.storage.journal import JournalWriter

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
-from airflow_provider_jimeng.hooks.budget import IMAGE_BLOCK_BYTES
+from airflow_provider_jimeng.budget import IMAGE_BLOCK_BYTES
 
 log = logging.getLogger(__name__)
 

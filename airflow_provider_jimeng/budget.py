@@ -1,4 +1,7 @@
-"""Where image bytes held in memory are bounded: :class:`ByteBudget`.
+"""What a run may spend: images billed (:class:`SpendingCap`) and image bytes in memory (:class:`ByteBudget`).
+
+Neutral ground: the hook, the run engine and storage all use these, and none of them owns them.
+
 
 A 4K image weighs megabytes (a third more as base64), and a run may generate hundreds. Image data is
 in the worker's memory only between its arrival (a ``b64_json`` answer, a download) and its upload to
@@ -19,6 +22,8 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from airflow_provider_jimeng.exceptions import JiMengSpendingCapError
 
 #: Image bytes one run may hold at once: room for several 4K images, far more than 1K/2K need.
 DEFAULT_IMAGE_MEMORY_BYTES = 32 * 1024 * 1024
@@ -97,3 +102,78 @@ class ByteBudget:
             yield taken
         finally:
             self.release(taken)
+
+
+class SpendingCap:
+    """The most images a run may bill, enforced before every attempt is sent, retries included.
+
+    The API has no idempotency key: an attempt that timed out, or whose answer broke off or could not
+    be parsed, may have generated (and billed) its images. Each attempt therefore *reserves* the most
+    it can bill before it is sent, and the reservation is settled once its fate is known:
+
+    * :meth:`Reservation.settle` with the images the answer says were billed (the rest is returned);
+    * :meth:`Reservation.release` when the service answered with an error (nothing generated);
+    * :meth:`Reservation.keep_as_possible` when nobody can tell: it counts as possibly billed.
+
+    A reservation that would take ``billed + possibly billed + reserved`` above ``limit`` raises
+    :class:`~airflow_provider_jimeng.exceptions.JiMengSpendingCapError` and the attempt is not sent.
+    Thread-safe; one cap serves every thread of a run. ``limit=None`` counts without refusing.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = limit
+        self.billed = 0
+        self.possibly_billed = 0
+        self.reserved = 0
+        self._lock = threading.Lock()
+
+    @property
+    def committed(self) -> int:
+        """Images billed for sure or possibly: what a report must admit to."""
+        return self.billed + self.possibly_billed
+
+    def reserve(self, images: int) -> Reservation:
+        images = max(0, int(images))
+        with self._lock:
+            if self.limit is not None and self.billed + self.possibly_billed + self.reserved + images > self.limit:
+                raise JiMengSpendingCapError(
+                    limit=self.limit,
+                    billed=self.billed,
+                    possibly_billed=self.possibly_billed,
+                    in_flight=self.reserved,
+                    requested=images,
+                )
+            self.reserved += images
+        return Reservation(self, images)
+
+    def _settle(self, reserved: int, billed: int, possible: int) -> None:
+        with self._lock:
+            self.reserved -= reserved
+            self.billed += billed
+            self.possibly_billed += possible
+
+
+class Reservation:
+    """Room for one attempt's images in a :class:`SpendingCap`; settled exactly once."""
+
+    def __init__(self, cap: SpendingCap, images: int) -> None:
+        self._cap = cap
+        self.images = images
+        self._open = True
+
+    def _close(self, billed: int, possible: int) -> None:
+        if self._open:
+            self._open = False
+            self._cap._settle(self.images, billed, possible)
+
+    def settle(self, billed: int) -> None:
+        """The answer said what was billed (a gateway may bill more than reserved: it counts all the same)."""
+        self._close(max(0, int(billed)), 0)
+
+    def release(self) -> None:
+        """The attempt was refused or never sent: nothing was billed."""
+        self._close(0, 0)
+
+    def keep_as_possible(self) -> None:
+        """Unknown fate (timeout, broken answer): every reserved image counts as possibly billed."""
+        self._close(0, self.images)
