@@ -23,6 +23,7 @@ from airflow.sdk import BaseOperator
 
 from airflow_provider_jimeng.api.request import check_prompt, max_images_billed, reference_image_count
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, Usage, redact_url
+from airflow_provider_jimeng.budget import ByteBudget, return_image_blocks_to_the_os
 from airflow_provider_jimeng.exceptions import (
     JiMengAPIError,
     JiMengAuthenticationError,
@@ -37,7 +38,6 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunAbortedError,
     JiMengStorageError,
 )
-from airflow_provider_jimeng.budget import ByteBudget, return_image_blocks_to_the_os
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.storage.journal import JournalWriter

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
 from airflow_provider_jimeng.budget import IMAGE_BLOCK_BYTES
+from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
 
 log = logging.getLogger(__name__)
 
