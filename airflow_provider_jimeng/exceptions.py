@@ -181,6 +181,10 @@ class JiMengStorageError(JiMengError):
     """
 
 
+class JiMengStorageConfigurationError(JiMengStorageError, AirflowFailException):
+    """The bucket is missing or refuses these credentials before anything was paid for: not retried."""
+
+
 class JiMengGenerationIncompleteError(JiMengError):
     """Some images of a run failed; those that succeeded were kept. The message lists every failure."""
 
@@ -196,6 +200,24 @@ class JiMengGenerationIncompleteError(JiMengError):
 
 class JiMengRunAbortedError(JiMengGenerationIncompleteError, AirflowFailException):
     """The run stopped on an error every try would meet (bad key, spending cap, invalid request): not retried."""
+
+
+class JiMengRunStoppedError(JiMengError):
+    """The try was stopped from outside (``on_kill``, SIGTERM) before it finished.
+
+    Nothing more was sent once it stopped; answers already paid for were journaled, so a retry
+    finishes them without paying again.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"the run was stopped ({reason}): nothing more was sent; answers already paid for were journaled "
+            "and a retry of the task stores them without a new request"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reason,))
 
 
 def _rebuild_generation_incomplete(

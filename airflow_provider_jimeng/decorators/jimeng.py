@@ -82,6 +82,9 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
                 raise JiMengConfigurationError("return value", "the dict must include 'prompt'")
             for name, value in returned.items():
                 setattr(self, name, value)
+            if "s3_bucket" in returned:
+                # Naming a bucket asks for storage, even when the value is empty: never URLs instead.
+                self.storage_requested = True
         else:
             self.prompt = returned
         return JiMengGenerateOperator.execute(self, context)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.cookiejar import DefaultCookiePolicy
@@ -21,8 +21,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
-from airflow_provider_jimeng.api.reference_images import ImageInput
-from airflow_provider_jimeng.api.request import build_request_body, max_images_billed
+from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import (
     GenerationResult,
     api_error_from_payload,
@@ -30,6 +29,7 @@ from airflow_provider_jimeng.api.response import (
     parse_generation,
     redact_url,
 )
+from airflow_provider_jimeng.budget import SpendingCap
 from airflow_provider_jimeng.exceptions import (
     JiMengAPIError,
     JiMengConfigurationError,
@@ -47,6 +47,7 @@ from airflow_provider_jimeng.hooks.connection_form import (
     UI_FIELD_BEHAVIOUR,
 )
 from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
+from airflow_provider_jimeng.options import GenerationOptions, as_int
 from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 
 DEFAULT_TIMEOUT = 300.0
@@ -298,6 +299,8 @@ class JiMengHook(BaseHook):
         self._counter_lock = threading.Lock()
         #: Counters for reports and benchmarks: attempts sent, 429s received, retries made.
         self.stats: dict[str, int] = {"attempts": 0, "rate_limited": 0, "retries": 0}
+        #: What this hook's calls billed when no run-wide cap is given (counted, never refused).
+        self.spending = SpendingCap()
 
     # ----------------------------------------------------------------------------------- UI metadata
     @classmethod
@@ -458,81 +461,43 @@ class JiMengHook(BaseHook):
         return self._stop.is_set()
 
     # ----------------------------------------------------------------------------------- generation
-    def build_body(
-        self,
-        prompt: str,
-        *,
-        model: str | None = None,
-        size: str | None = None,
-        response_format: str = "url",
-        watermark: bool | None = None,
-        image: ImageInput | Sequence[ImageInput] | None = None,
-        seed: int | None = None,
-        sequential_image_generation: str | None = None,
-        max_images: int | None = None,
-        optimize_prompt_mode: str | None = None,
-        guidance_scale: float | None = None,
-        stream: bool = False,
-        extra_body: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Validate arguments and return the request body, filling model/watermark from the connection."""
-        return build_request_body(
-            prompt,
-            model=model or self.config.model,
-            size=size,
-            response_format=response_format,
-            watermark=self.config.watermark if watermark is None else watermark,
-            image=image,
-            seed=seed,
-            sequential_image_generation=sequential_image_generation,
-            max_images=max_images,
-            optimize_prompt_mode=optimize_prompt_mode,
-            guidance_scale=guidance_scale,
-            stream=stream,
-            extra_body=extra_body,
-        )
+    def build_body(self, prompt: str, options: GenerationOptions | None = None, **fields: Any) -> dict[str, Any]:
+        """Validate arguments and return the request body, filling model/watermark from the connection.
+
+        ``options`` is a checked :class:`~airflow_provider_jimeng.options.GenerationOptions`; keyword
+        ``fields`` (``size="2K"``, ``seed=7``...) are checked into one when it is not given.
+        """
+        if options is None:
+            options = GenerationOptions.parse(**fields)
+        elif fields:
+            raise TypeError("pass either options or keyword fields, not both")
+        return options.body(prompt, default_model=self.config.model, default_watermark=self.config.watermark)
 
     def generate_images(
         self,
         prompt: str,
+        options: GenerationOptions | None = None,
         *,
-        model: str | None = None,
-        size: str | None = None,
-        response_format: str = "url",
-        watermark: bool | None = None,
-        image: ImageInput | Sequence[ImageInput] | None = None,
-        seed: int | None = None,
-        sequential_image_generation: str | None = None,
-        max_images: int | None = None,
-        optimize_prompt_mode: str | None = None,
-        guidance_scale: float | None = None,
-        stream: bool = False,
-        extra_body: Mapping[str, Any] | None = None,
+        max_images_per_task: int | None = None,
+        **fields: Any,
     ) -> GenerationResult:
         """Generate one image, or a set with ``sequential_image_generation="auto"``.
 
+        Takes the fields of :class:`~airflow_provider_jimeng.options.GenerationOptions` as keywords:
         ``image`` takes reference images as URLs, data URIs, bytes or local file paths (a list for
         several). Per-image failures inside a set are returned in the result, not raised.
+        ``max_images_per_task`` caps what this call may bill, retries included.
         """
-        body = self.build_body(
-            prompt,
-            model=model,
-            size=size,
-            response_format=response_format,
-            watermark=watermark,
-            image=image,
-            seed=seed,
-            sequential_image_generation=sequential_image_generation,
-            max_images=max_images,
-            optimize_prompt_mode=optimize_prompt_mode,
-            guidance_scale=guidance_scale,
-            stream=stream,
-            extra_body=extra_body,
-        )
-        return self.send(body)
+        body = self.build_body(prompt, options, **fields)
+        limit = as_int("max_images_per_task", max_images_per_task, minimum=1, optional=True)
+        return self.send(body, spending_cap=SpendingCap(limit) if limit is not None else None)
 
     def send(
-        self, body: Mapping[str, Any], *, before_body: Callable[[int | None], None] | None = None
+        self,
+        body: Mapping[str, Any],
+        *,
+        before_body: Callable[[int | None], None] | None = None,
+        spending_cap: SpendingCap | None = None,
     ) -> GenerationResult:
         """Send a validated body, pacing and retrying; the single path every generation takes.
 
@@ -546,12 +511,17 @@ class JiMengHook(BaseHook):
             attempt += 1
             if self._stop.is_set():
                 raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
+            reservation = (spending_cap or self.spending).reserve(images)
             pacer = self.pacer
             if pacer is not None:
                 pacer.acquire(images, stop=self._stop)
             try:
-                return self._send_once(body, attempt, before_body)
+                result = self._send_once(body, attempt, before_body)
             except JiMengAPIError as error:
+                if isinstance(error, (JiMengTimeoutError, JiMengResponseError)):
+                    reservation.keep_as_possible()  # it may have been generated, and billed
+                else:
+                    reservation.release()
                 if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
                     raise
                 wait = self.retry_policy.wait_seconds(error, attempt)
@@ -567,6 +537,20 @@ class JiMengHook(BaseHook):
                 )
                 if self._stop.wait(wait):
                     raise
+            except BaseException:
+                reservation.keep_as_possible()
+                raise
+            else:
+                reservation.settle(
+                    result.usage.generated_images
+                    if result.usage.generated_images is not None
+                    else len(result.succeeded)
+                )
+                return result
+
+    def stop(self) -> None:
+        """Send nothing more: retry and pacing waits end at once; requests in flight still get their answer."""
+        self._stop.set()
 
     def _send_once(
         self, body: Mapping[str, Any], attempt: int, before_body: Callable[[int | None], None] | None = None

@@ -15,10 +15,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from airflow_provider_jimeng.exceptions import JiMengStorageError
+from airflow_provider_jimeng.storage.records import JournalEntry
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class JournalWriter:
         #: Unique per try, so that a retry never overwrites an earlier try's journals.
         self._try_token = uuid.uuid4().hex[:12]
         self._sequence = 0
-        self._queue: dict[int, Mapping[str, Any]] = {}
+        self._queue: dict[int, JournalEntry] = {}
         self._condition = threading.Condition()
         self._closing = False
         self._hurry = False
@@ -52,7 +52,7 @@ class JournalWriter:
         self._thread = threading.Thread(target=self._serve, name="jimeng-journal", daemon=True)
         self._thread.start()
 
-    def add(self, prompt_index: int, entry: Mapping[str, Any]) -> None:
+    def add(self, prompt_index: int, entry: JournalEntry) -> None:
         """Queue a prompt's entry; returns at once."""
         with self._condition:
             self._queue[prompt_index] = entry
@@ -84,13 +84,17 @@ class JournalWriter:
                 batch, self._queue = self._queue, {}
             self._write(batch)
 
-    def _write(self, batch: dict[int, Mapping[str, Any]]) -> None:
+    def _write(self, batch: dict[int, JournalEntry]) -> None:
         if self._failed is None:
             key = self._store.keyspace.journal_key(f"{self._try_token}-{self._sequence:05d}")
             self._sequence += 1
             try:
                 self._store.write_json(
-                    key, {"written_at": time.time(), "prompts": {str(index): entry for index, entry in batch.items()}}
+                    key,
+                    {
+                        "written_at": time.time(),
+                        "prompts": {str(index): entry.to_json() for index, entry in batch.items()},
+                    },
                 )
             except JiMengStorageError as error:
                 self._failed = error
@@ -100,5 +104,5 @@ class JournalWriter:
                 self.written[key] = set(batch)
                 return
         # S3 refused journals in this run: keep them on this machine, for a retry that runs here.
-        for index, entry in batch.items():
-            self._store.save_local_journal(index, entry)
+        for entry in batch.values():
+            self._store.save_local_journal(entry)

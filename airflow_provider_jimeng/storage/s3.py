@@ -25,120 +25,37 @@ import json
 import logging
 import mmap
 import os
-import re
-import string
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_jimeng.budget import IMAGE_BLOCK_BYTES
-from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
+from airflow_provider_jimeng.exceptions import JiMengStorageConfigurationError, JiMengStorageError
+from airflow_provider_jimeng.storage.keys import TaskKeyspace
+from airflow_provider_jimeng.storage.records import SCHEMA_VERSION, JournalEntry, PromptRecord, newer
 
 log = logging.getLogger(__name__)
 
-_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
-KEY_TEMPLATE_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "prompt_index", "image_index", "ext")
 IMAGE_CONTENT_TYPE = "image/jpeg"
 #: boto3's default: objects up to this size are uploaded with one PutObject.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 #: Downloads are read in pieces this small, for the same reason.
 READ_CHUNK_BYTES = 256 * 1024
-#: Journals older than this are not trusted: the signed URLs in them are about to expire.
-JOURNAL_MAX_AGE_SECONDS = 23 * 3600
-
-
-def check_bucket_name(bucket: str) -> None:
-    """Refuse a bucket name S3 would refuse, naming the rule it breaks."""
-    rules = "3-63 characters of lower-case letters, digits, '.' and '-', starting and ending with a letter or digit"
-    if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
-        raise JiMengConfigurationError(
-            "s3_bucket", f"{str(bucket)[:80]!r} is not a valid bucket name; allowed: {rules}"
-        )
-    if ".." in bucket or _IP_ADDRESS.match(bucket):
-        raise JiMengConfigurationError(
-            "s3_bucket", f"{bucket!r} is not a valid bucket name (no '..', not an IP address)"
-        )
-
-
-def safe_key_part(value: object) -> str:
-    """Make a run id or task id safe and readable inside an S3 key (deterministic)."""
-    return _UNSAFE_KEY_CHARS.sub("_", str(value)).strip("_") or "_"
-
-
-def check_key_template(template: str, *, images_per_task: int) -> None:
-    """Refuse a key template that names an unknown field or would write several images to one key."""
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(template) if name}
-    except ValueError as exc:
-        raise JiMengConfigurationError("s3_key", f"is not a valid format string: {exc}") from None
-    unknown = sorted(names - set(KEY_TEMPLATE_FIELDS))
-    if unknown:
-        raise JiMengConfigurationError(
-            "s3_key",
-            f"uses unknown field(s) {unknown}; allowed: {', '.join('{' + f + '}' for f in KEY_TEMPLATE_FIELDS)}",
-        )
-    if images_per_task > 1 and not {"prompt_index", "image_index"} <= names:
-        raise JiMengConfigurationError(
-            "s3_key", "must contain {prompt_index} and {image_index} when a task can store more than one image"
-        )
-
-
-@dataclass(frozen=True)
-class TaskKeyspace:
-    """The keys one task instance writes: images, records and journals under one prefix."""
-
-    bucket: str
-    prefix: str
-    dag_id: str
-    run_id: str
-    task_id: str
-    map_index: int
-    key_template: str | None = None
-
-    @property
-    def task_prefix(self) -> str:
-        parts = [self.prefix.strip("/")] if self.prefix.strip("/") else []
-        parts += [safe_key_part(self.dag_id), safe_key_part(self.run_id), safe_key_part(self.task_id)]
-        if self.map_index >= 0:
-            parts.append(f"map_{self.map_index}")
-        return "/".join(parts)
-
-    def image_key(self, prompt_index: int, image_index: int) -> str:
-        if self.key_template:
-            return self.key_template.format(
-                dag_id=safe_key_part(self.dag_id),
-                run_id=safe_key_part(self.run_id),
-                task_id=safe_key_part(self.task_id),
-                map_index=self.map_index,
-                prompt_index=prompt_index,
-                image_index=image_index,
-                ext="jpeg",
-            ).lstrip("/")
-        return f"{self.task_prefix}/p{prompt_index:04d}_i{image_index:02d}.jpeg"
-
-    @property
-    def records_key(self) -> str:
-        return f"{self.task_prefix}/records.json"
-
-    @property
-    def journal_prefix(self) -> str:
-        return f"{self.task_prefix}/_pending/"
-
-    def journal_key(self, batch: str) -> str:
-        return f"{self.journal_prefix}{batch}.json"
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
-
-
-def prompt_fingerprint(body: Mapping[str, Any]) -> str:
-    """What makes two requests the same work: a stored result is reused only when this matches."""
-    relevant = {k: v for k, v in body.items() if k not in ("stream", "response_format")}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+#: S3 error codes that no retry can fix: a wrong bucket name, region or credentials.
+STORAGE_CONFIGURATION_CODES = frozenset(
+    {
+        "NoSuchBucket",
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "InvalidBucketName",
+        "AuthorizationHeaderMalformed",
+        "PermanentRedirect",
+        "AccountProblem",
+    }
+)
 
 
 def _read_all(stream: Any, length: int) -> bytes | bytearray | mmap.mmap:
@@ -216,28 +133,31 @@ class LocalJournal:
         uri = self.keyspace.uri(f"{self.keyspace.journal_prefix}p{prompt_index:04d}")
         return self.directory / f"{hashlib.sha256(uri.encode()).hexdigest()[:40]}.json"
 
-    def write(self, prompt_index: int, data: Mapping[str, Any]) -> Path | None:
-        path = self.path(prompt_index)
+    def write(self, entry: JournalEntry) -> Path | None:
+        """Keep an entry here, with its base64 image data (the only copy of it, once S3 failed)."""
+        path = self.path(entry.prompt_index)
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.tmp")
             descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, ensure_ascii=False, default=str)
+                json.dump(entry.to_json(with_data=True), handle, ensure_ascii=False, separators=(",", ":"))
             os.replace(partial, path)
         except OSError as error:
-            log.error("Could not write a local journal for prompt %d either: %s", prompt_index, type(error).__name__)
+            log.error(
+                "Could not write a local journal for prompt %d either: %s", entry.prompt_index, type(error).__name__
+            )
             return None
         return path
 
-    def read(self, prompt_index: int) -> dict[str, Any] | None:
+    def read(self, prompt_index: int) -> JournalEntry | None:
         try:
             data = json.loads(self.path(prompt_index).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) else None
+        return JournalEntry.from_json(data, prompt_index=prompt_index)
 
-    def read_many(self, prompt_indexes: Iterable[int]) -> dict[int, dict[str, Any]]:
+    def read_many(self, prompt_indexes: Iterable[int]) -> dict[int, JournalEntry]:
         """The journals kept here for these prompts, from one listing of the directory."""
         try:
             names = set(os.listdir(self.directory))
@@ -245,24 +165,13 @@ class LocalJournal:
             return {}
         found = {}
         for index in prompt_indexes:
-            if self.path(index).name in names and (data := self.read(index)) is not None:
-                found[index] = data
+            if self.path(index).name in names and (entry := self.read(index)) is not None:
+                found[index] = entry
         return found
 
     def delete(self, prompt_index: int) -> None:
         with contextlib.suppress(OSError):
             self.path(prompt_index).unlink()
-
-
-def _holds_data_of(local: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
-    """Whether a local journal keeps the same answer as ``entry``, with its base64 image data.
-
-    Such a copy must win over (and never be overwritten by) a journal of that answer without the
-    data: S3 took the journal, then refused the upload, and only the data avoids paying again.
-    """
-    return local.get("request_id") == entry.get("request_id") and any(
-        "b64_json" in image for image in local.get("images", [])
-    )
 
 
 class S3ImageStore:
@@ -272,6 +181,7 @@ class S3ImageStore:
         self.keyspace = keyspace
         self.local_journal = local_journal or LocalJournal(keyspace)
         self._hook = s3_hook
+        self._conn_id = getattr(s3_hook, "aws_conn_id", None)
         self._client = s3_hook.get_conn()  # boto3 clients are thread-safe; one serves every worker
         self._extra_args: dict[str, Any] = dict(getattr(s3_hook, "extra_args", {}) or {})
         self._transfer_config = getattr(s3_hook, "transfer_config", None)
@@ -283,8 +193,13 @@ class S3ImageStore:
     def _fail(self, action: str, key: str, error: Exception) -> JiMengStorageError:
         return JiMengStorageError(f"{action} s3://{self.bucket}/{key} failed: {_describe(error)}")
 
-    def existing_keys(self) -> dict[str, int]:
-        """Objects already under the task's prefix (key -> size), found with one paginated listing."""
+    def existing_keys(self, *, first: bool = False) -> dict[str, int]:
+        """Objects already under the task's prefix (key -> size), found with one paginated listing.
+
+        ``first``: this is the try's first call to S3, before anything was paid for. A bucket that does
+        not exist or refuses these credentials then fails the task without retries (a retry would meet
+        the same answer), instead of spending the task's retries on a typo.
+        """
         found: dict[str, int] = {}
         try:
             paginator = self._client.get_paginator("list_objects_v2")
@@ -292,7 +207,15 @@ class S3ImageStore:
                 for item in page.get("Contents", []):
                     found[item["Key"]] = int(item["Size"])
         except Exception as error:
-            raise self._fail("listing", self.keyspace.task_prefix + "/", error) from None
+            failure = self._fail("listing", self.keyspace.task_prefix + "/", error)
+            code = _describe(error).split(" ", 1)[0]
+            if first and code in STORAGE_CONFIGURATION_CODES:
+                raise JiMengStorageConfigurationError(
+                    f"{failure} before any image was generated: check the bucket name, its region and what "
+                    f"connection {self._conn_id!r} may do (s3:ListBucket, s3:GetObject, s3:PutObject, "
+                    "s3:DeleteObject on the prefix); nothing was paid for, and a retry would meet the same answer"
+                ) from None
+            raise failure from None
         return found
 
     def read_json(self, key: str) -> dict[str, Any] | None:
@@ -321,30 +244,28 @@ class S3ImageStore:
             raise self._fail("writing", key, error) from None
 
     # ------------------------------------------------------------------------- records and journals
-    def read_records(self, existing: Mapping[str, int]) -> dict[int, dict[str, Any]]:
+    def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]:
         """The records an earlier try wrote, by prompt index (empty if it wrote none)."""
         if self.keyspace.records_key not in existing:
             return {}
         data = self.read_json(self.keyspace.records_key) or {}
         prompts = data.get("prompts")
-        return {
-            int(entry["prompt_index"]): entry
-            for entry in (prompts if isinstance(prompts, list) else [])
-            if isinstance(entry, dict) and isinstance(entry.get("prompt_index"), int)
-        }
+        records = [PromptRecord.from_json(entry) for entry in (prompts if isinstance(prompts, list) else [])]
+        return {record.prompt_index: record for record in records if record is not None}
 
-    def write_records(self, records: list[dict[str, Any]]) -> None:
+    def write_records(self, records: list[PromptRecord]) -> None:
         keyspace = self.keyspace
         self.write_json(
             keyspace.records_key,
             {
+                "schema": SCHEMA_VERSION,
                 "airflow": {
                     "dag_id": keyspace.dag_id,
                     "run_id": keyspace.run_id,
                     "task_id": keyspace.task_id,
                     "map_index": keyspace.map_index,
                 },
-                "prompts": records,
+                "prompts": [record.to_json() for record in records],
             },
         )
 
@@ -354,39 +275,39 @@ class S3ImageStore:
 
     def read_journals(
         self, existing: Mapping[str, int], prompt_count: int
-    ) -> tuple[dict[int, dict[str, Any]], dict[str, set[int]]]:
+    ) -> tuple[dict[int, JournalEntry], dict[str, set[int]]]:
         """Earlier tries' journal entries by prompt, and which prompts each S3 object holds.
 
-        The newest entry of a prompt wins; a local journal stands in where S3 has none, or where it
-        holds the answer's image data (:func:`_holds_data_of`).
+        The newest entry of a prompt wins; a local copy of the same answer wins where it holds the
+        image data (:func:`~.records.newer`).
         """
-        entries: dict[int, dict[str, Any]] = {}
+        found: dict[int, list[JournalEntry]] = {}
         objects: dict[str, set[int]] = {}
         for key in self.journal_keys(existing):
             batch = self.read_json(key) or {}
             prompts = batch.get("prompts") if isinstance(batch.get("prompts"), dict) else {}
             objects[key] = set()
-            for index_text, entry in (prompts or {}).items():
-                if not (isinstance(entry, dict) and str(index_text).isdigit()):
+            for index_text, data in (prompts or {}).items():
+                if not str(index_text).isdigit():
                     continue
                 index = int(index_text)
                 objects[key].add(index)
-                if float(entry.get("written_at", 0)) >= float(entries.get(index, {}).get("written_at", 0)):
-                    entries[index] = entry
+                if (entry := JournalEntry.from_json(data, prompt_index=index)) is not None:
+                    found.setdefault(index, []).append(entry)
         for index, local in self.local_journal.read_many(range(prompt_count)).items():
-            if index not in entries or _holds_data_of(local, entries[index]):
-                entries[index] = local
+            found.setdefault(index, []).append(local)
+        entries = {index: best for index, candidates in found.items() if (best := newer(candidates)) is not None}
         return entries, objects
 
-    def save_local_journal(self, prompt_index: int, data: Mapping[str, Any]) -> None:
-        current = self.local_journal.read(prompt_index)
-        if current is not None and _holds_data_of(current, data):
+    def save_local_journal(self, entry: JournalEntry) -> None:
+        current = self.local_journal.read(entry.prompt_index)
+        if current is not None and current.same_answer(entry) and current.holds_data:
             return  # the same answer is kept here already, with its image data
-        where = self.local_journal.write(prompt_index, data)
+        where = self.local_journal.write(entry)
         if where is not None:
             log.warning(
                 "Prompt %d: S3 failed; its generated image(s) are journaled on this machine (%s) for a retry",
-                prompt_index,
+                entry.prompt_index,
                 where,
             )
 

@@ -2,7 +2,8 @@
 
 Every DAG here shares the same ``params`` so one file serves many tests; what ``params`` cannot
 change (non-templated operator arguments such as ``replace`` or ``dry_run``) gets its own DAG.
-Rendering is native, so ``{{ params.bucket }}`` renders ``None`` as ``None`` (no storage).
+Rendering is native. A DAG either asks for storage (``s3_bucket="{{ params.bucket }}"``: a bucket
+that renders to ``None`` is then an error, never URLs in XCom) or does not (the ``url_*`` DAGs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ START = datetime.datetime(2024, 1, 1, tzinfo=datetime.timezone.utc)
 # and JSON-schema checks of typed params would make that several times slower for the whole suite.
 PARAMS: dict[str, Any] = {
     "prompts": ["a red fox in the snow"],  # a prompt or a list of prompts
-    "bucket": None,  # None: no storage, URLs in XCom
+    "bucket": None,  # the DAGs that store need one
     "size": "1K",
     "s3_key": None,
     "s3_key_prefix": "jimeng",
@@ -28,7 +29,7 @@ PARAMS: dict[str, Any] = {
 }
 
 
-def _generate_dag(dag_id: str, **operator_kwargs: Any) -> DAG:
+def _generate_dag(dag_id: str, *, storage: bool = True, **operator_kwargs: Any) -> DAG:
     with DAG(
         dag_id,
         schedule=None,
@@ -45,7 +46,7 @@ def _generate_dag(dag_id: str, **operator_kwargs: Any) -> DAG:
         generated = JiMengGenerateOperator(
             task_id="gen",
             prompt=prompts(),
-            s3_bucket="{{ params.bucket }}",
+            **({"s3_bucket": "{{ params.bucket }}"} if storage else {}),
             size="{{ params.size }}",
             s3_key="{{ params.s3_key }}",
             s3_key_prefix="{{ params.s3_key_prefix }}",
@@ -64,6 +65,11 @@ def _generate_dag(dag_id: str, **operator_kwargs: Any) -> DAG:
 
 
 dag = _generate_dag("jimeng_test_generate")
+url_dag = _generate_dag("jimeng_test_generate_urls", storage=False)
+url_retry_dag = _generate_dag(
+    "jimeng_test_generate_urls_retry", storage=False, max_concurrency=1, retries=1, retry_delay=datetime.timedelta(0)
+)
+b64_url_dag = _generate_dag("jimeng_test_generate_b64_urls", storage=False, response_format="b64_json")
 retry_dag = _generate_dag("jimeng_test_generate_retry", max_concurrency=1, retries=1, retry_delay=datetime.timedelta(0))
 replace_dag = _generate_dag("jimeng_test_generate_replace", replace=True)
 b64_dag = _generate_dag("jimeng_test_generate_b64", response_format="b64_json")

@@ -24,6 +24,7 @@ import boto3
 import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
+from airflow_provider_jimeng.storage.keys import safe_key_part
 from airflow_provider_jimeng.testing import AWS_REGION, jimeng_connection_json
 
 if TYPE_CHECKING:
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
     from airflow_provider_jimeng.testing import S3Server
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
 
 
 # ------------------------------------------------------------------------------------ the API side
@@ -153,7 +153,7 @@ def use_s3_server(server: S3Server, bucket_name: str, monkeypatch: pytest.Monkey
 
 def task_prefix(run: DagRunResult, task_id: str = "gen", *, prefix: str = "jimeng", map_index: int = -1) -> str:
     """The default key prefix of a task instance, computed independently of the production code."""
-    parts = [prefix, run.dag_id, _UNSAFE_KEY_CHARS.sub("_", run.run_id).strip("_"), task_id]
+    parts = [prefix, safe_key_part(run.dag_id), safe_key_part(run.run_id), safe_key_part(task_id)]
     if map_index >= 0:
         parts.append(f"map_{map_index}")
     return "/".join(parts)

@@ -34,7 +34,7 @@ def test_requests_overlap_up_to_max_concurrency_and_results_keep_prompt_order(
     # The first request to arrive is held back, so completion order differs from prompt order.
     emulator.inject(Fault("slow", delay=1.0))
 
-    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": None})
+    run = run_dag(jimeng_test_generate.url_dag, {"prompts": PROMPTS})
 
     assert run.state == "success"
     assert 2 <= emulator.peak_in_flight <= 4, "max_concurrency=4 bounds the requests in flight"
@@ -62,7 +62,7 @@ def test_stored_outputs_keep_prompt_order(emulator: TrackingEmulator, bucket: Bu
 def test_max_concurrency_one_sends_one_request_at_a_time(emulator: TrackingEmulator, run_dag: RunDag) -> None:
     emulator.latency = 0.05
 
-    run = run_dag(jimeng_test_generate.retry_dag, {"prompts": PROMPTS[:3], "bucket": None})
+    run = run_dag(jimeng_test_generate.url_retry_dag, {"prompts": PROMPTS[:3]})
 
     assert run.state == "success"
     assert emulator.peak_in_flight == 1

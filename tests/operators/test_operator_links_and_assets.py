@@ -20,7 +20,7 @@ def test_link_points_at_the_first_stored_object_on_the_s3_endpoint(
 
 
 def test_link_points_at_the_first_image_url_without_storage(emulator: TrackingEmulator, run_dag: RunDag) -> None:
-    run = run_dag(jimeng_test_generate.dag, {"prompts": ["a red fox", "a blue whale"], "bucket": None})
+    run = run_dag(jimeng_test_generate.url_dag, {"prompts": ["a red fox", "a blue whale"]})
 
     assert run.state == "success"
     link = run.xcom("gen", LINK_KEY)

@@ -8,6 +8,7 @@ import io
 import json
 from urllib.parse import urlsplit
 
+import pytest
 from PIL import Image
 
 from tests.dags import jimeng_test_generate
@@ -87,9 +88,11 @@ def test_images_and_usage_xcoms_describe_what_was_stored(
         assert item["request_id"] in {entry.request_id for entry in emulator.ledger}
     assert run.xcom("gen", "usage") == {
         "generated_images": 2,
+        "possibly_billed_images": 0,
         "output_tokens": 2 * 1024 * 1024 // 256,
         "total_tokens": 2 * 1024 * 1024 // 256,
         "requests": 2,
+        "attempts": 2,
         "reused_prompts": 0,
         "rate_limited": 0,
         "retries": 0,
@@ -121,7 +124,7 @@ def test_key_prefix_is_templated(emulator: TrackingEmulator, bucket: Bucket, run
 def test_without_storage_returns_urls_and_records_hold_redacted_urls(
     emulator: TrackingEmulator, run_dag: RunDag
 ) -> None:
-    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": None})
+    run = run_dag(jimeng_test_generate.url_dag, {"prompts": PROMPTS})
 
     assert run.state == "success"
     urls = run.xcom("gen")
@@ -161,8 +164,22 @@ def test_b64_json_with_storage_keeps_image_data_out_of_xcom(
 
 
 def test_b64_json_without_bucket_fails_before_any_request(emulator: TrackingEmulator, run_dag: RunDag) -> None:
-    run = run_dag(jimeng_test_generate.b64_dag, {"prompts": PROMPTS, "bucket": None})
+    run = run_dag(jimeng_test_generate.b64_url_dag, {"prompts": PROMPTS})
 
     assert run.task_state("gen") == "failed"
     assert "'b64_json' needs s3_bucket" in run.log("gen")
     assert emulator.request_count == 0
+
+
+@pytest.mark.parametrize("rendered", [None, "", "   ", "None"])
+def test_a_bucket_that_renders_empty_is_an_error_not_urls_in_xcom(
+    emulator: TrackingEmulator, run_dag: RunDag, rendered: str | None
+) -> None:
+    """Issue 11 item 6: storage asked for means storage or an error, before any request."""
+    run = run_dag(jimeng_test_generate.dag, {"prompts": PROMPTS, "bucket": rendered})
+
+    assert run.state == "failed"
+    assert run.task_state("gen") == "failed"
+    assert "s3_bucket: " in run.log("gen")
+    assert emulator.request_count == 0
+    assert run.xcom("gen") is None

@@ -1,0 +1,576 @@
+"""Where one try of a task runs: :class:`GenerationRun` owns everything that lives for one try.
+
+The run first decides, per prompt, what earlier tries left to reuse (:func:`~..storage.records.resume_plan`),
+then generates on one pool and stores on another, so that storage never holds up generation. Every
+answer is journaled the moment it arrives. Whatever ends the try early (a fatal API error, S3
+failing, the task's ``execution_timeout``, ``on_kill`` or SIGTERM) stops sending at once: prompts
+not yet sent are cancelled, requests already in flight are waited for and journaled (they are
+paid for), what is finished is recorded, and the try fails so that a retry can finish the rest
+without paying again.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import Any
+
+from airflow_provider_jimeng.api.request import reference_image_count
+from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
+from airflow_provider_jimeng.budget import ByteBudget, SpendingCap
+from airflow_provider_jimeng.exceptions import (
+    JiMengAuthenticationError,
+    JiMengConfigurationError,
+    JiMengContentPolicyError,
+    JiMengDownloadError,
+    JiMengDownloadInterruptedError,
+    JiMengError,
+    JiMengInvalidRequestError,
+    JiMengQuotaExceededError,
+    JiMengRunStoppedError,
+    JiMengStorageError,
+)
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.options import RunOptions
+from airflow_provider_jimeng.run.outcome import PromptOutcome, describe_error, image_failure
+from airflow_provider_jimeng.storage.journal import JournalWriter
+from airflow_provider_jimeng.storage.keys import prompt_fingerprint
+from airflow_provider_jimeng.storage.records import (
+    DeliveredImage,
+    FinishStoring,
+    Generate,
+    JournaledImage,
+    JournalEntry,
+    PromptRecord,
+    Reuse,
+    StoredImage,
+    resume_plan,
+)
+from airflow_provider_jimeng.storage.s3 import S3ImageStore
+
+#: Memory a b64_json answer takes per byte of body while parsed: the body, its text and the decoded
+#: string coexist, and the C allocator keeps some of it (measured: ~4x the body's Content-Length).
+B64_MEMORY_FACTOR = 4
+#: What an answer or download without Content-Length is assumed to weigh.
+UNKNOWN_BODY_BYTES = 8 * 1024 * 1024
+#: Transient buffers of a streamed download on top of the image (one read chunk, copied once).
+DOWNLOAD_READ_OVERHEAD = 2 * 1024 * 1024
+#: Errors that no other prompt of the run could escape either: stop submitting work at once.
+_FATAL_ERRORS = (JiMengAuthenticationError, JiMengQuotaExceededError, JiMengConfigurationError)
+
+
+def is_fatal(error: BaseException) -> bool:
+    """Whether no other prompt of the run could escape this error (bad key, spending cap, bad request)."""
+    if not isinstance(error, JiMengError):
+        return True
+    return isinstance(error, _FATAL_ERRORS) or (
+        isinstance(error, JiMengInvalidRequestError) and not isinstance(error, JiMengContentPolicyError)
+    )
+
+
+class GenerationRun:
+    """One try of a task: its pools, its cancellation, its charges and its journal writer.
+
+    :param hook: the JiMeng hook (shared HTTP session and pacer).
+    :param bodies: one validated request body per prompt.
+    :param store: the task's store, or ``None`` to hand signed URLs downstream.
+    :param options: how to spend, store and fail.
+    :param spending_cap: the images this try may bill, retries of possibly-billed requests included.
+    """
+
+    def __init__(
+        self,
+        *,
+        hook: JiMengHook,
+        bodies: Sequence[dict[str, Any]],
+        store: S3ImageStore | None,
+        options: RunOptions,
+        spending_cap: SpendingCap,
+        log: Any,
+    ) -> None:
+        self.hook = hook
+        self.bodies = list(bodies)
+        self.store = store
+        self.options = options
+        self.spending_cap = spending_cap
+        self.log = log
+        self.fingerprints = [prompt_fingerprint(body) for body in self.bodies]
+        self.outcomes = [PromptOutcome(prompt_index=index) for index in range(len(self.bodies))]
+        #: The error that ended the run early, if one did (the first one).
+        self.fatal: BaseException | None = None
+        self._stop = threading.Event()
+        self._stopped_by: str | None = None
+        #: Caps the image bytes in memory (b64_json answers, downloads) whatever N and max_concurrency.
+        self._budget = ByteBudget(stop=self._stop)
+        #: Bytes of the budget each generated-but-unstored b64_json answer holds, by prompt.
+        self._charges: dict[int, int] = {}
+        self._storage_error: JiMengStorageError | None = None
+        #: Set by a generation thread the moment an error stops the run, so that no queued prompt is sent.
+        self._halted: BaseException | None = None
+        self._journal_writer: JournalWriter | None = None
+        self._b64 = any(body.get("response_format") == "b64_json" for body in self.bodies)
+
+    # ------------------------------------------------------------------------------------- control
+    def stop(self, reason: str) -> None:
+        """Send nothing more (``on_kill``, SIGTERM); answers in flight are still journaled. Any thread."""
+        self._stopped_by = self._stopped_by or reason
+        self._stop.set()
+        self.hook.stop()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    # ----------------------------------------------------------------------------------------- run
+    def execute(self) -> None:
+        """Run the try to its end; ``fatal`` and the outcomes say how it went. Re-raises interruptions."""
+        store = self.store
+        existing: dict[str, int] = {}
+        plans: dict[int, Reuse | FinishStoring | Generate] = {}
+        earlier_journals: dict[str, set[int]] = {}
+        if store is not None:
+            existing = store.existing_keys(first=True)
+            if self.options.replace:
+                # Nothing earlier is reused; earlier tries' journals go once records.json is written.
+                earlier_journals = {key: set() for key in store.journal_keys(existing)}
+            else:
+                records = store.read_records(existing)
+                journals, earlier_journals = store.read_journals(existing, len(self.bodies))
+                now = time.time()
+                keyspace = store.keyspace
+                for index in range(len(self.bodies)):
+                    plans[index] = resume_plan(
+                        fingerprint=self.fingerprints[index],
+                        record=records.get(index),
+                        journal=journals.get(index),
+                        stored_keys=existing,
+                        image_key=functools.partial(keyspace.image_key, index),
+                        now=now,
+                    )
+            self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure)
+        try:
+            self._run(plans, existing)
+        finally:
+            if self._journal_writer is not None:
+                self._journal_writer.close()
+        if store is not None:
+            self.fatal = self._write_records(store, earlier_journals) or self.fatal
+        if self._stopped_by is not None and self.fatal is None:
+            self.fatal = JiMengRunStoppedError(self._stopped_by)
+
+    def _run(self, plans: Mapping[int, Reuse | FinishStoring | Generate], existing: Mapping[str, int]) -> None:
+        store = self.store
+        generate_pool = ThreadPoolExecutor(self.options.max_concurrency, thread_name_prefix="jimeng-generate")
+        store_pool = ThreadPoolExecutor(
+            max(2, self.options.max_concurrency) if store is not None else 1, thread_name_prefix="jimeng-store"
+        )
+        generation: dict[Future[Any], int] = {}
+        storing: dict[Future[Any], int] = {}
+        # Futures report here as they finish: O(1) a completion, where wait() over every pending
+        # future would cost O(N) each time, O(N^2) for a run of N prompts.
+        finished: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()
+
+        def track(table: dict[Future[Any], int], future: Future[Any], index: int) -> None:
+            table[future] = index
+            future.add_done_callback(finished.put)
+
+        interrupted: BaseException | None = None
+        try:
+            for index in range(len(self.bodies)):
+                plan = plans.get(index)
+                outcome = self.outcomes[index]
+                if isinstance(plan, Reuse):
+                    self._reuse(outcome, plan)
+                    continue
+                if isinstance(plan, FinishStoring) and store is not None:
+                    self.log.info(
+                        "Prompt %d: finishing the storage of an earlier try's images (no new request): %d to download",
+                        index,
+                        len(plan.missing),
+                    )
+                    outcome.reused = True
+                    outcome.usage = {"generated_images": 0, "resumed_images": len(plan.entry.images)}
+                    track(
+                        storing,
+                        store_pool.submit(self._store_entry, outcome, plan.entry, plan.stored, plan.missing),
+                        index,
+                    )
+                    continue
+                if isinstance(plan, Generate) and plan.reason.startswith(("an earlier", "the journaled images")):
+                    self.log.info("Prompt %d: %s; generating it again", index, plan.reason)
+                track(generation, generate_pool.submit(self._generate, index), index)
+
+            while generation or storing:
+                try:
+                    done = [finished.get(timeout=0.5)]
+                except queue.Empty:
+                    done = []
+                if self._stop.is_set():
+                    self._cancel(generation)
+                for future in done:
+                    if future in generation:
+                        self._on_generated(generation.pop(future), future, generation, storing, store_pool, track)
+                        if not generation and self._journal_writer is not None:
+                            self._journal_writer.flush()  # the last answer is in: nothing to wait for
+                    elif future in storing:
+                        self._on_stored(storing.pop(future), future)
+                if self._storage_error is not None and self.fatal is None:
+                    self.fatal = self._storage_error
+                    cancelled = self._cancel(generation)
+                    self.log.error(
+                        "Stopping: S3 failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
+                        "storage works again",
+                        self._storage_error,
+                        cancelled,
+                    )
+        except BaseException as error:  # execution_timeout (AirflowTaskTimeout), KeyboardInterrupt...
+            interrupted = error
+            self.stop(f"{type(error).__name__}")
+            cancelled = self._cancel(generation)
+            in_flight = sum(1 for future in generation if not future.done())
+            self.log.error(
+                "Stopping (%s): %d prompt(s) not sent; waiting for %d request(s) in flight, which are paid for, "
+                "to journal their answers",
+                type(error).__name__,
+                cancelled,
+                in_flight,
+            )
+            self._drain(generation, storing, store_pool, track, finished)
+        finally:
+            generate_pool.shutdown(wait=True, cancel_futures=True)
+            store_pool.shutdown(wait=True, cancel_futures=True)
+        if interrupted is not None:
+            raise interrupted
+
+    def _drain(
+        self,
+        generation: dict[Future[Any], int],
+        storing: dict[Future[Any], int],
+        store_pool: ThreadPoolExecutor,
+        track: Callable[[dict[Future[Any], int], Future[Any], int], None],
+        finished: queue.SimpleQueue[Future[Any]],
+    ) -> None:
+        """After an interruption: collect the answers in flight (journaled as they arrive), store nothing new."""
+        while generation or storing:
+            try:
+                future = finished.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if future in generation:
+                index = generation.pop(future)
+                if future.cancelled():
+                    self.outcomes[index].failures.append(f"prompt {index}: not sent (the run stopped)")
+                    continue
+                try:
+                    result, _entry = future.result()
+                except BaseException as error:
+                    self._record_request_failure(self.outcomes[index], error, generation)
+                    continue
+                self.outcomes[index].requests += 1
+                self.outcomes[index].incomplete = bool(result.succeeded) and self.store is not None
+                self._budget.release(self._charges.pop(index, 0))
+                if self.store is None:
+                    self._keep_urls(self.outcomes[index], result)
+                else:
+                    self.outcomes[index].failures.append(
+                        f"prompt {index}: answered (request id {result.request_id or 'n/a'}) but not stored "
+                        "because the run stopped; kept in its journal for a retry, which needs no new request"
+                    )
+            elif future in storing:
+                self._on_stored(storing.pop(future), future)
+
+    def _cancel(self, generation: Mapping[Future[Any], int]) -> int:
+        return sum(future.cancel() for future in generation)
+
+    # ---------------------------------------------------------------------------------- generation
+    def _generate(self, index: int) -> tuple[GenerationResult, JournalEntry]:
+        """Send one prompt and hand its journal entry to the writer, before storage even starts.
+
+        The journal is what lets a retry finish images this try paid for if the process dies now; the
+        writer batches it off this thread, which goes on to its next prompt at once. A ``b64_json``
+        answer waits for room in the memory budget before its body is read, and holds that room until
+        its images are stored.
+        """
+        if self._stop.is_set() or self._halted is not None or self._storage_error is not None:
+            # The run stopped while this prompt waited for a free slot: do not pay for it.
+            raise CancelledError
+        charge = 0
+
+        def before_body(length: int | None) -> None:
+            nonlocal charge
+            self._budget.release(charge)  # an earlier attempt's, if it broke off
+            charge = self._budget.acquire(B64_MEMORY_FACTOR * (length or UNKNOWN_BODY_BYTES))
+
+        try:
+            result = self.hook.send(
+                self.bodies[index],
+                before_body=before_body if self._b64 else None,
+                spending_cap=self.spending_cap,
+            )
+        except BaseException as error:
+            self._budget.release(charge)
+            if is_fatal(error):
+                self._halted = self._halted or error
+            raise
+        self._charges[index] = charge
+        entry = JournalEntry.from_result(index, self.fingerprints[index], result, now=time.time())
+        if self._journal_writer is not None and entry.images:
+            self._journal_writer.add(index, entry)
+        return result, entry
+
+    def _on_generated(
+        self,
+        index: int,
+        future: Future[Any],
+        generation: dict[Future[Any], int],
+        storing: dict[Future[Any], int],
+        store_pool: ThreadPoolExecutor,
+        track: Callable[[dict[Future[Any], int], Future[Any], int], None],
+    ) -> None:
+        outcome = self.outcomes[index]
+        try:
+            result, entry = future.result()
+        except BaseException as error:
+            # Record every failure, also those after the first fatal one (no short-circuit).
+            stops_run = self._record_request_failure(outcome, error, generation)
+            self.fatal = self.fatal or stops_run
+            return
+        outcome.requests += 1
+        outcome.usage = result.usage.as_dict()
+        if self.store is None:
+            self._keep_urls(outcome, result)
+            return
+        track(storing, store_pool.submit(self._store_entry, outcome, entry, (), entry.images), index)
+
+    def _record_request_failure(
+        self, outcome: PromptOutcome, error: BaseException, pending: Mapping[Future[Any], int]
+    ) -> BaseException | None:
+        if isinstance(error, CancelledError):
+            outcome.failures.append(f"prompt {outcome.prompt_index}: not sent (the run stopped)")
+            return None
+        outcome.requests += 1
+        outcome.failures.append(f"prompt {outcome.prompt_index}: {describe_error(error)}")
+        self.log.error("Prompt %d failed: %s", outcome.prompt_index, describe_error(error))
+        if is_fatal(error):
+            cancelled = self._cancel(pending)
+            if cancelled:
+                self.log.error("Stopping: %d prompt(s) not sent because this error affects every request", cancelled)
+            return error
+        return None
+
+    def _keep_urls(self, outcome: PromptOutcome, result: GenerationResult) -> None:
+        for image in result.images:
+            if image.ok and image.url:
+                outcome.delivered.append(
+                    DeliveredImage(
+                        prompt_index=outcome.prompt_index,
+                        image_index=image.index,
+                        size=image.size,
+                        request_id=result.request_id,
+                        model=result.model,
+                        url=image.url,
+                    )
+                )
+            else:
+                outcome.failures.append(image_failure(outcome.prompt_index, image, result.request_id))
+
+    # ------------------------------------------------------------------------------------- storage
+    def _reuse(self, outcome: PromptOutcome, plan: Reuse) -> None:
+        outcome.reused = True
+        outcome.record = plan.record
+        outcome.stored = list(plan.record.images)
+        outcome.failures = list(plan.record.failures)
+        self.log.info(
+            "Prompt %d: reusing %d image(s) stored by an earlier try", outcome.prompt_index, len(outcome.stored)
+        )
+
+    def _store_entry(
+        self,
+        outcome: PromptOutcome,
+        entry: JournalEntry,
+        stored: Sequence[JournaledImage],
+        missing: Sequence[JournaledImage],
+    ) -> None:
+        """Store an answer's images (``stored`` ones are checked, not stored again), then make its record.
+
+        Fresh answers and journaled ones take this same path: what an image needs is in its
+        :class:`JournaledImage` (a URL, or base64 data), never in the shape of the answer it came in.
+        """
+        store = self.store
+        assert store is not None
+        keyspace = store.keyspace
+        index = outcome.prompt_index
+        request_id = entry.request_id or "n/a"
+        failures = [
+            image_failure(
+                index,
+                GeneratedImage(index=f.index, error_code=f.error_code, error_message=f.error_message),
+                entry.request_id,
+            )
+            for f in entry.failed
+        ]
+        kept: list[StoredImage] = []
+        #: Paid images kept for a retry (their journal stays), one failure line each.
+        unstored: list[str] = []
+        check = {image.index for image in stored}
+        metadata = {
+            "jimeng-request-id": str(entry.request_id or ""),
+            "jimeng-model": str(entry.model or ""),
+            "airflow-dag-id": keyspace.dag_id,
+            "airflow-run-id": keyspace.run_id,
+            "airflow-task-id": keyspace.task_id,
+            "airflow-map-index": str(keyspace.map_index),
+        }
+        for image in sorted([*stored, *missing], key=lambda item: item.index):
+            key = keyspace.image_key(index, image.index)
+            not_stored = f"prompt {index} image {image.index}: not stored (request id {request_id}, kept for a retry)"
+            # Once S3 has failed in this run, do not wait on it again for every image.
+            if self._storage_error is not None:
+                unstored.append(f"{not_stored}: not attempted after an earlier S3 failure ({self._storage_error})")
+                continue
+            try:
+                size_bytes, sha256 = None, None
+                if image.index in check:
+                    head = store.head(key)
+                    if head.get("Metadata", {}).get("jimeng-request-id") == metadata["jimeng-request-id"]:
+                        size_bytes = int(head.get("ContentLength", 0))
+                if size_bytes is None:  # not stored yet, or an older answer's image under the same key
+                    size_bytes, sha256 = self._store_image(
+                        store, key, image, {**metadata, "jimeng-size": image.size or ""}
+                    )
+            except JiMengDownloadInterruptedError as error:
+                unstored.append(f"{not_stored}: {error}")
+                continue
+            except JiMengDownloadError as error:
+                failures.append(f"prompt {index} image {image.index}: ImageLost (request id {request_id}): {error}")
+                continue
+            except JiMengStorageError as error:
+                self._on_storage_failure(error)
+                unstored.append(f"{not_stored}: {error}")
+                continue
+            kept.append(
+                StoredImage(
+                    prompt_index=index,
+                    image_index=image.index,
+                    size=image.size,
+                    request_id=entry.request_id,
+                    model=entry.model,
+                    bucket=store.bucket,
+                    key=key,
+                    uri=keyspace.uri(key),
+                    bytes=size_bytes,
+                    sha256=sha256,
+                )
+            )
+        outcome.stored = kept
+        outcome.failures.extend(failures + unstored)
+        if unstored:
+            # Keep the journal (and, when S3 is the problem, a local copy that holds base64 data too):
+            # a retry stores what is missing instead of paying again.
+            outcome.incomplete = True
+            if self._storage_error is not None:
+                store.save_local_journal(entry)
+            return
+        body = self.bodies[index]
+        outcome.record = PromptRecord(
+            prompt_index=index,
+            fingerprint=self.fingerprints[index],
+            prompt=body.get("prompt"),
+            parameters={k: v for k, v in body.items() if k not in ("prompt", "image")},
+            reference_images=reference_image_count(body),
+            model=entry.model,
+            created=entry.created,
+            request_id=entry.request_id,
+            usage=entry.usage,
+            images=tuple(kept),
+            failures=tuple(failures),
+        )
+
+    def _store_image(
+        self, store: S3ImageStore, key: str, image: JournaledImage, metadata: dict[str, str]
+    ) -> tuple[int, str]:
+        if image.b64_json:
+            try:
+                data = base64.b64decode(image.b64_json, validate=True)
+            except (binascii.Error, ValueError):
+                raise JiMengDownloadError(f"image {image.index}'s base64 data does not decode") from None
+            return store.upload_bytes(key, data, metadata)
+        if not image.url:
+            raise JiMengDownloadError(f"image {image.index} has neither data nor a URL")
+        # Headers are in, the body is not: wait for memory there, while the image stays on the server.
+        with (
+            self.hook.open_image(image.url) as download,
+            self._budget.hold((download.content_length or UNKNOWN_BODY_BYTES) + DOWNLOAD_READ_OVERHEAD),
+        ):
+            return store.upload_stream(key, download, metadata)
+
+    def _on_stored(self, index: int, future: Future[Any]) -> None:
+        self._budget.release(self._charges.pop(index, 0))
+        if future.cancelled():
+            self.outcomes[index].incomplete = True
+            self.outcomes[index].failures.append(
+                f"prompt {index}: not stored because the run stopped; kept in its journal for a retry"
+            )
+            return
+        try:
+            future.result()
+        except BaseException as error:
+            self.outcomes[index].incomplete = True
+            self.outcomes[index].failures.append(f"prompt {index}: not stored: {describe_error(error)}")
+
+    def _on_storage_failure(self, error: JiMengStorageError) -> None:
+        """Stop paying for prompts S3 cannot take (also called by the journal writer)."""
+        self._storage_error = self._storage_error or error
+
+    def _write_records(
+        self, store: S3ImageStore, earlier_journals: Mapping[str, set[int]]
+    ) -> JiMengStorageError | None:
+        """Write ``records.json``, then drop the journals it supersedes; a refused write keeps them all."""
+        records = [outcome.record for outcome in self.outcomes if outcome.record is not None]
+        if not records:
+            return None
+        try:
+            store.write_records(records)
+        except JiMengStorageError as error:
+            self._on_storage_failure(error)
+            for outcome in self.outcomes:
+                if outcome.record is not None and not (outcome.reused and not outcome.stored):
+                    outcome.failures.append(
+                        f"prompt {outcome.prompt_index}: {len(outcome.stored)} image(s) stored but not its record "
+                        f"(kept for a retry, which needs no new request): {error}"
+                    )
+                    outcome.incomplete = True
+            return error
+        finished = {outcome.prompt_index for outcome in self.outcomes if outcome.record is not None}
+        # Prompts past the end of this try's list (the list shrank since an earlier try) are no one's.
+        settled = finished | {
+            index for prompts in earlier_journals.values() for index in prompts if index >= len(self.bodies)
+        }
+        written = self._journal_writer.written if self._journal_writer is not None else {}
+        superseded = [key for key, prompts in {**earlier_journals, **written}.items() if prompts <= settled]
+        store.discard_journals(superseded, sorted(settled))
+        return None
+
+    # ---------------------------------------------------------------------------------------- usage
+    def usage(self) -> dict[str, Any]:
+        """What this try cost and met, for the ``usage`` XCom."""
+        outcomes = self.outcomes
+        stats = self.hook.stats
+        return {
+            "generated_images": self.spending_cap.billed,
+            "possibly_billed_images": self.spending_cap.possibly_billed,
+            "output_tokens": sum(int(o.usage.get("output_tokens") or 0) for o in outcomes),
+            "total_tokens": sum(int(o.usage.get("total_tokens") or 0) for o in outcomes),
+            "requests": sum(o.requests for o in outcomes),
+            "attempts": stats.get("attempts", 0),
+            "reused_prompts": sum(1 for o in outcomes if o.reused),
+            # What the API pushed back with: 429 answers received, and retries made for any cause.
+            "rate_limited": stats.get("rate_limited", 0),
+            "retries": stats.get("retries", 0),
+        }

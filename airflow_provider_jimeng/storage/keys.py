@@ -1,0 +1,188 @@
+"""Where object keys are decided: one task instance's keyspace, proved collision-free before paying.
+
+Keys depend only on the DAG, run, task, map index, prompt index and image index, so a retried or
+cleared task finds what an earlier try stored. Two images that share a key lose one of them after
+both were paid for, so :meth:`TaskKeyspace.check_image_keys` renders the key of every image a run can
+bill, before the first request, and proves that no two of them (nor the same image of another run or
+another map index) can land on the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
+KEY_TEMPLATE_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "prompt_index", "image_index", "ext")
+#: S3's limit on a key, in UTF-8 bytes.
+MAX_KEY_BYTES = 1024
+DEFAULT_IMAGE_EXT = "jpeg"
+
+
+def check_bucket_name(bucket: Any) -> str:
+    """Return ``bucket`` if S3 would accept it as a bucket name; otherwise refuse, naming the rule it breaks."""
+    rules = "3-63 characters of lower-case letters, digits, '.' and '-', starting and ending with a letter or digit"
+    if not isinstance(bucket, str) or not _BUCKET_NAME.match(bucket):
+        shown = repr(bucket) if not isinstance(bucket, str) else repr(bucket[:80])
+        raise JiMengConfigurationError("s3_bucket", f"{shown} is not a valid bucket name; allowed: {rules}")
+    if ".." in bucket or _IP_ADDRESS.match(bucket):
+        raise JiMengConfigurationError(
+            "s3_bucket", f"{bucket!r} is not a valid bucket name (no '..', not an IP address)"
+        )
+    return bucket
+
+
+def safe_key_part(value: object) -> str:
+    """A run id or task id made safe and readable inside a key, without ever merging two ids.
+
+    Characters outside ``A-Za-z0-9._=-`` become ``_``. Where that changed the id, a short hash of
+    the original follows, so ``scheduled__2025-01-01T00:00:00+00:00`` and
+    ``scheduled__2025-01-01T00_00_00_00_00`` (already safe, kept as is) stay apart.
+    """
+    text = str(value)
+    safe = _UNSAFE_KEY_CHARS.sub("_", text).strip("_") or "_"
+    if safe == text:
+        return safe
+    return f"{safe}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+
+
+def template_fields(template: str) -> set[str]:
+    """The replacement fields of a key template; refuses positional, attribute and index fields."""
+    allowed = ", ".join("{" + name + "}" for name in KEY_TEMPLATE_FIELDS)
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise JiMengConfigurationError(
+            "s3_key", f"is not a valid format string ({exc}); allowed fields: {allowed}"
+        ) from None
+    names = set()
+    for _, name, _, _ in parsed:
+        if name is None:
+            continue
+        if name not in KEY_TEMPLATE_FIELDS:
+            raise JiMengConfigurationError(
+                "s3_key", f"uses the field {{{name}}}, which is not allowed; allowed fields: {allowed}"
+            )
+        names.add(name)
+    return names
+
+
+@dataclass(frozen=True)
+class TaskKeyspace:
+    """The keys one task instance writes: images, records and journals under one prefix."""
+
+    bucket: str
+    prefix: str
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
+    key_template: str | None = None
+    image_ext: str = DEFAULT_IMAGE_EXT
+
+    @property
+    def task_prefix(self) -> str:
+        parts = [self.prefix.strip("/")] if self.prefix.strip("/") else []
+        parts += [safe_key_part(self.dag_id), safe_key_part(self.run_id), safe_key_part(self.task_id)]
+        if self.map_index >= 0:
+            parts.append(f"map_{self.map_index}")
+        return "/".join(parts)
+
+    def image_key(self, prompt_index: int, image_index: int) -> str:
+        if self.key_template:
+            return self.key_template.format(
+                dag_id=safe_key_part(self.dag_id),
+                run_id=safe_key_part(self.run_id),
+                task_id=safe_key_part(self.task_id),
+                map_index=self.map_index,
+                prompt_index=prompt_index,
+                image_index=image_index,
+                ext=self.image_ext,
+            ).lstrip("/")
+        return f"{self.task_prefix}/p{prompt_index:04d}_i{image_index:02d}.{self.image_ext}"
+
+    @property
+    def records_key(self) -> str:
+        return f"{self.task_prefix}/records.json"
+
+    @property
+    def journal_prefix(self) -> str:
+        return f"{self.task_prefix}/_pending/"
+
+    def journal_key(self, batch: str) -> str:
+        return f"{self.journal_prefix}{batch}.json"
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    # --------------------------------------------------------------------------------- the proof
+    def check_image_keys(self, images_per_prompt: Sequence[int]) -> None:
+        """Refuse, before anything is paid for, a layout in which two billable images could share a key.
+
+        Renders the key of every (prompt, image) the run can bill, and the first one again as if for
+        another run and another map index: each must be a valid key, all must differ, and none may be
+        the task's ``records.json`` or fall among its journals.
+        """
+        if self.key_template is not None:
+            template_fields(self.key_template)
+        keys: dict[str, tuple[int, int]] = {}
+        for prompt_index, images in enumerate(images_per_prompt):
+            for image_index in range(images):
+                key = self._render("s3_key", prompt_index, image_index)
+                if key in keys:
+                    first = keys[key]
+                    raise JiMengConfigurationError(
+                        "s3_key",
+                        f"gives prompt {first[0]} image {first[1]} and prompt {prompt_index} image {image_index} "
+                        f"the same key {key!r}; allowed: a template in which {{prompt_index}} and {{image_index}} "
+                        "tell every image apart",
+                    )
+                keys[key] = (prompt_index, image_index)
+        if not keys:
+            return
+        sample = self._render("s3_key", 0, 0)
+        others = {"run_id": replace(self, run_id=self.run_id + "~another-run")}
+        if self.map_index >= 0:
+            others["map_index"] = replace(self, map_index=self.map_index + 1)
+        for field_name, other in others.items():
+            if other._render("s3_key", 0, 0) == sample:
+                raise JiMengConfigurationError(
+                    "s3_key",
+                    f"would give the same key {sample!r} to another {field_name.replace('_', ' ')} of this task, "
+                    f"which would overwrite images already paid for; allowed: a template with {{{field_name}}} "
+                    "(unabridged) in it",
+                )
+
+    def _render(self, parameter: str, prompt_index: int, image_index: int) -> str:
+        try:
+            key = self.image_key(prompt_index, image_index)
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError) as error:
+            raise JiMengConfigurationError(
+                parameter,
+                f"does not render for prompt {prompt_index} image {image_index} ({type(error).__name__}: "
+                f"{str(error)[:120]}); allowed: fields such as {{prompt_index:03d}} with formats that fit them",
+            ) from None
+        if not key.strip("/"):
+            raise JiMengConfigurationError(parameter, "renders to an empty key; allowed: a non-empty key template")
+        if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+            raise JiMengConfigurationError(parameter, f"renders a key longer than {MAX_KEY_BYTES} bytes")
+        if key == self.records_key or key.startswith(self.journal_prefix):
+            raise JiMengConfigurationError(
+                parameter, f"renders {key!r}, which the task keeps for its records and journals"
+            )
+        return key
+
+
+def prompt_fingerprint(body: Mapping[str, Any]) -> str:
+    """What makes two requests the same work: a stored result is reused only when this matches."""
+    relevant = {k: v for k, v in body.items() if k not in ("stream", "response_format")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

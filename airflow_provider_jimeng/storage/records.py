@@ -1,0 +1,389 @@
+"""The durable state of a run, typed: journal entries, prompt records, and what a retry does with them.
+
+A *journal entry* says what an answer delivered (and so what was paid for) the moment it arrives; a
+*prompt record* says that a prompt is finished, with everything needed to audit it. Both are written
+as JSON with a schema version and read back into these dataclasses; anything malformed or of an
+unknown schema reads as absent, never as a half-understood promise.
+
+:func:`resume_plan` is the one decision a retry makes for each prompt, from an earlier try's record,
+its journal entry and the listing of stored objects: reuse what is stored, finish storing a paid
+answer, or generate. It is pure (no I/O) so every path is unit-tested without Airflow or S3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, redact_url
+
+#: Version 2: typed entries (version 1 was written before the run engine; its records read as absent).
+SCHEMA_VERSION = 2
+#: Journals older than this are not trusted to fetch images: their signed URLs are about to expire.
+JOURNAL_MAX_AGE_SECONDS = 23 * 3600
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _time(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
+
+
+# ----------------------------------------------------------------------------------------- journal
+@dataclass(frozen=True)
+class JournaledImage:
+    """An image an answer delivered: where to fetch it (url mode) or its data (local journals only)."""
+
+    index: int
+    size: str | None = None
+    url: str | None = field(default=None, repr=False)
+    b64_json: str | None = field(default=None, repr=False)
+
+    def to_json(self, *, with_data: bool) -> dict[str, Any]:
+        item: dict[str, Any] = {"index": self.index, "size": self.size, "url": self.url}
+        if with_data and self.b64_json:
+            item["b64_json"] = self.b64_json
+        return item
+
+    @classmethod
+    def from_json(cls, data: Any) -> JournaledImage | None:
+        if not isinstance(data, Mapping) or _int(data.get("index")) is None:
+            return None
+        return cls(
+            index=data["index"],
+            size=_text(data.get("size")),
+            url=_text(data.get("url")),
+            b64_json=_text(data.get("b64_json")),
+        )
+
+    def fetchable(self, *, fresh: bool) -> bool:
+        """Whether this image can still be stored without a new request."""
+        return bool(self.b64_json) or (fresh and bool(self.url))
+
+    def as_generated(self) -> GeneratedImage:
+        return GeneratedImage(index=self.index, url=self.url, b64_json=self.b64_json, size=self.size)
+
+
+@dataclass(frozen=True)
+class FailedImage:
+    """An image of an answer that was not produced, with the service's code."""
+
+    index: int
+    error_code: str | None = None
+    error_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "error_code": self.error_code, "error_message": self.error_message}
+
+    @classmethod
+    def from_json(cls, data: Any) -> FailedImage | None:
+        if not isinstance(data, Mapping) or _int(data.get("index")) is None:
+            return None
+        return cls(data["index"], _text(data.get("error_code")), _text(data.get("error_message")))
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """What one answer delivered, written as soon as it arrives: the proof of what was paid for."""
+
+    prompt_index: int
+    fingerprint: str
+    written_at: float
+    request_id: str | None
+    model: str | None
+    created: int | None
+    usage: dict[str, Any]
+    images: tuple[JournaledImage, ...]
+    failed: tuple[FailedImage, ...] = ()
+
+    @classmethod
+    def from_result(cls, prompt_index: int, fingerprint: str, result: GenerationResult, *, now: float) -> JournalEntry:
+        return cls(
+            prompt_index=prompt_index,
+            fingerprint=fingerprint,
+            written_at=now,
+            request_id=result.request_id,
+            model=result.model,
+            created=result.created,
+            usage=result.usage.as_dict(),
+            images=tuple(
+                JournaledImage(index=image.index, size=image.size, url=image.url, b64_json=image.b64_json)
+                for image in result.succeeded
+            ),
+            failed=tuple(FailedImage(image.index, image.error_code, image.error_message) for image in result.failed),
+        )
+
+    @property
+    def holds_data(self) -> bool:
+        return any(image.b64_json for image in self.images)
+
+    def to_json(self, *, with_data: bool = False) -> dict[str, Any]:
+        """JSON for a journal; base64 data only where ``with_data`` (local files, never S3 or logs)."""
+        return {
+            "schema": SCHEMA_VERSION,
+            "prompt_index": self.prompt_index,
+            "fingerprint": self.fingerprint,
+            "written_at": self.written_at,
+            "request_id": self.request_id,
+            "model": self.model,
+            "created": self.created,
+            "usage": self.usage,
+            "images": [image.to_json(with_data=with_data) for image in self.images],
+            "failed": [image.to_json() for image in self.failed],
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, *, prompt_index: int | None = None) -> JournalEntry | None:
+        if not isinstance(data, Mapping) or data.get("schema") != SCHEMA_VERSION:
+            return None
+        index = _int(data.get("prompt_index"))
+        fingerprint = _text(data.get("fingerprint"))
+        images_json, failed_json = data.get("images"), data.get("failed", [])
+        if (
+            index is None
+            or fingerprint is None
+            or not isinstance(images_json, list)
+            or not isinstance(failed_json, list)
+        ):
+            return None
+        if prompt_index is not None and index != prompt_index:
+            return None
+        images = [JournaledImage.from_json(item) for item in images_json]
+        failed = [FailedImage.from_json(item) for item in failed_json]
+        if any(item is None for item in images) or any(item is None for item in failed):
+            return None
+        usage = data.get("usage")
+        return cls(
+            prompt_index=index,
+            fingerprint=fingerprint,
+            written_at=_time(data.get("written_at")),
+            request_id=_text(data.get("request_id")),
+            model=_text(data.get("model")),
+            created=_int(data.get("created")),
+            usage=dict(usage) if isinstance(usage, Mapping) else {},
+            images=tuple(item for item in images if item is not None),
+            failed=tuple(item for item in failed if item is not None),
+        )
+
+    def same_answer(self, other: JournalEntry) -> bool:
+        return self.request_id == other.request_id and self.fingerprint == other.fingerprint
+
+
+def newer(entries: Sequence[JournalEntry]) -> JournalEntry | None:
+    """The entry that wins for one prompt: the newest; a copy holding the image data beats its data-less twin."""
+    best: JournalEntry | None = None
+    for entry in entries:
+        if best is None:
+            best = entry
+        elif entry.same_answer(best):
+            if entry.holds_data and not best.holds_data:
+                best = entry
+        elif entry.written_at >= best.written_at:
+            best = entry
+    return best
+
+
+# ----------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class StoredImage:
+    """One image kept in object storage: the per-image record pushed to XCom and written to records.json."""
+
+    prompt_index: int
+    image_index: int
+    size: str | None
+    request_id: str | None
+    model: str | None
+    bucket: str
+    key: str
+    uri: str
+    bytes: int | None
+    sha256: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_index": self.prompt_index,
+            "image_index": self.image_index,
+            "size": self.size,
+            "request_id": self.request_id,
+            "model": self.model,
+            "uri": self.uri,
+            "bucket": self.bucket,
+            "key": self.key,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> StoredImage | None:
+        if not isinstance(data, Mapping):
+            return None
+        prompt_index, image_index = _int(data.get("prompt_index")), _int(data.get("image_index"))
+        bucket, key, uri = _text(data.get("bucket")), _text(data.get("key")), _text(data.get("uri"))
+        if prompt_index is None or image_index is None or bucket is None or key is None or uri is None:
+            return None
+        return cls(
+            prompt_index=prompt_index,
+            image_index=image_index,
+            size=_text(data.get("size")),
+            request_id=_text(data.get("request_id")),
+            model=_text(data.get("model")),
+            bucket=bucket,
+            key=key,
+            uri=uri,
+            bytes=_int(data.get("bytes")),
+            sha256=_text(data.get("sha256")),
+        )
+
+
+@dataclass(frozen=True)
+class DeliveredImage:
+    """One image handed downstream as its signed URL (no storage): the record shows it redacted."""
+
+    prompt_index: int
+    image_index: int
+    size: str | None
+    request_id: str | None
+    model: str | None
+    url: str = field(repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt_index": self.prompt_index,
+            "image_index": self.image_index,
+            "size": self.size,
+            "request_id": self.request_id,
+            "model": self.model,
+            "url": redact_url(self.url),
+        }
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A finished prompt's entry of ``records.json``: what was asked, answered, billed and kept."""
+
+    prompt_index: int
+    fingerprint: str
+    prompt: str | None
+    parameters: dict[str, Any]
+    reference_images: int
+    model: str | None
+    created: int | None
+    request_id: str | None
+    usage: dict[str, Any]
+    images: tuple[StoredImage, ...]
+    failures: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_VERSION,
+            "prompt_index": self.prompt_index,
+            "fingerprint": self.fingerprint,
+            "prompt": self.prompt,
+            "parameters": self.parameters,
+            "reference_images": self.reference_images,
+            "model": self.model,
+            "created": self.created,
+            "request_id": self.request_id,
+            "usage": self.usage,
+            "images": [image.to_json() for image in self.images],
+            "failures": list(self.failures),
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> PromptRecord | None:
+        if not isinstance(data, Mapping) or data.get("schema") != SCHEMA_VERSION:
+            return None
+        index, fingerprint = _int(data.get("prompt_index")), _text(data.get("fingerprint"))
+        images_json, failures = data.get("images"), data.get("failures", [])
+        if index is None or fingerprint is None or not isinstance(images_json, list) or not isinstance(failures, list):
+            return None
+        images = [StoredImage.from_json(item) for item in images_json]
+        if any(image is None for image in images) or not all(isinstance(item, str) for item in failures):
+            return None
+        parameters, usage = data.get("parameters"), data.get("usage")
+        return cls(
+            prompt_index=index,
+            fingerprint=fingerprint,
+            prompt=_text(data.get("prompt")),
+            parameters=dict(parameters) if isinstance(parameters, Mapping) else {},
+            reference_images=_int(data.get("reference_images")) or 0,
+            model=_text(data.get("model")),
+            created=_int(data.get("created")),
+            request_id=_text(data.get("request_id")),
+            usage=dict(usage) if isinstance(usage, Mapping) else {},
+            images=tuple(image for image in images if image is not None),
+            failures=tuple(failures),
+        )
+
+
+# ------------------------------------------------------------------------------------- the decision
+@dataclass(frozen=True)
+class Reuse:
+    """The prompt is finished: an earlier try stored it and recorded it."""
+
+    record: PromptRecord
+
+
+@dataclass(frozen=True)
+class FinishStoring:
+    """An earlier try paid for this answer: store what is missing from it, with no new request."""
+
+    entry: JournalEntry
+    #: Images already under their key: checked (the object must be this answer's), not fetched.
+    stored: tuple[JournaledImage, ...]
+    #: Images to fetch (fresh URL) or decode (local base64 data) and store.
+    missing: tuple[JournaledImage, ...]
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Nothing reusable: send the request (``reason`` says why, for the log)."""
+
+    reason: str
+
+
+ResumePlan = Reuse | FinishStoring | Generate
+
+
+def resume_plan(
+    *,
+    fingerprint: str,
+    record: PromptRecord | None,
+    journal: JournalEntry | None,
+    stored_keys: Mapping[str, int] | frozenset[str] | set[str],
+    image_key: Callable[[int], str],
+    now: float,
+) -> ResumePlan:
+    """What a retry does with one prompt, given what earlier tries left behind.
+
+    ``image_key(i)`` is the key of the prompt's image ``i``; ``stored_keys`` the listing of the task's
+    objects. A record for the same request (``fingerprint``) that kept at least one image is reused;
+    one that kept none (moderation refused it, or every download was lost) is generated again, which
+    cannot pay twice for anything kept. Otherwise a journal entry of the same request is finished
+    when every image it delivered is stored already, or can still be fetched (a URL younger than
+    :data:`JOURNAL_MAX_AGE_SECONDS`) or decoded (base64 data kept locally). Anything less generates.
+    """
+    if record is not None and record.fingerprint == fingerprint:
+        if record.images or not record.failures:
+            return Reuse(record)
+        # Nothing of it was kept (refused by moderation, which is not billed, or lost at download):
+        # generating it again cannot pay twice for anything this task kept.
+        return Generate("an earlier try stored none of its images")
+    if journal is None:
+        return Generate("nothing stored by an earlier try" if record is None else "the request changed")
+    if journal.fingerprint != fingerprint:
+        return Generate("the journaled answer was for another request")
+    stored = tuple(image for image in journal.images if image_key(image.index) in stored_keys)
+    missing = tuple(image for image in journal.images if image_key(image.index) not in stored_keys)
+    fresh = now - journal.written_at < JOURNAL_MAX_AGE_SECONDS
+    if not all(image.fetchable(fresh=fresh) for image in missing):
+        return Generate("the journaled images can no longer be fetched (URLs expired, or base64 data lost)")
+    return FinishStoring(journal, stored, missing)
