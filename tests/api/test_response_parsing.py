@@ -31,7 +31,9 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRateLimitError,
     JiMengResponseError,
     JiMengRunAbortedError,
+    JiMengRunStoppedError,
     JiMengServerError,
+    JiMengSpendingCapError,
     JiMengTimeoutError,
     error_class_for,
 )
@@ -423,6 +425,8 @@ _SPECIAL_ERRORS: dict[type[JiMengError], JiMengError] = {
         ["image 1: OutputImageSensitiveContentDetected"], stored=2
     ),
     JiMengRunAbortedError: JiMengRunAbortedError(["prompt 0: InvalidEndpointOrModel.NotFound"], stored=0),
+    JiMengSpendingCapError: JiMengSpendingCapError(limit=5, billed=3, possibly_billed=1, in_flight=1, requested=2),
+    JiMengRunStoppedError: JiMengRunStoppedError("on_kill"),
 }
 
 

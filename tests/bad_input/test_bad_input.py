@@ -108,10 +108,10 @@ def test_connection_refused(bad_connections: JiMengEmulator, conn_id: str, param
 
 
 OPERATOR_CASES = [
-    pytest.param({"prompt": None}, "prompt", "allowed: a string or a list of strings", id="xcom-prompt-none"),
-    pytest.param({"prompt": {"topic": "fox"}}, "prompt", "pass a string or a list of strings", id="xcom-prompt-dict"),
+    pytest.param({"prompt": None}, "prompt", "allowed: a non-empty string or a list of non-empty strings", id="xcom-prompt-none"),
+    pytest.param({"prompt": {"topic": "fox"}}, "prompt", "got a dict; allowed: a non-empty string", id="xcom-prompt-dict"),
     pytest.param({"prompt": ["a fox", 42]}, "prompt[1]", "must be a string, got int", id="xcom-prompt-non-strings"),
-    pytest.param({"prompt": []}, "prompt", "at least one prompt is needed", id="xcom-prompt-empty-list"),
+    pytest.param({"prompt": []}, "prompt", "is an empty list; allowed:", id="xcom-prompt-empty-list"),
     pytest.param({"prompt": ["a fox", "  "]}, "prompt[1]", "must be a non-empty string", id="blank-prompt-in-list"),
     pytest.param({"size": "3K"}, "size", SIZES_4_0, id="operator-size-3K"),
     pytest.param({"response_format": "png"}, "response_format", "allowed: 'url' or 'b64_json'", id="operator-format"),
@@ -122,14 +122,14 @@ OPERATOR_CASES = [
     pytest.param(
         {"s3_bucket": "good-bucket", "s3_key": "{date}/{prompt_index}_{image_index}.jpeg"},
         "s3_key",
-        "allowed: {dag_id}, {run_id}",
+        "allowed fields: {dag_id}, {run_id}",
         id="s3-key-unknown-field",
     ),
     pytest.param({"max_concurrency": 0}, "max_concurrency", "allowed: an integer in [1, 64]", id="concurrency-0"),
     pytest.param(
         {"on_partial_failure": "ignore"}, "on_partial_failure", "allowed: 'fail' or 'continue'", id="partial-unknown"
     ),
-    pytest.param({"seed": "abc"}, "seed", "is not an integer in [-1, 2147483647]", id="seed-not-a-number"),
+    pytest.param({"seed": "abc"}, "seed", "allowed: an integer in [-1, 2147483647]", id="seed-not-a-number"),
     pytest.param(
         {"prompt": ["a", "b"], **AUTO, "max_images": 10, "max_images_per_task": 5},
         "max_images_per_task",

@@ -47,30 +47,41 @@ def when(condition: Callable[[], bool], action: Callable[[], None]) -> threading
     return thread
 
 
-@pytest.mark.parametrize("failure", ["stopped", "no_bucket", "denied"])
-def test_s3_failing_before_the_run_costs_nothing(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, failure: str
+def test_s3_unreachable_before_the_run_costs_nothing_and_the_retry_generates(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate
 ) -> None:
-    if failure == "stopped":
-        gate.stop()
-        pipeline.before_retry(gate.start)
-    else:
-        gate.mode = "no_bucket" if failure == "no_bucket" else "deny_all"
-        pipeline.before_retry(lambda: setattr(gate, "mode", "pass"))
+    gate.stop()
+    pipeline.before_retry(gate.start)
 
     run = pipeline.run(prompts=["a red fox", "a grey owl"])
 
     assert run.state == "success"
     assert run.try_number == 2
     (message,) = run.errors
-    expected = {"stopped": "EndpointConnectionError", "no_bucket": "NoSuchBucket", "denied": "AccessDenied"}[failure]
-    assert expected in message
+    assert "EndpointConnectionError" in message
     assert "listing s3://" in message
-    if failure != "stopped":
-        assert "S3 request id GATE" in message
     accounting = pipeline.account()
     assert accounting.requests == 2  # all in try 2: try 1 failed before sending anything
     assert accounting.billed == accounting.stored == 2
+
+
+@pytest.mark.parametrize("failure", ["no_bucket", "denied"])
+def test_a_missing_or_refusing_bucket_fails_at_once_without_spending_retries(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, failure: str
+) -> None:
+    """Issue 11 item 11: a configuration error on the first listing is not retried like a transient fault."""
+    gate.mode = "no_bucket" if failure == "no_bucket" else "deny_all"
+    pipeline.before_retry(lambda: setattr(gate, "mode", "pass"))
+
+    run = pipeline.run(prompts=["a red fox", "a grey owl"])
+
+    assert run.state == "failed"
+    assert run.try_number == 1, "no task retry is spent on a bucket that does not exist or refuses us"
+    (message,) = run.errors
+    assert {"no_bucket": "NoSuchBucket", "denied": "AccessDenied"}[failure] in message
+    assert "before any image was generated" in message
+    assert "S3 request id GATE" in message
+    assert pipeline.account().requests == 0
 
 
 def test_s3_stopped_mid_run(
@@ -104,7 +115,7 @@ def test_s3_stopped_mid_run(
     stored_after_try_1 = [key for key in after_try_1["keys"] if key.endswith(".jpeg")]
     assert stored_after_try_1 == [keyspace(bucket, "faults_pipeline_serial").image_key(0, 0)]
     assert after_try_1["local"] is not None
-    assert after_try_1["local"]["images"][0]["url"]
+    assert after_try_1["local"].images[0].url
     accounting = pipeline.account()
     assert accounting.requests == 2  # try 2 sent nothing: prompt 0 was stored, prompt 1 had its journal
     assert accounting.billed == accounting.stored == 2

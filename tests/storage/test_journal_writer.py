@@ -7,6 +7,7 @@ later one, are kept on the worker's disk while the run is told to stop paying.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from airflow_provider_jimeng.exceptions import JiMengStorageError
 from airflow_provider_jimeng.storage.journal import JournalWriter
+from airflow_provider_jimeng.storage.records import JournaledImage, JournalEntry
 from airflow_provider_jimeng.storage.s3 import LocalJournal, S3ImageStore, TaskKeyspace
 
 
@@ -25,8 +27,17 @@ def _store(bucket: str, tmp_path: Path) -> S3ImageStore:
     return S3ImageStore(S3Hook(aws_conn_id="aws_default"), keyspace, LocalJournal(keyspace, tmp_path))
 
 
-def _entry(index: int) -> dict[str, Any]:
-    return {"fingerprint": f"f{index}", "written_at": 1.0, "request_id": f"r{index}", "images": [{"index": 0}]}
+def _entry(index: int) -> JournalEntry:
+    return JournalEntry(
+        prompt_index=index,
+        fingerprint=f"f{index}",
+        written_at=1.0,
+        request_id=f"r{index}",
+        model=None,
+        created=None,
+        usage={},
+        images=(JournaledImage(index=0),),
+    )
 
 
 def test_entries_are_written_in_batches_and_read_back_by_prompt(s3_bucket: str, tmp_path: Path) -> None:
@@ -48,7 +59,7 @@ def test_entries_are_written_in_batches_and_read_back_by_prompt(s3_bucket: str, 
     assert sorted(writer.written) == objects
     entries, held = store.read_journals(existing, 16)
     assert sorted(entries) == list(range(16))
-    assert entries[7]["request_id"] == "r7"
+    assert entries[7].request_id == "r7"
     assert set().union(*held.values()) == set(range(16))
 
 
@@ -58,12 +69,12 @@ def test_close_writes_what_is_queued_and_a_later_try_never_overwrites(s3_bucket:
     first.add(0, _entry(0))
     first.close()
     second = JournalWriter(store, on_failure=pytest.fail)
-    second.add(0, {**_entry(0), "written_at": 2.0, "request_id": "newer"})
+    second.add(0, dataclasses.replace(_entry(0), written_at=2.0, request_id="newer"))
     second.close()
 
     entries, held = store.read_journals(store.existing_keys(), 1)
     assert len(held) == 2, "each try writes its own objects"
-    assert entries[0]["request_id"] == "newer", "the newest entry of a prompt wins"
+    assert entries[0].request_id == "newer", "the newest entry of a prompt wins"
 
 
 def test_a_refused_batch_is_kept_locally_and_stops_the_run(
@@ -85,7 +96,7 @@ def test_a_refused_batch_is_kept_locally_and_stops_the_run(
     for index in (0, 1):
         local = store.local_journal.read(index)
         assert local is not None
-        assert local["request_id"] == f"r{index}"
+        assert local.request_id == f"r{index}"
         assert oct(store.local_journal.path(index).stat().st_mode & 0o777) == "0o600"
     assert "journaled on this machine" in caplog.text
     assert json.dumps(failures[0].args).count("r0") == 0, "the error names the object, not the entry"
