@@ -108,8 +108,12 @@ def test_connection_refused(bad_connections: JiMengEmulator, conn_id: str, param
 
 
 OPERATOR_CASES = [
-    pytest.param({"prompt": None}, "prompt", "allowed: a non-empty string or a list of non-empty strings", id="xcom-prompt-none"),
-    pytest.param({"prompt": {"topic": "fox"}}, "prompt", "got a dict; allowed: a non-empty string", id="xcom-prompt-dict"),
+    pytest.param(
+        {"prompt": None}, "prompt", "allowed: a non-empty string or a list of non-empty strings", id="xcom-prompt-none"
+    ),
+    pytest.param(
+        {"prompt": {"topic": "fox"}}, "prompt", "got a dict; allowed: a non-empty string", id="xcom-prompt-dict"
+    ),
     pytest.param({"prompt": ["a fox", 42]}, "prompt[1]", "must be a string, got int", id="xcom-prompt-non-strings"),
     pytest.param({"prompt": []}, "prompt", "is an empty list; allowed:", id="xcom-prompt-empty-list"),
     pytest.param({"prompt": ["a fox", "  "]}, "prompt[1]", "must be a non-empty string", id="blank-prompt-in-list"),
