@@ -14,8 +14,9 @@ import struct
 from pathlib import Path
 
 from airflow_provider_jimeng.api.capabilities import (
+    MAX_REFERENCE_IMAGE_ASPECT_RATIO,
     MAX_REFERENCE_IMAGE_BYTES,
-    MAX_REFERENCE_IMAGE_SIDE,
+    MAX_REFERENCE_IMAGE_PIXELS,
     MIN_REFERENCE_IMAGE_SIDE,
     REFERENCE_IMAGE_FORMATS,
 )
@@ -29,24 +30,35 @@ _DATA_URI = re.compile(r"^data:image/([^;,]+);base64,(.*)$", re.DOTALL)
 def sniff_image(data: bytes) -> tuple[str, tuple[int, int] | None] | None:
     """Return ``(format, (width, height))`` from an image's header, or ``None`` if it is no image.
 
-    Dimensions are ``None`` for formats whose header does not state them cheaply (TIFF).
+    Dimensions are ``None`` when the header is recognised but too short or corrupt to state them
+    (a bare ``FF D8``, a TIFF header without its first directory): such data is refused, since the
+    service's limits are on dimensions this provider could not check.
     """
-    if data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return "png", (width, height)
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png", _pair(">II", data, 16)
     if data.startswith(b"\xff\xd8"):
         return "jpeg", _jpeg_dimensions(data)
-    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
-        width, height = struct.unpack("<HH", data[6:10])
-        return "gif", (width, height)
-    if data.startswith(b"BM") and len(data) >= 26:
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif", _pair("<HH", data, 6)
+    if data.startswith(b"BM") and len(data) >= 14:
+        if len(data) < 26:
+            return "bmp", None
         width, height = struct.unpack("<ii", data[18:26])
         return "bmp", (abs(width), abs(height))
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp", _webp_dimensions(data)
     if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff", None
+        return "tiff", _tiff_dimensions(data)
     return None
+
+
+def _pair(fmt: str, data: bytes, offset: int) -> tuple[int, int] | None:
+    """Two integers at ``offset``, or ``None`` when the data ends before them."""
+    end = offset + struct.calcsize(fmt)
+    if len(data) < end:
+        return None
+    first, second = struct.unpack(fmt, data[offset:end])
+    return int(first), int(second)
 
 
 def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
@@ -81,6 +93,27 @@ def _webp_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _tiff_dimensions(data: bytes) -> tuple[int, int] | None:
+    """ImageWidth (tag 256) and ImageLength (257) from the first image file directory."""
+    order = "<" if data[:2] == b"II" else ">"
+    if len(data) < 8:
+        return None
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    if ifd + 2 > len(data):
+        return None
+    (entries,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+    found: dict[int, int] = {}
+    for position in range(ifd + 2, min(ifd + 2 + entries * 12, len(data) - 11), 12):
+        tag, kind = struct.unpack(order + "HH", data[position : position + 4])
+        if tag in (256, 257):
+            # SHORT (3) values sit in the first two bytes of the value field, LONG (4) in all four.
+            fmt = "H" if kind == 3 else "I"
+            (found[tag],) = struct.unpack(order + fmt, data[position + 8 : position + 8 + struct.calcsize(fmt)])
+    if 256 in found and 257 in found:
+        return found[256], found[257]
+    return None
+
+
 def _check_image_bytes(parameter: str, data: bytes, declared_format: str | None = None) -> str:
     """Validate decoded image bytes against the API's limits; return the detected format."""
     if len(data) > MAX_REFERENCE_IMAGE_BYTES:
@@ -96,14 +129,28 @@ def _check_image_bytes(parameter: str, data: bytes, declared_format: str | None 
     image_format, dims = sniffed
     if declared_format is not None and declared_format != image_format:
         raise JiMengConfigurationError(parameter, f"declares image/{declared_format} but holds {image_format} data")
-    if dims is not None:
-        width, height = dims
-        if min(width, height) < MIN_REFERENCE_IMAGE_SIDE or max(width, height) > MAX_REFERENCE_IMAGE_SIDE:
-            raise JiMengConfigurationError(
-                parameter,
-                f"is {width}x{height}; sides must be > {MIN_REFERENCE_IMAGE_SIDE - 1} px "
-                f"and <= {MAX_REFERENCE_IMAGE_SIDE} px",
-            )
+    if dims is None:
+        raise JiMengConfigurationError(
+            parameter,
+            f"is {image_format} data whose dimensions cannot be read (truncated or corrupt); "
+            "the service limits sides, pixels and aspect ratio, so it is refused before sending",
+        )
+    width, height = dims
+    ratio = MAX_REFERENCE_IMAGE_ASPECT_RATIO
+    if min(width, height) < MIN_REFERENCE_IMAGE_SIDE:
+        raise JiMengConfigurationError(
+            parameter, f"is {width}x{height}; sides must be > {MIN_REFERENCE_IMAGE_SIDE - 1} px"
+        )
+    if width * height > MAX_REFERENCE_IMAGE_PIXELS:
+        raise JiMengConfigurationError(
+            parameter,
+            f"is {width}x{height} = {width * height} pixels; reference images may have at most "
+            f"{MAX_REFERENCE_IMAGE_PIXELS} (6000x6000) pixels",
+        )
+    if not 1 / ratio <= width / height <= ratio:
+        raise JiMengConfigurationError(
+            parameter, f"is {width}x{height}; its aspect ratio W/H must be in [1/{ratio}, {ratio}]"
+        )
     return image_format
 
 

@@ -15,12 +15,16 @@ from typing import Any, cast
 from airflow_provider_jimeng.api.capabilities import (
     MAX_IMAGES_PER_REQUEST,
     MAX_SEED,
+    OUTPUT_FORMATS,
     RESPONSE_FORMATS,
     SEQUENTIAL_MODES,
     SOFT_PROMPT_MAX_CJK_CHARS,
     SOFT_PROMPT_MAX_WORDS,
+    TOOL_TYPES,
+    WEB_SEARCH_TOOL,
     ModelFamily,
     family_for_model,
+    normalize_size,
     size_error,
 )
 from airflow_provider_jimeng.api.reference_images import (
@@ -47,10 +51,16 @@ KNOWN_FIELDS = frozenset(
         "watermark",
         "optimize_prompt_options",
         "guidance_scale",
+        "output_format",
+        "tools",
     }
 )
 
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+
+
+class MissingParameterError(JiMengConfigurationError):
+    """A required body field is absent: the service answers ``MissingParameter`` (not ``InvalidParameter``)."""
 
 
 def _fail(parameter: str, message: str) -> JiMengConfigurationError:
@@ -63,6 +73,8 @@ def _is_int(value: Any) -> bool:
 
 def check_prompt(prompt: Any, parameter: str = "prompt") -> str:
     """Refuse a prompt the API would refuse; warn about one longer than recommended."""
+    if prompt is None:
+        raise MissingParameterError(parameter, "is required: a non-empty string, got NoneType")
     if not isinstance(prompt, str):
         raise _fail(parameter, f"must be a non-empty string, got {type(prompt).__name__}")
     if not prompt.strip():
@@ -90,16 +102,25 @@ def reference_image_count(body: Mapping[str, Any]) -> int:
 
 
 def max_images_billed(body: Mapping[str, Any]) -> int:
-    """The most images one request with this body can generate (and bill)."""
+    """The most images one request with this body can generate (and bill).
+
+    The service caps a set at 15 images minus the reference images, whatever ``max_images`` says
+    ("输入的参考图数量+最终生成的图片数量≤15张": a cap on what is generated, not a refusal).
+    """
     if body.get("sequential_image_generation") == "auto":
+        room = max(1, MAX_IMAGES_PER_REQUEST - reference_image_count(body))
         options = body.get("sequential_image_generation_options") or {}
-        return int(options.get("max_images", MAX_IMAGES_PER_REQUEST - reference_image_count(body)))
+        return min(int(options.get("max_images", room)), room)
     return 1
 
 
 def validate_body(body: Mapping[str, Any]) -> ModelFamily:
     """Check a request body against its model family's rules; raise naming the first bad field."""
     model = body.get("model")
+    if model is None:
+        raise MissingParameterError(
+            "model", "is required: a model id such as 'doubao-seedream-4-0-250828' or an endpoint id 'ep-...'"
+        )
     if not isinstance(model, str) or not model.strip():
         raise _fail("model", "is required: a model id such as 'doubao-seedream-4-0-250828' or an endpoint id 'ep-...'")
     family = family_for_model(model)
@@ -120,14 +141,16 @@ def validate_body(body: Mapping[str, Any]) -> ModelFamily:
     if response_format is not None and response_format not in RESPONSE_FORMATS:
         raise _fail("response_format", f"{response_format!r} is not allowed; allowed: 'url' or 'b64_json'")
 
+    _validate_output(body, family)
+
     for flag in ("watermark", "stream"):
         if body.get(flag) is not None and not isinstance(body[flag], bool):
             raise _fail(flag, f"must be true or false, got {body[flag]!r}")
     if body.get("stream") and not family.stream:
         raise _fail("stream", f"streaming is not supported by {family.name}")
 
-    n_refs = _validate_images(body, family)
-    _validate_sequential(body, family, n_refs)
+    _validate_images(body, family)
+    _validate_sequential(body, family)
 
     options = body.get("optimize_prompt_options")
     if options is not None:
@@ -150,10 +173,32 @@ def validate_body(body: Mapping[str, Any]) -> ModelFamily:
     return family
 
 
-def _validate_images(body: Mapping[str, Any], family: ModelFamily) -> int:
+def _validate_output(body: Mapping[str, Any], family: ModelFamily) -> None:
+    """``output_format`` and the web-search tool: both exist on Seedream 5.0 only."""
+    output_format = body.get("output_format")
+    if output_format is not None:
+        if output_format not in OUTPUT_FORMATS:
+            raise _fail("output_format", f"{output_format!r} is not allowed; allowed: 'jpeg' or 'png'")
+        if output_format not in family.output_formats:
+            raise _fail(
+                "output_format",
+                f"{output_format!r} is not supported by {family.name}, which produces jpeg only (Seedream 5.0 only)",
+            )
+    tools = body.get("tools")
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(
+        isinstance(tool, Mapping) and tool.get("type") in TOOL_TYPES for tool in tools
+    ):
+        raise _fail("tools", f"must be a list like [{{'type': '{WEB_SEARCH_TOOL}'}}]; allowed types: {TOOL_TYPES}")
+    if tools and not family.web_search:
+        raise _fail("web_search", f"is not supported by {family.name} (Seedream 5.0 only)")
+
+
+def _validate_images(body: Mapping[str, Any], family: ModelFamily) -> None:
     image = body.get("image")
     if image is None:
-        return 0
+        return
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise _fail("image", "must be a URL or data URI string, or a list of them")
@@ -171,10 +216,9 @@ def _validate_images(body: Mapping[str, Any], family: ModelFamily) -> int:
             validate_data_uri(parameter, item)
         elif not lowered.startswith(("http://", "https://")):
             raise _fail(parameter, "must be an http(s) URL or a 'data:image/<format>;base64,...' URI")
-    return len(images)
 
 
-def _validate_sequential(body: Mapping[str, Any], family: ModelFamily, n_refs: int) -> None:
+def _validate_sequential(body: Mapping[str, Any], family: ModelFamily) -> None:
     mode = body.get("sequential_image_generation")
     options = body.get("sequential_image_generation_options")
     if mode is not None:
@@ -189,10 +233,11 @@ def _validate_sequential(body: Mapping[str, Any], family: ModelFamily, n_refs: i
     max_images = options.get("max_images")
     if max_images is None:
         return
-    limit = MAX_IMAGES_PER_REQUEST - n_refs
-    if not _is_int(max_images) or not 1 <= max_images <= limit:
-        explain = f" (15 minus {n_refs} reference image(s))" if n_refs else ""
-        raise _fail("max_images", f"{max_images!r} is not allowed; allowed: an integer in [1, {limit}]{explain}")
+    # [1, 15] whatever the reference images: they cap what is generated, the value is not refused.
+    if not _is_int(max_images) or not 1 <= max_images <= MAX_IMAGES_PER_REQUEST:
+        raise _fail(
+            "max_images", f"{max_images!r} is not allowed; allowed: an integer in [1, {MAX_IMAGES_PER_REQUEST}]"
+        )
 
 
 def build_request_body(
@@ -209,9 +254,15 @@ def build_request_body(
     optimize_prompt_mode: str | None = None,
     guidance_scale: float | None = None,
     stream: bool = False,
+    output_format: str | None = None,
+    web_search: bool = False,
     extra_body: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Build and validate the JSON body of ``POST /images/generations``."""
+    """Build and validate the JSON body of ``POST /images/generations``.
+
+    ``output_format`` (``"jpeg"``/``"png"``) and ``web_search`` (``tools: [{"type": "web_search"}]``)
+    are Seedream 5.0 fields; other families refuse them.
+    """
     body: dict[str, Any] = {"model": model, "prompt": prompt}
     if image is not None:
         if isinstance(image, (str, bytes, bytearray)) or not isinstance(image, Sequence):
@@ -222,7 +273,7 @@ def build_request_body(
             if images:
                 body["image"] = images
     if size is not None:
-        body["size"] = size
+        body["size"] = normalize_size(size) if isinstance(size, str) else size
     if seed is not None:
         body["seed"] = seed
     if max_images is not None and sequential_image_generation != "auto":
@@ -245,6 +296,10 @@ def build_request_body(
         body["optimize_prompt_options"] = {"mode": optimize_prompt_mode}
     if guidance_scale is not None:
         body["guidance_scale"] = guidance_scale
+    if output_format is not None:
+        body["output_format"] = output_format
+    if web_search:
+        body["tools"] = [{"type": WEB_SEARCH_TOOL}]
     if extra_body:
         clashes = sorted(KNOWN_FIELDS.intersection(extra_body))
         if clashes:

@@ -2,6 +2,11 @@
 
 Faults wait in a FIFO queue and are consumed by the requests they match: a :class:`Fault` with
 ``times=2`` answers the next two matching requests, then the next fault in line takes over.
+
+Four families: error answers instead of generating (:data:`ERROR_FAULTS`), broken deliveries of a
+billed answer (:data:`DELIVERY_FAULTS`), image URLs that fail at download (:data:`URL_FAULTS`), and
+documented answer shapes a client must understand (:data:`SHAPE_FAULTS`, applied by
+:func:`shape_answer`: each is one branch there).
 """
 
 from __future__ import annotations
@@ -9,6 +14,9 @@ from __future__ import annotations
 import fnmatch
 import threading
 from dataclasses import dataclass
+
+from airflow_provider_jimeng.emulator.answers import Plan, Slot
+from airflow_provider_jimeng.emulator.protocol import error_object
 
 #: Faults answered with an error envelope instead of generating: kind -> (HTTP status, code, type, message).
 ERROR_FAULTS: dict[str, tuple[int, str, str, str]] = {
@@ -43,7 +51,18 @@ ERROR_FAULTS: dict[str, tuple[int, str, str, str]] = {
 DELIVERY_FAULTS = frozenset({"reset_mid_body", "malformed", "truncated"})
 #: Faults that change what the image URLs of an answer do at download time.
 URL_FAULTS = frozenset({"expired_url", "missing_url"})
-FAULT_KINDS = frozenset(ERROR_FAULTS) | DELIVERY_FAULTS | URL_FAULTS | {"slow", "reset"}
+#: Faults that change what a generated answer says (documented shapes, see :func:`shape_answer`).
+SHAPE_FAULTS = frozenset(
+    {
+        "stream_error",
+        "error_envelope",
+        "error_envelope_empty_data",
+        "image_internal_error",
+        "empty_item_errors",
+        "gateway_usage",
+    }
+)
+FAULT_KINDS = frozenset(ERROR_FAULTS) | DELIVERY_FAULTS | URL_FAULTS | SHAPE_FAULTS | {"slow", "reset"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +73,9 @@ class Fault:
     faults; ``delay`` is how long ``slow`` waits before answering normally (and billing); ``times`` is
     how many consecutive matching requests it applies to; ``path`` restricts it to requests whose path
     matches this glob (``fnmatch``, e.g. ``"/v1/*"`` or ``"/tos/*"``); ``None`` means every generation
-    request.
+    request. ``code`` is the error code of ``stream_error``, ``error_envelope`` and
+    ``error_envelope_empty_data`` (default ``InternalServiceError``); ``after`` is how many images
+    of the set come before ``stream_error`` or ``image_internal_error`` (default: half, at least one).
     """
 
     kind: str
@@ -62,6 +83,8 @@ class Fault:
     delay: float = 0.0
     times: int = 1
     path: str | None = None
+    code: str | None = None
+    after: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -70,6 +93,8 @@ class Fault:
             raise ValueError(f"times must be >= 1, got {self.times}")
         if self.delay < 0 or (self.retry_after is not None and self.retry_after < 0):
             raise ValueError("delay and retry_after must not be negative")
+        if self.after is not None and self.after < 0:
+            raise ValueError(f"after must be >= 0, got {self.after}")
 
     def matches(self, path: str, *, generation: bool) -> bool:
         if self.path is None:
@@ -116,3 +141,38 @@ class FaultQueue:
     def __len__(self) -> int:
         with self._lock:
             return len(self._pending)
+
+
+_INTERNAL_ERROR = "InternalServiceError"
+
+
+def shape_answer(plan: Plan, fault: Fault | None) -> None:
+    """Give the answer the documented shape ``fault`` asks for (nothing for other faults)."""
+    if fault is None or fault.kind not in SHAPE_FAULTS:
+        return
+    kind, total = fault.kind, len(plan.slots)
+    after = max(1, total // 2) if fault.after is None else fault.after
+    code = fault.code or _INTERNAL_ERROR
+    if kind in ("error_envelope", "error_envelope_empty_data"):
+        # A 200 that says the request failed: nothing generated, nothing billed.
+        plan.slots, plan.web_searches = [], None
+        plan.envelope_error = error_object(code, "The request failed.", plan.request_id)
+        plan.envelope_data = kind == "error_envelope_empty_data"
+    elif kind == "stream_error":
+        # Rendering failed mid-set: the images before it are delivered (and billed), the rest never made.
+        after = min(after, total)
+        error = error_object(code, "The service failed while generating the set.", plan.request_id)
+        plan.slots = plan.slots[:after]
+        if plan.stream:
+            plan.stream_error = error
+        else:  # a JSON answer can only say it in data: the documented internal-error item
+            plan.slots.append(Slot(after, None, error))
+    elif kind == "image_internal_error":
+        # "若失败原因为内部服务异常（500）：不会继续请求下一个图片生成任务": the set stops at the failed image.
+        after = min(after, total - 1)
+        error = error_object(_INTERNAL_ERROR, f"The image {after} could not be generated.", plan.request_id)
+        plan.slots = [*plan.slots[:after], Slot(after, None, error)]
+    elif kind == "empty_item_errors":
+        plan.empty_item_errors = True
+    elif kind == "gateway_usage":
+        plan.gateway_usage = True

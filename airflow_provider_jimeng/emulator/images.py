@@ -1,6 +1,7 @@
-"""Deterministic JPEG rendering, a byte-bounded render cache and the store behind signed image URLs.
+"""Deterministic JPEG/PNG rendering, a byte-bounded render cache and the store behind signed image URLs.
 
-Images are real JPEGs of exactly the requested dimensions, so clients can check sizes and decode them;
+Images are real JPEGs (PNGs when Seedream 5.0 is asked for ``output_format="png"``) of exactly the
+requested dimensions, so clients can check sizes and decode them;
 the picture itself is a cheap function of (prompt, seed, index): a small canvas upscaled with
 nearest-neighbour, which renders even 4K images in tens of milliseconds and compresses well.
 """
@@ -14,7 +15,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 DEFAULT_MAX_URLS = 200_000
@@ -28,7 +29,7 @@ PILLOW_MISSING = (
 
 
 class ImageKey(NamedTuple):
-    """Everything an emulated image depends on; equal keys give byte-identical JPEGs."""
+    """Everything an emulated image depends on; equal keys give byte-identical images."""
 
     prompt: str
     seed: int
@@ -36,6 +37,7 @@ class ImageKey(NamedTuple):
     width: int
     height: int
     watermark: bool
+    image_format: str = "jpeg"
 
 
 def _palette(digest: bytes, count: int) -> list[tuple[int, int, int]]:
@@ -45,8 +47,27 @@ def _palette(digest: bytes, count: int) -> list[tuple[int, int, int]]:
     return [(stream[i * 3], stream[i * 3 + 1], stream[i * 3 + 2]) for i in range(count)]
 
 
+def render_image(key: ImageKey) -> bytes:
+    """Encode ``key`` in its format (module-level names, so benchmarks can wrap ``render_jpeg``)."""
+    return render_png(key) if key.image_format == "png" else render_jpeg(key)
+
+
 def render_jpeg(key: ImageKey) -> bytes:
-    """Render the JPEG for ``key`` (needs Pillow, imported here so the emulator imports without it)."""
+    """Render the JPEG for ``key``."""
+    buffer = io.BytesIO()
+    _draw(key).save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+def render_png(key: ImageKey) -> bytes:
+    """Render the PNG for ``key`` (fastest compression: the flat picture compresses well anyway)."""
+    buffer = io.BytesIO()
+    _draw(key).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _draw(key: ImageKey) -> Any:
+    """The picture of ``key`` at full size (needs Pillow, imported here so the emulator imports without it)."""
     try:
         from PIL import Image, ImageDraw
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -79,10 +100,7 @@ def render_jpeg(key: ImageKey) -> bytes:
 
     from PIL.Image import Resampling
 
-    image = canvas.resize((key.width, key.height), Resampling.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
-    return buffer.getvalue()
+    return canvas.resize((key.width, key.height), Resampling.NEAREST)
 
 
 class RenderCache:
@@ -114,7 +132,7 @@ class RenderCache:
             waiting.wait()
         try:
             with self._renders:
-                data = render_jpeg(key)
+                data = render_image(key)
             with self._lock:
                 self.renders += 1
                 self._store(key, data)

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One request that billed at least one image.
+    """One request that billed at least one image or web search.
 
     ``delivered`` is ``False`` when the answer could not be written completely (the client hung up,
     timed out or the connection broke): the real service bills those images all the same.
+    ``web_searches`` is what Seedream 5.0's web-search tool ran (billed apart from the images).
     """
 
     request_id: str
@@ -22,6 +23,7 @@ class LedgerEntry:
     output_tokens: int
     delivered: bool
     created: int
+    web_searches: int = 0
 
 
 class Ledger:
@@ -50,6 +52,10 @@ class Ledger:
     def billed_images(self) -> int:
         with self._lock:
             return sum(entry.images for entry in self._entries)
+
+    def billed_web_searches(self) -> int:
+        with self._lock:
+            return sum(entry.web_searches for entry in self._entries)
 
     def clear(self) -> None:
         with self._lock:

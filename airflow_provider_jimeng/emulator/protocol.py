@@ -9,13 +9,17 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from airflow_provider_jimeng.api.capabilities import MAX_IMAGES_PER_REQUEST
+from airflow_provider_jimeng.api.request import max_images_billed
 
 #: Model ids the emulator serves (those of the fact sheet, China and BytePlus spellings).
 KNOWN_MODELS: tuple[str, ...] = (
+    "doubao-seedream-5-0-260128",
+    "doubao-seedream-5-0-lite-260128",
     "doubao-seedream-4-0-250828",
     "doubao-seedream-4-5-251128",
     "doubao-seedream-3-0-t2i-250415",
+    "seedream-5-0-260128",
+    "seedream-5-0-lite-260128",
     "seedream-4-0-250828",
     "seedream-4-5-251128",
     "seedream-3-0-t2i-250415",
@@ -39,9 +43,14 @@ def new_request_id() -> str:
     return time.strftime("%Y%m%d%H%M%S", time.gmtime()) + uuid.uuid4().hex
 
 
+def error_object(code: str, message: str, request_id: str) -> dict[str, str]:
+    """An error object as the service writes it: the request id at the end of the message."""
+    return {"code": code, "message": f"{message} Request id: {request_id}"}
+
+
 def error_body(code: str, message: str, request_id: str, *, error_type: str, param: str | None = None) -> bytes:
     """The documented error envelope, with the request id at the end of the message."""
-    error: dict[str, Any] = {"code": code, "message": f"{message} Request id: {request_id}"}
+    error: dict[str, Any] = dict(error_object(code, message, request_id))
     if param is not None:
         error["param"] = param
     error["type"] = error_type
@@ -61,14 +70,11 @@ def set_size(prompt: str, max_images: int) -> int:
 
 
 def images_for(body: Mapping[str, Any]) -> int:
-    """Number of images a valid request generates (successful or not)."""
+    """Number of images a valid request generates (successful or not): what the prompt asks for,
+    within ``max_images`` and the 15 images a request may involve with its reference images."""
     if body.get("sequential_image_generation") != "auto":
         return 1
-    image = body.get("image")
-    refs = 0 if image is None else 1 if isinstance(image, str) else len(image)
-    options = body.get("sequential_image_generation_options") or {}
-    max_images = options.get("max_images") or MAX_IMAGES_PER_REQUEST - refs
-    return set_size(str(body.get("prompt", "")), int(max_images))
+    return set_size(str(body.get("prompt", "")), max_images_billed(body))
 
 
 def redact_body(body: Any) -> Any:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,18 @@ from PIL import Image
 
 from airflow_provider_jimeng.api.capabilities import MAX_REFERENCE_IMAGE_BYTES
 from airflow_provider_jimeng.api.reference_images import ImageInput
-from airflow_provider_jimeng.api.request import build_request_body, max_images_billed, validate_body
+from airflow_provider_jimeng.api.request import (
+    MissingParameterError,
+    build_request_body,
+    max_images_billed,
+    validate_body,
+)
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
 
 MODEL_4_0 = "doubao-seedream-4-0-250828"
 MODEL_4_5 = "doubao-seedream-4-5-251128"
 MODEL_3_0 = "doubao-seedream-3-0-t2i-250415"
+MODEL_5_0 = "doubao-seedream-5-0-260128"
 URL = "https://example.com/reference.png"
 
 
@@ -69,22 +77,44 @@ BAD_ARGUMENTS = [
         {"model": MODEL_4_5, "size": "1024x1024"}, "size", ("'1024x1024'", "below 3686400"), id="small-WxH-on-4.5"
     ),
     pytest.param(
-        {"model": MODEL_3_0, "size": "511x1024"},
+        {"model": MODEL_3_0, "size": "500x500"},
         "size",
-        ("'511x1024'", "a side is below 512", "each side in [512, 2048]"),
-        id="3.0-side-below-512",
+        ("'500x500'", "W*H = 250000 is below 262144", "W*H >= 262144, W*H <= 4194304"),
+        id="3.0-below-512x512-pixels",
     ),
     pytest.param(
-        {"model": MODEL_3_0, "size": "2049x1024"},
+        {"model": MODEL_3_0, "size": "2049x2048"},
         "size",
-        ("'2049x1024'", "a side is above 2048"),
-        id="3.0-side-over-2048",
+        ("'2049x2048'", "is above 4194304"),
+        id="3.0-over-2048x2048-pixels",
     ),
     pytest.param(
         {"model": MODEL_3_0, "size": "1K"},
         "size",
-        ("'1K'", "Seedream 3.0", "'WxH' with each side"),
+        ("'1K'", "Seedream 3.0", "'WxH' with W*H >= 262144"),
         id="keyword-on-3.0",
+    ),
+    pytest.param({"model": MODEL_5_0, "size": "4K"}, "size", ("'4K'", "Seedream 5.0", "'2K' / '3K'"), id="4K-on-5.0"),
+    pytest.param(
+        {"model": MODEL_5_0, "size": "1500x1500"}, "size", ("'1500x1500'", "below 3686400"), id="small-WxH-on-5.0"
+    ),
+    pytest.param(
+        {"model": MODEL_5_0, "size": "3300x3300"}, "size", ("'3300x3300'", "above 10404496"), id="big-WxH-on-5.0"
+    ),
+    pytest.param(
+        {"output_format": "png"},
+        "output_format",
+        ("'png'", "not supported by Seedream 4.0", "jpeg only"),
+        id="png-on-4.0",
+    ),
+    pytest.param(
+        {"model": MODEL_5_0, "output_format": "webp"}, "output_format", ("'webp'", "'jpeg' or 'png'"), id="webp"
+    ),
+    pytest.param(
+        {"model": MODEL_4_5, "web_search": True},
+        "web_search",
+        ("not supported by Seedream 4.5", "Seedream 5.0 only"),
+        id="web-search-on-4.5",
     ),
     pytest.param({"seed": -2}, "seed", ("-2", "an integer in [-1, 2147483647]"), id="seed-below-minus-1"),
     pytest.param({"seed": 2**31}, "seed", ("2147483648", "[-1, 2147483647]"), id="seed-over-int32"),
@@ -97,12 +127,6 @@ BAD_ARGUMENTS = [
     ),
     pytest.param(
         {"sequential_image_generation": "auto", "max_images": 16}, "max_images", ("16", "[1, 15]"), id="max-images-16"
-    ),
-    pytest.param(
-        {"sequential_image_generation": "auto", "max_images": 14, "image": [URL, URL]},
-        "max_images",
-        ("14", "[1, 13]", "15 minus 2 reference image(s)"),
-        id="max-images-plus-refs-over-15",
     ),
     pytest.param(
         {"sequential_image_generation": "auto", "max_images": 2.0},
@@ -132,7 +156,10 @@ BAD_ARGUMENTS = [
         id="sequential-on-3.0",
     ),
     pytest.param({"model": MODEL_3_0, "stream": True}, "stream", ("streaming", "Seedream 3.0"), id="stream-on-3.0"),
-    pytest.param({"image": [URL] * 11}, "image", ("11 reference images", "at most 10"), id="11-refs-on-4.0"),
+    pytest.param({"image": [URL] * 15}, "image", ("15 reference images", "at most 14"), id="15-refs-on-4.0"),
+    pytest.param(
+        {"model": MODEL_5_0, "image": [URL] * 15}, "image", ("15 reference images", "at most 14"), id="15-refs-on-5.0"
+    ),
     pytest.param(
         {"model": MODEL_4_5, "image": [URL] * 15}, "image", ("15 reference images", "at most 14"), id="15-refs-on-4.5"
     ),
@@ -188,6 +215,12 @@ def test_invalid_argument_is_refused_naming_field_value_and_rule(
     _assert_refused(caught.value, parameter, fragments)
 
 
+def png_header(width: int, height: int) -> bytes:
+    """The first bytes of a PNG of any size: the checks read dimensions from the header only."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+
+
 def _missing_file(tmp_path: Path) -> ImageInput:
     return str(tmp_path / "nope.png")
 
@@ -230,7 +263,20 @@ BAD_REFERENCE_IMAGES: list[Any] = [
         id="data-uri-format-mismatch",
     ),
     pytest.param(lambda _: image_bytes("PNG", (10, 10)), ("10x10", "> 14 px"), id="image-10x10"),
-    pytest.param(lambda _: image_bytes("PNG", (6001, 16)), ("6001x16", "<= 6000 px"), id="image-wider-than-6000"),
+    pytest.param(lambda _: image_bytes("PNG", (20, 400)), ("20x400", "aspect ratio", "[1/16, 16]"), id="image-1-to-20"),
+    pytest.param(
+        lambda _: png_header(6001, 6000), ("6001x6000 = 36006000 pixels", "at most 36000000"), id="image-over-36MP"
+    ),
+    pytest.param(lambda _: b"\xff\xd8", ("jpeg data whose dimensions cannot be read",), id="two-byte-jpeg"),
+    pytest.param(lambda _: b"II*\x00", ("tiff data whose dimensions cannot be read",), id="bare-tiff-header"),
+    pytest.param(
+        lambda _: b"II*\x00\x08\x00\x00\x00\x00\x00",
+        ("tiff data whose dimensions cannot be read",),
+        id="tiff-without-dimensions",
+    ),
+    pytest.param(lambda _: b"\x89PNG\r\n\x1a\n", ("png data whose dimensions cannot be read",), id="png-signature"),
+    pytest.param(lambda _: b"GIF89a\x01", ("gif data whose dimensions cannot be read",), id="truncated-gif"),
+    pytest.param(lambda _: b"RIFF\x00\x00\x00\x00WEBP", ("webp data whose dimensions",), id="truncated-webp"),
     pytest.param(lambda _: "ftp://example.com/x.png", ("'ftp'", "not allowed"), id="ftp-url"),
     pytest.param(lambda _: "   ", ("is empty",), id="blank-string"),
     pytest.param(lambda _: 42, ("got int",), id="int"),
@@ -255,9 +301,7 @@ def test_invalid_reference_image_in_a_list_is_named_by_position(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("body", "parameter", "fragments"),
     [
-        pytest.param({"prompt": "x"}, "model", ("is required", "ep-"), id="no-model"),
         pytest.param({"model": " ", "prompt": "x"}, "model", ("is required",), id="blank-model"),
-        pytest.param({"model": MODEL_4_0}, "prompt", ("NoneType",), id="no-prompt"),
         pytest.param(
             {"model": MODEL_4_0, "prompt": "x", "image": ["s3://bucket/key.png"]},
             "image[0]",
@@ -291,7 +335,6 @@ def test_validate_body_refuses_a_bad_raw_body(body: dict[str, Any], parameter: s
         (MODEL_4_0, "2K"),
         (MODEL_4_0, "4K"),
         (MODEL_4_0, "2048x2048"),
-        (MODEL_4_0, "2048×2048"),
         (MODEL_4_0, "1280x720"),
         (MODEL_4_0, "720x1280"),
         (MODEL_4_0, "6240x2656"),
@@ -300,10 +343,18 @@ def test_validate_body_refuses_a_bad_raw_body(body: dict[str, Any], parameter: s
         (MODEL_4_5, "2K"),
         (MODEL_4_5, "4K"),
         (MODEL_4_5, "2048x2048"),
-        (MODEL_4_5, "2560×1440"),
+        (MODEL_4_5, "2560x1440"),
         (MODEL_3_0, "512x512"),
         (MODEL_3_0, "2048x2048"),
-        (MODEL_3_0, "1024×768"),
+        (MODEL_3_0, "1024x768"),
+        (MODEL_3_0, "2560x1440"),  # 3,686,400 pixels: the bound is on W*H, not on each side
+        (MODEL_3_0, "4096x1024"),
+        (MODEL_5_0, "2K"),
+        (MODEL_5_0, "3K"),
+        (MODEL_5_0, "3750x1250"),  # the documentation's valid example
+        (MODEL_5_0, "3072x3072"),
+        ("seedream-5-0-260128", "3K"),
+        ("doubao-seedream-5-0-lite-260128", "3K"),
     ],
 )
 def test_valid_size_is_accepted_for_its_family(model: str, size: str) -> None:
@@ -313,7 +364,85 @@ def test_valid_size_is_accepted_for_its_family(model: str, size: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "model", ["ep-20240101123456-abcde", "ep-m-20250101-xyz", "my-fine-tuned-image-model", "doubao-seedream-9-0-300101"]
+    ("written", "sent"),
+    [("2048×2048", "2048x2048"), ("2560*1440", "2560x1440"), (" 1280 X 720 ", "1280x720"), ("2k", "2K")],
+)
+def test_sizes_are_sent_as_the_documentation_writes_them(written: str, sent: str) -> None:
+    assert _build(size=written)["size"] == sent
+
+
+@pytest.mark.parametrize(
+    ("body", "parameter"),
+    [({"prompt": "x"}, "model"), ({"model": MODEL_4_0}, "prompt"), ({"model": MODEL_4_0, "prompt": None}, "prompt")],
+)
+def test_a_missing_required_field_is_missing_not_invalid(body: dict[str, Any], parameter: str) -> None:
+    with pytest.raises(MissingParameterError) as caught:
+        validate_body(body)
+    _assert_refused(caught.value, parameter, ("is required",))
+
+
+def test_an_empty_prompt_is_invalid_not_missing() -> None:
+    with pytest.raises(JiMengConfigurationError) as caught:
+        validate_body({"model": MODEL_4_0, "prompt": ""})
+    assert not isinstance(caught.value, MissingParameterError)
+
+
+def test_reference_images_cap_a_set_but_do_not_refuse_max_images() -> None:
+    # "输入的参考图数量+最终生成的图片数量≤15张" caps what is generated; max_images stays in [1, 15].
+    body = _build(sequential_image_generation="auto", max_images=14, image=[URL, URL])
+    assert body["sequential_image_generation_options"] == {"max_images": 14}
+    assert max_images_billed(body) == 13
+    assert max_images_billed(_build(sequential_image_generation="auto", max_images=4, image=[URL] * 14)) == 1
+
+
+def test_seedream_5_fields_land_in_the_body() -> None:
+    body = _build(model=MODEL_5_0, size="3K", output_format="png", web_search=True)
+    assert body["output_format"] == "png"
+    assert body["tools"] == [{"type": "web_search"}]
+    assert validate_body(body).name == "Seedream 5.0 lite"
+    plain = _build(model=MODEL_5_0)
+    assert "tools" not in plain
+    assert "output_format" not in plain
+
+
+def test_jpeg_is_accepted_for_every_family() -> None:
+    # Every family produces JPEG: asking for it explicitly is harmless; only PNG is 5.0's.
+    assert _build(output_format="jpeg")["output_format"] == "jpeg"
+    assert _build(model=MODEL_3_0, output_format="jpeg")["output_format"] == "jpeg"
+
+
+@pytest.mark.parametrize(
+    "tools", [[{"type": "code_interpreter"}], {"type": "web_search"}, ["web_search"]], ids=["unknown", "dict", "str"]
+)
+def test_malformed_tools_are_refused(tools: Any) -> None:
+    with pytest.raises(JiMengConfigurationError) as caught:
+        validate_body({"model": MODEL_5_0, "prompt": "x", "tools": tools})
+    _assert_refused(caught.value, "tools", ("[{'type': 'web_search'}]",))
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        pytest.param(lambda: png_header(7000, 3000), "png", id="7000x3000-is-21MP"),
+        pytest.param(lambda: png_header(6000, 6000), "png", id="6000x6000"),
+        pytest.param(lambda: png_header(16, 256), "png", id="exactly-1-to-16"),
+        pytest.param(lambda: image_bytes("TIFF", (40, 30)), "tiff", id="tiff"),
+        pytest.param(lambda: image_bytes("JPEG", (40, 30)), "jpeg", id="jpeg"),
+    ],
+)
+def test_reference_images_are_limited_by_pixels_and_ratio_not_sides(make: Callable[[], bytes], expected: str) -> None:
+    assert _build(image=make())["image"].startswith(f"data:image/{expected};base64,")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "ep-20240101123456-abcde",
+        "ep-m-20250101-xyz",
+        "my-fine-tuned-image-model",
+        "doubao-seedream-9-0-300101",
+        "doubao-seedream-5-0-pro-260628",  # its rules are not those of 5.0 lite
+    ],
 )
 def test_endpoint_ids_and_unknown_models_are_accepted_permissively(model: str) -> None:
     body = _build(
@@ -332,8 +461,8 @@ def test_endpoint_ids_and_unknown_models_are_accepted_permissively(model: str) -
 
 def test_endpoint_ids_still_get_shape_checks() -> None:
     with pytest.raises(JiMengConfigurationError) as caught:
-        _build(model="ep-20240101123456-abcde", size="3K", seed=-5)
-    _assert_refused(caught.value, "size", ("'3K'",))
+        _build(model="ep-20240101123456-abcde", size="5K", seed=-5)
+    _assert_refused(caught.value, "size", ("'5K'",))
 
 
 def test_english_prompt_over_600_words_warns_but_is_sent(caplog: pytest.LogCaptureFixture) -> None:
