@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
-from airflow_provider_jimeng.api.capabilities import RESPONSE_FORMATS, SEQUENTIAL_MODES
+from airflow_provider_jimeng.api.capabilities import OUTPUT_FORMATS, RESPONSE_FORMATS, SEQUENTIAL_MODES
 from airflow_provider_jimeng.api.request import KNOWN_FIELDS, build_request_body, check_prompt, max_images_billed
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
 
@@ -297,6 +297,8 @@ FIELDS: dict[str, Field] = {
     ),
     "guidance_scale": Field(lambda value: as_number("guidance_scale", value, minimum=1, maximum=10, optional=True)),
     "stream": Field(lambda value: bool(as_bool("stream", value, optional=True))),
+    "output_format": Field(lambda value: as_choice("output_format", value, OUTPUT_FORMATS, optional=True)),
+    "web_search": Field(lambda value: bool(as_bool("web_search", value, optional=True))),
     "extra_body": Field(as_extra_body),
     # ---- the run (RunOptions)
     "max_concurrency": Field(lambda value: as_int("max_concurrency", value, minimum=1, maximum=MAX_CONCURRENCY)),
@@ -340,6 +342,8 @@ class GenerationOptions:
     optimize_prompt_mode: str | None = None
     guidance_scale: float | None = None
     stream: bool = False
+    output_format: str | None = None
+    web_search: bool = False
     extra_body: dict[str, Any] | None = None
 
     @classmethod
@@ -370,6 +374,8 @@ class GenerationOptions:
             optimize_prompt_mode=self.optimize_prompt_mode,
             guidance_scale=self.guidance_scale,
             stream=self.stream,
+            output_format=self.output_format,
+            web_search=self.web_search,
             extra_body=self.extra_body,
         )
 

@@ -107,11 +107,14 @@ def max_images_billed(body: Mapping[str, Any]) -> int:
     The service caps a set at 15 images minus the reference images, whatever ``max_images`` says
     ("输入的参考图数量+最终生成的图片数量≤15张": a cap on what is generated, not a refusal).
     """
+    per_set = 1
     if body.get("sequential_image_generation") == "auto":
         room = max(1, MAX_IMAGES_PER_REQUEST - reference_image_count(body))
         options = body.get("sequential_image_generation_options") or {}
-        return min(int(options.get("max_images", room)), room)
-    return 1
+        per_set = min(int(options.get("max_images", room)), room)
+    # Gateways read ``n`` (not an official field) as images per request: each one is billed.
+    count = body.get("n")
+    return per_set * (count if isinstance(count, int) and not isinstance(count, bool) and count > 1 else 1)
 
 
 def validate_body(body: Mapping[str, Any]) -> ModelFamily:

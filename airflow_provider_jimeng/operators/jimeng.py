@@ -49,6 +49,8 @@ GENERATION_PARAMETERS = (
     "sequential_image_generation",
     "max_images",
     "optimize_prompt_mode",
+    "output_format",
+    "web_search",
     "extra_body",
 )
 RUN_PARAMETERS = (
@@ -77,6 +79,8 @@ class JiMengGenerateOperator(BaseOperator):
     :param seed: integer seed in [-1, 2147483647]. Templated.
     :param sequential_image_generation: ``auto`` to let the model return a set of related images.
     :param max_images: the most images of a set (1-15, minus reference images); billed per image.
+    :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. Templated.
+    :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see ``usage``).
     :param max_concurrency: requests in flight at once (the API's latency is seconds per image).
     :param max_images_per_minute: client-side pacing; the connection's extra when ``None``.
     :param aws_conn_id: the AWS connection for S3.
@@ -103,6 +107,8 @@ class JiMengGenerateOperator(BaseOperator):
         "sequential_image_generation",
         "max_images",
         "optimize_prompt_mode",
+        "output_format",
+        "web_search",
         "extra_body",
         "s3_bucket",
         "s3_key_prefix",
@@ -136,6 +142,8 @@ class JiMengGenerateOperator(BaseOperator):
         sequential_image_generation: str | None = None,
         max_images: int | str | None = None,
         optimize_prompt_mode: str | None = None,
+        output_format: str | None = None,
+        web_search: bool | str = False,
         max_concurrency: int = 4,
         max_images_per_minute: float | None = None,
         aws_conn_id: str | None = "aws_default",
@@ -161,6 +169,8 @@ class JiMengGenerateOperator(BaseOperator):
         self.sequential_image_generation = sequential_image_generation
         self.max_images = max_images
         self.optimize_prompt_mode = optimize_prompt_mode
+        self.output_format = output_format
+        self.web_search = web_search
         self.max_concurrency = max_concurrency
         self.max_images_per_minute = max_images_per_minute
         self.aws_conn_id = aws_conn_id
@@ -244,7 +254,7 @@ class JiMengGenerateOperator(BaseOperator):
         prompts, generation, options = self.checked_parameters()
         if generation.response_format == "b64_json":
             return_image_blocks_to_the_os()
-        keyspace = self._keyspace(context, options) if options.s3_bucket is not None else None
+        keyspace = self._keyspace(context, options, generation) if options.s3_bucket is not None else None
         with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
             # The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon
             # provider walks the caller's stack, with source lines, for its user agent): build it
@@ -294,7 +304,7 @@ class JiMengGenerateOperator(BaseOperator):
             hook.close()
         return self._finish(context, run, options)
 
-    def _keyspace(self, context: Context, options: RunOptions) -> TaskKeyspace:
+    def _keyspace(self, context: Context, options: RunOptions, generation: GenerationOptions) -> TaskKeyspace:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", -1)
         return TaskKeyspace(
@@ -305,6 +315,7 @@ class JiMengGenerateOperator(BaseOperator):
             task_id=ti.task_id,
             map_index=map_index if map_index is not None else -1,
             key_template=options.s3_key,
+            image_ext="png" if generation.output_format == "png" else "jpeg",
         )
 
     def _s3_hook(self) -> Any:

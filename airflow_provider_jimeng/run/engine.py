@@ -74,6 +74,12 @@ def is_fatal(error: BaseException) -> bool:
     )
 
 
+def _web_searches(usage: Mapping[str, Any]) -> int:
+    tools = usage.get("tool_usage")
+    count = tools.get("web_search") if isinstance(tools, Mapping) else None
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
 class GenerationRun:
     """One try of a task: its pools, its cancellation, its charges and its journal writer.
 
@@ -508,7 +514,9 @@ class GenerationRun:
             self.hook.open_image(image.url) as download,
             self._budget.hold((download.content_length or UNKNOWN_BODY_BYTES) + DOWNLOAD_READ_OVERHEAD),
         ):
-            return store.upload_stream(key, download, metadata)
+            announced = download.content_type.split(";")[0].strip().lower()
+            fallback = announced if announced in ("image/png", "image/jpeg") else "image/jpeg"
+            return store.upload_stream(key, download, metadata, fallback)
 
     def _on_stored(self, index: int, future: Future[Any]) -> None:
         self._budget.release(self._charges.pop(index, 0))
@@ -570,6 +578,8 @@ class GenerationRun:
             "requests": sum(o.requests for o in outcomes),
             "attempts": stats.get("attempts", 0),
             "reused_prompts": sum(1 for o in outcomes if o.reused),
+            # Seedream 5.0's web search is billed per search, apart from images.
+            "web_searches": sum(_web_searches(o.usage) for o in outcomes),
             # What the API pushed back with: 429 answers received, and retries made for any cause.
             "rate_limited": stats.get("rate_limited", 0),
             "retries": stats.get("retries", 0),

@@ -38,6 +38,15 @@ from airflow_provider_jimeng.storage.records import SCHEMA_VERSION, JournalEntry
 log = logging.getLogger(__name__)
 
 IMAGE_CONTENT_TYPE = "image/jpeg"
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8", "image/jpeg"))
+
+
+def image_content_type(head: bytes | bytearray | mmap.mmap, fallback: str = IMAGE_CONTENT_TYPE) -> str:
+    """The content type an image's first bytes say (Seedream 5.0 may answer PNG), else ``fallback``."""
+    start = bytes(head[:8])
+    return next((kind for signature, kind in _SIGNATURES if start.startswith(signature)), fallback)
+
+
 #: boto3's default: objects up to this size are uploaded with one PutObject.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 #: Downloads are read in pieces this small, for the same reason.
@@ -334,7 +343,9 @@ class S3ImageStore:
         except Exception as error:
             raise self._fail("inspecting", key, error) from None
 
-    def upload_stream(self, key: str, stream: Any, metadata: Mapping[str, str]) -> tuple[int, str]:
+    def upload_stream(
+        self, key: str, stream: Any, metadata: Mapping[str, str], content_type: str = IMAGE_CONTENT_TYPE
+    ) -> tuple[int, str]:
         """Upload an image from a readable stream; returns (bytes, sha256).
 
         A stream of known length up to the multipart threshold (8 MiB unless the connection says
@@ -348,12 +359,12 @@ class S3ImageStore:
             data = _read_all(stream, length)
             try:
                 digest = getattr(stream, "sha256", None)
-                self._put_image(key, data, metadata)
+                self._put_image(key, data, metadata, image_content_type(data, content_type))
                 return len(data), digest if isinstance(digest, str) else hashlib.sha256(data).hexdigest()
             finally:
                 _close(data)
         reader = HashingReader(stream)
-        extra = {**self._extra_args, "ContentType": IMAGE_CONTENT_TYPE, "Metadata": dict(metadata)}
+        extra = {**self._extra_args, "ContentType": content_type, "Metadata": dict(metadata)}
         try:
             self._client.upload_fileobj(reader, self.bucket, key, ExtraArgs=extra, Config=self._transfer_config)
         except JiMengStorageError:
@@ -366,16 +377,18 @@ class S3ImageStore:
         return reader.bytes_read, reader.sha256
 
     def upload_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> tuple[int, str]:
-        self._put_image(key, data, metadata)
+        self._put_image(key, data, metadata, image_content_type(data))
         return len(data), hashlib.sha256(data).hexdigest()
 
-    def _put_image(self, key: str, data: bytes | bytearray | mmap.mmap, metadata: Mapping[str, str]) -> None:
+    def _put_image(
+        self, key: str, data: bytes | bytearray | mmap.mmap, metadata: Mapping[str, str], content_type: str
+    ) -> None:
         try:
             self._client.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=data,
-                ContentType=IMAGE_CONTENT_TYPE,
+                ContentType=content_type,
                 Metadata=dict(metadata),
                 **self._extra_args,
             )
