@@ -337,6 +337,10 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 300.0  # idle keep-alive connections are closed after this
     server: _Server
     _chunked = True
+    #: When the current generation request arrived and its record (for the time its answer left), by
+    #: this host's monotonic clock.
+    _received_at = 0.0
+    _record: dict[str, Any] | None = None
 
     @property
     def emulator(self) -> JiMengEmulator:
@@ -406,6 +410,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def do_POST(self) -> None:
+        # The request line and headers are in: the moment the emulator has the request.
+        self._received_at = time.monotonic()
+        self._record = None
         path = urlsplit(self.path).path
         generation = path in GENERATION_PATHS
         if generation:
@@ -415,7 +422,9 @@ class _Handler(BaseHTTPRequestHandler):
         except _BadRequestBody as exc:
             request_id = new_request_id()
             if generation:
-                self.emulator._add_record(self._new_record(path, request_id) | {"status": exc.status})
+                record = self._new_record(path, request_id)
+                record["status"] = exc.status
+                self.emulator._add_record(record)
             code = "InvalidParameter" if exc.status == 400 else "RequestEntityTooLarge"
             self._send(
                 exc.status,
@@ -423,11 +432,14 @@ class _Handler(BaseHTTPRequestHandler):
                 request_id=request_id,
                 close=True,
             )
-            return
-        if generation:
-            self._generate(path, raw)
         else:
-            self._not_found(path)
+            if not generation:
+                self._not_found(path)
+                return
+            self._generate(path, raw)
+        if self._record is not None:
+            # The answer's last byte is written (or the write failed): the moment it left the emulator.
+            self._record["answered_at"] = time.monotonic()
 
     def _not_found(self, path: str) -> None:
         request_id = new_request_id()
@@ -557,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.emulator.root_url
 
     def _new_record(self, path: str, request_id: str) -> dict[str, Any]:
-        return {
+        record: dict[str, Any] = {
             "path": path,
             "status": None,
             "request_id": request_id,
@@ -565,7 +577,11 @@ class _Handler(BaseHTTPRequestHandler):
             "body": None,
             "fault": None,
             "images": 0,
+            "received_at": self._received_at,
+            "answered_at": None,
         }
+        self._record = record
+        return record
 
     def _generic_fault(self, path: str, request_id: str) -> bool:
         """Apply a path-matched fault to a non-generation request; ``True`` when it answered."""
