@@ -61,6 +61,52 @@ def write_json(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
 
 
+def _range(spread: dict[str, float], digits: int = 3) -> str:
+    """``median (min-max)`` of a spread."""
+    return f"{spread['median']:.{digits}f} ({spread['min']:.{digits}f}-{spread['max']:.{digits}f})"
+
+
+def _p1_rows(p1: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]]:
+    """P1 as decided: the generation window against the ideal and the naive thread pool; set-up and finish beside."""
+    params, ideal = p1["params"], p1["ideal_s"]
+    ours, theirs = p1["operator"], p1["naive_pool"]
+    runs = len(p1["runs"])
+    head = f"{params['n']} prompts, {params['latency']:g} s/image, K={params['max_concurrency']}, S3"
+
+    def fixed(side: dict[str, Any]) -> str:
+        setup, finish = side["setup_s"], side["finish_s"]
+        return (
+            f"set-up {_range(setup)} s = {side['setup_share']['median']:.1%} of the ideal, "
+            f"finish {_range(finish)} s = {side['finish_share']['median']:.1%}"
+        )
+
+    return [
+        (
+            f"P1 throughput: {head}; generation window (first request in, last answer out)",
+            p1["target"],
+            f"operator **{ours['window_ratio']['median']:.3f}** (runs {ours['window_ratio']['min']:.3f}-"
+            f"{ours['window_ratio']['max']:.3f}, window {_range(ours['window_s'], 2)} s) vs naive thread pool "
+            f"**{theirs['window_ratio']['median']:.3f}** (runs {theirs['window_ratio']['min']:.3f}-"
+            f"{theirs['window_ratio']['max']:.3f}); ideal {ideal:.2f} s; {runs} interleaved runs each",
+            verdict(p1["pass"]),
+        ),
+        (
+            "P1 fixed set-up (task start to first request) and finish (last answer to task end), medians "
+            "(ranges), not in the ratio",
+            "reported beside it",
+            f"operator: {fixed(ours)}; whole task {ours['wall_ratio']['median']:.3f} x ideal. "
+            f"Naive thread pool: {fixed(theirs)}; whole task {theirs['wall_ratio']['median']:.3f} x ideal",
+            "-",
+        ),
+        (
+            "P1 operator without storage (URLs only; one run)",
+            "for comparison",
+            f"window **{p1['without_storage']['window_ratio']:.3f}** x ideal: the API (emulator) and HTTP alone",
+            "-",
+        ),
+    ]
+
+
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(benchmark, target, measured, verdict) for every section present."""
     quick = results.get("meta", {}).get("mode") == "quick"
@@ -73,48 +119,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     table: list[tuple[str, str, str, str]] = []
     p1 = results.get("p1_throughput")
     if p1:
-        wall = p1["operator_wall_s"]
-        table.append(
-            (
-                f"P1 throughput: {p1['params']['n']} prompts, {p1['params']['latency']:g} s/image, "
-                f"K={p1['params']['max_concurrency']}, S3",
-                "wall / ideal <= 1.05",
-                f"{wall['median']:.2f} s / {p1['ideal_s']:.2f} s = **{p1['ratio']:.3f}** "
-                f"(runs {min(p1['ratios']):.3f}-{max(p1['ratios']):.3f})",
-                _verdict(p1["pass"]),
-            )
-        )
-        before, after = p1["before_first_request_s"]["median"], p1["after_last_answer_s"]["median"]
-        table.append(
-            (
-                "P1 where the time beyond the ideal goes (medians, by the emulator's clock)",
-                "for diagnosis",
-                f"before the first request {before:.3f} s (S3 client, listing); after the last answer "
-                f"{after:.3f} s (last round's storage, records.json); in the rounds "
-                f"{wall['median'] - p1['ideal_s'] - before - after:.3f} s. Before and after alone: "
-                f"**{1 + (before + after) / p1['ideal_s']:.3f}** x ideal (the naive loop too spends "
-                f"{p1['naive_before_first_request_s']:.3f} s on its S3 client before its first request)",
-                "-",
-            )
-        )
-        table.append(
-            (
-                "P1 without storage (URLs only; one run)",
-                "for comparison",
-                f"{p1['without_storage_wall_s']:.2f} s = **{p1['without_storage_ratio']:.3f}** x ideal: "
-                "the API (emulator) and HTTP alone",
-                "-",
-            )
-        )
-        table.append(
-            (
-                "P1 naive baseline (sequential post + get + put_object)",
-                "for comparison",
-                f"{p1['naive_wall_s']:.2f} s = **{p1['naive_ratio']:.2f}** x ideal; operator "
-                f"{p1['speedup_vs_naive']:.1f}x faster",
-                "-",
-            )
-        )
+        table += _p1_rows(p1, _verdict)
     p2 = results.get("p2_rate_limit")
     if p2:
         cap = p2["cap_images_per_minute"]
