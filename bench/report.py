@@ -277,9 +277,9 @@ TEMPLATE = """# Benchmarks
 Image generation takes seconds per image and is rate-limited, so the operator's job is to keep the
 API busy up to its limits while spending almost nothing itself. These benchmarks check that, each
 side by side in one run against the [emulator](../airflow_provider_jimeng/emulator/) and an S3
-server (moto) on loopback. Reproduce with `make bench` (about 5 minutes on 2 cores; `python -m bench
+server (moto) on loopback. Reproduce with `make bench` (about 6 minutes on 2 cores; `python -m bench
 --help` for options: `--only SECTION`, `--profile DIR` for a per-thread CPU profile, `--quick` for a
-smoke run).
+smoke run; `python -m bench --only p1 --quick --repeats 3` checks P1 alone in half a minute).
 
 {table}
 
@@ -309,6 +309,11 @@ ideal `ceil(N/K) x latency`:
   harness resets the emulator's counters and rate limit, then measures one run.
 * **Wall time** is `execute()` from call to return, S3 client creation and the final uploads included.
   *Ideal* is `ceil(N/K) x latency`, the time the API alone needs; 1.0 is the physical limit.
+* **The generation window (P1)** runs from the first generation request the emulator received to the
+  last answer it sent, by the emulator's stamps on its request records (`received_at`,
+  `answered_at`; the host's monotonic clock, which the worker shares), so it needs nothing from the
+  client. *Set-up* is the task's start (`execute()` called) to that first request, *finish* that last
+  answer to the task's end; set-up, window and finish add up to the wall time.
 * **CPU time** is `time.process_time()` of the worker process (every thread), during the run only.
 * **Memory** is the peak RSS during the run (`VmHWM`, reset through `/proc/self/clear_refs` just
   before the run) minus the RSS at that moment (after imports and the warm-up).
@@ -319,29 +324,31 @@ ideal `ceil(N/K) x latency`:
   outputs weigh megabytes. The bench pads every emulated JPEG with comment segments to {bpp:g} bits
   per pixel (1K: 256 KiB, 2K: 1 MiB, 4K: 4 MiB), so downloads, uploads and base64 payloads weigh
   what real ones do.
-* **The naive baseline** is what a user would write in a `PythonOperator`: a loop of `requests.post`
-  to the API, `requests.get` of the image URL and `boto3` `put_object`, one prompt at a time.
+* **The naive baseline** is what a user would write in a `PythonOperator`: a `ThreadPoolExecutor`
+  of the same K mapping each prompt to `requests.post` to the API, `requests.get` of the image URL
+  and `boto3` `put_object` (P4 runs it with one thread: a loop). Its connection lookup and S3 client
+  are part of its task, as they are of the operator's.
 
 ## Reading the results
 
-* **Throughput (P1, scaling).** Generation runs on `max_concurrency` threads; downloads and uploads run
-  on a separate storage pool, and journals go to S3 in batches from one writer thread, so a round of
-  generation never waits for S3: a generation thread sends its next request the moment an answer is
-  in. The P1 breakdown row says where the rest goes. *Before the first request*: the S3 client
-  (botocore loads S3's service model on every new session, ~0.1-0.2 s on these cores; built on a
-  short-stacked thread beside the JiMeng hook, since the amazon provider walks the caller's stack for
-  its user agent) and the listing of what an earlier try stored, which must come before anything is
-  paid for so that nothing is paid twice. *After the last answer*: the last round's download and
-  upload, then `records.json` and the deletion of the journals. These two are fixed costs of a run
-  that checks S3 before it pays and stores every image before it reports success; they do not shrink
-  with N or K. The breakdown row prints what they alone cost as a ratio of the ideal: where that is
-  above P1's 1.05 (the client build is CPU-bound, so on slow cores), P1 cannot pass. The one way
-  around it, sending the first round before the listing, could pay twice for a run re-created under
-  the same run id (a re-triggered run, a metadata database rebuilt and caught up), so it is not done.
-  *In the rounds*: a few milliseconds a round of HTTP and JSON on both sides, stretched by three
+* **Throughput (P1, scaling).** P1 is measured on the *generation window* over the ideal: it passes
+  at 1.05 or less *and* no worse than the naive thread pool's own window, both the medians of runs
+  interleaved in the same `make bench` (operator and pool alternate, so a change in the machine's
+  load hits both alike; the table gives the ranges). That is the project's decision: never paying
+  twice beats a few hundred milliseconds, so the listing of what an earlier try stored stays before
+  the first request, and the fixed *set-up* (the S3 client, the listing) and *finish* (the last
+  round's download and upload, `records.json`, the deletion of the journals) are reported beside the
+  ratio, in seconds and as a share of the ideal, against the naive pool's own (its connection lookup
+  and S3 client; its last download and upload). They do not grow with N or K. Inside the window,
+  generation runs on `max_concurrency` threads while downloads and uploads run on a separate storage
+  pool and journals go to S3 in batches from one writer thread, so a generation thread sends its next
+  request the moment an answer is in; a naive pool thread downloads and uploads before it sends its
+  next request, so each of its rounds is longer by a download and an upload. What remains in the
+  operator's window is a few milliseconds a round of HTTP and JSON on both sides, stretched by three
   Python processes (operator, emulator, moto) sharing two cores while the previous round is stored
-  (the "without storage" row shows the API and HTTP alone). At the real API's latency (seconds to
-  tens of seconds an image) all of this is well under 1%.
+  (the "without storage" row shows the API and HTTP alone). The scaling sweep below is whole-task
+  wall time, set-up and finish included. At the real API's latency (seconds to tens of seconds an
+  image) all of this is well under 1%.
 * **Rate limit (P2).** `max_images_per_minute` (operator or connection) paces requests with a token
   bucket of one second's budget, so a burst of prompts becomes a steady stream under the cap instead
   of a storm of 429s and backoffs (the table counts them, with and without pacing).
@@ -375,5 +382,6 @@ ideal `ceil(N/K) x latency`:
   production. moto is slower than S3 per request and shares the machine's cores with the operator.
 * A single run on a busy machine is noisy: compare the load average above with the number of cores.
   Between identical runs on the 2-core development machine, memory peaks moved by about 5 MiB and
-  the CPU ratio of P4 by about 0.2; P1's three runs stay within a few hundredths on a quiet machine.
+  the CPU ratio of P4 by about 0.2; P1's runs stay within a few hundredths on a quiet machine, and the
+  operator and the naive pool are measured alternately so that load shifts both.
 """
