@@ -1,5 +1,7 @@
 """Run the benchmarks: ``python -m bench`` (``make bench``), ``python -m bench --quick`` for a smoke run.
 
+One section alone, reduced: ``python -m bench --only p1 --quick`` (add ``--repeats 3`` for medians).
+
 Writes ``bench/results/latest.json``, ``docs/benchmarks.md`` and ``docs/img/bench-scaling.png``
 (a ``--quick`` run writes only ``bench/results/quick.tmp`` unless told otherwise).
 """
@@ -16,12 +18,20 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECTION_NAMES = ("p1_throughput", "p2_rate_limit", "p3_memory", "p4_overhead", "scaling")
+#: ``--only p1`` for ``--only p1_throughput``, and so on.
+SHORT_NAMES = {name.split("_")[0]: name for name in SECTION_NAMES}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one worker: checks the harness runs")
-    parser.add_argument("--only", action="append", choices=SECTION_NAMES, help="run only this section (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        type=lambda name: SHORT_NAMES.get(name, name),
+        choices=SECTION_NAMES,
+        help="run only this section (repeatable; p1, p2, p3, p4 for short)",
+    )
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--docs", type=Path, help="where to write the Markdown report (default: docs/benchmarks.md)")
     parser.add_argument(

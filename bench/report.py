@@ -61,6 +61,52 @@ def write_json(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
 
 
+def _range(spread: dict[str, float], digits: int = 3) -> str:
+    """``median (min-max)`` of a spread."""
+    return f"{spread['median']:.{digits}f} ({spread['min']:.{digits}f}-{spread['max']:.{digits}f})"
+
+
+def _p1_rows(p1: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]]:
+    """P1 as decided: the generation window against the ideal and the naive thread pool; set-up and finish beside."""
+    params, ideal = p1["params"], p1["ideal_s"]
+    ours, theirs = p1["operator"], p1["naive_pool"]
+    runs = len(p1["runs"])
+    head = f"{params['n']} prompts, {params['latency']:g} s/image, K={params['max_concurrency']}, S3"
+
+    def fixed(side: dict[str, Any]) -> str:
+        setup, finish = side["setup_s"], side["finish_s"]
+        return (
+            f"set-up {_range(setup)} s = {side['setup_share']['median']:.1%} of the ideal, "
+            f"finish {_range(finish)} s = {side['finish_share']['median']:.1%}"
+        )
+
+    return [
+        (
+            f"P1 throughput: {head}; generation window (first request in, last answer out)",
+            p1["target"],
+            f"operator **{ours['window_ratio']['median']:.3f}** (runs {ours['window_ratio']['min']:.3f}-"
+            f"{ours['window_ratio']['max']:.3f}, window {_range(ours['window_s'], 2)} s) vs naive thread pool "
+            f"**{theirs['window_ratio']['median']:.3f}** (runs {theirs['window_ratio']['min']:.3f}-"
+            f"{theirs['window_ratio']['max']:.3f}); ideal {ideal:.2f} s; {runs} interleaved runs each",
+            verdict(p1["pass"]),
+        ),
+        (
+            "P1 fixed set-up (task start to first request) and finish (last answer to task end), medians "
+            "(ranges), not in the ratio",
+            "reported beside it",
+            f"operator: {fixed(ours)}; whole task {ours['wall_ratio']['median']:.3f} x ideal. "
+            f"Naive thread pool: {fixed(theirs)}; whole task {theirs['wall_ratio']['median']:.3f} x ideal",
+            "-",
+        ),
+        (
+            "P1 operator without storage (URLs only; one run)",
+            "for comparison",
+            f"window **{p1['without_storage']['window_ratio']:.3f}** x ideal: the API (emulator) and HTTP alone",
+            "-",
+        ),
+    ]
+
+
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(benchmark, target, measured, verdict) for every section present."""
     quick = results.get("meta", {}).get("mode") == "quick"
@@ -73,48 +119,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     table: list[tuple[str, str, str, str]] = []
     p1 = results.get("p1_throughput")
     if p1:
-        wall = p1["operator_wall_s"]
-        table.append(
-            (
-                f"P1 throughput: {p1['params']['n']} prompts, {p1['params']['latency']:g} s/image, "
-                f"K={p1['params']['max_concurrency']}, S3",
-                "wall / ideal <= 1.05",
-                f"{wall['median']:.2f} s / {p1['ideal_s']:.2f} s = **{p1['ratio']:.3f}** "
-                f"(runs {min(p1['ratios']):.3f}-{max(p1['ratios']):.3f})",
-                _verdict(p1["pass"]),
-            )
-        )
-        before, after = p1["before_first_request_s"]["median"], p1["after_last_answer_s"]["median"]
-        table.append(
-            (
-                "P1 where the time beyond the ideal goes (medians, by the emulator's clock)",
-                "for diagnosis",
-                f"before the first request {before:.3f} s (S3 client, listing); after the last answer "
-                f"{after:.3f} s (last round's storage, records.json); in the rounds "
-                f"{wall['median'] - p1['ideal_s'] - before - after:.3f} s. Before and after alone: "
-                f"**{1 + (before + after) / p1['ideal_s']:.3f}** x ideal (the naive loop too spends "
-                f"{p1['naive_before_first_request_s']:.3f} s on its S3 client before its first request)",
-                "-",
-            )
-        )
-        table.append(
-            (
-                "P1 without storage (URLs only; one run)",
-                "for comparison",
-                f"{p1['without_storage_wall_s']:.2f} s = **{p1['without_storage_ratio']:.3f}** x ideal: "
-                "the API (emulator) and HTTP alone",
-                "-",
-            )
-        )
-        table.append(
-            (
-                "P1 naive baseline (sequential post + get + put_object)",
-                "for comparison",
-                f"{p1['naive_wall_s']:.2f} s = **{p1['naive_ratio']:.2f}** x ideal; operator "
-                f"{p1['speedup_vs_naive']:.1f}x faster",
-                "-",
-            )
-        )
+        table += _p1_rows(p1, _verdict)
     p2 = results.get("p2_rate_limit")
     if p2:
         cap = p2["cap_images_per_minute"]
@@ -272,9 +277,9 @@ TEMPLATE = """# Benchmarks
 Image generation takes seconds per image and is rate-limited, so the operator's job is to keep the
 API busy up to its limits while spending almost nothing itself. These benchmarks check that, each
 side by side in one run against the [emulator](../airflow_provider_jimeng/emulator/) and an S3
-server (moto) on loopback. Reproduce with `make bench` (about 5 minutes on 2 cores; `python -m bench
+server (moto) on loopback. Reproduce with `make bench` (about 6 minutes on 2 cores; `python -m bench
 --help` for options: `--only SECTION`, `--profile DIR` for a per-thread CPU profile, `--quick` for a
-smoke run).
+smoke run; `python -m bench --only p1 --quick --repeats 3` checks P1 alone in half a minute).
 
 {table}
 
@@ -304,6 +309,11 @@ ideal `ceil(N/K) x latency`:
   harness resets the emulator's counters and rate limit, then measures one run.
 * **Wall time** is `execute()` from call to return, S3 client creation and the final uploads included.
   *Ideal* is `ceil(N/K) x latency`, the time the API alone needs; 1.0 is the physical limit.
+* **The generation window (P1)** runs from the first generation request the emulator received to the
+  last answer it sent, by the emulator's stamps on its request records (`received_at`,
+  `answered_at`; the host's monotonic clock, which the worker shares), so it needs nothing from the
+  client. *Set-up* is the task's start (`execute()` called) to that first request, *finish* that last
+  answer to the task's end; set-up, window and finish add up to the wall time.
 * **CPU time** is `time.process_time()` of the worker process (every thread), during the run only.
 * **Memory** is the peak RSS during the run (`VmHWM`, reset through `/proc/self/clear_refs` just
   before the run) minus the RSS at that moment (after imports and the warm-up).
@@ -314,29 +324,31 @@ ideal `ceil(N/K) x latency`:
   outputs weigh megabytes. The bench pads every emulated JPEG with comment segments to {bpp:g} bits
   per pixel (1K: 256 KiB, 2K: 1 MiB, 4K: 4 MiB), so downloads, uploads and base64 payloads weigh
   what real ones do.
-* **The naive baseline** is what a user would write in a `PythonOperator`: a loop of `requests.post`
-  to the API, `requests.get` of the image URL and `boto3` `put_object`, one prompt at a time.
+* **The naive baseline** is what a user would write in a `PythonOperator`: a `ThreadPoolExecutor`
+  of the same K mapping each prompt to `requests.post` to the API, `requests.get` of the image URL
+  and `boto3` `put_object` (P4 runs it with one thread: a loop). Its connection lookup and S3 client
+  are part of its task, as they are of the operator's.
 
 ## Reading the results
 
-* **Throughput (P1, scaling).** Generation runs on `max_concurrency` threads; downloads and uploads run
-  on a separate storage pool, and journals go to S3 in batches from one writer thread, so a round of
-  generation never waits for S3: a generation thread sends its next request the moment an answer is
-  in. The P1 breakdown row says where the rest goes. *Before the first request*: the S3 client
-  (botocore loads S3's service model on every new session, ~0.1-0.2 s on these cores; built on a
-  short-stacked thread beside the JiMeng hook, since the amazon provider walks the caller's stack for
-  its user agent) and the listing of what an earlier try stored, which must come before anything is
-  paid for so that nothing is paid twice. *After the last answer*: the last round's download and
-  upload, then `records.json` and the deletion of the journals. These two are fixed costs of a run
-  that checks S3 before it pays and stores every image before it reports success; they do not shrink
-  with N or K. The breakdown row prints what they alone cost as a ratio of the ideal: where that is
-  above P1's 1.05 (the client build is CPU-bound, so on slow cores), P1 cannot pass. The one way
-  around it, sending the first round before the listing, could pay twice for a run re-created under
-  the same run id (a re-triggered run, a metadata database rebuilt and caught up), so it is not done.
-  *In the rounds*: a few milliseconds a round of HTTP and JSON on both sides, stretched by three
+* **Throughput (P1, scaling).** P1 is measured on the *generation window* over the ideal: it passes
+  at 1.05 or less *and* no worse than the naive thread pool's own window, both the medians of runs
+  interleaved in the same `make bench` (operator and pool alternate, so a change in the machine's
+  load hits both alike; the table gives the ranges). That is the project's decision: never paying
+  twice beats a few hundred milliseconds, so the listing of what an earlier try stored stays before
+  the first request, and the fixed *set-up* (the S3 client, the listing) and *finish* (the last
+  round's download and upload, `records.json`, the deletion of the journals) are reported beside the
+  ratio, in seconds and as a share of the ideal, against the naive pool's own (its connection lookup
+  and S3 client; its last download and upload). They do not grow with N or K. Inside the window,
+  generation runs on `max_concurrency` threads while downloads and uploads run on a separate storage
+  pool and journals go to S3 in batches from one writer thread, so a generation thread sends its next
+  request the moment an answer is in; a naive pool thread downloads and uploads before it sends its
+  next request, so each of its rounds is longer by a download and an upload. What remains in the
+  operator's window is a few milliseconds a round of HTTP and JSON on both sides, stretched by three
   Python processes (operator, emulator, moto) sharing two cores while the previous round is stored
-  (the "without storage" row shows the API and HTTP alone). At the real API's latency (seconds to
-  tens of seconds an image) all of this is well under 1%.
+  (the "without storage" row shows the API and HTTP alone). The scaling sweep below is whole-task
+  wall time, set-up and finish included. At the real API's latency (seconds to tens of seconds an
+  image) all of this is well under 1%.
 * **Rate limit (P2).** `max_images_per_minute` (operator or connection) paces requests with a token
   bucket of one second's budget, so a burst of prompts becomes a steady stream under the cap instead
   of a storm of 429s and backoffs (the table counts them, with and without pacing).
@@ -370,5 +382,6 @@ ideal `ceil(N/K) x latency`:
   production. moto is slower than S3 per request and shares the machine's cores with the operator.
 * A single run on a busy machine is noisy: compare the load average above with the number of cores.
   Between identical runs on the 2-core development machine, memory peaks moved by about 5 MiB and
-  the CPU ratio of P4 by about 0.2; P1's three runs stay within a few hundredths on a quiet machine.
+  the CPU ratio of P4 by about 0.2; P1's runs stay within a few hundredths on a quiet machine, and the
+  operator and the naive pool are measured alternately so that load shifts both.
 """

@@ -55,6 +55,37 @@ def _padded_renderer(render: Callable[[Any], bytes], bits_per_pixel: float) -> C
     return render_padded
 
 
+def generation_window(records: list[dict[str, Any]]) -> dict[str, float]:
+    """When the first generation request reached the emulator and when its last answer left it.
+
+    By the emulator's own stamps on its request records (``received_at``, ``answered_at``), on this
+    host's monotonic clock, which the worker process shares: the bench needs nothing from the client
+    to tell the generation window from the client's set-up before it and its finish after it.
+    """
+    received = [record["received_at"] for record in records if record.get("received_at") is not None]
+    answered = [record["answered_at"] for record in records if record.get("answered_at") is not None]
+    window: dict[str, float] = {}
+    if received:
+        window["first_request_at"] = min(received)
+    if answered:
+        window["last_answer_at"] = max(answered)
+    return window
+
+
+def _settled_requests(emulator: Any, timeout: float = 2.0) -> list[dict[str, Any]]:
+    """The emulator's request records once every answer is stamped.
+
+    A handler thread stamps ``answered_at`` just after its last write, so a client can hold the
+    answer a moment before the stamp is there; by the time the harness asks, it nearly always is.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        records: list[dict[str, Any]] = emulator.requests
+        if all(record.get("answered_at") is not None for record in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.01)
+
+
 def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
     """Child process body: run the emulator and answer commands until told to stop."""
     from airflow_provider_jimeng.emulator import images
@@ -64,17 +95,6 @@ def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
         images.render_jpeg = _padded_renderer(images.render_jpeg, options["jpeg_bits_per_pixel"])  # type: ignore[assignment]
     emulator = JiMengEmulator().start()
     emulator._cache.max_bytes = options["cache_bytes"]
-    # When the first generation request started its latency and the last one ended it (this host's
-    # monotonic clock, which the worker shares): what the operator spends before and after the API.
-    span: dict[str, float] = {}
-    sleep = emulator._sleep
-
-    def timed_sleep(seconds: float) -> None:
-        span.setdefault("first_request_at", time.monotonic())
-        sleep(seconds)
-        span["last_answer_at"] = time.monotonic()
-
-    emulator._sleep = timed_sleep  # type: ignore[method-assign]
     conn.send({"base_url": emulator.base_url, "pid": os.getpid()})
     try:
         while True:
@@ -87,7 +107,6 @@ def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
                 conn.send(None)
             elif command == "reset":
                 emulator.reset()
-                span.clear()
                 conn.send(None)
             elif command == "stats":
                 usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -99,7 +118,7 @@ def _serve_emulator(conn: Connection, options: dict[str, Any]) -> None:
                         "downloads": emulator.downloads,
                         "renders": emulator._cache.renders,
                         "cpu_seconds": usage.ru_utime + usage.ru_stime,
-                        **span,
+                        **generation_window(_settled_requests(emulator)),
                     }
                 )
             else:

@@ -10,6 +10,10 @@ and rate limit, measures exactly one run and prints ``RESULT`` with the numbers 
 The operator runs through ``JiMengGenerateOperator.execute(context)`` with a minimal but real
 context (a task instance that records XComs): the execute path a worker runs, without the
 scheduler, the supervisor and the metadata database, which cost the same whatever the operator does.
+The bench uses nothing of the operator but its public surface (constructor, ``execute``, the
+``images`` and ``usage`` XComs, ``JiMengGenerationIncompleteError``); when its requests went out and
+its answers came back is read from the emulator. The naive baseline is a ``PythonOperator`` body: a
+thread pool of ``requests.post``, a download and ``put_object``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import resource
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +134,12 @@ class ThreadProfiler:
         stats.dump_stats(path)
 
 
-def _operator_run(spec: dict[str, Any], prompts: list[str], label: str) -> dict[str, Any]:
+def _operator_run(spec: dict[str, Any], prompts: list[str], label: str) -> Callable[[], dict[str, Any]]:
+    """The operator's task: built here (in Airflow, at DAG parse), the returned call is ``execute()``.
+
+    Only the operator's public surface: its constructor, ``execute(context)``, the ``images`` and
+    ``usage`` XComs and ``JiMengGenerationIncompleteError``.
+    """
     from airflow_provider_jimeng.exceptions import JiMengGenerationIncompleteError
     from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 
@@ -146,30 +156,47 @@ def _operator_run(spec: dict[str, Any], prompts: list[str], label: str) -> dict[
         max_images_per_minute=spec.get("max_images_per_minute"),
     )
     ti = BenchTaskInstance(dag_id="bench", run_id=label)
-    error = None
-    try:
-        outputs = operator.execute({"ti": ti})  # type: ignore[typeddict-item]  # a stand-in task instance
-    except JiMengGenerationIncompleteError as exc:
-        outputs, error = [], f"{type(exc).__name__}: {str(exc)[:300]}"
-    stored = sum(int(record.get("bytes") or 0) for record in ti.xcoms.get("images", []))
-    return {"outputs": len(outputs), "error": error, "usage": ti.xcoms.get("usage", {}), "image_bytes": stored}
+
+    def execute() -> dict[str, Any]:
+        error = None
+        try:
+            outputs = operator.execute({"ti": ti})  # type: ignore[typeddict-item]  # a stand-in task instance
+        except JiMengGenerationIncompleteError as exc:
+            outputs, error = [], f"{type(exc).__name__}: {str(exc)[:300]}"
+        stored = sum(int(record.get("bytes") or 0) for record in ti.xcoms.get("images", []))
+        return {"outputs": len(outputs), "error": error, "usage": ti.xcoms.get("usage", {}), "image_bytes": stored}
+
+    return execute
 
 
-def _naive_run(spec: dict[str, Any], prompts: list[str], label: str) -> dict[str, Any]:
-    """What a user writes in a PythonOperator: one prompt at a time, download, put into S3."""
+def _naive_run(spec: dict[str, Any], prompts: list[str], label: str) -> Callable[[], dict[str, Any]]:
+    """What a user writes in a PythonOperator: a thread pool of ``max_concurrency`` (K) mapping each
+    prompt to ``requests.post``, a download of its URL and ``boto3`` ``put_object``.
+
+    The returned call is the whole task body, the connection lookup and S3 client included.
+    """
+    return lambda: _naive_task(spec, prompts, label)
+
+
+def _naive_task(spec: dict[str, Any], prompts: list[str], label: str) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
     import requests
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from airflow_provider_jimeng.version_compat import BaseHook
+    try:  # Airflow 3.1+
+        from airflow.sdk import BaseHook
+    except ImportError:  # Airflow 3.0
+        from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
 
     conn = BaseHook.get_connection(spec["jimeng_conn_id"])
     s3 = S3Hook(aws_conn_id=spec["aws_conn_id"]).get_conn()
     headers = {"Authorization": f"Bearer {conn.password}"}
-    stored = 0
-    for index, prompt in enumerate(prompts):
+
+    def generate_and_store(index: int) -> int:
         body = {
             "model": MODEL,
-            "prompt": prompt,
+            "prompt": prompts[index],
             "size": spec["size"],
             "response_format": "url",
             "watermark": True,
@@ -178,13 +205,16 @@ def _naive_run(spec: dict[str, Any], prompts: list[str], label: str) -> dict[str
         response.raise_for_status()
         image = requests.get(response.json()["data"][0]["url"], timeout=300)
         image.raise_for_status()
-        stored += len(image.content)
         s3.put_object(
             Bucket=spec["bucket"],
             Key=f"naive/{label}/{index:04d}.jpeg",
             Body=image.content,
             ContentType="image/jpeg",
         )
+        return len(image.content)
+
+    with ThreadPoolExecutor(spec["max_concurrency"]) as pool:
+        stored = sum(pool.map(generate_and_store, range(len(prompts))))
     return {"outputs": len(prompts), "error": None, "usage": {"generated_images": len(prompts)}, "image_bytes": stored}
 
 
@@ -193,13 +223,14 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     workload = _operator_run if spec["kind"] == "operator" else _naive_run
     label = spec["label"]
     if spec["kind"] not in _WARMED_UP:  # once per workload and process (a --quick worker serves many runs)
-        workload({**spec, "max_images_per_minute": None}, ["bench warm-up image"], f"{label}-warmup")
+        workload({**spec, "max_images_per_minute": None}, ["bench warm-up image"], f"{label}-warmup")()
         _WARMED_UP.add(spec["kind"])
     probe = MemoryProbe()
     print(READY, flush=True)
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("the harness did not say go")
     prompts = [prompt_text(index) for index in range(spec["n"])]
+    task = workload(spec, prompts, label)
     baseline = probe.start()
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = time.process_time()
@@ -208,7 +239,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     profiler = ThreadProfiler() if spec.get("profile") else None
     if profiler is not None:
         profiler.start()
-    outcome = workload(spec, prompts, label)
+    outcome = task()
     wall = time.perf_counter() - started
     ended_at = time.monotonic()
     if profiler is not None:

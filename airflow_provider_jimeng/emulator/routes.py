@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -109,6 +110,8 @@ class Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_PATCH = _method_not_allowed
 
     def do_POST(self) -> None:
+        # The request line and headers are in: the moment the emulator has the request (bench P1).
+        received_at = time.monotonic()
         path = urlsplit(self.path).path
         exchange = self._exchange()
         generation = path in GENERATION_PATHS
@@ -119,19 +122,23 @@ class Handler(BaseHTTPRequestHandler):
             raw = exchange.read_body()
         except BadRequestBody as exc:
             if generation:
-                stats.add_record(self._new_record(path, exchange) | {"status": exc.status})
+                stats.add_record(self._new_record(path, exchange, received_at) | {"status": exc.status})
             code = "InvalidParameter" if exc.status == 400 else "RequestEntityTooLarge"
             exchange.send_error(exc.status, code, str(exc), error_type="BadRequest", close=True)
             return
         if not generation:
             self._not_found(exchange, path)
             return
-        record = self._new_record(path, exchange)
-        if not self.authorized():
-            message = "The API key in the request is missing or invalid."
-            fail(exchange, record, self.emulator, 401, "AuthenticationError", message, error_type="Unauthorized")
-            return
-        generate(exchange, self.emulator, path, raw, record)
+        record = self._new_record(path, exchange, received_at)
+        try:
+            if not self.authorized():
+                message = "The API key in the request is missing or invalid."
+                fail(exchange, record, self.emulator, 401, "AuthenticationError", message, error_type="Unauthorized")
+                return
+            generate(exchange, self.emulator, path, raw, record)
+        finally:
+            # The answer's last byte is written (or the write failed): the moment it left the emulator.
+            record["answered_at"] = time.monotonic()
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -157,7 +164,8 @@ class Handler(BaseHTTPRequestHandler):
         ]
         exchange.send_json(200, {"object": "list", "data": data})
 
-    def _new_record(self, path: str, exchange: Exchange) -> dict[str, Any]:
+    def _new_record(self, path: str, exchange: Exchange, received_at: float) -> dict[str, Any]:
+        """A generation request's record; ``received_at``/``answered_at`` are this host's monotonic clock."""
         return {
             "path": path,
             "status": None,
@@ -166,6 +174,8 @@ class Handler(BaseHTTPRequestHandler):
             "body": None,
             "fault": None,
             "images": 0,
+            "received_at": received_at,
+            "answered_at": None,
         }
 
     def _path_fault(self, exchange: Exchange, path: str) -> bool:

@@ -38,8 +38,17 @@ def test_quick_run_produces_every_section(tmp_path: Path) -> None:
     assert set(SECTIONS) <= set(results)
     assert results["meta"]["mode"] == "quick"
     p1 = results["p1_throughput"]
-    assert all(run["outputs"] == p1["params"]["n"] for run in p1["runs"])
-    assert p1["naive"]["objects_stored"] == p1["params"]["n"]
+    n = p1["params"]["n"]
+    assert all(run["outputs"] == n for run in p1["runs"])
+    assert [run["objects_stored"] for run in p1["naive"]] == [n] * len(p1["runs"])  # the naive pool stored all
+    assert [run["spec"]["max_concurrency"] for run in p1["naive"]] == [p1["params"]["max_concurrency"]]
+    assert p1["complete"]
+    for run in (*p1["runs"], *p1["naive"]):
+        # Set-up, the generation window and finish split the task, each a positive part of it.
+        phases = run["phases"]
+        assert min(phases["setup_s"], phases["window_s"], phases["finish_s"]) > 0
+        assert phases["setup_s"] + phases["window_s"] + phases["finish_s"] == pytest.approx(run["wall_s"], abs=0.01)
+    assert p1["ratio"] >= 1.0  # the window holds ceil(N/K) latencies: nothing beats the ideal
     p2 = results["p2_rate_limit"]
     assert p2["paced"]["succeeded"]
     assert isinstance(p2["unpaced"]["http_429_seen_by_hook"], int)

@@ -403,6 +403,24 @@ def test_64_concurrent_requests_overlap(make_jimeng_emulator) -> None:  # type: 
     assert elapsed < 6.0, f"64 requests of 0.3 s took {elapsed:.2f} s: they did not run concurrently"
 
 
+def test_records_stamp_arrival_and_answer_on_the_monotonic_clock(make_jimeng_emulator, session, wait_for) -> None:  # type: ignore[no-untyped-def]
+    # The bench measures the generation window (first request in, last answer out) from these.
+    emulator = make_jimeng_emulator(latency=0.1)
+    before = time.monotonic()
+    response = session.post(
+        f"{emulator.base_url}/images/generations", json={"model": MODEL, "prompt": "x", "size": "1K"}, timeout=5
+    )
+    after = time.monotonic()
+    assert response.status_code == 200
+    refused = session.post(f"{emulator.base_url}/images/generations", data=b"{", timeout=5)
+    assert refused.status_code == 400
+    assert wait_for(lambda: all(record["answered_at"] is not None for record in emulator.requests))
+    answered, invalid = emulator.requests
+    assert before <= answered["received_at"] <= answered["answered_at"] <= after + 0.05
+    assert answered["answered_at"] - answered["received_at"] >= 0.1  # the latency is inside the window
+    assert invalid["received_at"] <= invalid["answered_at"]
+
+
 def test_stop_interrupts_latency_sleep() -> None:
     emulator = JiMengEmulator(latency=30).start()
     url = f"{emulator.base_url}/images/generations"
