@@ -204,13 +204,18 @@ def as_prompts(value: Any) -> list[str]:
     prompts = []
     for position, item in enumerate(items):
         parameter = f"prompt[{position}]" if len(items) > 1 or not isinstance(value, str) else "prompt"
-        if not isinstance(item, str):
-            raise _fail(parameter, f"must be a string, got {type(item).__name__} {_show(item)}; allowed: {allowed}")
-        if _looks_like_rendered_python(item):
-            raise _fail(parameter, f"{_show(item)} is not a prompt ({NATIVE_HINT}); allowed: {allowed}")
-        _check_encodable(parameter, item)
-        prompts.append(check_prompt(item, parameter))
+        prompts.append(as_prompt(item, parameter, allowed=allowed))
     return prompts
+
+
+def as_prompt(value: Any, parameter: str = "prompt", *, allowed: str = "a non-empty string") -> str:
+    """One prompt: a string that is not a rendered Python value, encodes as UTF-8 and is not blank."""
+    if not isinstance(value, str):
+        raise _fail(parameter, f"must be a string, got {type(value).__name__} {_show(value)}; allowed: {allowed}")
+    if _looks_like_rendered_python(value):
+        raise _fail(parameter, f"{_show(value)} is not a prompt ({NATIVE_HINT}); allowed: {allowed}")
+    _check_encodable(parameter, value)
+    return check_prompt(value, parameter)
 
 
 def as_reference_images(value: Any) -> Any:
@@ -361,8 +366,10 @@ class GenerationOptions:
 
     def body(self, prompt: str, *, default_model: str, default_watermark: bool) -> dict[str, Any]:
         """The validated JSON body for one prompt (reference files are read here)."""
+        # The hook's prompt reaches here unchecked: the operator's rules apply to it too, so a lone
+        # surrogate is refused instead of crashing the JSON encoder mid-request (None stays "missing").
         return build_request_body(
-            prompt,
+            as_prompt(prompt) if prompt is not None else prompt,
             model=self.model or default_model,
             size=self.size,
             response_format=self.response_format,
