@@ -153,6 +153,9 @@ def as_text(parameter: str, value: Any, *, allowed: str, optional: bool = True) 
     if not isinstance(value, str) or not value.strip():
         raise _fail(parameter, f"{_show(value)} is not allowed; allowed: {allowed}")
     _refuse_rendered_nothing(parameter, value, allowed)
+    if _looks_like_rendered_python(value):
+        # "['doubao-seedream-4-0-250828']": a list rendered to text would be sent as the model id.
+        raise _fail(parameter, f"{_show(value)} is not allowed ({NATIVE_HINT}); allowed: {allowed}")
     _check_encodable(parameter, value)
     return value.strip()
 
