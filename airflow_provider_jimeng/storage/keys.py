@@ -22,6 +22,9 @@ from airflow_provider_jimeng.exceptions import JiMengConfigurationError
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IP_ADDRESS = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9._=-]+")
+#: Key fields holding text, and a format spec that can truncate text (a precision, or a nested field).
+_TEXT_FIELDS = frozenset({"dag_id", "run_id", "task_id"})
+_TRUNCATING_SPEC = re.compile(r"\.\d|\{")
 KEY_TEMPLATE_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "prompt_index", "image_index", "ext")
 #: S3's limit on a key, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
@@ -65,12 +68,20 @@ def template_fields(template: str) -> set[str]:
             "s3_key", f"is not a valid format string ({exc}); allowed fields: {allowed}"
         ) from None
     names = set()
-    for _, name, _, _ in parsed:
+    for _, name, spec, _ in parsed:
         if name is None:
             continue
         if name not in KEY_TEMPLATE_FIELDS:
             raise JiMengConfigurationError(
                 "s3_key", f"uses the field {{{name}}}, which is not allowed; allowed fields: {allowed}"
+            )
+        if name in _TEXT_FIELDS and spec and _TRUNCATING_SPEC.search(spec):
+            # A precision cuts the id: runs whose ids differ only past the cut (r100 and r101 under
+            # {run_id:.3}) would share keys, and the other-run probe cannot see ids not yet made.
+            raise JiMengConfigurationError(
+                "s3_key",
+                f"{{{name}:{spec}}} can cut the {name.replace('_', ' ')} short, so two of them could share a "
+                f"key; allowed: {{{name}}} unabridged (a width or alignment is fine, a precision is not)",
             )
         names.add(name)
     return names
