@@ -14,6 +14,7 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+from tests.operators import conftest as operator_fixtures
 
 
 def png(width: int, height: int) -> bytes:
@@ -26,6 +27,10 @@ def png(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
+
+#: The whole-DAG cases use the operator suite's emulator (hook retries off) and ``dag.test()`` runner.
+emulator = operator_fixtures.emulator
+run_dag = operator_fixtures.run_dag
 
 PNG_DATA_URI = "data:image/png;base64," + base64.b64encode(png(64, 64)).decode()
 
