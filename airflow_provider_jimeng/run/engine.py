@@ -150,6 +150,15 @@ class GenerationRun:
                 journals, earlier_journals = store.read_journals(existing, len(self.bodies))
                 now = time.time()
                 keyspace = store.keyspace
+                if keyspace.key_template:
+                    # Custom keys may lie outside the listed prefix: ask for the journaled ones by name.
+                    existing.update(
+                        store.find_keys(
+                            keyspace.image_key(index, image.index)
+                            for index, entry in journals.items()
+                            for image in entry.images
+                        )
+                    )
                 for index in range(len(self.bodies)):
                     plans[index] = resume_plan(
                         fingerprint=self.fingerprints[index],
