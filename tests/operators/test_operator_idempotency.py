@@ -22,6 +22,7 @@ import uuid
 import pytest
 
 from airflow_provider_jimeng.emulator import Fault
+from airflow_provider_jimeng.storage.records import JournaledImage, JournalEntry
 from airflow_provider_jimeng.testing import S3Server
 from tests.dags import jimeng_test_generate
 from tests.operators.conftest import (
@@ -119,6 +120,38 @@ def test_replace_regenerates_and_overwrites(emulator: TrackingEmulator, bucket: 
     assert [bucket.head(key)["Metadata"]["jimeng-request-id"] for key in bucket.images(prefix)] == second_ids
     assert again.xcom("gen", "usage")["reused_prompts"] == 0
     assert not bucket.keys(f"{prefix}/_pending/"), "earlier and own journals dropped once records.json is written"
+
+
+def test_journals_of_prompts_dropped_from_a_shorter_list_do_not_outlive_a_successful_try(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    """Issue 11 item 12: an earlier try with a longer prompt list left a journal for prompt 5.
+
+    The list shrank to two prompts (the upstream task returned fewer): no record will ever cover
+    prompt 5, so its journal was kept for good. It must go once this try's records.json is written.
+    """
+    conf = {"prompts": PROMPTS[:2], "bucket": bucket.name}
+    first = run_dag(jimeng_test_generate.dag, conf)
+    prefix = task_prefix(first)
+    orphan = JournalEntry(
+        prompt_index=5,
+        fingerprint="an-earlier-prompt",
+        written_at=time.time(),
+        request_id="req-earlier",
+        model="doubao-seedream-4-0-250828",
+        created=1,
+        usage={"generated_images": 1},
+        images=(JournaledImage(index=0, size="1024x1024", url=None),),
+    )
+    stale_journal = f"{prefix}/_pending/earlier-try-00000.json"
+    body = json.dumps({"written_at": time.time(), "prompts": {"5": orphan.to_json()}})
+    bucket.client.put_object(Bucket=bucket.name, Key=stale_journal, Body=body)
+
+    again = run_dag(jimeng_test_generate.dag, conf, again=first)
+
+    assert again.state == "success"
+    assert emulator.request_count == 2, "the retry reused both prompts"
+    assert bucket.keys(f"{prefix}/_pending/") == [], "the orphaned journal is dropped with the try's own"
 
 
 def test_retry_stores_from_the_journal_without_a_new_generation_request(
