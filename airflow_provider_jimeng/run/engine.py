@@ -169,13 +169,19 @@ class GenerationRun:
                         now=now,
                     )
             self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure)
+        interrupted: BaseException | None = None
         try:
             self._run(plans, existing)
+        except BaseException as error:  # the timeout, after _run stopped sending and drained the pools
+            interrupted = error
         finally:
             if self._journal_writer is not None:
                 self._journal_writer.close()
         if store is not None:
+            # Also when interrupted: what is finished gets its record, so a retry reuses it without a HEAD.
             self.fatal = self._write_records(store, earlier_journals) or self.fatal
+        if interrupted is not None:
+            raise interrupted
         if self._stopped_by is not None and self.fatal is None:
             self.fatal = JiMengRunStoppedError(self._stopped_by)
 
