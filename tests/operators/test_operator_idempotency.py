@@ -16,6 +16,7 @@ decides exactly which request of which try fails.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -218,16 +219,24 @@ def test_an_s3_outage_keeps_paid_images_in_a_local_journal_for_the_rerun(
     """
     bucket_name = f"jimeng-outage-{uuid.uuid4().hex[:12]}"
     prompts = ["a red fox in the snow", "a lighthouse at dusk", "a paper boat on a pond"]
-    emulator.latency = 1.5
+    release = threading.Event()
+    emulator.hold = release  # answers leave only once S3 is down: no race with a busy machine
     first_server = S3Server().start()
+
+    def stop_s3_then_answer() -> None:
+        first_server.stop()
+        release.set()
+
     try:
         use_s3_server(first_server, bucket_name, monkeypatch)
         # Generation starts only after the task listed its prefix: S3 is stopped mid-generation.
-        watcher = when(lambda: emulator.in_flight > 0, first_server.stop)
+        watcher = when(lambda: emulator.in_flight == len(prompts), stop_s3_then_answer)
         first: DagRunResult = run_dag(jimeng_test_generate.dag, {"prompts": prompts, "bucket": bucket_name})
         watcher.join()
     finally:
+        release.set()
         first_server.stop()
+    emulator.hold = None
 
     assert first.state == "failed"
     assert emulator.billed_images == 3, "all three prompts were already being generated"
