@@ -40,6 +40,17 @@ def test_the_command_refuses_to_start_and_names_the_install_command(without_pill
     assert "listening" not in result.stdout
 
 
+def test_the_package_still_imports_without_pillow(without_pillow: dict[str, str]) -> None:
+    # Only serving images needs Pillow: code that imports the emulator (fixtures, faults) must not.
+    code = "import airflow_provider_jimeng.emulator as e; print(e.JiMengEmulator.__name__)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=without_pillow, capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("JiMengEmulator")  # Airflow may log a line first
+
+
 def test_require_pillow_passes_where_pillow_is_installed() -> None:
     pytest.importorskip("PIL.Image")
     require_pillow()
