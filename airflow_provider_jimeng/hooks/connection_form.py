@@ -47,10 +47,16 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "description": "Cap on one wait between retries, including a server's Retry-After. Default 120.",
         "schema": {"type": ["number", "null"], "minimum": 0},
     },
+    # A select, not a switch: Airflow's form shows an untouched boolean switch as "off", which here would
+    # hide that untouched means true. The null entry is the untouched value, labelled with what it means.
     "watermark": {
         "label": "Watermark",
-        "description": "Default for the 'AI generated' mark; sent explicitly on every request. Default true.",
-        "schema": {"type": ["boolean", "null"]},
+        "description": "Default for the 'AI generated' mark, sent on every request; a task's watermark wins.",
+        "schema": {
+            "type": ["string", "null"],
+            "enum": [None, "true", "false"],
+            "values_display": {"null": "true (default)", "true": "true", "false": "false"},
+        },
     },
     "max_images_per_minute": {
         "label": "Max images per minute",
@@ -78,7 +84,8 @@ UI_FIELD_BEHAVIOUR: dict[str, Any] = {
     "hidden_fields": ["login", "schema", "port"],
     "relabeling": {"host": "Base URL", "password": "API Key"},
     "placeholders": {
-        "host": f"{CHINA_BASE_URL} (empty = China endpoint; BytePlus: {BYTEPLUS_BASE_URL}; gateway: https://…/v1)",
+        # Short enough to show whole in the form's input (BytePlus and gateway URLs: docs/connection.md).
+        "host": f"{CHINA_BASE_URL} (default when empty)",
         "password": "API key (Bearer token)",
         "extra": json.dumps({"model": DEFAULT_MODEL, "timeout": 300, "watermark": False}),
     },
