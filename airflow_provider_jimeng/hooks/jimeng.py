@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -52,8 +53,14 @@ from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_MAX_BILLED_RETRIES = 1
 DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_MAX_WAIT = 120.0
+#: A generation answer's body may take this many read timeouts in all (a stream of a 15-image 4K set
+#: lasts minutes; a server trickling bytes would otherwise hold the task forever).
+RESPONSE_DEADLINE_TIMEOUTS = 3
+#: The most a generation answer may weigh: a set of 15 4K images as base64 is about 150 MiB.
+DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
 DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 
@@ -76,31 +83,97 @@ class _SignedUrlLogFilter(logging.Filter):
 logging.getLogger("urllib3.connectionpool").addFilter(_SignedUrlLogFilter())
 
 
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+#: What a templated or hand-edited extra holds when it means "not set".
+_UNSET_WORDS = frozenset({"", "none", "null"})
+
+
+def _is_unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _UNSET_WORDS)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _as_bool(parameter: str, value: Any, default: bool) -> bool:
-    if value is None or value == "":
+    if _is_unset(value):
         return default
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise JiMengConfigurationError(parameter, f"{value!r} is not a boolean; use true or false")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE_WORDS:
+            return True
+        if text in _FALSE_WORDS:
+            return False
+    elif isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a boolean; allowed: true or false")
 
 
-def _as_number(parameter: str, value: Any, default: float | None, *, minimum: float) -> float | None:
-    if value is None or value == "":
+def _as_number(
+    parameter: str, value: Any, default: float | None, *, minimum: float, whole: bool = False
+) -> float | None:
+    """A finite number >= ``minimum`` (whole if asked) from JSON or a URI string; unset means ``default``."""
+    if _is_unset(value):
         return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise JiMengConfigurationError(
-            parameter, f"{value!r} is not a number; allowed: a number >= {minimum:g}"
-        ) from None
+    kind = "a whole number" if whole else "a number"
+    allowed = f"allowed: {kind} >= {minimum:g}"
+    number: float | None = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (ValueError, OverflowError):
+            number = None
+    if number is None:
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a number; {allowed}")
+    if not math.isfinite(number):
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a finite number; {allowed}")
+    if whole and not number.is_integer():
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a whole number; {allowed}")
     if number < minimum:
-        raise JiMengConfigurationError(parameter, f"{value!r} is below the minimum of {minimum:g}")
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is below the minimum of {minimum:g}")
     return number
+
+
+def _as_int(parameter: str, value: Any, default: int, *, minimum: int) -> int:
+    return int(_as_number(parameter, value, default, minimum=minimum, whole=True) or 0)
+
+
+def _as_proxies(value: Any) -> dict[str, str] | None:
+    allowed = 'must be a JSON object of scheme to proxy URL, like {"https": "http://proxy:3128"}'
+    if _is_unset(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise JiMengConfigurationError("proxies", allowed) from None
+        if value is None:
+            return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise JiMengConfigurationError("proxies", allowed)  # the value may hold proxy credentials: not shown
+    return value or None
+
+
+def _as_verify(value: Any) -> bool | str:
+    """``true``/``false`` (any spelling :func:`_as_bool` takes) or the path of a CA bundle."""
+    if isinstance(value, str) and not _is_unset(value) and value.strip().lower() not in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip()
+    try:
+        return _as_bool("verify", value, True)
+    except JiMengConfigurationError:
+        raise JiMengConfigurationError(
+            "verify", f"{_shown(value)} is not allowed; allowed: true, false, or the path of a CA bundle"
+        ) from None
+
+
+def _first(override: Any, extra: Any) -> Any:
+    """A hook argument wins over the connection's extra when it is given (``0`` included)."""
+    return override if override is not None else extra
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -131,6 +204,12 @@ class JiMengConnectionConfig:
     proxies: dict[str, str] | None
     verify: bool | str
     allow_http: bool
+    #: Retries of a request whose previous attempt may have been billed (timed out, broke off).
+    max_billed_retries: int = DEFAULT_MAX_BILLED_RETRIES
+    #: The longest a generation answer's body (a whole event stream) may take once its headers are in.
+    response_deadline: float = DEFAULT_TIMEOUT * RESPONSE_DEADLINE_TIMEOUTS
+    #: The most bytes a generation answer may have.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     @property
     def generations_url(self) -> str:
@@ -326,7 +405,12 @@ class JiMengHook(BaseHook):
     # -------------------------------------------------------------------------------- configuration
     @cached_property
     def config(self) -> JiMengConnectionConfig:
-        """The connection, resolved once; the API key is registered with Airflow's secret masker."""
+        """The connection, resolved and checked once; the API key is registered with the secret maskers.
+
+        Every extra is checked here, before any request: a bad value raises
+        :class:`JiMengConfigurationError` naming the extra and what it allows. An empty string,
+        ``"None"`` or ``"null"`` (what a template renders for nothing) means the default.
+        """
         conn = self.get_connection(self.jimeng_conn_id)
         api_key = (conn.password or "").strip()
         if not api_key:
@@ -335,7 +419,9 @@ class JiMengHook(BaseHook):
                 f"connection {self.jimeng_conn_id!r} has no API key; put the key in the password field",
             )
         mask_secret(api_key)
-        extras: Mapping[str, Any] = conn.extra_dejson or {}
+        extras = conn.extra_dejson if conn.extra else {}
+        if not isinstance(extras, Mapping):
+            raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"timeout": 300}')
         base_url = resolve_base_url(conn.host, conn.schema, conn.port)
         allow_http = _as_bool("allow_http", extras.get("allow_http"), False)
         if base_url.startswith("http://") and not allow_http:
@@ -344,55 +430,71 @@ class JiMengHook(BaseHook):
                 f"base URL {base_url!r} uses plain http; use https, or set the extra allow_http=true "
                 "(for the offline emulator on loopback)",
             )
-        model = str(extras.get("model") or "").strip() or (
+        model_extra = extras.get("model")
+        model = ("" if _is_unset(model_extra) else str(model_extra).strip()) or (
             DEFAULT_BYTEPLUS_MODEL if "bytepluses.com" in base_url else DEFAULT_MODEL
         )
-        timeout = self._timeout_override or extras.get("timeout")
-        max_retries = (
-            self._max_retries_override if self._max_retries_override is not None else extras.get("max_retries")
+        timeout = _as_number(
+            "timeout", _first(self._timeout_override, extras.get("timeout")), DEFAULT_TIMEOUT, minimum=1
         )
-        pacing = self._max_images_per_minute_override or extras.get("max_images_per_minute")
-        proxies = extras.get("proxies")
-        if isinstance(proxies, str) and proxies.strip():
-            try:
-                proxies = json.loads(proxies)
-            except ValueError:
-                raise JiMengConfigurationError("proxies", 'must be a JSON object like {"https": "..."}') from None
-        if proxies is not None and proxies != "" and not isinstance(proxies, dict):
-            raise JiMengConfigurationError("proxies", 'must be a JSON object like {"https": "..."}')
-        verify_raw = extras.get("verify")
-        verify: bool | str
-        if isinstance(verify_raw, str) and verify_raw.strip().lower() not in ("", "true", "false", "1", "0"):
-            verify = verify_raw
-        else:
-            verify = _as_bool("verify", verify_raw, True)
+        assert timeout is not None
         return JiMengConnectionConfig(
             base_url=base_url,
             api_key=api_key,
             model=model,
-            timeout=_as_number("timeout", timeout, DEFAULT_TIMEOUT, minimum=1) or DEFAULT_TIMEOUT,
+            timeout=timeout,
             connect_timeout=_as_number(
                 "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
             )
             or DEFAULT_CONNECT_TIMEOUT,
-            max_retries=int(_as_number("max_retries", max_retries, DEFAULT_MAX_RETRIES, minimum=0) or 0),
-            retry_backoff=_as_number("retry_backoff", extras.get("retry_backoff"), DEFAULT_RETRY_BACKOFF, minimum=0)
+            max_retries=_as_int(
+                "max_retries",
+                _first(self._max_retries_override, extras.get("max_retries")),
+                DEFAULT_MAX_RETRIES,
+                minimum=0,
+            ),
+            retry_backoff=_as_number(
+                "retry_backoff",
+                _first(self._retry_backoff, extras.get("retry_backoff")),
+                DEFAULT_RETRY_BACKOFF,
+                minimum=0,
+            )
             or 0.0,
-            retry_max_wait=_as_number("retry_max_wait", extras.get("retry_max_wait"), DEFAULT_RETRY_MAX_WAIT, minimum=0)
+            retry_max_wait=_as_number(
+                "retry_max_wait",
+                _first(self._retry_max_wait, extras.get("retry_max_wait")),
+                DEFAULT_RETRY_MAX_WAIT,
+                minimum=0,
+            )
             or 0.0,
             watermark=_as_bool("watermark", extras.get("watermark"), True),
-            max_images_per_minute=_as_number("max_images_per_minute", pacing, None, minimum=1),
-            proxies=proxies or None,
-            verify=verify,
+            max_images_per_minute=_as_number(
+                "max_images_per_minute",
+                _first(self._max_images_per_minute_override, extras.get("max_images_per_minute")),
+                None,
+                minimum=1,
+            ),
+            proxies=_as_proxies(extras.get("proxies")),
+            verify=_as_verify(extras.get("verify")),
             allow_http=allow_http,
+            max_billed_retries=_as_int(
+                "max_billed_retries", extras.get("max_billed_retries"), DEFAULT_MAX_BILLED_RETRIES, minimum=0
+            ),
+            response_deadline=_as_number(
+                "response_deadline", extras.get("response_deadline"), timeout * RESPONSE_DEADLINE_TIMEOUTS, minimum=1
+            )
+            or timeout * RESPONSE_DEADLINE_TIMEOUTS,
+            max_response_bytes=_as_int(
+                "max_response_bytes", extras.get("max_response_bytes"), DEFAULT_MAX_RESPONSE_BYTES, minimum=1024
+            ),
         )
 
     @cached_property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             max_retries=self.config.max_retries,
-            backoff=self._retry_backoff if self._retry_backoff is not None else self.config.retry_backoff,
-            max_wait=self._retry_max_wait if self._retry_max_wait is not None else self.config.retry_max_wait,
+            backoff=self.config.retry_backoff,
+            max_wait=self.config.retry_max_wait,
         )
 
     @property
