@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import logging
 import math
 import threading
 import time
@@ -29,7 +28,6 @@ from airflow_provider_jimeng.api.response import (
     api_error_from_payload,
     parse_event_stream,
     parse_generation,
-    redact_url,
 )
 from airflow_provider_jimeng.exceptions import (
     JiMengAPIError,
@@ -48,6 +46,7 @@ from airflow_provider_jimeng.hooks.connection_form import (
     UI_FIELD_BEHAVIOUR,
 )
 from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
+from airflow_provider_jimeng.redaction import install_log_redaction, redact_url, register_secret
 from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 
 DEFAULT_TIMEOUT = 300.0
@@ -65,23 +64,8 @@ DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 
 
-class _SignedUrlLogFilter(logging.Filter):
-    """Cut query strings (signatures) out of urllib3's DEBUG request lines before any handler sees them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(
-            isinstance(arg, str) and "?" in arg and "Signature" in arg for arg in record.args
-        ):
-            record.args = tuple(
-                arg.split("?", 1)[0] + "?<redacted>" if isinstance(arg, str) and "Signature" in arg else arg
-                for arg in record.args
-            )
-        return True
-
-
-# Signed image URLs are bearer credentials for 24 h: urllib3 would log them in full at DEBUG level.
-logging.getLogger("urllib3.connectionpool").addFilter(_SignedUrlLogFilter())
-
+# Signed URLs, bodies and signatures in urllib3's and botocore's DEBUG lines: cut before any handler sees them.
+install_log_redaction()
 
 _TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
 _FALSE_WORDS = frozenset({"false", "0", "no", "off"})
@@ -419,6 +403,7 @@ class JiMengHook(BaseHook):
                 f"connection {self.jimeng_conn_id!r} has no API key; put the key in the password field",
             )
         mask_secret(api_key)
+        register_secret(api_key)
         extras = conn.extra_dejson if conn.extra else {}
         if not isinstance(extras, Mapping):
             raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"timeout": 300}')
@@ -799,10 +784,14 @@ class JiMengHook(BaseHook):
     # ------------------------------------------------------------------------------------ downloads
     def check_download_url(self, url: str) -> None:
         """Refuse image URLs that are not https (plain http only with ``allow_http`` or on loopback)."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            raise JiMengDownloadError(f"refusing to download {redact_url(url)}: not a valid URL") from None
         if parts.scheme == "https":
             return
-        if parts.scheme == "http" and (self.config.allow_http or _is_loopback(parts.hostname)):
+        if parts.scheme == "http" and (self.config.allow_http or _is_loopback(host)):
             return
         raise JiMengDownloadError(
             f"refusing to download {redact_url(url)}: only https URLs are fetched "
@@ -848,7 +837,16 @@ class JiMengHook(BaseHook):
                 f"download of image {label} refused: the host's TLS certificate does not verify; "
                 "set the connection extra verify=<path to a CA bundle> for a private CA"
             ) from None
-        except requests.ConnectionError as exc:
+        except (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema,
+        ) as exc:
+            # Their messages quote the whole URL, signature included.
+            raise JiMengDownloadError(
+                f"download of image {label} refused: not a valid URL ({type(exc).__name__})"
+            ) from None
+        except requests.RequestException as exc:
             raise JiMengTimeoutError(
                 f"download of {label} failed to connect ({type(exc).__name__})", code="ConnectionError"
             ) from None
