@@ -316,6 +316,21 @@ def test_verify_of_an_odd_type_is_refused(set_connection: Callable[..., None], v
     assert "allowed: true, false, or the path of a CA bundle" in str(error)
 
 
+def test_a_ca_bundle_that_is_not_there_is_refused_naming_verify_before_anything_is_sent(
+    set_connection: Callable[..., None], tmp_path: Any
+) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    set_connection({"host": "https://127.0.0.1:9/api/v3", "password": KEY, "extra": {"verify": str(missing)}})
+    hook = JiMengHook()
+    try:
+        with pytest.raises(JiMengConfigurationError) as caught:
+            hook.generate_images("a red fox")
+    finally:
+        hook.close()
+    assert caught.value.parameter == "verify"
+    assert hook.stats["possibly_billed"] == 0
+
+
 def test_an_extra_that_is_not_an_object_is_refused(set_connection: Callable[..., None]) -> None:
     error = _refused(set_connection, {"host": GATEWAY, "extra": "[1, 2]"})
     assert error.parameter == "extra"
