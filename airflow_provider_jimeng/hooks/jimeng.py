@@ -263,6 +263,8 @@ class _BoundedBody:
         stop: threading.Event | None = None,
     ) -> None:
         self._response = response
+        # Raw reads skip requests' decoding: a gzip answer (gateways send them) must come out decoded.
+        response.raw.decode_content = True
         self._max_bytes = max_bytes
         self._label = label
         self._stop = stop
@@ -272,6 +274,8 @@ class _BoundedBody:
         self.content_type = response.headers.get("Content-Type", "")
         length = response.headers.get("Content-Length")
         self.content_length = int(length) if length and length.isdigit() else None
+        # A compressed body decodes to another length: only an identity body can be checked against it.
+        self._length_checkable = response.headers.get("Content-Encoding", "").strip().lower() in ("", "identity")
         if self.content_length is not None and self.content_length > max_bytes:
             response.close()
             raise self._too_large(announced=True)
@@ -324,7 +328,12 @@ class _BoundedBody:
         if self.bytes_read > self._max_bytes:
             self._response.close()
             raise self._too_large(announced=False)
-        if not chunk and self.content_length is not None and self.bytes_read < self.content_length:
+        if (
+            not chunk
+            and self._length_checkable
+            and self.content_length is not None
+            and self.bytes_read < self.content_length
+        ):
             raise self._ended_early()
         return chunk
 
@@ -1206,7 +1215,6 @@ class JiMengHook(BaseHook):
             raise JiMengDownloadError(
                 f"download of image {label} returned Content-Type {content_type or 'none'!r}, not an image"
             )
-        response.raw.decode_content = True
         return ImageDownload(
             response, max_bytes=max_bytes, label=label, deadline_seconds=config.timeout, stop=self._stop
         )

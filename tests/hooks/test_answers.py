@@ -7,6 +7,8 @@ stream cut after some images, a read timeout), the test uses the emulator as wel
 
 from __future__ import annotations
 
+import gzip
+import json
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -154,6 +156,15 @@ def test_a_200_carrying_a_retryable_error_is_retried(
     server = scripted_server(json_answer(overloaded), max_retries=0)
     with pytest.raises(JiMengRateLimitError):
         make_hook().send(hook.build_body(PROMPT))
+
+
+def test_a_gzip_encoded_answer_is_decoded(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    payload = {"data": [{"url": URL.format(0, 0), "size": "1024x1024"}], "usage": {"generated_images": 1}}
+    scripted_server(json_answer(gzip.compress(json.dumps(payload).encode()), headers={"Content-Encoding": "gzip"}))
+    result = make_hook().send({"model": MODEL, "prompt": PROMPT})
+    assert [image.size for image in result.succeeded] == ["1024x1024"]
 
 
 # ------------------------------------------------------------------- E3: empty error beside an image
