@@ -20,8 +20,7 @@ from socketserver import TCPServer
 from typing import Any
 
 from airflow_provider_jimeng.emulator.faults import Fault
-from airflow_provider_jimeng.emulator.images import require_pillow,
-from airflow_provider_jimeng.emulator.images import RenderCache
+from airflow_provider_jimeng.emulator.images import RenderCache, require_pillow
 from airflow_provider_jimeng.emulator.ledger import LedgerEntry
 from airflow_provider_jimeng.emulator.routes import GENERATION_PATHS, MODELS_PATHS, Handler
 from airflow_provider_jimeng.emulator.runtime import MAX_REQUEST_RECORDS, TOS_BUCKET, TOS_PREFIX, Runtime

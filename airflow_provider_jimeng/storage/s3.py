@@ -32,10 +32,13 @@ from typing import Any
 
 from airflow_provider_jimeng.budget import IMAGE_BLOCK_BYTES
 from airflow_provider_jimeng.exceptions import JiMengStorageConfigurationError, JiMengStorageError
+from airflow_provider_jimeng.redaction import install_log_redaction
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.records import SCHEMA_VERSION, JournalEntry, PromptRecord, newer
 
 log = logging.getLogger(__name__)
+# botocore logs request bodies (whole images) and signed URLs at DEBUG: cut them before any handler sees them.
+install_log_redaction()
 
 IMAGE_CONTENT_TYPE = "image/jpeg"
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8", "image/jpeg"))
