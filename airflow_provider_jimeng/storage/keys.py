@@ -80,8 +80,9 @@ def template_fields(template: str) -> set[str]:
             # {run_id:.3}) would share keys, and the other-run probe cannot see ids not yet made.
             raise JiMengConfigurationError(
                 "s3_key",
-                f"{{{name}:{spec}}} can cut the {name.replace('_', ' ')} short, so two of them could share a "
-                f"key; allowed: {{{name}}} unabridged (a width or alignment is fine, a precision is not)",
+                f"{{{name}:{spec}}} can cut the {name.replace('_', ' ')} short, so another {name.replace('_', ' ')} "
+                f"could get the same key; allowed: {{{name}}} unabridged (a width or alignment is fine, a precision "
+                "is not)",
             )
         names.add(name)
     return names
