@@ -89,7 +89,7 @@ CONNECTION_CASES = [
     pytest.param("ftp_url", "host", "must be an http(s) URL such as https://", id="base-url-ftp"),
     pytest.param("bad_timeout", "timeout", "allowed: a number >= 1", id="timeout-not-a-number"),
     pytest.param("bad_retries", "max_retries", "below the minimum of 0", id="max-retries-negative"),
-    pytest.param("bad_watermark", "watermark", "use true or false", id="watermark-not-boolean"),
+    pytest.param("bad_watermark", "watermark", "allowed: true or false", id="watermark-not-boolean"),
 ]
 
 
