@@ -33,7 +33,8 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 #: What a template renders for a missing value: never a value the author meant.
 _RENDERED_NOTHING = frozenset({"none", "null", "nan", "undefined"})
-_INTEGER = re.compile(r"^[+-]?\d+$")
+#: Decimal text of an integer, as templates render one (``"7"``, ``"4.0"``): ASCII digits, no exponent.
+_INTEGER = re.compile(r"^[+-]?([0-9]+)(\.0*)?$", re.ASCII)
 NATIVE_HINT = (
     "a template rendered a Python value as text: pass the value itself (an XComArg, a param), "
     "or set render_template_as_native_obj=True on the DAG"
@@ -98,16 +99,10 @@ def as_int(
             number = int(value)
     elif isinstance(value, str):
         text = value.strip()
-        if _INTEGER.match(text):
-            number = int(text)
+        if match := _INTEGER.match(text):
+            number = int(text[: match.end(1)])
         else:
             _refuse_rendered_nothing(parameter, value, allowed)
-            try:
-                parsed = float(text)
-            except ValueError:
-                parsed = math.nan
-            if math.isfinite(parsed) and parsed.is_integer():
-                number = int(parsed)
     if number is None:
         raise _fail(parameter, f"{_show(value)} is not an integer; allowed: {allowed}")
     if number < minimum or (maximum is not None and number > maximum):

@@ -30,7 +30,7 @@ from airflow_provider_jimeng.exceptions import (
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
-from airflow_provider_jimeng.options import GenerationOptions, RunOptions, as_prompts
+from airflow_provider_jimeng.options import GenerationOptions, RunOptions, as_prompts, as_text
 from airflow_provider_jimeng.run.engine import GenerationRun
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
@@ -248,8 +248,10 @@ class JiMengGenerateOperator(BaseOperator):
         )
         for name in ("jimeng_conn_id", "aws_conn_id"):
             value = getattr(self, name)
-            if not (isinstance(value, str) and value.strip()) and not (name == "aws_conn_id" and value is None):
-                raise JiMengConfigurationError(name, f"{value!r} is not allowed; allowed: a connection id")
+            if name == "aws_conn_id" and value is None:
+                continue  # boto3's own credential chain
+            # A connection that does not exist would fail the lookup with a retried AirflowNotFoundException.
+            as_text(name, value, allowed="a connection id", optional=False)
         if generation.response_format == "b64_json" and run.s3_bucket is None:
             raise JiMengConfigurationError(
                 "response_format", "'b64_json' needs s3_bucket: image data is never pushed to XCom"
