@@ -94,6 +94,7 @@ def test_images_and_usage_xcoms_describe_what_was_stored(
         "requests": 2,
         "attempts": 2,
         "reused_prompts": 0,
+        "web_searches": 0,
         "rate_limited": 0,
         "retries": 0,
     }
