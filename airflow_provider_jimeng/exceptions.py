@@ -258,6 +258,9 @@ _QUOTA_CODES = frozenset({"QuotaExceeded", "SetLimitExceeded"})
 _RATE_LIMIT_PREFIXES = (
     "ModelAccountIpmRateLimitExceeded",
     "ModelAccountRpmRateLimitExceeded",
+    "ModelAccountTpmRateLimitExceeded",
+    "APIAccountRpmRateLimitExceeded",
+    "AccountRateLimitExceeded",
     "RateLimitExceeded",
     "RequestBurstTooFast",
     "ServerOverloaded",

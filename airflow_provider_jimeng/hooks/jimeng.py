@@ -583,12 +583,23 @@ class JiMengHook(BaseHook):
         """Extra fields of the connection form for Airflow < 3.2 (later releases read provider info)."""
         from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
         from flask_babel import lazy_gettext
-        from wtforms import BooleanField, StringField
+        from wtforms import BooleanField, SelectField, StringField
 
         widgets: dict[str, Any] = {}
         for name, spec in CONNECTION_EXTRAS.items():
-            types = spec["schema"]["type"]
-            if types == ["boolean", "null"]:
+            schema = spec["schema"]
+            types = schema["type"]
+            if "enum" in schema:
+                # A select whose untouched value says what it means ("true (default)"), never a bare "off".
+                shown = schema.get("values_display", {})
+                choices = [
+                    ("" if value is None else value, shown.get("null" if value is None else value, value or ""))
+                    for value in schema["enum"]
+                ]
+                widgets[name] = SelectField(
+                    lazy_gettext(spec["label"]), choices=choices, default="", description=spec["description"]
+                )
+            elif types == ["boolean", "null"]:
                 widgets[name] = BooleanField(lazy_gettext(spec["label"]), description=spec["description"])
             else:
                 widgets[name] = StringField(

@@ -51,6 +51,7 @@ GENERATION_PARAMETERS = (
     "optimize_prompt_mode",
     "output_format",
     "web_search",
+    "stream",
     "extra_body",
 )
 RUN_PARAMETERS = (
@@ -89,6 +90,9 @@ class JiMengGenerateOperator(BaseOperator):
     :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. (templated)
     :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see the
         ``usage`` XCom). (templated)
+    :param stream: receive a set's images as they are made (server-sent events). A set that breaks
+        off keeps what it delivered, records the rest as failed with the service's code, and is never
+        sent again by the hook. (templated)
     :param max_concurrency: requests in flight at once (the API's latency is seconds per image).
     :param max_images_per_minute: client-side pacing; the connection's extra when ``None``.
     :param aws_conn_id: the AWS connection for S3. (templated)
@@ -126,6 +130,7 @@ class JiMengGenerateOperator(BaseOperator):
         "optimize_prompt_mode",
         "output_format",
         "web_search",
+        "stream",
         "extra_body",
         "s3_bucket",
         "s3_key_prefix",
@@ -162,6 +167,7 @@ class JiMengGenerateOperator(BaseOperator):
         optimize_prompt_mode: str | None = None,
         output_format: str | None = None,
         web_search: bool | str = False,
+        stream: bool | str = False,
         max_concurrency: int = 4,
         max_images_per_minute: float | None = None,
         aws_conn_id: str | None = "aws_default",
@@ -189,6 +195,7 @@ class JiMengGenerateOperator(BaseOperator):
         self.optimize_prompt_mode = optimize_prompt_mode
         self.output_format = output_format
         self.web_search = web_search
+        self.stream = stream
         self.max_concurrency = max_concurrency
         self.max_images_per_minute = max_images_per_minute
         self.aws_conn_id = aws_conn_id

@@ -8,8 +8,11 @@ import io
 import pytest
 from PIL import Image
 
+from airflow_provider_jimeng.emulator import Fault
+from airflow_provider_jimeng.exceptions import JiMengGenerationIncompleteError
+from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 from tests.dags import jimeng_test_bad_input, jimeng_test_generate
-from tests.operators.conftest import Bucket, RunDag, TrackingEmulator, task_prefix
+from tests.operators.conftest import Bucket, RecordingTaskInstance, RunDag, TrackingEmulator, task_prefix
 
 SET_PROMPT = "a comic strip in 3 images: a cat finds a box"
 
@@ -140,3 +143,52 @@ def test_bad_input_fails_each_task_before_any_request(
             assert message in run.log(task_id)
     assert emulator.request_count == 0, "no bad input reached the API"
     assert bucket.keys() == [], "and nothing was written to S3"
+
+
+@pytest.mark.parametrize(
+    ("stream", "fault"),
+    [(True, "stream_error"), (False, "stream_error"), (False, "image_internal_error")],
+    ids=["stream-error-event", "json-internal-error-item", "json-set-stopped-by-internal-error"],
+)
+def test_a_set_that_broke_after_some_images_keeps_them_and_a_retry_pays_nothing_more(
+    emulator: TrackingEmulator, bucket: Bucket, stream: bool, fault: str
+) -> None:
+    """Issue 12: images delivered before the set broke are billed; they are stored, the rest recorded.
+
+    The hook does not send the request again (3 attempts and 0 images kept before), and a retry of
+    the task reuses the prompt's record: no new request, no new bill.
+    """
+    emulator.inject(Fault(fault, after=2))
+    operator = JiMengGenerateOperator(
+        task_id="gen",
+        prompt="a storyboard of a fox in four panels",
+        sequential_image_generation="auto",
+        max_images=4,
+        stream=stream,
+        s3_bucket=bucket.name,
+    )
+    ti = RecordingTaskInstance()
+    with pytest.raises(JiMengGenerationIncompleteError) as raised:
+        operator.execute({"ti": ti})  # type: ignore[typeddict-item]
+
+    assert emulator.request_count == 1, "a request that delivered billed images is not sent again"
+    stored = [record["key"] for record in ti.pushed["images"]]
+    assert len(stored) == 2
+    assert set(stored) <= set(bucket.keys("jimeng/"))
+    assert "InternalServiceError" in str(raised.value)
+    assert ti.pushed["usage"]["generated_images"] == emulator.billed_images == 2
+
+    retry = JiMengGenerateOperator(
+        task_id="gen",
+        prompt="a storyboard of a fox in four panels",
+        sequential_image_generation="auto",
+        max_images=4,
+        stream=stream,
+        s3_bucket=bucket.name,
+    )
+    again = RecordingTaskInstance()
+    with pytest.raises(JiMengGenerationIncompleteError):
+        retry.execute({"ti": again})  # type: ignore[typeddict-item]
+    assert emulator.request_count == 1, "the retry reused the record"
+    assert emulator.billed_images == 2
+    assert [record["key"] for record in again.pushed["images"]] == stored
