@@ -366,23 +366,12 @@ class GenerationOptions:
         """The validated JSON body for one prompt (reference files are read here)."""
         # The hook's prompt reaches here unchecked: the operator's rules apply to it too, so a lone
         # surrogate is refused instead of crashing the JSON encoder mid-request (None stays "missing").
-        return build_request_body(
-            as_prompt(prompt) if prompt is not None else prompt,
+        values = {item.name: getattr(self, item.name) for item in fields(self)}
+        values.update(
             model=self.model or default_model,
-            size=self.size,
-            response_format=self.response_format,
             watermark=default_watermark if self.watermark is None else self.watermark,
-            image=self.image,
-            seed=self.seed,
-            sequential_image_generation=self.sequential_image_generation,
-            max_images=self.max_images,
-            optimize_prompt_mode=self.optimize_prompt_mode,
-            guidance_scale=self.guidance_scale,
-            stream=self.stream,
-            output_format=self.output_format,
-            web_search=self.web_search,
-            extra_body=self.extra_body,
         )
+        return build_request_body(as_prompt(prompt) if prompt is not None else prompt, **values)
 
 
 @dataclass(frozen=True)
@@ -417,6 +406,11 @@ class RunOptions:
                 _refuse_rendered_nothing("s3_bucket", s3_bucket, "an S3 bucket name")
             bucket = check_bucket_name(s3_bucket.strip() if isinstance(s3_bucket, str) else s3_bucket)
         return cls(s3_bucket=bucket, **_coerce_all(names, values))
+
+
+#: The operator's parameters that are request fields (all of them), and those that shape the run.
+GENERATION_PARAMETERS: tuple[str, ...] = tuple(item.name for item in fields(GenerationOptions))
+RUN_PARAMETERS: tuple[str, ...] = tuple(item.name for item in fields(RunOptions) if item.name != "s3_bucket")
 
 
 def billable_images(bodies: Sequence[Mapping[str, Any]]) -> int:

@@ -30,40 +30,20 @@ from airflow_provider_jimeng.exceptions import (
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
-from airflow_provider_jimeng.options import GenerationOptions, RunOptions, as_prompts, as_text
+from airflow_provider_jimeng.options import (
+    GENERATION_PARAMETERS,
+    RUN_PARAMETERS,
+    GenerationOptions,
+    RunOptions,
+    as_prompts,
+    as_text,
+)
 from airflow_provider_jimeng.run.engine import GenerationRun
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
-
-#: The operator's parameters that are request fields, and those that shape the run.
-GENERATION_PARAMETERS = (
-    "model",
-    "size",
-    "response_format",
-    "watermark",
-    "image",
-    "seed",
-    "sequential_image_generation",
-    "max_images",
-    "optimize_prompt_mode",
-    "output_format",
-    "web_search",
-    "stream",
-    "extra_body",
-)
-RUN_PARAMETERS = (
-    "max_concurrency",
-    "max_images_per_minute",
-    "s3_key_prefix",
-    "s3_key",
-    "replace",
-    "on_partial_failure",
-    "dry_run",
-    "max_images_per_task",
-)
 
 
 class JiMengGenerateOperator(BaseOperator):
@@ -87,6 +67,7 @@ class JiMengGenerateOperator(BaseOperator):
     :param optimize_prompt_mode: let the service rewrite the prompt before generating: ``standard``
         (better prompts, slower) or ``fast``, as the model allows (Seedream 4.5 and 5.0: ``standard``
         only); ``None`` sends no option. (templated)
+    :param guidance_scale: how closely Seedream 3.0 follows the prompt, in [1, 10]. (templated)
     :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. (templated)
     :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see the
         ``usage`` XCom). (templated)
@@ -119,26 +100,10 @@ class JiMengGenerateOperator(BaseOperator):
 
     template_fields: Sequence[str] = (
         "prompt",
-        "model",
-        "size",
-        "response_format",
-        "watermark",
-        "image",
-        "seed",
-        "sequential_image_generation",
-        "max_images",
-        "optimize_prompt_mode",
-        "output_format",
-        "web_search",
-        "stream",
-        "extra_body",
+        *GENERATION_PARAMETERS,
         "s3_bucket",
-        "s3_key_prefix",
-        "s3_key",
-        "replace",
-        "on_partial_failure",
-        "dry_run",
-        "max_images_per_task",
+        # Pacing and concurrency size the pools: they are plain values, not templates.
+        *(name for name in RUN_PARAMETERS if name not in ("max_concurrency", "max_images_per_minute")),
         "jimeng_conn_id",
         "aws_conn_id",
     )
@@ -165,6 +130,7 @@ class JiMengGenerateOperator(BaseOperator):
         sequential_image_generation: str | None = None,
         max_images: int | str | None = None,
         optimize_prompt_mode: str | None = None,
+        guidance_scale: float | str | None = None,
         output_format: str | None = None,
         web_search: bool | str = False,
         stream: bool | str = False,
@@ -193,6 +159,7 @@ class JiMengGenerateOperator(BaseOperator):
         self.sequential_image_generation = sequential_image_generation
         self.max_images = max_images
         self.optimize_prompt_mode = optimize_prompt_mode
+        self.guidance_scale = guidance_scale
         self.output_format = output_format
         self.web_search = web_search
         self.stream = stream
