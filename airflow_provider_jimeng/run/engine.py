@@ -160,13 +160,20 @@ class GenerationRun:
                         now=now,
                     )
             self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure)
+        interrupted: BaseException | None = None
         try:
             self._run(plans, existing)
+        except BaseException as error:  # execution_timeout, KeyboardInterrupt: re-raised once recorded
+            interrupted = error
         finally:
             if self._journal_writer is not None:
                 self._journal_writer.close()
         if store is not None:
+            # Also after an interruption: the prompts finished before it are recorded (and their
+            # journals dropped), so the retry reuses them from records.json instead of re-checking.
             self.fatal = self._write_records(store, earlier_journals) or self.fatal
+        if interrupted is not None:
+            raise interrupted
         if self._stopped_by is not None and self.fatal is None:
             self.fatal = JiMengRunStoppedError(self._stopped_by)
 
