@@ -62,6 +62,7 @@ class S3Gate:
         #: Paths of the writes held so far.
         self.held: list[str] = []
         self._released = threading.Event()
+        self._busy = 0
         self.port = 0
         self.requests: list[tuple[str, str, int]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -153,7 +154,22 @@ class S3Gate:
                 handler.rfile.readline()
         return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
 
+    @property
+    def busy(self) -> int:
+        """Requests the gate is handling now (a killed client's last write may still be on its way to moto)."""
+        with self._lock:
+            return self._busy
+
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self._busy += 1
+        try:
+            self._forward_one(handler)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _forward_one(self, handler: BaseHTTPRequestHandler) -> None:
         body = self._read_body(handler)
         method = handler.command
         self.requests.append((method, handler.path.split("?")[0], len(body)))
@@ -434,6 +450,17 @@ class TaskProcesses:
     def wait(self, timeout: float = 60) -> int:
         """Wait for the try to end; its exit code (``-9`` if it was SIGKILLed)."""
         answer = self._answer(timeout)
+        assert answer["pid"] == self.pid
+        self.pid = None
+        return int(answer["status"])
+
+    def poll(self) -> int | None:
+        """The try's exit code if it has ended (as :meth:`wait`), else ``None`` at once."""
+        try:
+            line = self._lines.get_nowait()
+        except queue.Empty:
+            return None
+        answer = json.loads(line)
         assert answer["pid"] == self.pid
         self.pid = None
         return int(answer["status"])
