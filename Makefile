@@ -16,7 +16,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 # about a quarter of `make test`). Let Python cache the bytecode of what it imports, inside the venv.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: venv test demo bench lint format docs e2e clean lock
+.PHONY: venv test demo bench lint format docs e2e package-check clean lock
 
 venv: $(STAMP)
 
@@ -64,6 +64,11 @@ e2e: $(STAMP)
 	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[e2e]"
 	JIMENG_E2E=1 JIMENG_E2E_SCREENSHOT_DIR=$(E2E_SCREENSHOT_DIR) $(BIN)/python -m pytest -q -s -m e2e tests/e2e $(PYTEST_ARGS)
+
+# The packaging check (opt-in, a few minutes): builds the sdist and wheel, installs the wheel into a fresh
+# venv and runs docs/getting-started.md's own commands (scripts/getting-started.sh) against it.
+package-check: $(STAMP)
+	UV=$(BIN)/uv PYTHON=$(PYTHON) bash scripts/package-check.sh
 
 clean:
 	rm -rf .venv .venv-* demo-output site

@@ -166,9 +166,13 @@ class Reservation:
             self._open = False
             self._cap._settle(self.images, billed, possible)
 
-    def settle(self, billed: int) -> None:
-        """The answer said what was billed (a gateway may bill more than reserved: it counts all the same)."""
-        self._close(max(0, int(billed)), 0)
+    def settle(self, billed: int, possibly_billed: int = 0) -> None:
+        """The answer said what was billed (a gateway may bill more than reserved: it counts all the same).
+
+        ``possibly_billed``: images the answer did not deliver because it broke off, which the service
+        may have generated all the same.
+        """
+        self._close(max(0, int(billed)), max(0, int(possibly_billed)))
 
     def release(self) -> None:
         """The attempt was refused or never sent: nothing was billed."""

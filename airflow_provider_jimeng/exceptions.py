@@ -2,8 +2,10 @@
 
 Every error derives from :class:`JiMengError` (an ``AirflowException``) so a DAG author can catch the
 whole family at once, and each API error class says whether repeating the call could help
-(``retryable``). Messages carry the API's error code and request id but never the API key, base64
-image data or a full signed URL.
+(``retryable``) and whether the failed attempt may still have been billed (``possibly_billed``).
+Messages carry the API's error code and request id but never the API key, a bearer token, base64
+image data or a URL's query: every message passes through
+:func:`~airflow_provider_jimeng.redaction.redact_text` when the error is built, whoever builds it.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from typing import Any
 
 from airflow.exceptions import AirflowException
 
+from airflow_provider_jimeng.redaction import redact_text
 from airflow_provider_jimeng.version_compat import AirflowFailException
 
 
 class JiMengError(AirflowException):
-    """Base class for every error of this provider."""
+    """Base class for every error of this provider; its text is redacted (callbacks and logs show it)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(redact_text(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class JiMengConfigurationError(JiMengError, AirflowFailException, ValueError):
@@ -24,8 +30,8 @@ class JiMengConfigurationError(JiMengError, AirflowFailException, ValueError):
 
     def __init__(self, parameter: str, message: str) -> None:
         self.parameter = parameter
-        self.detail = message
-        super().__init__(f"{parameter}: {message}")
+        self.detail = redact_text(message)
+        super().__init__(f"{parameter}: {self.detail}")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Two-argument constructor: the default (cls, self.args) would rebuild with one argument.
@@ -66,9 +72,16 @@ def _rebuild_spending_cap_error(
 
 
 class JiMengAPIError(JiMengError):
-    """An error answered by the API (or a gateway in front of it)."""
+    """An error answered by the API (or a gateway in front of it), or an attempt whose answer never came.
+
+    ``possibly_billed`` says whether the attempt may have generated (and billed) images all the same:
+    a read timeout, a connection broken while the answer was read, a 200 answer that could not be
+    read whole or parsed. An answer the service sent as an error (4xx, 5xx, 429) bills nothing.
+    """
 
     retryable: bool = False
+    #: The default of ``possibly_billed`` for the class; the constructor may say otherwise.
+    possibly_billed_by_default: bool = False
 
     def __init__(
         self,
@@ -79,13 +92,15 @@ class JiMengAPIError(JiMengError):
         request_id: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        possibly_billed: bool | None = None,
     ) -> None:
         self.status_code = status_code  # type: ignore[assignment]  # AirflowException declares an HTTPStatus
         self.code = code
-        self.api_message = message
+        self.api_message = redact_text(message)
         self.request_id = request_id
         self.param = param
         self.retry_after = retry_after
+        self.possibly_billed = self.possibly_billed_by_default if possibly_billed is None else possibly_billed
         super().__init__(self._render())
 
     def _render(self) -> str:
@@ -112,6 +127,7 @@ class JiMengAPIError(JiMengError):
                     "request_id": self.request_id,
                     "param": self.param,
                     "retry_after": self.retry_after,
+                    "possibly_billed": self.possibly_billed,
                 },
             ),
         )
@@ -156,9 +172,10 @@ class JiMengTimeoutError(JiMengAPIError):
 
 
 class JiMengResponseError(JiMengAPIError):
-    """The answer was not the documented shape (malformed or truncated body, bad stream)."""
+    """A 200 answer was not the documented shape (malformed, truncated, too large): possibly billed."""
 
     retryable = True
+    possibly_billed_by_default = True
 
 
 class JiMengDownloadError(JiMengError):
@@ -189,9 +206,9 @@ class JiMengGenerationIncompleteError(JiMengError):
     """Some images of a run failed; those that succeeded were kept. The message lists every failure."""
 
     def __init__(self, failures: list[str], *, stored: int) -> None:
-        self.failures = failures
+        self.failures = [redact_text(failure) for failure in failures]
         self.stored = stored
-        listing = "\n".join(f"  - {failure}" for failure in failures)
+        listing = "\n".join(f"  - {failure}" for failure in self.failures)
         super().__init__(f"{len(failures)} image(s) failed, {stored} stored:\n{listing}")
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -226,12 +243,17 @@ def _rebuild_generation_incomplete(
     return cls(failures, stored=stored)
 
 
-_CONTENT_POLICY_PREFIXES = (
-    "InputTextSensitiveContentDetected",
-    "InputImageSensitiveContentDetected",
-    "OutputImageSensitiveContentDetected",
-    "SensitiveContentDetected",
+_CONTENT_POLICY_CODES = frozenset(
+    {
+        "InputTextRiskDetection",
+        "InputImageRiskDetection",
+        "OutputImageRiskDetection",
+        "ContentSecurityDetectionError",
+    }
 )
+#: Any code naming sensitive content or a risk is a moderation refusal (``...SensitiveContentDetected``,
+#: ``...RiskDetection``, and variants the fact sheet does not list yet).
+_CONTENT_POLICY_WORDS = ("Sensitive", "Risk")
 _QUOTA_CODES = frozenset({"QuotaExceeded", "SetLimitExceeded"})
 _RATE_LIMIT_PREFIXES = (
     "ModelAccountIpmRateLimitExceeded",
@@ -246,13 +268,14 @@ _RATE_LIMIT_PREFIXES = (
 def error_class_for(status_code: int | None, code: str | None) -> type[JiMengAPIError]:
     """Map an HTTP status and API error code to the class that says what to do about it."""
     code = code or ""
-    if status_code is None:
-        # Stream "error" events carry a code but no HTTP status: infer the status the code implies.
+    if status_code is None or status_code == 200:
+        # Stream "error" events carry a code but no HTTP status, and a 200 answer may carry an error
+        # envelope: infer the status the code implies.
         if code.startswith(_RATE_LIMIT_PREFIXES):
             status_code = 429
         elif code.startswith(("InternalServiceError", "ServiceUnavailable", "InternalError")):
             status_code = 500
-    if code.startswith(_CONTENT_POLICY_PREFIXES):
+    if code in _CONTENT_POLICY_CODES or any(word in code for word in _CONTENT_POLICY_WORDS):
         return JiMengContentPolicyError
     if code in _QUOTA_CODES:
         return JiMengQuotaExceededError

@@ -154,3 +154,59 @@ def test_task_sdk_runtime_lists_the_jimeng_hook() -> None:
     if "jimeng" not in manager.hooks:
         pytest.skip(f"{PACKAGE} is not installed in this environment (pip install -e .)")
     assert manager.hooks["jimeng"].hook_class_name == "airflow_provider_jimeng.hooks.jimeng.JiMengHook"
+
+
+# ------------------------------------------------------------------ the form a user can trust at a glance
+#: Characters of placeholder the form's Base URL input shows whole: it is about 530 px wide in a 1280 px
+#: window (docs/img/ui-connection-form.png), some 70 characters of its font; the browser test (tests/e2e)
+#: checks the rendered width itself.
+PLACEHOLDER_MAX_CHARS = 64
+
+
+def _config_from_extra(monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]) -> Any:
+    """The hook's configuration for a connection with these extras, as a saved form would give it."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_JIMENG_FORM_TEST", json.dumps({"conn_type": "jimeng", "password": "k", "extra": extra})
+    )
+    return JiMengHook(jimeng_conn_id="jimeng_form_test").config
+
+
+def test_every_switch_is_off_when_its_default_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Airflow draws a boolean extra as a switch, "off" until touched: that is only honest for a default false.
+    switches = [name for name, spec in CONNECTION_EXTRAS.items() if spec["schema"]["type"] == ["boolean", "null"]]
+    assert "allow_http" in switches
+    untouched = _config_from_extra(monkeypatch, dict.fromkeys(switches))
+    for name in switches:
+        assert getattr(untouched, name) is False, f"{name} defaults to true: a switch would show 'off' untouched"
+
+
+def test_watermark_is_a_select_whose_untouched_value_says_true(monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = CONNECTION_EXTRAS["watermark"]["schema"]
+    assert "boolean" not in schema["type"], "a boolean is drawn as a switch that reads 'off' untouched"
+    # Airflow draws a string/null field with an enum as a select; null is the untouched value.
+    assert schema["enum"][0] is None
+    assert schema["values_display"]["null"] == "true (default)"
+    assert _config_from_extra(monkeypatch, {"watermark": None}).watermark is True
+    assert _config_from_extra(monkeypatch, {"watermark": "true"}).watermark is True
+    assert _config_from_extra(monkeypatch, {"watermark": "false"}).watermark is False
+    assert _config_from_extra(monkeypatch, {}).watermark is True
+
+
+def test_every_select_option_has_a_label() -> None:
+    for name, spec in CONNECTION_EXTRAS.items():
+        for value in spec["schema"].get("enum", []):
+            assert ("null" if value is None else str(value)) in spec["schema"]["values_display"], (name, value)
+
+
+def test_the_base_url_placeholder_fits_the_input(connection_type: dict[str, Any]) -> None:
+    placeholder = connection_type["ui-field-behaviour"]["placeholders"]["host"]
+    assert len(placeholder) <= PLACEHOLDER_MAX_CHARS, placeholder
+    assert placeholder.startswith("https://ark.cn-beijing.volces.com/api/v3")
+
+
+def test_port_0_from_the_ui_means_no_port() -> None:
+    # Airflow 3.3's form sends port 0 for the port it hides (apache/airflow#73298): never append ":0".
+    from airflow_provider_jimeng.hooks.jimeng import resolve_base_url
+
+    assert resolve_base_url("ark.cn-beijing.volces.com", None, 0) == "https://ark.cn-beijing.volces.com/api/v3"
+    assert resolve_base_url("https://gateway.example.com/v1", None, 0) == "https://gateway.example.com/v1"

@@ -10,21 +10,21 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from airflow_provider_jimeng.api.capabilities import parse_dimensions
 from airflow_provider_jimeng.exceptions import JiMengAPIError, JiMengResponseError, error_class_for
+from airflow_provider_jimeng.redaction import redact_url
 
-
-def redact_url(url: str | None) -> str:
-    """Show where a URL points without its signature: ``https://host/path?<redacted>``."""
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    if parts.scheme == "data":
-        return "data:<redacted>"
-    path = parts.path if len(parts.path) <= 80 else parts.path[:77] + "..."
-    return f"{parts.scheme}://{parts.netloc}{path}" + ("?<redacted>" if parts.query else "")
+__all__ = [
+    "GeneratedImage",
+    "GenerationResult",
+    "Usage",
+    "api_error_from_payload",
+    "iter_sse_events",
+    "parse_event_stream",
+    "parse_generation",
+    "redact_url",  # re-exported: its home is airflow_provider_jimeng.redaction
+]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,12 @@ class GenerationResult:
     images: list[GeneratedImage]
     usage: Usage
     request_id: str | None = None
+    #: The code of what ended the answer before all its images came, after some were delivered: an
+    #: ``error`` event's code (nothing more was generated), or why the stream broke off.
+    interrupted_by: str | None = None
+    #: The answer broke off after delivering some images: those not delivered (listed in ``failed``)
+    #: may still have been generated and billed.
+    truncated: bool = False
 
     @property
     def succeeded(self) -> list[GeneratedImage]:
@@ -95,6 +101,14 @@ class GenerationResult:
     @property
     def failed(self) -> list[GeneratedImage]:
         return [image for image in self.images if not image.ok]
+
+    @property
+    def billed_images(self) -> int:
+        """What the answer was billed: ``usage.generated_images``, else (a gateway sending only tokens)
+        the images delivered."""
+        if self.usage.generated_images is not None:
+            return self.usage.generated_images
+        return len(self.succeeded)
 
 
 def _as_int(value: Any) -> int | None:
@@ -114,9 +128,15 @@ def _normalise_size(size: Any) -> str | None:
     return f"{dims[0]}x{dims[1]}" if dims else size
 
 
+def _is_error(error: Any) -> bool:
+    """An error object that says something: ``{"code": "", "message": ""}`` beside an image is no error."""
+    return isinstance(error, Mapping) and bool(error.get("code") or error.get("message"))
+
+
 def _image_from_json(index: int, item: Mapping[str, Any]) -> GeneratedImage:
     error = item.get("error")
-    if isinstance(error, Mapping):
+    if _is_error(error):
+        assert isinstance(error, Mapping)
         return GeneratedImage(
             index=index,
             size=_normalise_size(item.get("size")),
@@ -131,7 +151,13 @@ def _image_from_json(index: int, item: Mapping[str, Any]) -> GeneratedImage:
 
 
 def parse_generation(payload: Any, request_id: str | None) -> GenerationResult:
-    """Parse the JSON answer of a non-streaming request."""
+    """Parse the JSON answer of a non-streaming request.
+
+    A 200 whose body carries an ``error`` and no images is a failed request: it raises the class of
+    its code (content policy, rate limit...), like an error status would.
+    """
+    if isinstance(payload, Mapping) and _is_error(payload.get("error")) and not payload.get("data"):
+        raise api_error_from_payload(200, payload, request_id=request_id)
     if not isinstance(payload, Mapping) or not isinstance(payload.get("data"), list):
         raise JiMengResponseError(
             "the response has no 'data' list",
@@ -165,11 +191,9 @@ def api_error_from_payload(
         error = {}
     code = error.get("code")
     code = str(code) if code not in (None, "") else None
-    message = str(error.get("message") or fallback_message or "no error message")
-    # Gateways sometimes echo request bodies into messages: keep it short and never leak inline images.
-    if "base64," in message:
-        message = message.split("data:", 1)[0] + "<inline image data redacted>"
-    message = message[:500]
+    # Gateways echo request bodies, URLs and even keys into messages: the exception redacts its text
+    # (inline images, queries, tokens); keep it short as well.
+    message = str(error.get("message") or fallback_message or "no error message")[:500]
     param = error.get("param")
     return error_class_for(status_code, code)(
         message,
@@ -205,52 +229,83 @@ def iter_sse_events(lines: Iterable[bytes]) -> Iterator[tuple[str | None, str]]:
         yield event, "\n".join(data)
 
 
-def parse_event_stream(lines: Iterable[bytes], request_id: str | None) -> GenerationResult:
-    """Fold an SSE stream into the same :class:`GenerationResult` a plain request gives."""
+def parse_event_stream(
+    lines: Iterable[bytes], request_id: str | None, *, expected_images: int | None = None
+) -> GenerationResult:
+    """Fold an SSE stream into the same :class:`GenerationResult` a plain request gives.
+
+    Images delivered before the stream fails are billed and kept, whatever ends it: an ``error`` event
+    (rendering failed mid-set), a frame that is not JSON, the connection breaking off (``lines`` ends,
+    or raises a :class:`JiMengAPIError` saying why). The images of the set not delivered
+    (``expected_images``, when known, else one) are then listed as failed with the reason's code, and
+    nothing is raised: sending the request again would pay again for the delivered ones. A stream that
+    fails before delivering any image raises, so that the request can be retried.
+    """
     images: dict[int, GeneratedImage] = {}
     model: str | None = None
     created: int | None = None
     usage: Usage | None = None
-    for event, data in iter_sse_events(lines):
-        if data.strip() == "[DONE]":
-            break
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            raise JiMengResponseError(
-                "a stream event is not JSON", status_code=200, code="MalformedResponse", request_id=request_id
-            ) from None
-        kind = payload.get("type") or event
-        if kind == "error" or (kind is None and "error" in payload):
-            raise api_error_from_payload(None, payload, request_id=request_id)
-        model = payload.get("model", model)
-        created = _as_int(payload.get("created")) or created
-        if kind in ("image_generation.partial_succeeded", "image_generation.partial_failed"):
-            index = _as_int(payload.get("image_index"))
-            index = len(images) if index is None else index
-            images[index] = _image_from_json(index, payload)
-        elif kind == "image_generation.completed":
-            usage = Usage.from_json(payload.get("usage") if isinstance(payload.get("usage"), Mapping) else None)
-    if usage is None:
-        if not images:
-            raise JiMengResponseError(
-                "the stream ended before any image or 'image_generation.completed'",
-                status_code=200,
-                code="TruncatedStream",
-                request_id=request_id,
-            )
-        # Images already streamed were billed: keep them, and record the interruption as a failure.
-        next_index = max(images) + 1
-        images[next_index] = GeneratedImage(
-            index=next_index,
-            error_code="StreamInterrupted",
-            error_message="the stream ended before 'image_generation.completed'; later images were lost",
+    # Why the stream stopped early: an error event (nothing more was generated), or a break (unknown).
+    stopped: JiMengAPIError | None = None
+    broke_off = True
+    try:
+        for event, data in iter_sse_events(lines):
+            if data.strip() == "[DONE]":
+                break
+            try:
+                payload = json.loads(data)
+            except ValueError:
+                raise JiMengResponseError(
+                    "a stream event is not JSON", status_code=200, code="MalformedResponse", request_id=request_id
+                ) from None
+            if not isinstance(payload, Mapping):
+                raise JiMengResponseError(
+                    "a stream event is not a JSON object",
+                    status_code=200,
+                    code="MalformedResponse",
+                    request_id=request_id,
+                )
+            kind = payload.get("type") or event
+            if kind == "error" or (kind is None and _is_error(payload.get("error"))):
+                stopped = api_error_from_payload(None, payload, request_id=request_id)
+                broke_off = False
+                break
+            model = payload.get("model", model)
+            created = _as_int(payload.get("created")) or created
+            if kind in ("image_generation.partial_succeeded", "image_generation.partial_failed"):
+                index = _as_int(payload.get("image_index"))
+                index = len(images) if index is None else index
+                images[index] = _image_from_json(index, payload)
+            elif kind == "image_generation.completed":
+                usage = Usage.from_json(payload.get("usage") if isinstance(payload.get("usage"), Mapping) else None)
+    except JiMengAPIError as cut:  # a frame that is not JSON, or the body reader giving up
+        stopped = cut
+    delivered = sum(1 for image in images.values() if image.ok)
+    if usage is not None and stopped is None:
+        return GenerationResult(model, created, [images[index] for index in sorted(images)], usage, request_id)
+    if not delivered:
+        raise stopped or JiMengResponseError(
+            "the stream ended before any image was delivered or 'image_generation.completed' arrived",
+            status_code=200,
+            code="TruncatedStream",
+            request_id=request_id,
         )
-        usage = Usage(generated_images=sum(1 for image in images.values() if image.ok))
+    if stopped is None:
+        code, message = "StreamInterrupted", "the stream ended before 'image_generation.completed'"
+    else:
+        code, message = stopped.code or type(stopped).__name__, stopped.api_message
+    if expected_images is None:
+        missing = [max(images) + 1]
+    else:
+        missing = [index for index in range(expected_images) if index not in images]
+    for index in missing:
+        images[index] = GeneratedImage(index=index, error_code=code, error_message=f"not delivered: {message}"[:300])
     return GenerationResult(
         model=model,
         created=created,
         images=[images[index] for index in sorted(images)],
-        usage=usage,
+        usage=usage or Usage(generated_images=delivered),
         request_id=request_id,
+        interrupted_by=code,
+        truncated=broke_off,
     )

@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
+from airflow_provider_jimeng.emulator.images import require_pillow
 from airflow_provider_jimeng.emulator.server import DEFAULT_API_KEY, JiMengEmulator
 
 
@@ -38,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        require_pillow()
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
     )

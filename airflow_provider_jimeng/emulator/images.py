@@ -24,8 +24,16 @@ _CANVAS_WIDTH = 64
 
 PILLOW_MISSING = (
     "The JiMeng emulator renders images with Pillow, which is not installed: "
-    "pip install 'airflow-provider-jimeng[emulator]'"
+    "pip install 'airflow-provider-jimeng[emulator]' (or: pip install pillow)"
 )
+
+
+def require_pillow() -> None:
+    """Refuse to start without Pillow: every request would otherwise fail with a retryable 500."""
+    try:
+        import PIL.Image  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(PILLOW_MISSING) from exc
 
 
 class ImageKey(NamedTuple):

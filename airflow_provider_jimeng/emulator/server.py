@@ -20,7 +20,7 @@ from socketserver import TCPServer
 from typing import Any
 
 from airflow_provider_jimeng.emulator.faults import Fault
-from airflow_provider_jimeng.emulator.images import RenderCache
+from airflow_provider_jimeng.emulator.images import RenderCache, require_pillow
 from airflow_provider_jimeng.emulator.ledger import LedgerEntry
 from airflow_provider_jimeng.emulator.routes import GENERATION_PATHS, MODELS_PATHS, Handler
 from airflow_provider_jimeng.emulator.runtime import MAX_REQUEST_RECORDS, TOS_BUCKET, TOS_PREFIX, Runtime
@@ -116,6 +116,7 @@ class JiMengEmulator:
         """Bind and serve in a daemon thread; a second call does nothing."""
         if self._server is not None:
             return self
+        require_pillow()  # without it every request would fail with a retryable 500
         self.runtime.stopping.clear()
         server = _Server((self.host, self.port), self)
         self._server = server

@@ -37,6 +37,14 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "description": "Retries on rate limits, server errors and timeouts (never on invalid input). Default 5.",
         "schema": {"type": ["integer", "null"], "minimum": 0},
     },
+    "max_billed_retries": {
+        "label": "Max retries of possibly billed attempts",
+        "description": (
+            "Retries, in all, of a request whose attempt may have been billed (timed out, broke off, "
+            "malformed answer): each may pay again. Default 1; 0 never re-sends such a request."
+        ),
+        "schema": {"type": ["integer", "null"], "minimum": 0},
+    },
     "retry_backoff": {
         "label": "Retry backoff (seconds)",
         "description": "First wait before a retry; doubles each retry, with jitter. Default 2.",
@@ -47,10 +55,29 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "description": "Cap on one wait between retries, including a server's Retry-After. Default 120.",
         "schema": {"type": ["number", "null"], "minimum": 0},
     },
+    "response_deadline": {
+        "label": "Answer deadline (seconds)",
+        "description": (
+            "Longest time to receive a whole generation answer once its headers came (a stream: all its "
+            "events). Default 3 x the read timeout."
+        ),
+        "schema": {"type": ["number", "null"], "minimum": 1},
+    },
+    "max_response_bytes": {
+        "label": "Max answer size (bytes)",
+        "description": "Largest generation answer accepted (b64_json sets are large). Default 536870912 (512 MiB).",
+        "schema": {"type": ["integer", "null"], "minimum": 1024},
+    },
+    # A select, not a switch: Airflow's form shows an untouched boolean switch as "off", which here would
+    # hide that untouched means true. The null entry is the untouched value, labelled with what it means.
     "watermark": {
         "label": "Watermark",
-        "description": "Default for the 'AI generated' mark; sent explicitly on every request. Default true.",
-        "schema": {"type": ["boolean", "null"]},
+        "description": "Default for the 'AI generated' mark, sent on every request; a task's watermark wins.",
+        "schema": {
+            "type": ["string", "null"],
+            "enum": [None, "true", "false"],
+            "values_display": {"null": "true (default)", "true": "true", "false": "false"},
+        },
     },
     "max_images_per_minute": {
         "label": "Max images per minute",
@@ -78,7 +105,8 @@ UI_FIELD_BEHAVIOUR: dict[str, Any] = {
     "hidden_fields": ["login", "schema", "port"],
     "relabeling": {"host": "Base URL", "password": "API Key"},
     "placeholders": {
-        "host": f"{CHINA_BASE_URL} (empty = China endpoint; BytePlus: {BYTEPLUS_BASE_URL}; gateway: https://…/v1)",
+        # Short enough to show whole in the form's input (BytePlus and gateway URLs: docs/connection.md).
+        "host": f"{CHINA_BASE_URL} (default when empty)",
         "password": "API key (Bearer token)",
         "extra": json.dumps({"model": DEFAULT_MODEL, "timeout": 300, "watermark": False}),
     },

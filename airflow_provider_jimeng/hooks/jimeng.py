@@ -5,19 +5,20 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import logging
+import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
@@ -27,9 +28,8 @@ from airflow_provider_jimeng.api.response import (
     api_error_from_payload,
     parse_event_stream,
     parse_generation,
-    redact_url,
 )
-from airflow_provider_jimeng.budget import SpendingCap
+from airflow_provider_jimeng.budget import Reservation, SpendingCap
 from airflow_provider_jimeng.exceptions import (
     JiMengAPIError,
     JiMengConfigurationError,
@@ -48,60 +48,130 @@ from airflow_provider_jimeng.hooks.connection_form import (
 )
 from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
 from airflow_provider_jimeng.options import GenerationOptions, as_int
+from airflow_provider_jimeng.redaction import install_log_redaction, redact_url, register_secret
 from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_MAX_BILLED_RETRIES = 1
 DEFAULT_RETRY_BACKOFF = 2.0
 DEFAULT_RETRY_MAX_WAIT = 120.0
+#: A generation answer's body may take this many read timeouts in all (a stream of a 15-image 4K set
+#: lasts minutes; a server trickling bytes would otherwise hold the task forever).
+RESPONSE_DEADLINE_TIMEOUTS = 3
+#: The most a generation answer may weigh: a set of 15 4K images as base64 is about 150 MiB.
+DEFAULT_MAX_RESPONSE_BYTES = 512 * 1024 * 1024
+#: Error bodies and connection tests are small: read at most this much of them.
+ERROR_BODY_MAX_BYTES = 1024 * 1024
 DEFAULT_DOWNLOAD_MAX_BYTES = 64 * 1024 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+SSE_CHUNK_BYTES = 64 * 1024
+
+# Signed URLs, bodies and signatures in urllib3's and botocore's DEBUG lines: cut before any handler sees them.
+install_log_redaction()
+
+_T = TypeVar("_T")
+_TRUE_WORDS = frozenset({"true", "1", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "0", "no", "off"})
+#: What a templated or hand-edited extra holds when it means "not set".
+_UNSET_WORDS = frozenset({"", "none", "null"})
 
 
-class _SignedUrlLogFilter(logging.Filter):
-    """Cut query strings (signatures) out of urllib3's DEBUG request lines before any handler sees them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(
-            isinstance(arg, str) and "?" in arg and "Signature" in arg for arg in record.args
-        ):
-            record.args = tuple(
-                arg.split("?", 1)[0] + "?<redacted>" if isinstance(arg, str) and "Signature" in arg else arg
-                for arg in record.args
-            )
-        return True
+def _is_unset(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in _UNSET_WORDS)
 
 
-# Signed image URLs are bearer credentials for 24 h: urllib3 would log them in full at DEBUG level.
-logging.getLogger("urllib3.connectionpool").addFilter(_SignedUrlLogFilter())
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _as_bool(parameter: str, value: Any, default: bool) -> bool:
-    if value is None or value == "":
+    if _is_unset(value):
         return default
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise JiMengConfigurationError(parameter, f"{value!r} is not a boolean; use true or false")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE_WORDS:
+            return True
+        if text in _FALSE_WORDS:
+            return False
+    elif isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a boolean; allowed: true or false")
 
 
-def _as_number(parameter: str, value: Any, default: float | None, *, minimum: float) -> float | None:
-    if value is None or value == "":
+def _as_number(
+    parameter: str, value: Any, default: float | None, *, minimum: float, whole: bool = False
+) -> float | None:
+    """A finite number >= ``minimum`` (whole if asked) from JSON or a URI string; unset means ``default``."""
+    if _is_unset(value):
         return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise JiMengConfigurationError(
-            parameter, f"{value!r} is not a number; allowed: a number >= {minimum:g}"
-        ) from None
+    kind = "a whole number" if whole else "a number"
+    allowed = f"allowed: {kind} >= {minimum:g}"
+    number: float | None = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (ValueError, OverflowError):
+            number = None
+    if number is None:
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a number; {allowed}")
+    if not math.isfinite(number):
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a finite number; {allowed}")
+    if whole and not number.is_integer():
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is not a whole number; {allowed}")
     if number < minimum:
-        raise JiMengConfigurationError(parameter, f"{value!r} is below the minimum of {minimum:g}")
+        raise JiMengConfigurationError(parameter, f"{_shown(value)} is below the minimum of {minimum:g}")
     return number
+
+
+def _as_int(parameter: str, value: Any, default: int, *, minimum: int) -> int:
+    return int(_as_number(parameter, value, default, minimum=minimum, whole=True) or 0)
+
+
+def _as_proxies(value: Any) -> dict[str, str] | None:
+    allowed = 'must be a JSON object of scheme to proxy URL, like {"https": "http://proxy:3128"}'
+    if _is_unset(value):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise JiMengConfigurationError("proxies", allowed) from None
+        if value is None:
+            return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise JiMengConfigurationError("proxies", allowed)  # the value may hold proxy credentials: not shown
+    return value or None
+
+
+def _as_verify(value: Any) -> bool | str:
+    """``true``/``false`` (any spelling :func:`_as_bool` takes) or the path of a CA bundle."""
+    if isinstance(value, str) and not _is_unset(value) and value.strip().lower() not in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip()
+    try:
+        return _as_bool("verify", value, True)
+    except JiMengConfigurationError:
+        raise JiMengConfigurationError(
+            "verify", f"{_shown(value)} is not allowed; allowed: true, false, or the path of a CA bundle"
+        ) from None
+
+
+def _first(override: Any, extra: Any) -> Any:
+    """A hook argument wins over the connection's extra when it is given (``0`` included)."""
+    return override if override is not None else extra
+
+
+def _never_connected(exc: requests.ConnectionError) -> bool:
+    """Whether a connection error came before the request left: refused, unresolvable, proxy refused."""
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return True
+    cause = exc.args[0] if exc.args else None
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError wraps the cause
+    return isinstance(cause, (NewConnectionError, ConnectTimeoutError))
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -132,6 +202,12 @@ class JiMengConnectionConfig:
     proxies: dict[str, str] | None
     verify: bool | str
     allow_http: bool
+    #: Retries of a request whose previous attempt may have been billed (timed out, broke off).
+    max_billed_retries: int = DEFAULT_MAX_BILLED_RETRIES
+    #: The longest a generation answer's body (a whole event stream) may take once its headers are in.
+    response_deadline: float = DEFAULT_TIMEOUT * RESPONSE_DEADLINE_TIMEOUTS
+    #: The most bytes a generation answer may have.
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
 
     @property
     def generations_url(self) -> str:
@@ -169,28 +245,54 @@ def resolve_base_url(host: str | None, schema: str | None = None, port: int | No
     return base
 
 
-class ImageDownload:
-    """A streamed image body: read it in chunks, with a size cap, counting bytes and a SHA-256."""
+class _BoundedBody:
+    """A streamed response body read as it arrives, within a size cap and an overall deadline.
+
+    Read timeouts bound each socket read; the deadline bounds the whole body (a host trickling bytes
+    would otherwise keep a task busy forever) and the cap its size. Subclasses say which errors a
+    broken, slow, oversized or short body raises.
+    """
 
     def __init__(
-        self, response: requests.Response, *, max_bytes: int, label: str, deadline_seconds: float | None = None
+        self,
+        response: requests.Response,
+        *,
+        max_bytes: int,
+        label: str,
+        deadline_seconds: float | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self._response = response
+        # Raw reads skip requests' decoding: a gzip answer (gateways send them) must come out decoded.
+        response.raw.decode_content = True
         self._max_bytes = max_bytes
         self._label = label
-        # Read timeouts bound each socket read; the deadline bounds the whole body (a host trickling
-        # bytes would otherwise keep a task busy forever).
+        self._stop = stop
+        self._deadline_seconds = deadline_seconds
         self._deadline = time.monotonic() + deadline_seconds if deadline_seconds else None
-        self._digest = hashlib.sha256()
         self.bytes_read = 0
         self.content_type = response.headers.get("Content-Type", "")
         length = response.headers.get("Content-Length")
         self.content_length = int(length) if length and length.isdigit() else None
+        # A compressed body decodes to another length: only an identity body can be checked against it.
+        self._length_checkable = response.headers.get("Content-Encoding", "").strip().lower() in ("", "identity")
         if self.content_length is not None and self.content_length > max_bytes:
             response.close()
-            raise JiMengDownloadError(
-                f"image {label} is {self.content_length} bytes, above the {max_bytes}-byte download cap"
-            )
+            raise self._too_large(announced=True)
+
+    # Errors; each message names the body by ``self._label`` (never a full URL).
+    def _broken(self, exc: BaseException, received: int) -> Exception:
+        raise NotImplementedError
+
+    def _too_slow(self, received: int, *, stopped: bool = False) -> Exception:
+        """The deadline passed, or (``stopped``) the hook was closed while the body came."""
+        raise NotImplementedError
+
+    def _too_large(self, *, announced: bool) -> Exception:
+        raise NotImplementedError
+
+    def _ended_early(self) -> Exception:
+        raise NotImplementedError
 
     def read(self, size: int = -1) -> bytes:
         """File-like read of ``size`` bytes (fewer only at the end), so S3 uploads can consume the body.
@@ -207,30 +309,78 @@ class ImageDownload:
             try:
                 piece = read_some(want - received)
             except (requests.RequestException, Urllib3Error, OSError) as exc:  # raw reads raise urllib3's errors
-                raise JiMengDownloadInterruptedError(
-                    f"download of image {self._label} broke after {self.bytes_read + received} bytes: "
-                    f"{type(exc).__name__}"
-                ) from None
+                self._response.close()
+                raise self._broken(exc, self.bytes_read + received) from None
             if not piece:
                 break
             pieces.append(piece)
             received += len(piece)
             if self._deadline is not None and time.monotonic() > self._deadline:
                 self._response.close()
-                raise JiMengDownloadInterruptedError(
-                    f"download of image {self._label} took too long ({self.bytes_read + received} bytes read); "
-                    "giving up"
-                )
+                raise self._too_slow(self.bytes_read + received)
+            if self._stop is not None and self._stop.is_set():
+                self._response.close()
+                raise self._too_slow(self.bytes_read + received, stopped=True)
             if self.bytes_read + received > self._max_bytes:
                 break
         chunk = b"".join(pieces)
         self.bytes_read += len(chunk)
         if self.bytes_read > self._max_bytes:
-            raise JiMengDownloadError(f"image {self._label} exceeds the {self._max_bytes}-byte download cap")
-        if not chunk and self.content_length is not None and self.bytes_read < self.content_length:
-            raise JiMengDownloadInterruptedError(
-                f"download of image {self._label} ended after {self.bytes_read} of {self.content_length} bytes"
+            self._response.close()
+            raise self._too_large(announced=False)
+        if (
+            not chunk
+            and self._length_checkable
+            and self.content_length is not None
+            and self.bytes_read < self.content_length
+        ):
+            raise self._ended_early()
+        return chunk
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class ImageDownload(_BoundedBody):
+    """A streamed image body: read it in chunks, with a size cap, counting bytes and a SHA-256."""
+
+    def __init__(
+        self,
+        response: requests.Response,
+        *,
+        max_bytes: int,
+        label: str,
+        deadline_seconds: float | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._digest = hashlib.sha256()
+        super().__init__(response, max_bytes=max_bytes, label=label, deadline_seconds=deadline_seconds, stop=stop)
+
+    def _broken(self, exc: BaseException, received: int) -> Exception:
+        return JiMengDownloadInterruptedError(
+            f"download of image {self._label} broke after {received} bytes: {type(exc).__name__}"
+        )
+
+    def _too_slow(self, received: int, *, stopped: bool = False) -> Exception:
+        why = "was stopped" if stopped else "took too long"
+        return JiMengDownloadInterruptedError(
+            f"download of image {self._label} {why} ({received} bytes read); giving up"
+        )
+
+    def _too_large(self, *, announced: bool) -> Exception:
+        if announced:
+            return JiMengDownloadError(
+                f"image {self._label} is {self.content_length} bytes, above the {self._max_bytes}-byte download cap"
             )
+        return JiMengDownloadError(f"image {self._label} exceeds the {self._max_bytes}-byte download cap")
+
+    def _ended_early(self) -> Exception:
+        return JiMengDownloadInterruptedError(
+            f"download of image {self._label} ended after {self.bytes_read} of {self.content_length} bytes"
+        )
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = super().read(size)
         self._digest.update(chunk)
         return chunk
 
@@ -238,14 +388,114 @@ class ImageDownload:
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
-    def close(self) -> None:
-        self._response.close()
-
     def __enter__(self) -> ImageDownload:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _AnswerBody(_BoundedBody):
+    """The body of a generation answer (JSON or an event stream). Every way it fails is possibly billed:
+    the service answered 200, so the images were generated."""
+
+    def __init__(
+        self,
+        response: requests.Response,
+        *,
+        max_bytes: int,
+        deadline_seconds: float,
+        request_id: str,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self._request_id = request_id
+        super().__init__(response, max_bytes=max_bytes, label="answer", deadline_seconds=deadline_seconds, stop=stop)
+
+    def _broken(self, exc: BaseException, received: int) -> Exception:
+        return JiMengTimeoutError(
+            f"the connection broke while the answer was read ({type(exc).__name__}, {received} bytes read); "
+            "the request may still be billed",
+            code="ConnectionError",
+            request_id=self._request_id,
+            possibly_billed=True,
+        )
+
+    def _too_slow(self, received: int, *, stopped: bool = False) -> Exception:
+        if stopped:
+            return JiMengTimeoutError(
+                f"the task was stopped while the answer was read ({received} bytes read); "
+                "the request may still be billed",
+                code="Stopped",
+                request_id=self._request_id,
+                possibly_billed=True,
+            )
+        return JiMengTimeoutError(
+            f"the answer was not complete within {self._deadline_seconds:g}s (extra response_deadline; "
+            f"{received} bytes read); the request may still be billed",
+            code="ResponseDeadlineExceeded",
+            request_id=self._request_id,
+            possibly_billed=True,
+        )
+
+    def _too_large(self, *, announced: bool) -> Exception:
+        size = f"{self.content_length} bytes" if announced else "larger"
+        return JiMengResponseError(
+            f"the answer is {size}, above the {self._max_bytes}-byte cap (extra max_response_bytes); "
+            "the request may still be billed",
+            status_code=200,
+            code="ResponseTooLarge",
+            request_id=self._request_id,
+        )
+
+    def _ended_early(self) -> Exception:
+        return JiMengResponseError(
+            f"the answer ended after {self.bytes_read} of {self.content_length} bytes",
+            status_code=200,
+            code="MalformedResponse",
+            request_id=self._request_id,
+        )
+
+    def read_all(self) -> bytes:
+        return b"".join(iter(lambda: self.read(DOWNLOAD_CHUNK_BYTES), b""))
+
+    def lines(self) -> Iterator[bytes]:
+        """The body's lines as they arrive (an event stream); a line may span many reads."""
+        pieces: list[bytes] = []
+        while chunk := self.read(SSE_CHUNK_BYTES):
+            start = 0
+            while (newline := chunk.find(b"\n", start)) != -1:
+                pieces.append(chunk[start:newline])
+                yield b"".join(pieces)
+                pieces = []
+                start = newline + 1
+            if start < len(chunk):
+                pieces.append(chunk[start:])
+        if pieces:
+            yield b"".join(pieces)
+
+
+class _Charge:
+    """One attempt's images, reserved on the caller's spending cap and on the hook's own tally.
+
+    Both reservations are settled together, once: whatever happens to the attempt, the hook's counters
+    say the same as the run's cap.
+    """
+
+    def __init__(self, images: int, reservations: Sequence[Reservation]) -> None:
+        self.images = images
+        self._reservations = reservations
+
+    def settle(self, billed: int, possibly_billed: int = 0) -> None:
+        for reservation in self._reservations:
+            reservation.settle(billed, possibly_billed)
+
+    def release(self) -> None:
+        for reservation in self._reservations:
+            reservation.release()
+
+    def keep_as_possible(self) -> None:
+        for reservation in self._reservations:
+            reservation.keep_as_possible()
 
 
 class JiMengHook(BaseHook):
@@ -295,12 +545,32 @@ class JiMengHook(BaseHook):
         self._downloads: requests.Session | None = None
         self._pacer: ImageRatePacer | None = None
         self._session_lock = threading.Lock()
+        #: Set by close(): reads in progress end too.
         self._stop = threading.Event()
+        #: Set by stop() and close(): no new attempt, no retry, no more waiting.
+        self._sending_stopped = threading.Event()
         self._counter_lock = threading.Lock()
-        #: Counters for reports and benchmarks: attempts sent, 429s received, retries made.
-        self.stats: dict[str, int] = {"attempts": 0, "rate_limited": 0, "retries": 0}
-        #: What this hook's calls billed when no run-wide cap is given (counted, never refused).
-        self.spending = SpendingCap()
+        self._counts: dict[str, int] = {"attempts": 0, "rate_limited": 0, "retries": 0, "download_retries": 0}
+        #: Every attempt of this hook counted, whichever cap a caller passed to :meth:`send`: never refuses.
+        self._tally = SpendingCap(None)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters for reports and benchmarks (a snapshot).
+
+        ``attempts`` sent, ``rate_limited`` (429) answers, generation ``retries`` and
+        ``download_retries`` made, images ``billed`` (as the answers said) and ``possibly_billed``
+        (attempts that timed out or broke off: the service may have generated their images).
+        """
+        with self._counter_lock:
+            counts = dict(self._counts)
+        counts["billed"] = self._tally.billed
+        counts["possibly_billed"] = self._tally.possibly_billed
+        return counts
+
+    def _count(self, counter: str) -> None:
+        with self._counter_lock:
+            self._counts[counter] += 1
 
     # ----------------------------------------------------------------------------------- UI metadata
     @classmethod
@@ -329,7 +599,12 @@ class JiMengHook(BaseHook):
     # -------------------------------------------------------------------------------- configuration
     @cached_property
     def config(self) -> JiMengConnectionConfig:
-        """The connection, resolved once; the API key is registered with Airflow's secret masker."""
+        """The connection, resolved and checked once; the API key is registered with the secret maskers.
+
+        Every extra is checked here, before any request: a bad value raises
+        :class:`JiMengConfigurationError` naming the extra and what it allows. An empty string,
+        ``"None"`` or ``"null"`` (what a template renders for nothing) means the default.
+        """
         conn = self.get_connection(self.jimeng_conn_id)
         api_key = (conn.password or "").strip()
         if not api_key:
@@ -338,7 +613,10 @@ class JiMengHook(BaseHook):
                 f"connection {self.jimeng_conn_id!r} has no API key; put the key in the password field",
             )
         mask_secret(api_key)
-        extras: Mapping[str, Any] = conn.extra_dejson or {}
+        register_secret(api_key)
+        extras = conn.extra_dejson if conn.extra else {}
+        if not isinstance(extras, Mapping):
+            raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"timeout": 300}')
         base_url = resolve_base_url(conn.host, conn.schema, conn.port)
         allow_http = _as_bool("allow_http", extras.get("allow_http"), False)
         if base_url.startswith("http://") and not allow_http:
@@ -347,55 +625,71 @@ class JiMengHook(BaseHook):
                 f"base URL {base_url!r} uses plain http; use https, or set the extra allow_http=true "
                 "(for the offline emulator on loopback)",
             )
-        model = str(extras.get("model") or "").strip() or (
+        model_extra = extras.get("model")
+        model = ("" if _is_unset(model_extra) else str(model_extra).strip()) or (
             DEFAULT_BYTEPLUS_MODEL if "bytepluses.com" in base_url else DEFAULT_MODEL
         )
-        timeout = self._timeout_override or extras.get("timeout")
-        max_retries = (
-            self._max_retries_override if self._max_retries_override is not None else extras.get("max_retries")
+        timeout = _as_number(
+            "timeout", _first(self._timeout_override, extras.get("timeout")), DEFAULT_TIMEOUT, minimum=1
         )
-        pacing = self._max_images_per_minute_override or extras.get("max_images_per_minute")
-        proxies = extras.get("proxies")
-        if isinstance(proxies, str) and proxies.strip():
-            try:
-                proxies = json.loads(proxies)
-            except ValueError:
-                raise JiMengConfigurationError("proxies", 'must be a JSON object like {"https": "..."}') from None
-        if proxies is not None and proxies != "" and not isinstance(proxies, dict):
-            raise JiMengConfigurationError("proxies", 'must be a JSON object like {"https": "..."}')
-        verify_raw = extras.get("verify")
-        verify: bool | str
-        if isinstance(verify_raw, str) and verify_raw.strip().lower() not in ("", "true", "false", "1", "0"):
-            verify = verify_raw
-        else:
-            verify = _as_bool("verify", verify_raw, True)
+        assert timeout is not None
         return JiMengConnectionConfig(
             base_url=base_url,
             api_key=api_key,
             model=model,
-            timeout=_as_number("timeout", timeout, DEFAULT_TIMEOUT, minimum=1) or DEFAULT_TIMEOUT,
+            timeout=timeout,
             connect_timeout=_as_number(
                 "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
             )
             or DEFAULT_CONNECT_TIMEOUT,
-            max_retries=int(_as_number("max_retries", max_retries, DEFAULT_MAX_RETRIES, minimum=0) or 0),
-            retry_backoff=_as_number("retry_backoff", extras.get("retry_backoff"), DEFAULT_RETRY_BACKOFF, minimum=0)
+            max_retries=_as_int(
+                "max_retries",
+                _first(self._max_retries_override, extras.get("max_retries")),
+                DEFAULT_MAX_RETRIES,
+                minimum=0,
+            ),
+            retry_backoff=_as_number(
+                "retry_backoff",
+                _first(self._retry_backoff, extras.get("retry_backoff")),
+                DEFAULT_RETRY_BACKOFF,
+                minimum=0,
+            )
             or 0.0,
-            retry_max_wait=_as_number("retry_max_wait", extras.get("retry_max_wait"), DEFAULT_RETRY_MAX_WAIT, minimum=0)
+            retry_max_wait=_as_number(
+                "retry_max_wait",
+                _first(self._retry_max_wait, extras.get("retry_max_wait")),
+                DEFAULT_RETRY_MAX_WAIT,
+                minimum=0,
+            )
             or 0.0,
             watermark=_as_bool("watermark", extras.get("watermark"), True),
-            max_images_per_minute=_as_number("max_images_per_minute", pacing, None, minimum=1),
-            proxies=proxies or None,
-            verify=verify,
+            max_images_per_minute=_as_number(
+                "max_images_per_minute",
+                _first(self._max_images_per_minute_override, extras.get("max_images_per_minute")),
+                None,
+                minimum=1,
+            ),
+            proxies=_as_proxies(extras.get("proxies")),
+            verify=_as_verify(extras.get("verify")),
             allow_http=allow_http,
+            max_billed_retries=_as_int(
+                "max_billed_retries", extras.get("max_billed_retries"), DEFAULT_MAX_BILLED_RETRIES, minimum=0
+            ),
+            response_deadline=_as_number(
+                "response_deadline", extras.get("response_deadline"), timeout * RESPONSE_DEADLINE_TIMEOUTS, minimum=1
+            )
+            or timeout * RESPONSE_DEADLINE_TIMEOUTS,
+            max_response_bytes=_as_int(
+                "max_response_bytes", extras.get("max_response_bytes"), DEFAULT_MAX_RESPONSE_BYTES, minimum=1024
+            ),
         )
 
     @cached_property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
             max_retries=self.config.max_retries,
-            backoff=self._retry_backoff if self._retry_backoff is not None else self.config.retry_backoff,
-            max_wait=self._retry_max_wait if self._retry_max_wait is not None else self.config.retry_max_wait,
+            backoff=self.config.retry_backoff,
+            max_wait=self.config.retry_max_wait,
         )
 
     @property
@@ -448,6 +742,7 @@ class JiMengHook(BaseHook):
 
     def close(self) -> None:
         """Stop waiting and retrying, and close pooled connections (in-flight reads then fail)."""
+        self._sending_stopped.set()
         self._stop.set()
         with self._session_lock:
             for session in (self._session, self._downloads):
@@ -504,69 +799,126 @@ class JiMengHook(BaseHook):
         ``before_body`` is called with the Content-Length (``None`` if unknown) of each successful
         non-streamed answer before its body is read; it may block, to bound the memory that large
         ``b64_json`` bodies take (the unread body waits in the socket), or raise to abandon the attempt.
+
+        ``spending_cap`` (one per run, shared by its threads): every attempt, retries included, first
+        reserves the most images it could bill; a refusal raises
+        :class:`~airflow_provider_jimeng.exceptions.JiMengSpendingCapError` and nothing is sent. The
+        hook counts on its own uncapped tally as well (``stats["billed"]``, ``stats["possibly_billed"]``).
         """
         images = max_images_billed(body)
-        attempt = 0
-        while True:
-            attempt += 1
-            if self._stop.is_set():
-                raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
-            reservation = (spending_cap or self.spending).reserve(images)
-            pacer = self.pacer
-            if pacer is not None:
-                pacer.acquire(images, stop=self._stop)
+
+        def attempt(number: int) -> GenerationResult:
+            charge = self._reserve(images, spending_cap)
             try:
-                result = self._send_once(body, attempt, before_body)
-            except JiMengAPIError as error:
-                if isinstance(error, (JiMengTimeoutError, JiMengResponseError)):
-                    reservation.keep_as_possible()  # it may have been generated, and billed
-                else:
-                    reservation.release()
-                if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
-                    raise
-                wait = self.retry_policy.wait_seconds(error, attempt)
-                with self._counter_lock:
-                    self.stats["retries"] += 1
-                self.log.warning(
-                    "JiMeng attempt %d of %d failed (%s, request id %s); retrying in %.2fs",
-                    attempt,
-                    self.retry_policy.max_retries + 1,
-                    error.code or type(error).__name__,
-                    error.request_id,
-                    wait,
-                )
-                if self._stop.wait(wait):
-                    raise
+                pacer = self.pacer
+                if pacer is not None:
+                    pacer.acquire(images, stop=self._sending_stopped)
+                if self._sending_stopped.is_set():
+                    raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
             except BaseException:
-                reservation.keep_as_possible()
+                charge.release()
                 raise
-            else:
-                reservation.settle(
-                    result.usage.generated_images
-                    if result.usage.generated_images is not None
-                    else len(result.succeeded)
-                )
-                return result
+            try:
+                return self._send_once(body, number, before_body, charge)
+            finally:
+                charge.keep_as_possible()  # a no-op once settled: only an unforeseen failure gets here unsettled
+
+        return self._with_retries(attempt, subject="JiMeng", counter="retries")
+
+    def _reserve(self, images: int, spending_cap: SpendingCap | None) -> _Charge:
+        reservations = [] if spending_cap is None else [spending_cap.reserve(images)]  # may refuse: nothing sent
+        reservations.append(self._tally.reserve(images))
+        return _Charge(images, reservations)
+
+    def _with_retries(self, attempt: Callable[[int], _T], *, subject: str, counter: str) -> _T:
+        """The hook's one retry loop: ``attempt(n)`` until it succeeds or its error may not be retried.
+
+        Rate limits and server errors are retried ``max_retries`` times with backoff. An attempt that
+        may have been billed (timed out, broke off, malformed 200) is retried at most
+        ``max_billed_retries`` times in all, each time with a warning: there is no idempotency key,
+        so every such retry may pay again.
+        """
+        policy = self.retry_policy
+        billed_retries = 0
+        number = 0
+        while True:
+            number += 1
+            if self._sending_stopped.is_set():
+                raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
+            try:
+                return attempt(number)
+            except JiMengAPIError as error:
+                if not policy.should_retry(error, number) or self._sending_stopped.is_set():
+                    raise
+                reason = error.code or type(error).__name__
+                request_id = error.request_id or "n/a"
+                if error.possibly_billed:
+                    limit = self.config.max_billed_retries
+                    if billed_retries >= limit:
+                        self.log.warning(
+                            "%s attempt %d failed (%s, request id %s) and may have been billed; not retried: "
+                            "%d retry(ies) of possibly billed attempts already made (extra max_billed_retries=%d)",
+                            subject,
+                            number,
+                            reason,
+                            request_id,
+                            billed_retries,
+                            limit,
+                        )
+                        raise
+                    billed_retries += 1
+                wait = policy.wait_seconds(error, number)
+                self._count(counter)
+                if error.possibly_billed:
+                    self.log.warning(
+                        "%s attempt %d of %d failed (%s, request id %s) and may have been billed; retrying in "
+                        "%.2fs (retry %d of at most %d after a possibly billed attempt: it may pay again)",
+                        subject,
+                        number,
+                        policy.max_retries + 1,
+                        reason,
+                        request_id,
+                        wait,
+                        billed_retries,
+                        self.config.max_billed_retries,
+                    )
+                else:
+                    self.log.warning(
+                        "%s attempt %d of %d failed (%s, request id %s); retrying in %.2fs",
+                        subject,
+                        number,
+                        policy.max_retries + 1,
+                        reason,
+                        request_id,
+                        wait,
+                    )
+                if self._sending_stopped.wait(wait):
+                    raise
 
     def stop(self) -> None:
-        """Send nothing more: retry and pacing waits end at once; requests in flight still get their answer."""
-        self._stop.set()
+        """Send nothing more: retry and pacing waits end at once, while requests in flight still get
+        their answer (it is paid for; the caller journals it). :meth:`close` also breaks those reads."""
+        self._sending_stopped.set()
 
     def _send_once(
-        self, body: Mapping[str, Any], attempt: int, before_body: Callable[[int | None], None] | None = None
+        self,
+        body: Mapping[str, Any],
+        attempt: int,
+        before_body: Callable[[int | None], None] | None,
+        charge: _Charge,
     ) -> GenerationResult:
+        """One attempt; settles ``charge`` by what became of it (billed, nothing, or possibly billed)."""
         config = self.config
         client_request_id = uuid.uuid4().hex
         stream = bool(body.get("stream"))
-        with self._counter_lock:
-            self.stats["attempts"] += 1
+        self._count("attempts")
         # A first attempt is said by the result line that follows; a retry is worth a line of its own.
         (self.log.info if attempt > 1 else self.log.debug)(
             "JiMeng request attempt %d: model=%s size=%s images<=%d stream=%s client request id %s",
             attempt,
             body.get("model"),
             body.get("size", "default"),
-            max_images_billed(body),
+            charge.images,
             stream,
             client_request_id,
         )
@@ -584,88 +936,155 @@ class JiMengHook(BaseHook):
                 verify=config.verify,
                 proxies=config.proxies,
             )
-        except requests.Timeout as exc:
-            raise JiMengTimeoutError(
-                f"no answer within {config.timeout:g}s ({type(exc).__name__}); the request may still be billed",
-                code="Timeout",
-                request_id=client_request_id,
-            ) from None
-        except requests.exceptions.SSLError as exc:
-            if "CERTIFICATE_VERIFY_FAILED" not in str(exc):
-                raise JiMengTimeoutError(
-                    f"TLS connection to {urlsplit(config.base_url).netloc} failed (SSLError)",
-                    code="ConnectionError",
-                    request_id=client_request_id,
-                ) from None
-            # A certificate that does not verify will not verify on a retry either: say what to fix.
-            raise JiMengConfigurationError(
-                "verify",
-                f"the TLS certificate of {urlsplit(config.base_url).netloc} does not verify (nothing was sent); "
-                "allowed: a host whose certificate chains to a trusted CA, or the connection extra "
-                "verify=<path to a CA bundle> for a private CA",
-            ) from None
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            raise JiMengTimeoutError(
-                f"connection to {urlsplit(config.base_url).netloc} failed ({type(exc).__name__})",
-                code="ConnectionError",
-                request_id=client_request_id,
-            ) from None
+        except OSError as exc:  # requests' exceptions are OSErrors, and so is a CA bundle that is not there
+            failure = self._request_failure(exc, client_request_id)
+            if isinstance(failure, JiMengAPIError) and failure.possibly_billed:
+                charge.keep_as_possible()
+            else:
+                charge.release()
+            raise failure from None
         request_id = response.headers.get("x-request-id") or client_request_id
         try:
             if response.status_code != 200:
                 raise self._error_from_response(response, request_id)
+            answer = _AnswerBody(
+                response,
+                max_bytes=config.max_response_bytes,
+                deadline_seconds=config.response_deadline,
+                request_id=request_id,
+                stop=self._stop,
+            )
             if stream and response.headers.get("Content-Type", "").startswith("text/event-stream"):
-                result = parse_event_stream(self._stream_lines(response), request_id)
+                result = parse_event_stream(answer.lines(), request_id, expected_images=charge.images)
             else:
                 if before_body is not None:
-                    length = response.headers.get("Content-Length", "")
-                    before_body(int(length) if length.isdigit() else None)
-                result = parse_generation(self._json(response, request_id), request_id)
+                    before_body(answer.content_length)
+                result = parse_generation(self._json(answer, request_id), request_id)
+        except JiMengAPIError as error:
+            # An error the service answered (any status, or an error envelope in a 200) billed nothing.
+            (charge.keep_as_possible if error.possibly_billed else charge.release)()
+            raise
+        except BaseException:
+            charge.keep_as_possible()  # a 200 came (its images were generated) and the attempt was abandoned
+            raise
         finally:
             response.close()
-        self.log.info(
-            "JiMeng request %s: %d image(s) ok, %d failed, billed %s, %.1fs",
-            request_id,
-            len(result.succeeded),
-            len(result.failed),
-            result.usage.generated_images,
-            time.monotonic() - started,
-        )
+        billed = result.billed_images
+        charge.settle(billed, max(0, charge.images - billed) if result.truncated else 0)
+        self._log_result(result, time.monotonic() - started)
         return result
 
-    def _json(self, response: requests.Response, request_id: str) -> Any:
-        try:
-            content = response.content
-        except requests.RequestException as exc:
-            raise JiMengTimeoutError(
-                f"the connection broke while the answer was read ({type(exc).__name__}); "
-                "the request may still be billed",
+    def _log_result(self, result: GenerationResult, seconds: float) -> None:
+        self.log.info(
+            "JiMeng request %s: %d image(s) ok, %d failed, billed %d, %.1fs",
+            result.request_id,
+            len(result.succeeded),
+            len(result.failed),
+            result.billed_images,
+            seconds,
+        )
+        if result.truncated:
+            self.log.warning(
+                "JiMeng request %s broke off after %d image(s) (%s): they are kept and the request is not sent "
+                "again; the image(s) not delivered may still have been billed",
+                result.request_id,
+                len(result.succeeded),
+                result.interrupted_by,
+            )
+        elif result.interrupted_by:
+            self.log.warning(
+                "JiMeng request %s: the service stopped the set with %s after %d image(s); they are kept and "
+                "the request is not sent again",
+                result.request_id,
+                result.interrupted_by,
+                len(result.succeeded),
+            )
+
+    def _request_failure(self, exc: OSError, request_id: str) -> Exception:
+        """What a request that got no answer raises; ``possibly_billed`` when it may have reached the service."""
+        config = self.config
+        host = urlsplit(config.base_url).netloc
+        name = type(exc).__name__
+        if isinstance(exc, requests.exceptions.ConnectTimeout):
+            return JiMengTimeoutError(
+                f"could not connect to {host} within {config.connect_timeout:g}s ({name}); nothing was sent",
+                code="ConnectTimeout",
+                request_id=request_id,
+            )
+        if isinstance(exc, requests.Timeout):
+            return JiMengTimeoutError(
+                f"no answer within {config.timeout:g}s ({name}); the request may still be billed",
+                code="Timeout",
+                request_id=request_id,
+                possibly_billed=True,
+            )
+        if isinstance(exc, requests.exceptions.SSLError):
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                # A certificate that does not verify will not verify on a retry either: say what to fix.
+                return JiMengConfigurationError(
+                    "verify",
+                    f"the TLS certificate of {host} does not verify (nothing was sent); allowed: a host whose "
+                    "certificate chains to a trusted CA, or the connection extra verify=<path to a CA bundle> "
+                    "for a private CA",
+                )
+            return JiMengTimeoutError(
+                f"TLS connection to {host} failed ({name})", code="ConnectionError", request_id=request_id
+            )
+        if isinstance(
+            exc, (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema, requests.exceptions.MissingSchema)
+        ):
+            return JiMengConfigurationError(
+                "host", f"the request URL is not valid ({name}): {redact_url(config.generations_url)}"
+            )
+        if isinstance(exc, requests.ConnectionError):
+            if _never_connected(exc):
+                return JiMengTimeoutError(
+                    f"could not connect to {host} ({name}); nothing was sent",
+                    code="ConnectionError",
+                    request_id=request_id,
+                )
+            return JiMengTimeoutError(
+                f"the connection to {host} broke before the answer came ({name}); the request may still be billed",
                 code="ConnectionError",
                 request_id=request_id,
-            ) from None
+                possibly_billed=True,
+            )
+        if not isinstance(exc, requests.RequestException) and "CA certificate bundle" in str(exc):
+            return JiMengConfigurationError(
+                "verify",
+                "the CA bundle is not there (nothing was sent); allowed: true, false, or the path of a CA bundle",
+            )
+        return JiMengTimeoutError(
+            f"the request to {host} failed ({name}); the request may still be billed",
+            code="ConnectionError",
+            request_id=request_id,
+            possibly_billed=True,
+        )
+
+    def _json(self, answer: _AnswerBody, request_id: str) -> Any:
+        content = answer.read_all()
         try:
             return json.loads(content)
         except ValueError as exc:
             raise JiMengResponseError(
-                f"the response body is not valid JSON ({type(exc).__name__})",
-                status_code=response.status_code,
+                f"the response body is not valid JSON ({type(exc).__name__}); the request may still be billed",
+                status_code=200,
                 code="MalformedResponse",
                 request_id=request_id,
             ) from None
 
-    @staticmethod
-    def _stream_lines(response: requests.Response) -> Iterator[bytes]:
-        """Lines of an SSE body; a broken connection just ends the stream (the parser keeps what came)."""
-        try:
-            yield from response.iter_lines()
-        except (requests.RequestException, OSError):
-            return
-
     def _error_from_response(self, response: requests.Response, request_id: str) -> JiMengAPIError:
+        payload: Any = None
         try:
-            payload = json.loads(response.content)
-        except (ValueError, requests.RequestException):
-            payload = None
+            body = _AnswerBody(
+                response,
+                max_bytes=ERROR_BODY_MAX_BYTES,
+                deadline_seconds=self.config.timeout,
+                request_id=request_id,
+            )
+            payload = json.loads(body.read_all())
+        except (ValueError, JiMengAPIError):
+            pass
         error = api_error_from_payload(
             response.status_code,
             payload,
@@ -674,17 +1093,20 @@ class JiMengHook(BaseHook):
             fallback_message=response.reason or "",
         )
         if response.status_code == 429:
-            with self._counter_lock:
-                self.stats["rate_limited"] += 1
+            self._count("rate_limited")
         return error
 
     # ------------------------------------------------------------------------------------ downloads
     def check_download_url(self, url: str) -> None:
         """Refuse image URLs that are not https (plain http only with ``allow_http`` or on loopback)."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+        except ValueError:
+            raise JiMengDownloadError(f"refusing to download {redact_url(url)}: not a valid URL") from None
         if parts.scheme == "https":
             return
-        if parts.scheme == "http" and (self.config.allow_http or _is_loopback(parts.hostname)):
+        if parts.scheme == "http" and (self.config.allow_http or _is_loopback(host)):
             return
         raise JiMengDownloadError(
             f"refusing to download {redact_url(url)}: only https URLs are fetched "
@@ -695,18 +1117,14 @@ class JiMengHook(BaseHook):
         """Start streaming an image URL; transient failures are retried, expiry and 404 are not."""
         self.check_download_url(url)
         label = redact_url(url)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return self._open_image_once(url, label, max_bytes)
-            except JiMengAPIError as error:
-                if not self.retry_policy.should_retry(error, attempt) or self._stop.is_set():
-                    raise JiMengDownloadInterruptedError(f"download of image {label} failed: {error}") from None
-                wait = self.retry_policy.wait_seconds(error, attempt)
-                self.log.warning("Download of %s failed (%s); retrying in %.2fs", label, error.code, wait)
-                if self._stop.wait(wait):
-                    raise JiMengDownloadInterruptedError(f"download of image {label} stopped") from None
+        try:
+            return self._with_retries(
+                lambda attempt: self._open_image_once(url, label, max_bytes),
+                subject=f"Download of {label}",
+                counter="download_retries",
+            )
+        except JiMengAPIError as error:
+            raise JiMengDownloadInterruptedError(f"download of image {label} failed: {error}") from None
 
     def _open_image_once(self, url: str, label: str, max_bytes: int) -> ImageDownload:
         config = self.config
@@ -730,7 +1148,16 @@ class JiMengHook(BaseHook):
                 f"download of image {label} refused: the host's TLS certificate does not verify; "
                 "set the connection extra verify=<path to a CA bundle> for a private CA"
             ) from None
-        except requests.ConnectionError as exc:
+        except (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema,
+        ) as exc:
+            # Their messages quote the whole URL, signature included.
+            raise JiMengDownloadError(
+                f"download of image {label} refused: not a valid URL ({type(exc).__name__})"
+            ) from None
+        except requests.RequestException as exc:
             raise JiMengTimeoutError(
                 f"download of {label} failed to connect ({type(exc).__name__})", code="ConnectionError"
             ) from None
@@ -755,8 +1182,9 @@ class JiMengHook(BaseHook):
             raise JiMengDownloadError(
                 f"download of image {label} returned Content-Type {content_type or 'none'!r}, not an image"
             )
-        response.raw.decode_content = True
-        return ImageDownload(response, max_bytes=max_bytes, label=label, deadline_seconds=config.timeout)
+        return ImageDownload(
+            response, max_bytes=max_bytes, label=label, deadline_seconds=config.timeout, stop=self._stop
+        )
 
     # ------------------------------------------------------------------------------ test connection
     def test_connection(self) -> tuple[bool, str]:
@@ -770,11 +1198,13 @@ class JiMengHook(BaseHook):
         except JiMengConfigurationError as exc:
             return False, str(exc)
         host = urlsplit(config.base_url).netloc
+        timeout = min(config.timeout, 30.0)
         try:
             response = self.get_conn().post(
                 config.generations_url,
                 data=json.dumps({"model": config.model}).encode("utf-8"),
-                timeout=(config.connect_timeout, min(config.timeout, 30.0)),
+                timeout=(config.connect_timeout, timeout),
+                stream=True,
                 verify=config.verify,
                 proxies=config.proxies,
             )
@@ -783,18 +1213,20 @@ class JiMengHook(BaseHook):
                 False,
                 f"TLS handshake with {host} failed ({type(exc).__name__}); check the base URL and 'verify'",
             )
-        except requests.RequestException as exc:
+        except OSError as exc:
             return False, f"Cannot reach {host} ({type(exc).__name__}); check the base URL and network/proxy"
-        finally:
-            pass
         try:
-            payload = json.loads(response.content)
-        except ValueError:
+            reader = _AnswerBody(
+                response, max_bytes=ERROR_BODY_MAX_BYTES, deadline_seconds=timeout, request_id="test_connection"
+            )
+            payload = json.loads(reader.read_all())
+        except (ValueError, JiMengAPIError):
             payload = None
+        finally:
+            response.close()
         error = payload.get("error") if isinstance(payload, dict) else None
         code = error.get("code") if isinstance(error, dict) else None
         status = response.status_code
-        response.close()
         if status == 400 and code:
             return True, f"Connection OK: {host} accepted the API key (model {config.model})"
         if status in (401, 403):

@@ -1,13 +1,21 @@
 """The "JiMeng images" button on a task: where the generated images can be looked at.
 
 Airflow 3 evaluates links once, when the task finishes, and stores the result; the link is built
-from the task's own XCom (the first image), so nothing extra is pushed for it.
+from the task's own output (its first image), so nothing extra is pushed for it. Where it goes:
+
+* stored in AWS S3: the S3 console's view of the folder holding the task's images (a bare object
+  URL of a private bucket answers 403);
+* stored on another S3 endpoint (MinIO, moto: an ``endpoint_url`` in the AWS connection): no link,
+  because there is no console to send a person to, and a dead link is worse than none;
+* not stored: the first image's signed URL, which is what the task returned.
 """
 
 from __future__ import annotations
 
+import logging
+import posixpath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from airflow.sdk import BaseOperatorLink
 
@@ -15,19 +23,45 @@ if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
 
-S3_CONSOLE = "https://s3.console.aws.amazon.com/s3/object/{bucket}?prefix={key}"
+log = logging.getLogger(__name__)
+
+#: Console domain per AWS partition (as the Amazon provider's ``BaseAwsLink.get_aws_domain``).
+CONSOLE_DOMAINS = {"aws": "aws.amazon.com", "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}
+#: Host suffixes of AWS's own S3 endpoints (regional, dual-stack, FIPS, VPC endpoints, China).
+AWS_ENDPOINT_SUFFIXES = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
 
 
-def s3_browser_url(uri: str, endpoint_url: str | None = None) -> str:
-    """An address a person can open for ``s3://bucket/key``: the S3 console, or a custom endpoint."""
+def is_aws_endpoint(endpoint_url: str | None) -> bool:
+    """Whether an S3 client's endpoint is AWS itself (``None``: botocore's default, which is AWS)."""
+    if not endpoint_url:
+        return True
+    host = (urlsplit(endpoint_url).hostname or "").lower()
+    return host.endswith(AWS_ENDPOINT_SUFFIXES)
+
+
+def s3_console_url(uri: str, *, region: str | None, partition: str = "aws") -> str:
+    """The S3 console's view of the folder holding ``s3://bucket/key`` (the bucket, for a top-level key)."""
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    if endpoint_url:
-        return f"{endpoint_url.rstrip('/')}/{bucket}/{quote(key)}"
-    return S3_CONSOLE.format(bucket=bucket, key=quote(key, safe=""))
+    domain = CONSOLE_DOMAINS.get(partition, CONSOLE_DOMAINS["aws"])
+    host = f"{region}.console.{domain}" if region and region != "aws-global" else f"console.{domain}"
+    url = f"https://{host}/s3/buckets/{quote(bucket, safe='')}"
+    folder = posixpath.dirname(key)
+    return f"{url}?prefix={quote(folder, safe='/')}/" if folder else url
+
+
+def images_link(first: object, *, endpoint_url: str | None, region: str | None, partition: str = "aws") -> str:
+    """Where "JiMeng images" points for a task whose first output is ``first``; ``""`` for no link."""
+    if not isinstance(first, str) or not first:
+        return ""
+    if not first.startswith("s3://"):
+        return first  # no storage: the signed image URL the task returned
+    if not is_aws_endpoint(endpoint_url):
+        return ""
+    return s3_console_url(first, region=region, partition=partition)
 
 
 class JiMengImagesLink(BaseOperatorLink):
-    """Links a finished task to its first image (stored object, or the signed URL without storage)."""
+    """Links a finished task to its images: the S3 console folder, or the first signed URL without storage."""
 
     name = "JiMeng images"
 
@@ -41,17 +75,19 @@ class JiMengImagesLink(BaseOperatorLink):
 
             outputs: Any = XCom.get_value(ti_key=ti_key, key="return_value")
             first = outputs[0] if isinstance(outputs, list) and outputs else None
-        if not isinstance(first, str) or not first:
+        if not isinstance(first, str) or not first.startswith("s3://"):
+            return images_link(first, endpoint_url=None, region=None)
+        try:
+            endpoint_url, region, partition = _s3_client_location(getattr(operator, "aws_conn_id", None))
+        except Exception as error:  # the link is a convenience: never fail a finished task over it
+            log.warning("No JiMeng images link: the S3 client's endpoint is unknown (%s)", type(error).__name__)
             return ""
-        if not first.startswith("s3://"):
-            return first
-        return s3_browser_url(first, _endpoint_url(getattr(operator, "aws_conn_id", None)))
+        return images_link(first, endpoint_url=endpoint_url, region=region, partition=partition)
 
 
-def _endpoint_url(aws_conn_id: str | None) -> str | None:
-    try:
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+def _s3_client_location(aws_conn_id: str | None) -> tuple[str | None, str | None, str]:
+    """Endpoint, region and partition of the S3 client the task used (connection, env and config applied)."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        return S3Hook(aws_conn_id=aws_conn_id).conn_config.endpoint_url
-    except Exception:
-        return None
+    meta = S3Hook(aws_conn_id=aws_conn_id).conn_client_meta
+    return meta.endpoint_url, meta.region_name, meta.partition

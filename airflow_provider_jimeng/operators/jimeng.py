@@ -66,34 +66,51 @@ RUN_PARAMETERS = (
 
 
 class JiMengGenerateOperator(BaseOperator):
-    """Generate images with JiMeng 4.0 / Seedream from templated prompts and hand downstream their keys.
+    """Generate images with JiMeng / Seedream from templated prompts and hand downstream their keys.
 
-    :param prompt: a prompt, a list of prompts, a prompt file (``.txt``, ``.j2``, ``.jinja``) or an
-        XComArg resolving to a string or list of strings. Templated.
-    :param jimeng_conn_id: the ``jimeng`` connection.
-    :param model: model or endpoint id; the connection's default when ``None``. Templated.
-    :param size: ``1K``/``2K``/``4K`` or ``WxH`` as the model allows. Templated.
-    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket``).
-    :param watermark: add the "AI generated" mark; the connection's default when ``None``.
-    :param image: reference image(s) for edits: URLs, data URIs or local files. Templated.
-    :param seed: integer seed in [-1, 2147483647]. Templated.
-    :param sequential_image_generation: ``auto`` to let the model return a set of related images.
-    :param max_images: the most images of a set (1-15, minus reference images); billed per image.
-    :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. Templated.
-    :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see ``usage``).
+    Every parameter is checked after rendering, before any request (:mod:`airflow_provider_jimeng.options`):
+    text a template renders (``"False"``, ``"7"``, ``'{"n": 2}'``) is read as meant, and what is
+    ambiguous (``"None"``, ``"3.7"`` for an integer, a list rendered to text) is refused.
+
+    :param prompt: a prompt, a list of prompts, a prompt file (``.txt``, ``.j2``, ``.jinja``, read and
+        rendered by Airflow) or an XComArg resolving to a string or list of strings. (templated)
+    :param jimeng_conn_id: the ``jimeng`` connection. (templated)
+    :param model: model or endpoint id; the connection's default when ``None``. (templated)
+    :param size: ``1K``/``2K``/``4K`` (``3K`` on Seedream 5.0) or ``WxH`` as the model allows. (templated)
+    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket``). (templated)
+    :param watermark: add the "AI generated" mark; the connection's default (true) when ``None``. (templated)
+    :param image: reference image(s) for edits: URLs, data URIs or local files. (templated)
+    :param seed: integer seed in [-1, 2147483647]. (templated)
+    :param sequential_image_generation: ``auto`` to let the model return a set of related images. (templated)
+    :param max_images: the most images of a set (1-15, minus reference images); billed per image. (templated)
+    :param optimize_prompt_mode: let the service rewrite the prompt before generating: ``standard``
+        (better prompts, slower) or ``fast``, as the model allows (Seedream 4.5 and 5.0: ``standard``
+        only); ``None`` sends no option. (templated)
+    :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. (templated)
+    :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see the
+        ``usage`` XCom). (templated)
     :param max_concurrency: requests in flight at once (the API's latency is seconds per image).
     :param max_images_per_minute: client-side pacing; the connection's extra when ``None``.
-    :param aws_conn_id: the AWS connection for S3.
-    :param s3_bucket: store images in this bucket and push ``s3://`` URIs. Templated.
-    :param s3_key_prefix: prefix of the default keys. Templated.
+    :param aws_conn_id: the AWS connection for S3. (templated)
+    :param s3_bucket: store images in this bucket and push ``s3://`` URIs; without it the task returns
+        the signed image URLs (valid 24 hours). Once given, it must render to a valid bucket name:
+        never quietly to no storage. (templated)
+    :param s3_key_prefix: prefix of the default keys. (templated)
     :param s3_key: key template with ``{dag_id}``, ``{run_id}``, ``{task_id}``, ``{map_index}``,
-        ``{prompt_index}``, ``{image_index}``, ``{ext}``. Templated (Jinja first, then these fields).
-    :param replace: regenerate and overwrite even what an earlier try already stored.
+        ``{prompt_index}``, ``{image_index}``, ``{ext}``; Jinja renders first, then these fields are filled
+        with key-safe values. Every key the run can bill is rendered and proved unique, across runs and
+        map indexes too, before the first request. (templated)
+    :param replace: regenerate and overwrite even what an earlier try already stored. (templated)
     :param on_partial_failure: ``fail`` (default: store what succeeded, then fail listing each failed
         image's code and request id) or ``continue`` (store what succeeded and succeed with a warning).
+        (templated)
     :param dry_run: render and validate everything and log what would be sent; call nothing billable.
-    :param max_images_per_task: refuse, before any request, a run that could bill more images.
-    :param extra_body: extra JSON fields for gateways (for example ``n``); named fields cannot be overridden.
+        (templated)
+    :param max_images_per_task: refuse, before any request, a run that could bill more images, and send
+        no attempt (hook retries included) that could take what was billed or possibly billed over it.
+        (templated)
+    :param extra_body: extra JSON fields for gateways (for example ``n``, counted as images per request);
+        named fields cannot be overridden. (templated)
     """
 
     template_fields: Sequence[str] = (
@@ -121,7 +138,8 @@ class JiMengGenerateOperator(BaseOperator):
         "aws_conn_id",
     )
     template_ext: Sequence[str] = (".txt", ".j2", ".jinja")
-    template_fields_renderers = {"prompt": "py", "extra_body": "json"}
+    # Prompts are prose: highlight them as text with Jinja, never as Python.
+    template_fields_renderers = {"prompt": "jinja", "extra_body": "json"}
     ui_color = "#f3e8ff"
     operator_extra_links = (JiMengImagesLink(),)
     # The active run holds threads and locks, which cannot be deep-copied; Airflow deep-copies operators

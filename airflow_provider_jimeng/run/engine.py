@@ -150,6 +150,15 @@ class GenerationRun:
                 journals, earlier_journals = store.read_journals(existing, len(self.bodies))
                 now = time.time()
                 keyspace = store.keyspace
+                if keyspace.key_template:
+                    # Custom keys may lie outside the listed prefix: ask for the journaled ones by name.
+                    existing.update(
+                        store.find_keys(
+                            keyspace.image_key(index, image.index)
+                            for index, entry in journals.items()
+                            for image in entry.images
+                        )
+                    )
                 for index in range(len(self.bodies)):
                     plans[index] = resume_plan(
                         fingerprint=self.fingerprints[index],
@@ -163,14 +172,13 @@ class GenerationRun:
         interrupted: BaseException | None = None
         try:
             self._run(plans, existing)
-        except BaseException as error:  # execution_timeout, KeyboardInterrupt: re-raised once recorded
+        except BaseException as error:  # the timeout, after _run stopped sending and drained the pools
             interrupted = error
         finally:
             if self._journal_writer is not None:
                 self._journal_writer.close()
         if store is not None:
-            # Also after an interruption: the prompts finished before it are recorded (and their
-            # journals dropped), so the retry reuses them from records.json instead of re-checking.
+            # Also when interrupted: what is finished gets its record, so a retry reuses it without a HEAD.
             self.fatal = self._write_records(store, earlier_journals) or self.fatal
         if interrupted is not None:
             raise interrupted

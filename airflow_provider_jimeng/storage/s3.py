@@ -32,10 +32,13 @@ from typing import Any
 
 from airflow_provider_jimeng.budget import IMAGE_BLOCK_BYTES
 from airflow_provider_jimeng.exceptions import JiMengStorageConfigurationError, JiMengStorageError
+from airflow_provider_jimeng.redaction import install_log_redaction
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.records import SCHEMA_VERSION, JournalEntry, PromptRecord, newer
 
 log = logging.getLogger(__name__)
+# botocore logs request bodies (whole images) and signed URLs at DEBUG: cut them before any handler sees them.
+install_log_redaction()
 
 IMAGE_CONTENT_TYPE = "image/jpeg"
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8", "image/jpeg"))
@@ -336,6 +339,20 @@ class S3ImageStore:
             if errors:
                 # records.json, read first on a retry, supersedes journals: only tidiness is lost.
                 log.warning("Could not delete %d journal(s): %s", len(errors), errors[0].get("Code"))
+
+    def find_keys(self, keys: Iterable[str]) -> dict[str, int]:
+        """Which of ``keys`` exist (key -> size), by name: for custom keys outside the listed prefix."""
+        found: dict[str, int] = {}
+        prefix = self.keyspace.task_prefix + "/"
+        for key in dict.fromkeys(keys):
+            if key.startswith(prefix):
+                continue  # the listing already said
+            try:
+                found[key] = int(self._client.head_object(Bucket=self.bucket, Key=key).get("ContentLength", 0))
+            except Exception as error:
+                if _describe(error).split(" ", 1)[0] not in ("404", "NoSuchKey", "NotFound"):
+                    raise self._fail("inspecting", key, error) from None
+        return found
 
     def head(self, key: str) -> dict[str, Any]:
         try:

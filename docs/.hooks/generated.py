@@ -23,7 +23,10 @@ def _extras_table() -> str:
 
     rows = ["| extra | UI label | type | meaning |", "|---|---|---|---|"]
     for name, spec in CONNECTION_EXTRAS.items():
-        types = " or ".join(t for t in spec["schema"]["type"] if t != "null")
+        choices = [value for value in spec["schema"].get("enum", []) if value is not None]
+        types = " or ".join(f"`{value}`" for value in choices) or " or ".join(
+            t for t in spec["schema"]["type"] if t != "null"
+        )
         rows.append(f"| `{name}` | {spec['label']} | {types} | {spec['description'].replace('|', '&#124;')} |")
     return "\n".join(rows)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -146,8 +147,8 @@ def test_multiplication_sign_in_sizes_is_normalised_to_x() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [None, [], "<html>502</html>", {"data": "nope"}, {"model": MODEL}, {"error": {"code": "X"}}],
-    ids=["none", "list", "html", "data-not-list", "no-data", "error-envelope"],
+    [None, [], "<html>502</html>", {"data": "nope"}, {"model": MODEL}, {"error": {"code": "", "message": ""}}],
+    ids=["none", "list", "html", "data-not-list", "no-data", "empty-error-no-data"],
 )
 def test_malformed_payload_raises_a_retryable_response_error(payload: Any) -> None:
     with pytest.raises(JiMengResponseError) as caught:
@@ -155,6 +156,65 @@ def test_malformed_payload_raises_a_retryable_response_error(payload: Any) -> No
     assert caught.value.code == "MalformedResponse"
     assert caught.value.request_id == REQUEST_ID
     assert caught.value.retryable
+    assert caught.value.possibly_billed  # a 200 that cannot be read was generated all the same
+
+
+@pytest.mark.parametrize(
+    ("error", "data", "expected", "retryable"),
+    [
+        pytest.param(
+            {"code": "OutputImageSensitiveContentDetected", "message": "blocked"},
+            None,
+            JiMengContentPolicyError,
+            False,
+            id="content-policy-no-data",
+        ),
+        pytest.param(
+            {"code": "InputTextRiskDetection", "message": "risky"}, [], JiMengContentPolicyError, False, id="risk-empty"
+        ),
+        pytest.param(
+            {"code": "ServerOverloaded", "message": "busy"}, [], JiMengRateLimitError, True, id="overloaded-retried"
+        ),
+        pytest.param(
+            {"code": "InternalServiceError", "message": "boom"}, None, JiMengServerError, True, id="internal-retried"
+        ),
+        pytest.param({"code": "X", "message": ""}, None, JiMengAPIError, False, id="unknown-code"),
+    ],
+)
+def test_a_200_carrying_an_error_raises_the_class_of_its_code(
+    error: dict[str, Any], data: list[Any] | None, expected: type[JiMengAPIError], retryable: bool
+) -> None:
+    payload: dict[str, Any] = {"model": MODEL, "created": 1, "error": error}
+    if data is not None:
+        payload["data"] = data
+    with pytest.raises(JiMengAPIError) as caught:
+        parse_generation(payload, REQUEST_ID)
+    assert type(caught.value) is expected
+    assert not isinstance(caught.value, JiMengResponseError)  # not a malformed answer: a refused one
+    assert caught.value.code == error["code"]
+    assert caught.value.status_code == 200
+    assert caught.value.retryable is retryable
+    assert not caught.value.possibly_billed
+
+
+def test_an_empty_error_object_beside_an_image_is_a_delivered_image() -> None:
+    empty = {"code": "", "message": ""}
+    result = parse_generation(
+        _payload({"url": SIGNED_URL, "size": "1K", "error": empty}, {"b64_json": B64, "error": empty}), REQUEST_ID
+    )
+    assert [image.ok for image in result.images] == [True, True]
+    assert [image.error_code for image in result.images] == [None, None]
+    assert result.billed_images == 2  # no usage: the delivered images
+
+
+def test_billed_images_is_usage_when_given_else_the_delivered_images() -> None:
+    tokens_only = {"prompt_tokens": 12, "completion_tokens": 4096, "total_tokens": 4108}
+    failure = {"error": {"code": "OutputImageSensitiveContentDetected", "message": "blocked"}}
+    gateway = parse_generation(_payload({"url": SIGNED_URL}, failure, {"url": SIGNED_URL}, usage=tokens_only), None)
+    assert gateway.usage.generated_images is None
+    assert gateway.billed_images == 2
+    official = parse_generation(_payload({"url": SIGNED_URL}, usage={"generated_images": 3}), None)
+    assert official.billed_images == 3
 
 
 # ----------------------------------------------------------------------------------- streaming
@@ -208,14 +268,73 @@ def test_sse_events_spanning_several_data_lines_are_joined() -> None:
     [
         ("OutputImageSensitiveContentDetected", JiMengContentPolicyError),
         ("QuotaExceeded", JiMengQuotaExceededError),
+        ("InternalServiceError", JiMengServerError),
     ],
 )
-def test_error_event_raises_the_class_of_its_code(code: str, expected: type[JiMengAPIError]) -> None:
+def test_error_event_before_any_image_raises_the_class_of_its_code(code: str, expected: type[JiMengAPIError]) -> None:
     error_event = {"type": "error", "error": {"code": code, "message": f"nope. Request id: {REQUEST_ID}"}}
+    failed = {"type": "image_generation.partial_failed", "image_index": 0, "error": {"code": "OutputImageRisk"}}
     with pytest.raises(expected) as caught:
-        parse_event_stream(_sse(_partial(0, url=SIGNED_URL), error_event), REQUEST_ID)
+        parse_event_stream(_sse(failed, error_event), REQUEST_ID, expected_images=3)
     assert caught.value.code == code
     assert caught.value.request_id == REQUEST_ID
+    assert not caught.value.possibly_billed  # the service said what happened: nothing was generated
+
+
+def test_error_event_after_delivered_images_keeps_them_and_fails_the_rest_of_the_set() -> None:
+    error_event = {"type": "error", "error": {"code": "InternalServiceError", "message": "Rendering failed."}}
+    lines = _sse(_partial(0, url=SIGNED_URL, size="1K"), _partial(1, b64_json=B64, size="1K"), error_event)
+    result = parse_event_stream(lines, REQUEST_ID, expected_images=4)
+    assert [(image.index, image.ok, image.error_code) for image in result.images] == [
+        (0, True, None),
+        (1, True, None),
+        (2, False, "InternalServiceError"),
+        (3, False, "InternalServiceError"),
+    ]
+    assert "Rendering failed" in (result.images[2].error_message or "")
+    assert result.billed_images == 2  # the delivered images are billed, and only they
+    assert result.interrupted_by == "InternalServiceError"
+    assert not result.truncated  # the service said it stopped: nothing more was generated
+
+
+def test_error_event_after_the_only_image_adds_no_failure() -> None:
+    error_event = {"type": "error", "error": {"code": "InternalServiceError", "message": "late"}}
+    result = parse_event_stream(_sse(_partial(0, url=SIGNED_URL), error_event), REQUEST_ID, expected_images=1)
+    assert [image.ok for image in result.images] == [True]
+    assert result.interrupted_by == "InternalServiceError"
+
+
+def test_a_stream_that_breaks_off_after_images_keeps_them_and_says_why_the_rest_failed() -> None:
+    def lines() -> Iterator[bytes]:
+        yield from _sse(_partial(0, url=SIGNED_URL, size="1K"))
+        raise JiMengTimeoutError("the connection broke", code="ConnectionError", possibly_billed=True)
+
+    result = parse_event_stream(lines(), REQUEST_ID, expected_images=3)
+    assert [(image.index, image.ok, image.error_code) for image in result.images] == [
+        (0, True, None),
+        (1, False, "ConnectionError"),
+        (2, False, "ConnectionError"),
+    ]
+    assert result.truncated  # the undelivered images may have been generated: possibly billed
+    assert result.billed_images == 1
+
+
+def test_a_stream_that_breaks_off_before_any_image_raises_what_broke_it() -> None:
+    def lines() -> Iterator[bytes]:
+        yield b": keep-alive"
+        raise JiMengTimeoutError("deadline", code="ResponseDeadlineExceeded", possibly_billed=True)
+
+    with pytest.raises(JiMengTimeoutError) as caught:
+        parse_event_stream(lines(), REQUEST_ID, expected_images=2)
+    assert caught.value.code == "ResponseDeadlineExceeded"
+    assert caught.value.possibly_billed
+
+
+def test_a_frame_that_is_not_json_after_images_keeps_them() -> None:
+    lines = [*_sse(_partial(0, url=SIGNED_URL)), b"data: {not json", b""]
+    result = parse_event_stream(lines, REQUEST_ID, expected_images=2)
+    assert [(image.ok, image.error_code) for image in result.images] == [(True, None), (False, "MalformedResponse")]
+    assert result.truncated
 
 
 def test_untyped_event_carrying_an_error_raises() -> None:
@@ -232,6 +351,19 @@ def test_stream_cut_before_completed_keeps_received_images_and_records_the_inter
     assert result.images[2].error_code == "StreamInterrupted"
     assert result.usage.generated_images == 2
     assert result.request_id == REQUEST_ID
+    assert result.truncated
+    assert result.interrupted_by == "StreamInterrupted"
+
+
+def test_stream_cut_before_completed_fails_every_image_of_the_set_not_delivered() -> None:
+    lines = _sse(_partial(0, url=SIGNED_URL), _partial(2, url=SIGNED_URL))
+    result = parse_event_stream(lines, REQUEST_ID, expected_images=4)
+    assert [(image.index, image.error_code) for image in result.images] == [
+        (0, None),
+        (1, "StreamInterrupted"),
+        (2, None),
+        (3, "StreamInterrupted"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -288,7 +420,7 @@ def test_inline_image_data_echoed_in_an_error_message_is_redacted() -> None:
     payload = {"error": {"code": "InvalidParameter", "message": f"bad image data:image/png;base64,{B64} end"}}
     error = api_error_from_payload(400, payload, request_id=REQUEST_ID)
     assert B64[:24] not in str(error)
-    assert "<inline image data redacted>" in str(error)
+    assert "bad image data:<redacted> end" in str(error)
 
 
 def test_error_envelope_becomes_an_exception_with_code_param_and_request_id() -> None:
@@ -330,6 +462,15 @@ ERROR_TABLE = [
     (400, "InputImageSensitiveContentDetected.PrivacyInformation", JiMengContentPolicyError),
     (400, "OutputImageSensitiveContentDetected", JiMengContentPolicyError),
     (400, "SensitiveContentDetected.SevereViolation", JiMengContentPolicyError),
+    (400, "InputTextRiskDetection", JiMengContentPolicyError),
+    (400, "InputImageRiskDetection", JiMengContentPolicyError),
+    (400, "OutputImageRiskDetection", JiMengContentPolicyError),
+    (400, "ContentSecurityDetectionError", JiMengContentPolicyError),
+    (400, "InputVideoSensitiveContentDetected", JiMengContentPolicyError),  # any code naming "Sensitive"
+    (400, "PromptRiskControlRejected", JiMengContentPolicyError),  # any code naming "Risk"
+    (None, "OutputImageRiskDetection", JiMengContentPolicyError),  # a stream's error event
+    (200, "ContentSecurityDetectionError", JiMengContentPolicyError),  # an error envelope in a 200
+    (200, "ModelAccountRpmRateLimitExceeded", JiMengRateLimitError),
     (401, "AuthenticationError", JiMengAuthenticationError),
     (401, "InvalidAccountStatus", JiMengAuthenticationError),
     (403, "AccountOverdueError", JiMengAuthenticationError),
@@ -358,7 +499,7 @@ ERROR_TABLE = [
 
 @pytest.mark.parametrize(("status", "code", "expected"), ERROR_TABLE)
 def test_error_class_follows_the_fact_sheet_table(
-    status: int, code: str | None, expected: type[JiMengAPIError]
+    status: int | None, code: str | None, expected: type[JiMengAPIError]
 ) -> None:
     assert error_class_for(status, code) is expected
 
@@ -398,15 +539,17 @@ def test_api_errors_survive_a_pickle_round_trip(error_class: type[JiMengAPIError
         request_id=REQUEST_ID,
         param="size",
         retry_after=1.5,
+        possibly_billed=True,
     )
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is error_class
-    assert (copy.status_code, copy.code, copy.request_id, copy.param, copy.retry_after) == (
+    assert (copy.status_code, copy.code, copy.request_id, copy.param, copy.retry_after, copy.possibly_billed) == (
         429,
         "SomeCode",
         REQUEST_ID,
         "size",
         1.5,
+        True,
     )
     assert str(copy) == str(error)
 

@@ -24,6 +24,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 CONN_ID = "jimeng_default"
 DAG_ID = "jimeng_hello"
 RUN_TIMEOUT = 180.0
+#: Whether an input's placeholder, in the input's own font, fits inside its text box.
+PLACEHOLDER_FITS = """(input) => {
+    const style = getComputedStyle(input);
+    const context = document.createElement("canvas").getContext("2d");
+    context.font = style.font;
+    const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+    return context.measureText(input.placeholder).width <= room;
+}"""
 #: The labels Airflow would show for fields this connection type hides.
 HIDDEN_LABELS = {"login": "Login", "schema": "Schema", "port": "Port"}
 
@@ -48,6 +56,7 @@ def _check_standard_fields(dialog: Any) -> None:
     api_key = dialog.get_by_label("API Key", exact=True)
     base_url.wait_for()
     assert base_url.get_attribute("placeholder") == UI_FIELD_BEHAVIOUR["placeholders"]["host"]
+    assert base_url.evaluate(PLACEHOLDER_FITS), "the Base URL placeholder is cut off"
     assert api_key.get_attribute("placeholder") == UI_FIELD_BEHAVIOUR["placeholders"]["password"]
     assert api_key.get_attribute("type") == "password"
     for field in UI_FIELD_BEHAVIOUR["hidden_fields"]:
@@ -68,6 +77,11 @@ def _check_extra_fields(dialog: Any) -> None:
         assert dialog.get_by_text(spec["description"], exact=True).is_visible(), f"extra {name!r}: no help text"
         if spec["schema"]["type"] == ["boolean", "null"]:
             assert control.get_attribute("type") == "checkbox", f"extra {name!r} should be a switch"
+        if "enum" in spec["schema"]:
+            # A select: untouched, it shows what the empty value means (watermark: "true (default)").
+            untouched = spec["schema"]["values_display"]["null"]
+            row = dialog.locator("[data-scope='field'][data-part='root']").filter(has_text=spec["label"])
+            assert row.get_by_text(untouched, exact=True).is_visible(), f"extra {name!r}: {untouched!r} not shown"
 
 
 def _switch_on(dialog: Any, name: str) -> None:

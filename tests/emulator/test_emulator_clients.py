@@ -212,10 +212,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_cli_serves_until_terminated_and_imports_without_pillow() -> None:
-    # Pillow is hidden: importing and serving must work without it (only rendering needs it).
+def test_cli_serves_until_terminated() -> None:
+    # Without Pillow the command refuses to start instead (test_emulator_without_pillow.py).
     code = (
-        "import runpy, sys; sys.modules['PIL'] = None; "
+        "import runpy, sys; "
         "sys.argv = ['emulator', '--port', '0', '--api-key', 'k']; "
         "runpy.run_module('airflow_provider_jimeng.emulator', run_name='__main__')"
     )

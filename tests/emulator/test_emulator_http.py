@@ -432,7 +432,9 @@ def test_stop_interrupts_latency_sleep() -> None:
             headers={"Authorization": f"Bearer {DEFAULT_API_KEY}"},
             timeout=10,
         )
-        time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while emulator.request_count < 1 and time.monotonic() < deadline:  # the request is in
+            time.sleep(0.01)
         started = time.monotonic()
         emulator.stop()
         assert time.monotonic() - started < 3

@@ -161,6 +161,29 @@ def test_malformed_or_truncated_json(pipeline: Pipeline, emulator: JiMengEmulato
     assert accounting.billed == accounting.stored + accounting.lost_in_transit
 
 
+@both_formats
+@pytest.mark.parametrize("kind", ["malformed", "truncated", "slow"])
+def test_usage_counts_what_the_ledger_bills_when_the_hook_retried(
+    pipeline: Pipeline, emulator: JiMengEmulator, kind: str, fmt: str
+) -> None:
+    """Issue 11 item 12: an unreadable or timed-out answer retried inside the hook was billed too.
+
+    The usage XCom said 1000 billed where the ledger said 1017: attempts whose fate is unknown are
+    now reported as ``possibly_billed_images`` beside the images answers say were billed.
+    """
+    emulator.inject(Fault(kind, times=1, delay=1.4 if kind == "slow" else 0.0))
+
+    run = pipeline.run(dag_for(fmt))
+
+    assert run.state == "success"
+    assert run.try_number == 1, "the hook's own retry absorbed the fault"
+    assert wait_for(lambda: len(emulator.ledger) == 2)
+    usage = run.xcom["usage"]
+    assert usage["generated_images"] == 1
+    assert usage["possibly_billed_images"] == 1
+    assert usage["generated_images"] + usage["possibly_billed_images"] == pipeline.account().billed == 2
+
+
 # url mode only: a b64_json answer carries its image, there is no download to fail.
 @pytest.mark.parametrize(("kind", "status"), [("expired_url", "HTTP 403"), ("missing_url", "HTTP 404")])
 def test_signed_url_dead_at_download(pipeline: Pipeline, emulator: JiMengEmulator, kind: str, status: str) -> None:

@@ -199,3 +199,143 @@ def canned_server() -> Iterator[Callable[..., str]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# ------------------------------------------------------------------------ scripted generation server
+Answer = Callable[[BaseHTTPRequestHandler, threading.Event], None]
+
+
+def json_answer(payload: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> Answer:
+    """An answer with a JSON body (``payload`` already bytes is sent as is)."""
+
+    def answer(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        handler.send_response(status)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("x-request-id", f"rid-{status}")
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return answer
+
+
+def sse_answer(*events: dict[str, Any] | str, complete: bool = True) -> Answer:
+    """An event stream of ``events`` (a str is sent as a raw ``data:`` line), then the connection closes.
+
+    With ``complete`` a ``[DONE]`` ends it; without, the stream just breaks off after the events.
+    """
+
+    def answer(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.send_header("Connection", "close")
+        handler.send_header("x-request-id", "rid-stream")
+        handler.end_headers()
+        for event in events:
+            if isinstance(event, str):
+                handler.wfile.write(f"data: {event}\n\n".encode())
+            else:
+                frame = f"event: {event.get('type', 'message')}\ndata: {json.dumps(event)}\n\n"
+                handler.wfile.write(frame.encode())
+        if complete:
+            handler.wfile.write(b"data: [DONE]\n\n")
+        handler.close_connection = True
+
+    return answer
+
+
+def trickle_answer(*, content_type: str = "application/json", content_length: int | None = 10_000_000) -> Answer:
+    """A 200 whose body comes one byte every 50 ms (each byte well inside any read timeout), never ending."""
+
+    def answer(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        if content_length is not None:
+            handler.send_header("Content-Length", str(content_length))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        first = b":" if content_type == "text/event-stream" else b"{"
+        handler.wfile.write(first)
+        while not stop.wait(0.05):  # until the client gives up (the write fails) or the test ends
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+
+    return answer
+
+
+def flood_answer(size: int, *, content_length: bool) -> Answer:
+    """A 200 JSON answer of ``size`` bytes (a JSON string of spaces), announced or close-delimited."""
+
+    def answer(handler: BaseHTTPRequestHandler, stop: threading.Event) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        if content_length:
+            handler.send_header("Content-Length", str(size))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        handler.wfile.write(b'"' + b" " * (size - 2) + b'"')
+
+    return answer
+
+
+@dataclass
+class ScriptedServer:
+    """A loopback generation endpoint answering POSTs with its script, in order (the last answer repeats)."""
+
+    base_url: str
+    answers: list[Answer]
+    bodies: list[dict[str, Any]]
+    #: Set once a POST arrived; the test can wait on it instead of sleeping.
+    requested: threading.Event
+
+    @property
+    def request_count(self) -> int:
+        return len(self.bodies)
+
+
+@pytest.fixture
+def scripted_server(connect: Callable[..., None]) -> Iterator[Callable[..., ScriptedServer]]:
+    """``scripted_server(*answers, **extra)``: a server answering with the script; ``jimeng_default`` points at it."""
+    servers: list[tuple[ThreadingHTTPServer, threading.Event]] = []
+
+    def start(*answers: Answer, **extra: Any) -> ScriptedServer:
+        stop = threading.Event()
+        state = ScriptedServer("", list(answers), [], threading.Event())
+        lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    state.bodies.append(json.loads(raw or b"{}"))
+                    answer = state.answers[min(len(state.bodies), len(state.answers)) - 1]
+                state.requested.set()
+                try:
+                    answer(self, stop)
+                except OSError:  # the client gave up: what these tests are about
+                    self.close_connection = True
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        server.block_on_close = False
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append((server, stop))
+        state.base_url = f"http://127.0.0.1:{server.server_address[1]}/api/v3"
+        connect(state.base_url, **{"retry_backoff": 0.01, "retry_max_wait": 0.05, **extra})
+        return state
+
+    yield start
+    for server, stop in servers:
+        stop.set()
+        server.shutdown()
+        server.server_close()

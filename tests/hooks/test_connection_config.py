@@ -13,6 +13,8 @@ from airflow_provider_jimeng.exceptions import JiMengConfigurationError
 from airflow_provider_jimeng.hooks.connection_form import BYTEPLUS_BASE_URL, CHINA_BASE_URL
 from airflow_provider_jimeng.hooks.jimeng import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_BILLED_RETRIES,
+    DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     JiMengConnectionConfig,
@@ -208,6 +210,168 @@ def test_bad_extra_is_refused_naming_the_extra(
     error = _refused(set_connection, {"host": GATEWAY, "extra": extra})
     assert error.parameter == parameter
     assert fragment in str(error)
+
+
+NUMBER_EXTRAS = {
+    # extra: (what it allows, whether it must be whole)
+    "timeout": ("a number >= 1", False),
+    "connect_timeout": ("a number >= 0.1", False),
+    "max_retries": ("a whole number >= 0", True),
+    "max_billed_retries": ("a whole number >= 0", True),
+    "retry_backoff": ("a number >= 0", False),
+    "retry_max_wait": ("a number >= 0", False),
+    "max_images_per_minute": ("a number >= 1", False),
+    "response_deadline": ("a number >= 1", False),
+    "max_response_bytes": ("a whole number >= 1024", True),
+}
+ODD_NUMBERS = [
+    pytest.param("nan", "is not a finite number", id="nan-string"),
+    pytest.param("inf", "is not a finite number", id="inf-string"),
+    pytest.param("-Infinity", "is not a finite number", id="minus-infinity"),
+    pytest.param(float("nan"), "is not a finite number", id="nan-json"),
+    pytest.param(float("inf"), "is not a finite number", id="inf-json"),
+    pytest.param(True, "is not a number", id="bool"),
+    pytest.param(False, "is not a number", id="false"),
+    pytest.param([30], "is not a number", id="list"),
+    pytest.param({"s": 30}, "is not a number", id="object"),
+    pytest.param("thirty", "is not a number", id="word"),
+    pytest.param("1e999", "is not a finite number", id="overflow"),
+    pytest.param(-5, "is below the minimum", id="negative"),
+]
+
+
+@pytest.mark.parametrize("extra", sorted(NUMBER_EXTRAS))
+@pytest.mark.parametrize(("value", "fragment"), ODD_NUMBERS)
+def test_odd_numbers_are_refused_naming_the_extra_and_what_it_allows(
+    set_connection: Callable[..., None], extra: str, value: Any, fragment: str
+) -> None:
+    error = _refused(set_connection, {"host": GATEWAY, "extra": {extra: value}})
+    assert type(error) is JiMengConfigurationError
+    assert error.parameter == extra
+    assert fragment in str(error)
+    if fragment != "is below the minimum":
+        assert NUMBER_EXTRAS[extra][0] in str(error)
+
+
+@pytest.mark.parametrize("extra", sorted(name for name, (_, whole) in NUMBER_EXTRAS.items() if whole))
+@pytest.mark.parametrize("value", ["2.5", 2.5, "1e-3"])
+def test_counts_must_be_whole_numbers(set_connection: Callable[..., None], extra: str, value: Any) -> None:
+    error = _refused(set_connection, {"host": GATEWAY, "extra": {extra: value}})
+    assert error.parameter == extra
+    assert "is not a whole number" in str(error)
+
+
+def test_hook_arguments_are_checked_like_extras(set_connection: Callable[..., None]) -> None:
+    set_connection({"host": GATEWAY, "password": KEY})
+    for kwargs, parameter in [
+        ({"timeout": float("nan")}, "timeout"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_retries": float("inf")}, "max_retries"),
+        ({"retry_backoff": -1}, "retry_backoff"),
+        ({"max_images_per_minute": float("inf")}, "max_images_per_minute"),
+    ]:
+        with pytest.raises(JiMengConfigurationError) as caught:
+            JiMengHook(**kwargs).config  # noqa: B018
+        assert caught.value.parameter == parameter
+
+
+@pytest.mark.parametrize(
+    ("extra", "value"),
+    [
+        pytest.param("watermark", "maybe", id="watermark-word"),
+        pytest.param("watermark", 2, id="watermark-2"),
+        pytest.param("watermark", [True], id="watermark-list"),
+        pytest.param("allow_http", "perhaps", id="allow-http-word"),
+        pytest.param("allow_http", 2, id="allow-http-2"),
+        pytest.param("allow_http", 1.5, id="allow-http-float"),
+        pytest.param("allow_http", {"yes": True}, id="allow-http-object"),
+    ],
+)
+def test_odd_booleans_are_refused(set_connection: Callable[..., None], extra: str, value: Any) -> None:
+    error = _refused(set_connection, {"host": GATEWAY, "extra": {extra: value}})
+    assert error.parameter == extra
+    assert "is not a boolean; allowed: true or false" in str(error)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(5, id="number"),
+        pytest.param(True, id="bool"),
+        pytest.param('"http://p:1"', id="json-string"),
+        pytest.param({"https": 3128}, id="value-not-a-string"),
+        pytest.param({"https": {"url": "http://p:1"}}, id="nested"),
+    ],
+)
+def test_proxies_that_are_not_an_object_of_urls_are_refused(set_connection: Callable[..., None], value: Any) -> None:
+    error = _refused(set_connection, {"host": GATEWAY, "extra": {"proxies": value}})
+    assert error.parameter == "proxies"
+    assert "JSON object" in str(error)
+
+
+@pytest.mark.parametrize("value", [5, 0.5, ["/etc/ca.pem"], {"path": "/etc/ca.pem"}], ids=repr)
+def test_verify_of_an_odd_type_is_refused(set_connection: Callable[..., None], value: Any) -> None:
+    error = _refused(set_connection, {"host": GATEWAY, "extra": {"verify": value}})
+    assert error.parameter == "verify"
+    assert "allowed: true, false, or the path of a CA bundle" in str(error)
+
+
+def test_a_ca_bundle_that_is_not_there_is_refused_naming_verify_before_anything_is_sent(
+    set_connection: Callable[..., None], tmp_path: Any
+) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    set_connection({"host": "https://127.0.0.1:9/api/v3", "password": KEY, "extra": {"verify": str(missing)}})
+    hook = JiMengHook()
+    try:
+        with pytest.raises(JiMengConfigurationError) as caught:
+            hook.generate_images("a red fox")
+    finally:
+        hook.close()
+    assert caught.value.parameter == "verify"
+    assert hook.stats["possibly_billed"] == 0
+
+
+def test_an_extra_that_is_not_an_object_is_refused(set_connection: Callable[..., None]) -> None:
+    error = _refused(set_connection, {"host": GATEWAY, "extra": "[1, 2]"})
+    assert error.parameter == "extra"
+
+
+@pytest.mark.parametrize("unset", ["", "None", "null", " none ", None], ids=repr)
+def test_templated_nothing_means_the_default(set_connection: Callable[..., None], unset: str | None) -> None:
+    names = [*NUMBER_EXTRAS, "watermark", "allow_http", "proxies", "verify", "model"]
+    config = _config(set_connection, {"host": GATEWAY, "extra": dict.fromkeys(names, unset)})
+    assert (config.timeout, config.connect_timeout, config.max_retries) == (
+        DEFAULT_TIMEOUT,
+        DEFAULT_CONNECT_TIMEOUT,
+        DEFAULT_MAX_RETRIES,
+    )
+    assert (config.max_billed_retries, config.response_deadline, config.max_response_bytes) == (
+        DEFAULT_MAX_BILLED_RETRIES,
+        3 * DEFAULT_TIMEOUT,
+        DEFAULT_MAX_RESPONSE_BYTES,
+    )
+    assert (config.watermark, config.allow_http, config.proxies, config.verify) == (True, False, None, True)
+    assert config.max_images_per_minute is None
+    assert config.model == DEFAULT_MODEL
+
+
+def test_numbers_with_whitespace_and_new_extras_are_parsed(set_connection: Callable[..., None]) -> None:
+    extra = {
+        "timeout": " 30 ",
+        "max_retries": " 2 ",
+        "max_billed_retries": "0",
+        "response_deadline": "45.5",
+        "max_response_bytes": 1048576,
+        "watermark": " False ",
+        "verify": " /etc/ssl/corp-ca.pem ",
+    }
+    config = _config(set_connection, {"host": GATEWAY, "extra": extra})
+    assert (config.timeout, config.max_retries, config.max_billed_retries) == (30.0, 2, 0)
+    assert (config.response_deadline, config.max_response_bytes) == (45.5, 1048576)
+    assert config.watermark is False
+    assert config.verify == "/etc/ssl/corp-ca.pem"
+    # Without response_deadline, an answer may take three read timeouts.
+    assert _config(set_connection, {"host": GATEWAY, "extra": {"timeout": 20}}).response_deadline == 60.0
 
 
 def test_api_key_is_registered_with_the_secret_masker(set_connection: Callable[..., None]) -> None:

@@ -10,8 +10,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from airflow_provider_jimeng.emulator import Fault, JiMengEmulator
-from airflow_provider_jimeng.exceptions import JiMengError
+from airflow_provider_jimeng.exceptions import JiMengAuthenticationError, JiMengError
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from tests.hooks.conftest import ScriptedServer, json_answer
 
 CANARY_KEY = "sk-SECRET-CANARY-1234"
 PROMPT = "a quiet harbour at dawn"
@@ -123,3 +124,48 @@ def test_urllib3_debug_line_of_a_download_does_not_leak_the_signature(
     with hook.open_image(url or "") as download:
         assert download.read()
     _assert_nothing_secret([logs.text], [_signature(url)])
+
+
+# ------------------------------------------------------------------ what the service echoes back
+def test_a_401_echoing_the_key_does_not_put_it_in_the_exception(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook], logs: Any
+) -> None:
+    echo = {
+        "error": {
+            "code": "AuthenticationError",
+            "message": f"Incorrect API key provided: {CANARY_KEY}. Sent: Authorization: Bearer {CANARY_KEY}x",
+            "type": "Unauthorized",
+        }
+    }
+    scripted_server(json_answer(echo, status=401), api_key=CANARY_KEY)
+    error = _failure(lambda: make_hook().generate_images(PROMPT))
+    assert isinstance(error, JiMengAuthenticationError)
+    texts = [str(error), repr(error), error.api_message, str(error.args), logs.text]
+    _assert_nothing_secret(texts, [CANARY_KEY, CANARY_KEY.removeprefix("sk-")])
+    assert "Incorrect API key provided: ***" in str(error)
+
+
+def test_a_signed_reference_url_echoed_in_a_400_is_redacted(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    reference = "https://refs.example.com/in/ref.png?sig=REFSIG123&token=REFTOKEN456&X-Amz-Credential=AKIAREF"
+    echo = {"error": {"code": "InvalidImageURL.Download", "message": f"cannot download {reference}", "param": "image"}}
+    scripted_server(json_answer(echo, status=400))
+    error = _failure(lambda: make_hook().generate_images(PROMPT, image=reference))
+    _assert_nothing_secret([str(error), repr(error)], ["REFSIG123", "REFTOKEN456", "AKIAREF"])
+    assert "https://refs.example.com/in/ref.png?<redacted>" in str(error)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://:443/img.jpeg?sig=URLSECRET",  # requests: InvalidURL, quoting the whole URL
+        "https://[::1/img.jpeg?sig=URLSECRET",  # urllib: ValueError, quoting the host
+        "http://cdn.example.com/img.jpeg?sig=URLSECRET",  # plain http refused
+    ],
+)
+def test_invalid_image_urls_are_refused_without_quoting_them(
+    jimeng_conn: JiMengEmulator, make_hook: Callable[..., JiMengHook], logs: Any, url: str
+) -> None:
+    error = _failure(lambda: make_hook().open_image(url))
+    _assert_nothing_secret([str(error), repr(error), logs.text], ["URLSECRET"])

@@ -48,6 +48,8 @@ class TrackingEmulator(JiMengEmulator):
         self._flight_lock = threading.Lock()
         self.in_flight = 0
         self.peak_in_flight = 0
+        #: When set to an event, answers wait for it (after their latency): a test decides when they leave.
+        self.hold: threading.Event | None = None
 
     def _sleep(self, seconds: float) -> None:
         with self._flight_lock:
@@ -55,6 +57,8 @@ class TrackingEmulator(JiMengEmulator):
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         try:
             super()._sleep(seconds)
+            if self.hold is not None:
+                self.hold.wait(30)
         finally:
             with self._flight_lock:
                 self.in_flight -= 1

@@ -16,12 +16,14 @@ decides exactly which request of which try fails.
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
 import pytest
 
 from airflow_provider_jimeng.emulator import Fault
+from airflow_provider_jimeng.storage.records import JournaledImage, JournalEntry
 from airflow_provider_jimeng.testing import S3Server
 from tests.dags import jimeng_test_generate
 from tests.operators.conftest import (
@@ -121,6 +123,38 @@ def test_replace_regenerates_and_overwrites(emulator: TrackingEmulator, bucket: 
     assert not bucket.keys(f"{prefix}/_pending/"), "earlier and own journals dropped once records.json is written"
 
 
+def test_journals_of_prompts_dropped_from_a_shorter_list_do_not_outlive_a_successful_try(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
+) -> None:
+    """Issue 11 item 12: an earlier try with a longer prompt list left a journal for prompt 5.
+
+    The list shrank to two prompts (the upstream task returned fewer): no record will ever cover
+    prompt 5, so its journal was kept for good. It must go once this try's records.json is written.
+    """
+    conf = {"prompts": PROMPTS[:2], "bucket": bucket.name}
+    first = run_dag(jimeng_test_generate.dag, conf)
+    prefix = task_prefix(first)
+    orphan = JournalEntry(
+        prompt_index=5,
+        fingerprint="an-earlier-prompt",
+        written_at=time.time(),
+        request_id="req-earlier",
+        model="doubao-seedream-4-0-250828",
+        created=1,
+        usage={"generated_images": 1},
+        images=(JournaledImage(index=0, size="1024x1024", url=None),),
+    )
+    stale_journal = f"{prefix}/_pending/earlier-try-00000.json"
+    body = json.dumps({"written_at": time.time(), "prompts": {"5": orphan.to_json()}})
+    bucket.client.put_object(Bucket=bucket.name, Key=stale_journal, Body=body)
+
+    again = run_dag(jimeng_test_generate.dag, conf, again=first)
+
+    assert again.state == "success"
+    assert emulator.request_count == 2, "the retry reused both prompts"
+    assert bucket.keys(f"{prefix}/_pending/") == [], "the orphaned journal is dropped with the try's own"
+
+
 def test_retry_stores_from_the_journal_without_a_new_generation_request(
     emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
 ) -> None:
@@ -185,16 +219,24 @@ def test_an_s3_outage_keeps_paid_images_in_a_local_journal_for_the_rerun(
     """
     bucket_name = f"jimeng-outage-{uuid.uuid4().hex[:12]}"
     prompts = ["a red fox in the snow", "a lighthouse at dusk", "a paper boat on a pond"]
-    emulator.latency = 1.5
+    release = threading.Event()
+    emulator.hold = release  # answers leave only once S3 is down: no race with a busy machine
     first_server = S3Server().start()
+
+    def stop_s3_then_answer() -> None:
+        first_server.stop()
+        release.set()
+
     try:
         use_s3_server(first_server, bucket_name, monkeypatch)
         # Generation starts only after the task listed its prefix: S3 is stopped mid-generation.
-        watcher = when(lambda: emulator.in_flight > 0, first_server.stop)
+        watcher = when(lambda: emulator.in_flight == len(prompts), stop_s3_then_answer)
         first: DagRunResult = run_dag(jimeng_test_generate.dag, {"prompts": prompts, "bucket": bucket_name})
         watcher.join()
     finally:
+        release.set()
         first_server.stop()
+    emulator.hold = None
 
     assert first.state == "failed"
     assert emulator.billed_images == 3, "all three prompts were already being generated"

@@ -9,14 +9,16 @@ from tests.operators.conftest import Bucket, RunDag, TrackingEmulator, task_pref
 LINK_KEY = "_link_JiMengImagesLink"
 
 
-def test_link_points_at_the_first_stored_object_on_the_s3_endpoint(
+def test_no_link_for_storage_on_a_custom_s3_endpoint(
     emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
 ) -> None:
+    # The local S3 server is an endpoint_url in the aws connection: it has no console, and a bare object
+    # URL of a private bucket answers 403, so no link beats a dead one (AWS cases: tests/links/).
     run = run_dag(jimeng_test_generate.dag, {"prompts": ["a red fox", "a blue whale"], "bucket": bucket.name})
 
     assert run.state == "success"
-    first_key = f"{task_prefix(run)}/p0000_i00.jpeg"
-    assert run.xcom("gen", LINK_KEY) == f"{bucket.endpoint_url}/{bucket.name}/{first_key}"
+    assert run.xcom("gen")[0] == f"s3://{bucket.name}/{task_prefix(run)}/p0000_i00.jpeg"
+    assert not run.xcom("gen", LINK_KEY)
 
 
 def test_link_points_at_the_first_image_url_without_storage(emulator: TrackingEmulator, run_dag: RunDag) -> None:

@@ -7,6 +7,7 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -19,6 +20,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengConfigurationError,
     JiMengDownloadError,
     JiMengDownloadInterruptedError,
+    JiMengResponseError,
     JiMengTimeoutError,
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
@@ -205,6 +207,78 @@ def test_a_trickling_download_is_cut_off(monkeypatch: pytest.MonkeyPatch) -> Non
         assert isinstance(error, JiMengDownloadInterruptedError)
         assert "took too long" in str(error)
         assert took < 4
+
+
+def _trickle(content_type: str, stop: threading.Event) -> Callable[[BaseHTTPRequestHandler], None]:
+    def respond(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(10_000_000))
+        handler.end_headers()
+        handler.wfile.write(b"{" if content_type == "application/json" else b": ")
+        while not stop.wait(0.1):  # a byte every 0.1 s: well inside the read timeout, never finishing
+            handler.wfile.write(b" ")
+            handler.wfile.flush()
+
+    return respond
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/event-stream"])
+def test_a_trickling_generation_answer_is_cut_off(monkeypatch: pytest.MonkeyPatch, content_type: str) -> None:
+    stop = threading.Event()
+    with StubServer(_trickle(content_type, stop)) as stub:
+        # No response_deadline: the default, three read timeouts, bounds the answer.
+        streamed = content_type != "application/json"
+        hook = connect(
+            monkeypatch,
+            "jimeng_trickle",
+            f"{stub.url}/api/v3",
+            allow_http=True,
+            timeout=1,
+            max_billed_retries=0 if streamed else None,  # None: the default, one retry
+        )
+        monkeypatch.setattr(hook, "_retry_backoff", 0.01)
+        try:
+            took, error = elapsed(lambda: hook.generate_images("a red fox", stream=streamed))
+        finally:
+            stop.set()
+    assert isinstance(error, JiMengTimeoutError), error
+    assert error.code == "ResponseDeadlineExceeded"
+    assert error.possibly_billed
+    assert "response_deadline" in str(error)
+    attempts = 1 if streamed else 2  # retried once by default (max_billed_retries=1), not max_retries times
+    assert len(stub.requests) == attempts
+    assert took < attempts * 3 + 3  # a 3 s deadline an attempt, plus slack
+    assert hook.stats["possibly_billed"] == attempts
+
+
+def test_a_huge_generation_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def announced(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(600 * 1024 * 1024))
+        handler.end_headers()
+
+    def unannounced(handler: BaseHTTPRequestHandler) -> None:
+        answer(handler, b'"' + b" " * 300_000 + b'"', "application/json", length=False)
+
+    for respond, fragment in ((announced, "is 629145600 bytes, above"), (unannounced, "is larger, above")):
+        with StubServer(respond) as stub:
+            hook = connect(
+                monkeypatch,
+                "jimeng_huge",
+                f"{stub.url}/api/v3",
+                allow_http=True,
+                max_billed_retries=0,
+                max_response_bytes=200_000 if respond is unannounced else None,
+            )
+            took, error = elapsed(lambda hook=hook: hook.generate_images("a red fox"))
+        assert isinstance(error, JiMengResponseError), error
+        assert error.code == "ResponseTooLarge"
+        assert fragment in str(error)
+        assert error.possibly_billed
+        assert len(stub.requests) == 1
+        assert took < 5
 
 
 # ---------------------------------------------------------------------------------- concurrency

@@ -1,0 +1,1 @@
+"""One try of a generation task: the run engine (:mod:`.engine`) and what it produced (:mod:`.outcome`)."""
