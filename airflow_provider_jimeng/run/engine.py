@@ -277,7 +277,11 @@ class GenerationRun:
         track: Callable[[dict[Future[Any], int], Future[Any], int], None],
         finished: queue.SimpleQueue[Future[Any]],
     ) -> None:
-        """After an interruption: collect the answers in flight (journaled as they arrive), store nothing new."""
+        """After an interruption: collect the answers in flight (journaled as they arrive).
+
+        Nothing new is downloaded (a journaled URL serves the retry), but an answer that carries its
+        images (``b64_json``) is stored: its data is nowhere else.
+        """
         while generation or storing:
             try:
                 future = finished.get(timeout=0.5)
@@ -289,11 +293,21 @@ class GenerationRun:
                     self.outcomes[index].failures.append(f"prompt {index}: not sent (the run stopped)")
                     continue
                 try:
-                    result, _entry = future.result()
+                    result, entry = future.result()
                 except BaseException as error:
                     self._record_request_failure(self.outcomes[index], error, generation)
                     continue
                 self.outcomes[index].requests += 1
+                if self.store is not None and entry.holds_data:
+                    # A b64_json answer's images exist only in this process (the S3 journal never
+                    # holds data): store them now, a PUT each, or the retry would pay for them again.
+                    self.outcomes[index].usage = result.usage.as_dict()
+                    track(
+                        storing,
+                        store_pool.submit(self._store_entry, self.outcomes[index], entry, (), entry.images),
+                        index,
+                    )
+                    continue
                 self.outcomes[index].incomplete = bool(result.succeeded) and self.store is not None
                 self._budget.release(self._charges.pop(index, 0))
                 if self.store is None:

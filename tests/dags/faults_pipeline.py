@@ -68,5 +68,35 @@ faults_pipeline = _pipeline("faults_pipeline", max_concurrency=2)
 faults_pipeline_serial = _pipeline("faults_pipeline_serial", max_concurrency=1)
 #: Sets of up to three related images per prompt.
 faults_pipeline_set = _pipeline("faults_pipeline_set", sequential_image_generation="auto", max_images=3)
-#: Images delivered inline as base64 (no signed URL, so no S3 journal).
+#: Images delivered inline as base64 (no signed URL, so the S3 journal holds no image data), one at a time.
 faults_pipeline_b64 = _pipeline("faults_pipeline_b64", response_format="b64_json", max_concurrency=1)
+#: ``faults_pipeline`` in ``b64_json``: up to two prompts in flight.
+faults_pipeline_concurrent_b64 = _pipeline(
+    "faults_pipeline_concurrent_b64", response_format="b64_json", max_concurrency=2
+)
+#: ``faults_pipeline_set`` in ``b64_json``.
+faults_pipeline_set_b64 = _pipeline(
+    "faults_pipeline_set_b64", response_format="b64_json", sequential_image_generation="auto", max_images=3
+)
+#: Four prompts in flight (the kill loop's runs of 20 prompts), in both response formats.
+faults_pipeline_wide = _pipeline("faults_pipeline_wide", max_concurrency=4)
+faults_pipeline_wide_b64 = _pipeline("faults_pipeline_wide_b64", response_format="b64_json", max_concurrency=4)
+#: Four in flight and a 3 s ``execution_timeout`` (Airflow raises AirflowTaskTimeout in the task's main thread).
+faults_pipeline_timeout = _pipeline(
+    "faults_pipeline_timeout", max_concurrency=4, execution_timeout=datetime.timedelta(seconds=3)
+)
+faults_pipeline_timeout_b64 = _pipeline(
+    "faults_pipeline_timeout_b64",
+    response_format="b64_json",
+    max_concurrency=4,
+    execution_timeout=datetime.timedelta(seconds=3),
+)
+
+#: The DAG of each variant in each response format, so that a test runs the same path in both.
+VARIANTS: dict[str, dict[str, str]] = {
+    "default": {"url": "faults_pipeline", "b64_json": "faults_pipeline_concurrent_b64"},
+    "serial": {"url": "faults_pipeline_serial", "b64_json": "faults_pipeline_b64"},
+    "set": {"url": "faults_pipeline_set", "b64_json": "faults_pipeline_set_b64"},
+    "wide": {"url": "faults_pipeline_wide", "b64_json": "faults_pipeline_wide_b64"},
+    "timeout": {"url": "faults_pipeline_timeout", "b64_json": "faults_pipeline_timeout_b64"},
+}

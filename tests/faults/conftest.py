@@ -17,8 +17,14 @@ import contextlib
 import datetime
 import http.client
 import json
+import os
+import queue
 import re
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -26,6 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -50,6 +57,12 @@ class S3Gate:
         self.upstream_port = upstream_port
         #: "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records" | "deny_images"
         self.mode = "pass"
+        #: Writes to hold (not answered until ``release()``): "images" (``.jpeg`` PUTs), "records" or None.
+        self.hold: str | None = None
+        #: Paths of the writes held so far.
+        self.held: list[str] = []
+        self._released = threading.Event()
+        self._busy = 0
         self.port = 0
         self.requests: list[tuple[str, str, int]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -92,6 +105,10 @@ class S3Gate:
         self._server = server
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         return self
+
+    def release(self) -> None:
+        """Let held writes through (they then fail: their client is usually gone by then)."""
+        self._released.set()
 
     def stop(self) -> None:
         """Stop listening and break open connections: new requests are refused, like a stopped server."""
@@ -137,7 +154,22 @@ class S3Gate:
                 handler.rfile.readline()
         return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
 
+    @property
+    def busy(self) -> int:
+        """Requests the gate is handling now (a killed client's last write may still be on its way to moto)."""
+        with self._lock:
+            return self._busy
+
     def _forward(self, handler: BaseHTTPRequestHandler) -> None:
+        with self._lock:
+            self._busy += 1
+        try:
+            self._forward_one(handler)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def _forward_one(self, handler: BaseHTTPRequestHandler) -> None:
         body = self._read_body(handler)
         method = handler.command
         self.requests.append((method, handler.path.split("?")[0], len(body)))
@@ -146,6 +178,14 @@ class S3Gate:
             return
         writing = method in ("PUT", "POST", "DELETE")
         path = handler.path.split("?")[0]
+        if writing and (
+            (self.hold == "images" and path.endswith(".jpeg"))
+            or (self.hold == "records" and path.endswith("/records.json"))
+        ):
+            self.held.append(path)
+            self._released.wait(timeout=60)
+            self._error(handler, 503, "SlowDown", "Held by the test")
+            return
         if (
             self.mode == "deny_all"
             or (self.mode == "deny_writes" and writing)
@@ -172,6 +212,18 @@ class S3Gate:
                 handler.wfile.write(data)
         finally:
             upstream.close()
+
+
+# ------------------------------------------------------------------------------------ response formats
+#: Every recovery path that exists in both response formats runs in both.
+FORMATS = ("url", "b64_json")
+
+
+def dag_for(response_format: str, variant: str = "default") -> str:
+    """The faults DAG of ``variant`` (default, serial, set, wide, timeout) in ``response_format``."""
+    from tests.dags.faults_pipeline import VARIANTS
+
+    return VARIANTS[variant][response_format]
 
 
 # ----------------------------------------------------------------------------------------- accounting
@@ -257,6 +309,8 @@ class PipelineRun:
     state: str
     try_number: int
     errors: list[str] = field(default_factory=list)
+    #: The class name of each failed try's exception, in order.
+    error_types: list[str] = field(default_factory=list)
     xcom: dict[str, Any] = field(default_factory=dict)
     duration: float = 0.0
 
@@ -330,6 +384,7 @@ class Pipeline:
             state=str(ti.state),
             try_number=ti.try_number,
             errors=[str(error) for _, error in module.CALLBACKS if error is not None],
+            error_types=[type(error).__name__ for _, error in module.CALLBACKS if error is not None],
             xcom={key: value for _, _, key, value in xcoms_of(dag_run)},
             duration=duration,
         )
@@ -344,7 +399,102 @@ class Pipeline:
         return object_keys(self.s3, self.bucket)
 
 
+# ------------------------------------------------------------------------------------- task processes
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TaskProcesses:
+    """Starts tries of a faults DAG's task in child processes (``task_process.py --serve``) that a test can kill.
+
+    Each try is a fork of one server that imported Airflow and the provider once, so a try starts in
+    milliseconds; its environment is the test's at the time of :meth:`start` (the emulator's and the
+    S3 gate's connections).
+    """
+
+    def __init__(self) -> None:
+        #: What the server itself logs (each try logs to the file :meth:`start` names).
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115  # closed in close()
+        self._server = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.task_process", "--serve"],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self._lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.pid: int | None = None
+
+    def _read(self) -> None:
+        assert self._server.stdout is not None
+        for line in self._server.stdout:
+            self._lines.put(line)
+
+    def _answer(self, timeout: float) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self._lines.get(timeout=timeout)))
+        except queue.Empty:
+            raise TimeoutError(f"no answer from the task process server within {timeout} s") from None
+
+    def start(self, arguments: dict[str, Any], log: Path) -> int:
+        """Start a try; returns its pid at once."""
+        assert self.pid is None, "one try at a time"
+        env = {key: value for key, value in os.environ.items() if key.startswith(("AIRFLOW_CONN_", "AWS_"))}
+        assert self._server.stdin is not None
+        self._server.stdin.write(json.dumps({**arguments, "log": str(log), "env": env}) + "\n")
+        self._server.stdin.flush()
+        self.pid = int(self._answer(timeout=30)["pid"])
+        return self.pid
+
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the try to end; its exit code (``-9`` if it was SIGKILLed)."""
+        answer = self._answer(timeout)
+        assert answer["pid"] == self.pid
+        self.pid = None
+        return int(answer["status"])
+
+    def poll(self) -> int | None:
+        """The try's exit code if it has ended (as :meth:`wait`), else ``None`` at once."""
+        try:
+            line = self._lines.get_nowait()
+        except queue.Empty:
+            return None
+        answer = json.loads(line)
+        assert answer["pid"] == self.pid
+        self.pid = None
+        return int(answer["status"])
+
+    def signal(self, signum: int) -> None:
+        assert self.pid is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def close(self) -> None:
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+        self._server.kill()
+        self._server.wait(timeout=10)
+        self._log.close()
+
+
 # ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def _task_process_server() -> Iterator[TaskProcesses]:
+    processes = TaskProcesses()
+    yield processes
+    processes.close()
+
+
+@pytest.fixture
+def task_processes(_task_process_server: TaskProcesses) -> Iterator[TaskProcesses]:
+    yield _task_process_server
+    if _task_process_server.pid is not None:  # a test that failed mid-try: end it, collect its status
+        _task_process_server.signal(signal.SIGKILL)
+        _task_process_server.wait(timeout=30)
+
+
 @pytest.fixture
 def emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[JiMengEmulator]:
     with JiMengEmulator() as emulator:
@@ -364,6 +514,7 @@ def gate(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Gat
     connection = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": extra}
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(connection))
     yield gate
+    gate.release()
     gate.stop()
 
 

@@ -21,9 +21,13 @@ from typing import Any
 import pytest
 
 from airflow_provider_jimeng.emulator import Fault, JiMengEmulator
-from tests.faults.conftest import Pipeline, assert_names_code_and_request_id, wait_for
+from tests.faults.conftest import FORMATS, Pipeline, assert_names_code_and_request_id, dag_for, wait_for
 
 pytestmark = pytest.mark.timeout(60)
+
+#: Every test that applies to both response formats runs in both (``fmt``): the recovery differs
+#: where an answer carries data instead of a URL, and each difference is asserted where it shows.
+both_formats = pytest.mark.parametrize("fmt", FORMATS)
 
 
 def _assert_recovered(run: Any, code: str, emulator: JiMengEmulator) -> None:
@@ -34,11 +38,14 @@ def _assert_recovered(run: Any, code: str, emulator: JiMengEmulator) -> None:
     assert_names_code_and_request_id(message, code, emulator)
 
 
+@both_formats
 @pytest.mark.parametrize("retry_after", [None, 0.3], ids=["without-retry-after", "with-retry-after"])
-def test_burst_of_429_absorbed_by_the_hook(pipeline: Pipeline, emulator: JiMengEmulator, retry_after: Any) -> None:
+def test_burst_of_429_absorbed_by_the_hook(
+    pipeline: Pipeline, emulator: JiMengEmulator, retry_after: Any, fmt: str
+) -> None:
     emulator.inject(Fault("rate_limit", retry_after=retry_after, times=2))
 
-    run = pipeline.run(prompts=["a red fox", "a grey owl"])
+    run = pipeline.run(dag_for(fmt), prompts=["a red fox", "a grey owl"])
 
     assert run.state == "success"
     assert run.try_number == 1
@@ -50,14 +57,15 @@ def test_burst_of_429_absorbed_by_the_hook(pipeline: Pipeline, emulator: JiMengE
         assert run.duration >= retry_after  # the server's Retry-After was waited out, not the 10 ms backoff
 
 
+@both_formats
 @pytest.mark.parametrize("retry_after", [None, 0.2], ids=["without-retry-after", "with-retry-after"])
 def test_burst_of_429_longer_than_the_retry_budget(
-    pipeline: Pipeline, emulator: JiMengEmulator, retry_after: Any
+    pipeline: Pipeline, emulator: JiMengEmulator, retry_after: Any, fmt: str
 ) -> None:
     # Two prompts x two attempts each in try 1: four 429s leave nothing for try 1.
     emulator.inject(Fault("rate_limit", retry_after=retry_after, times=4))
 
-    run = pipeline.run(prompts=["a red fox", "a grey owl"])
+    run = pipeline.run(dag_for(fmt), prompts=["a red fox", "a grey owl"])
 
     _assert_recovered(run, "ModelAccountIpmRateLimitExceeded", emulator)
     accounting = pipeline.account()
@@ -65,13 +73,14 @@ def test_burst_of_429_longer_than_the_retry_budget(
     assert accounting.requests == 6
 
 
+@both_formats
 @pytest.mark.parametrize(
     ("kind", "code"), [("server_error", "InternalServiceError"), ("unavailable", "ServiceUnavailable")]
 )
-def test_server_errors(pipeline: Pipeline, emulator: JiMengEmulator, kind: str, code: str) -> None:
+def test_server_errors(pipeline: Pipeline, emulator: JiMengEmulator, kind: str, code: str, fmt: str) -> None:
     emulator.inject(Fault(kind, times=2))
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
 
     _assert_recovered(run, code, emulator)
     assert "HTTP 50" in run.errors[0] or code in run.errors[0]
@@ -79,10 +88,13 @@ def test_server_errors(pipeline: Pipeline, emulator: JiMengEmulator, kind: str, 
     assert accounting.billed == accounting.stored == 1
 
 
-def test_quota_exceeded_is_not_retried_and_stops_the_run(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
+@both_formats
+def test_quota_exceeded_is_not_retried_and_stops_the_run(
+    pipeline: Pipeline, emulator: JiMengEmulator, fmt: str
+) -> None:
     emulator.inject(Fault("quota"))
 
-    run = pipeline.run("faults_pipeline_serial", prompts=["one", "two", "three"])
+    run = pipeline.run(dag_for(fmt, "serial"), prompts=["one", "two", "three"])
 
     _assert_recovered(run, "QuotaExceeded", emulator)
     assert "not sent (the run stopped)" in run.errors[0]  # the spending cap affects every prompt: stop at once
@@ -91,11 +103,12 @@ def test_quota_exceeded_is_not_retried_and_stops_the_run(pipeline: Pipeline, emu
     assert accounting.billed == accounting.stored == 3
 
 
-def test_read_timeouts(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
+@both_formats
+def test_read_timeouts(pipeline: Pipeline, emulator: JiMengEmulator, fmt: str) -> None:
     # Both attempts of try 1 outlast the 1 s read timeout; the service bills them all the same.
     emulator.inject(Fault("slow", delay=1.4, times=2))
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
 
     # The timed-out requests are recorded (billed, undelivered) only when the emulator finishes them.
     assert wait_for(lambda: len(emulator.ledger) == 3 and sum(not entry.delivered for entry in emulator.ledger) == 2)
@@ -108,20 +121,22 @@ def test_read_timeouts(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
     assert accounting.billed == accounting.stored + accounting.lost_in_transit
 
 
-def test_connection_reset_before_the_answer(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
+@both_formats
+def test_connection_reset_before_the_answer(pipeline: Pipeline, emulator: JiMengEmulator, fmt: str) -> None:
     emulator.inject(Fault("reset", times=2))
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
 
     _assert_recovered(run, "ConnectionError", emulator)
     accounting = pipeline.account()
     assert accounting.billed == accounting.stored == 1  # a reset before generating bills nothing
 
 
-def test_connection_reset_mid_body(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
+@both_formats
+def test_connection_reset_mid_body(pipeline: Pipeline, emulator: JiMengEmulator, fmt: str) -> None:
     emulator.inject(Fault("reset_mid_body", times=2))
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
 
     _assert_recovered(run, "ConnectionError", emulator)
     # The headers arrived: the message quotes the server's own request id, the one on the bill.
@@ -132,11 +147,12 @@ def test_connection_reset_mid_body(pipeline: Pipeline, emulator: JiMengEmulator)
     assert accounting.billed == accounting.stored + accounting.lost_in_transit
 
 
+@both_formats
 @pytest.mark.parametrize("kind", ["malformed", "truncated"])
-def test_malformed_or_truncated_json(pipeline: Pipeline, emulator: JiMengEmulator, kind: str) -> None:
+def test_malformed_or_truncated_json(pipeline: Pipeline, emulator: JiMengEmulator, kind: str, fmt: str) -> None:
     emulator.inject(Fault(kind, times=2))
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
 
     _assert_recovered(run, "MalformedResponse", emulator)
     accounting = pipeline.account()
@@ -145,9 +161,10 @@ def test_malformed_or_truncated_json(pipeline: Pipeline, emulator: JiMengEmulato
     assert accounting.billed == accounting.stored + accounting.lost_in_transit
 
 
+@both_formats
 @pytest.mark.parametrize("kind", ["malformed", "truncated", "slow"])
 def test_usage_counts_what_the_ledger_bills_when_the_hook_retried(
-    pipeline: Pipeline, emulator: JiMengEmulator, kind: str
+    pipeline: Pipeline, emulator: JiMengEmulator, kind: str, fmt: str
 ) -> None:
     """Issue 11 item 12: an unreadable or timed-out answer retried inside the hook was billed too.
 
@@ -156,7 +173,7 @@ def test_usage_counts_what_the_ledger_bills_when_the_hook_retried(
     """
     emulator.inject(Fault(kind, times=1, delay=1.4 if kind == "slow" else 0.0))
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
 
     assert run.state == "success"
     assert run.try_number == 1, "the hook's own retry absorbed the fault"
@@ -167,6 +184,7 @@ def test_usage_counts_what_the_ledger_bills_when_the_hook_retried(
     assert usage["generated_images"] + usage["possibly_billed_images"] == pipeline.account().billed == 2
 
 
+# url mode only: a b64_json answer carries its image, there is no download to fail.
 @pytest.mark.parametrize(("kind", "status"), [("expired_url", "HTTP 403"), ("missing_url", "HTTP 404")])
 def test_signed_url_dead_at_download(pipeline: Pipeline, emulator: JiMengEmulator, kind: str, status: str) -> None:
     emulator.inject(Fault(kind))
@@ -198,8 +216,9 @@ def test_download_broken_off_is_finished_from_the_journal(pipeline: Pipeline, em
     assert not [key for key in pipeline.objects() if "/_pending/" in key]
 
 
-def test_partial_failure_inside_a_set(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
-    run = pipeline.run("faults_pipeline_set", prompts=["a set of 3 images of a lighthouse FAIL_IMAGE_1"])
+@both_formats
+def test_partial_failure_inside_a_set(pipeline: Pipeline, emulator: JiMengEmulator, fmt: str) -> None:
+    run = pipeline.run(dag_for(fmt, "set"), prompts=["a set of 3 images of a lighthouse FAIL_IMAGE_1"])
 
     # A content decision no retry can change: both tries fail naming it, the second without a request.
     assert run.state == "failed"

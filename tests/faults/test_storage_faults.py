@@ -20,11 +20,13 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.storage.s3 import LocalJournal, TaskKeyspace
-from tests.faults.conftest import Pipeline, S3Gate, assert_names_code_and_request_id, wait_for
+from tests.faults.conftest import FORMATS, Pipeline, S3Gate, assert_names_code_and_request_id, dag_for, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
 RUN_ID = "manual__2025-01-01T00:00:00+00:00"
+#: Every recovery path that exists in both response formats runs in both.
+both_formats = pytest.mark.parametrize("fmt", FORMATS)
 
 
 def keyspace(bucket: str, dag_id: str) -> TaskKeyspace:
@@ -47,13 +49,14 @@ def when(condition: Callable[[], bool], action: Callable[[], None]) -> threading
     return thread
 
 
+@both_formats
 def test_s3_unreachable_before_the_run_costs_nothing_and_the_retry_generates(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, fmt: str
 ) -> None:
     gate.stop()
     pipeline.before_retry(gate.start)
 
-    run = pipeline.run(prompts=["a red fox", "a grey owl"])
+    run = pipeline.run(dag_for(fmt), prompts=["a red fox", "a grey owl"])
 
     assert run.state == "success"
     assert run.try_number == 2
@@ -65,15 +68,16 @@ def test_s3_unreachable_before_the_run_costs_nothing_and_the_retry_generates(
     assert accounting.billed == accounting.stored == 2
 
 
+@both_formats
 @pytest.mark.parametrize("failure", ["no_bucket", "denied"])
 def test_a_missing_or_refusing_bucket_fails_at_once_without_spending_retries(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, failure: str
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, failure: str, fmt: str
 ) -> None:
     """Issue 11 item 11: a configuration error on the first listing is not retried like a transient fault."""
     gate.mode = "no_bucket" if failure == "no_bucket" else "deny_all"
     pipeline.before_retry(lambda: setattr(gate, "mode", "pass"))
 
-    run = pipeline.run(prompts=["a red fox", "a grey owl"])
+    run = pipeline.run(dag_for(fmt), prompts=["a red fox", "a grey owl"])
 
     assert run.state == "failed"
     assert run.try_number == 1, "no task retry is spent on a bucket that does not exist or refuses us"
@@ -81,27 +85,30 @@ def test_a_missing_or_refusing_bucket_fails_at_once_without_spending_retries(
     assert {"no_bucket": "NoSuchBucket", "denied": "AccessDenied"}[failure] in message
     assert "before any image was generated" in message
     assert "S3 request id GATE" in message
+    assert run.error_types == ["JiMengStorageConfigurationError"]
     assert pipeline.account().requests == 0
 
 
+@both_formats
 def test_s3_stopped_mid_run(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, s3_client: Any, bucket: str
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, s3_client: Any, bucket: str, fmt: str
 ) -> None:
     # Prompt 0 is stored; S3 goes away while prompt 1 is being generated (0.6 s per image).
     emulator.latency = 0.6
-    image_0 = keyspace(bucket, "faults_pipeline_serial").image_key(0, 0)
+    dag_id = dag_for(fmt, "serial")
+    image_0 = keyspace(bucket, dag_id).image_key(0, 0)
     watcher = when(lambda: image_0 in pipeline.objects(), gate.stop)
     after_try_1: dict[str, Any] = {}
 
     def repair() -> None:
         after_try_1.update(billed=emulator.billed_images, keys=pipeline.objects())
-        after_try_1["local"] = local_journal(bucket, "faults_pipeline_serial").read(1)
+        after_try_1["local"] = local_journal(bucket, dag_id).read(1)
         emulator.latency = 0.0
         gate.start()
 
     pipeline.before_retry(repair)
 
-    run = pipeline.run("faults_pipeline_serial", prompts=["a red fox", "a grey owl"])
+    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
     watcher.join(timeout=5)
 
     assert run.state == "success"
@@ -110,19 +117,26 @@ def test_s3_stopped_mid_run(
     assert_names_code_and_request_id(message, "EndpointConnectionError", emulator)
     assert "prompt 1 image 0: not stored" in message
     assert "kept for a retry" in message
-    # After try 1: both paid, prompt 0 stored, prompt 1's signed URL kept on this machine (S3 was down).
+    # After try 1: both paid, prompt 0 stored, prompt 1 kept on this machine (S3 was down): its signed
+    # URL (url) or its image data (b64_json, whose S3 journal never holds data).
     assert after_try_1["billed"] == 2
     stored_after_try_1 = [key for key in after_try_1["keys"] if key.endswith(".jpeg")]
-    assert stored_after_try_1 == [keyspace(bucket, "faults_pipeline_serial").image_key(0, 0)]
+    assert stored_after_try_1 == [keyspace(bucket, dag_id).image_key(0, 0)]
     assert after_try_1["local"] is not None
-    assert after_try_1["local"].images[0].url
+    if fmt == "url":
+        assert after_try_1["local"].images[0].url
+    else:
+        assert after_try_1["local"].images[0].b64_json
     accounting = pipeline.account()
     assert accounting.requests == 2  # try 2 sent nothing: prompt 0 was stored, prompt 1 had its journal
     assert accounting.billed == accounting.stored == 2
-    assert local_journal(bucket, "faults_pipeline_serial").read(1) is None  # cleaned up once stored
+    assert local_journal(bucket, dag_id).read(1) is None  # cleaned up once stored
 
 
-def test_bucket_deleted_mid_run(pipeline: Pipeline, emulator: JiMengEmulator, s3_client: Any, bucket: str) -> None:
+@both_formats
+def test_bucket_deleted_mid_run(
+    pipeline: Pipeline, emulator: JiMengEmulator, s3_client: Any, bucket: str, fmt: str
+) -> None:
     # The bucket (still empty) disappears while the only prompt is being generated.
     emulator.latency = 0.6
     watcher = when(lambda: emulator.request_count >= 1, lambda: s3_client.delete_bucket(Bucket=bucket))
@@ -133,7 +147,7 @@ def test_bucket_deleted_mid_run(pipeline: Pipeline, emulator: JiMengEmulator, s3
 
     pipeline.before_retry(repair)
 
-    run = pipeline.run()
+    run = pipeline.run(dag_for(fmt))
     watcher.join(timeout=5)
 
     assert run.state == "success"
@@ -144,11 +158,12 @@ def test_bucket_deleted_mid_run(pipeline: Pipeline, emulator: JiMengEmulator, s3
     accounting = pipeline.account()
     assert accounting.requests == 1  # the recreated bucket was empty: the local journal saved the payment
     assert accounting.billed == accounting.stored == 1
+    assert local_journal(bucket, dag_for(fmt)).read(0) is None
 
 
-@pytest.mark.parametrize("dag_id", ["faults_pipeline_serial", "faults_pipeline_b64"], ids=["url", "b64_json"])
+@both_formats
 def test_access_denied_mid_run(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str, dag_id: str
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str, fmt: str
 ) -> None:
     # Listing is allowed, writing is not (a role without s3:PutObject): found out only after paying once.
     gate.mode = "deny_writes"
@@ -160,7 +175,7 @@ def test_access_denied_mid_run(
 
     pipeline.before_retry(repair)
 
-    run = pipeline.run(dag_id, prompts=["one", "two", "three"])
+    run = pipeline.run(dag_for(fmt, "serial"), prompts=["one", "two", "three"])
 
     assert run.state == "success"
     assert run.try_number == 2
@@ -179,8 +194,9 @@ def test_access_denied_mid_run(
     assert accounting.billed == accounting.stored == 3
 
 
+@both_formats
 def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str, fmt: str
 ) -> None:
     # Every image is stored, but records.json (written once, at the end) is refused: the journals stay.
     gate.mode = "deny_records"
@@ -193,24 +209,29 @@ def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
 
     pipeline.before_retry(repair)
 
-    run = pipeline.run(prompts=prompts)
+    run = pipeline.run(dag_for(fmt), prompts=prompts)
 
-    assert run.state == "success"
+    # Regression (b64_json): try 2 counted the resumed images as failed ("None") although all were in S3.
+    assert run.state == "success", run.errors
     assert run.try_number == 2
     (message,) = run.errors
     assert message.count("stored but not its record") == 3
     assert "AccessDenied" in message
-    space = keyspace(bucket, "faults_pipeline")
+    space = keyspace(bucket, dag_for(fmt))
     assert [key for key in after_try_1["keys"] if key.startswith(space.journal_prefix)], "journals kept"
     # Try 2 found each image stored by the answer its journal names: no request, no download.
     accounting = pipeline.account()
     assert accounting.requests == 3
     assert accounting.billed == accounting.stored == 3
-    assert emulator.downloads == after_try_1["downloads"] == 3
+    assert emulator.downloads == after_try_1["downloads"] == (3 if fmt == "url" else 0)
+    assert run.xcom["usage"]["reused_prompts"] == 3
+    assert run.xcom["usage"]["requests"] == 0
+    assert len(run.xcom["images"]) == 3
     assert not [key for key in pipeline.objects() if key.startswith(space.journal_prefix)]
     assert space.records_key in pipeline.objects()
 
 
+# b64_json only: in url mode the S3 journal's signed URL already lets the retry fetch the image.
 def test_b64_images_refused_after_their_journal_are_stored_from_the_local_copy(
     pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str
 ) -> None:
