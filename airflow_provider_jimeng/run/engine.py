@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import functools
 import queue
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
-from airflow_provider_jimeng.api.request import reference_image_count
+from airflow_provider_jimeng.api.request import max_images_billed, reference_image_count
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
 from airflow_provider_jimeng.budget import ByteBudget, SpendingCap
 from airflow_provider_jimeng.exceptions import (
@@ -50,6 +51,8 @@ from airflow_provider_jimeng.storage.records import (
     PromptRecord,
     Reuse,
     StoredImage,
+    answer_from_stored_objects,
+    answer_metadata,
     resume_plan,
 )
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
@@ -168,6 +171,8 @@ class GenerationRun:
                         image_key=functools.partial(keyspace.image_key, index),
                         now=now,
                     )
+                    if isinstance(plans[index], Generate):
+                        plans[index] = self._recognise_stored_answer(store, index, existing) or plans[index]
             self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure)
         interrupted: BaseException | None = None
         try:
@@ -184,6 +189,33 @@ class GenerationRun:
             raise interrupted
         if self._stopped_by is not None and self.fatal is None:
             self.fatal = JiMengRunStoppedError(self._stopped_by)
+
+    def _recognise_stored_answer(
+        self, store: S3ImageStore, index: int, existing: Mapping[str, int]
+    ) -> FinishStoring | None:
+        """An answer whose images were all stored by a try killed before its journal reached S3.
+
+        Only prompts with images under their keys but no journal or record get here (a retry after a
+        crash), so the ``HEAD`` requests cost nothing on a first try.
+        """
+        keyspace = store.keyspace
+        candidates = {image: keyspace.image_key(index, image) for image in range(max_images_billed(self.bodies[index]))}
+        found = {image: key for image, key in candidates.items() if key in existing}
+        if not found:
+            return None
+        answer = answer_from_stored_objects(
+            self.fingerprints[index], {image: store.head(key) for image, key in found.items()}
+        )
+        if answer is None:
+            return None
+        self.log.info(
+            "Prompt %d: %d image(s) an earlier try stored before its journal reached S3 vouch for their answer; "
+            "reusing them (no new request)",
+            index,
+            len(answer.images),
+        )
+        entry = dataclasses.replace(answer, prompt_index=index)
+        return FinishStoring(entry, stored=entry.images, missing=())
 
     def _run(self, plans: Mapping[int, Reuse | FinishStoring | Generate], existing: Mapping[str, int]) -> None:
         store = self.store
@@ -457,6 +489,7 @@ class GenerationRun:
         metadata = {
             "jimeng-request-id": str(entry.request_id or ""),
             "jimeng-model": str(entry.model or ""),
+            **answer_metadata(self.fingerprints[index], entry),
             "airflow-dag-id": keyspace.dag_id,
             "airflow-run-id": keyspace.run_id,
             "airflow-task-id": keyspace.task_id,

@@ -387,3 +387,66 @@ def resume_plan(
     if not all(image.fetchable(fresh=fresh) for image in missing):
         return Generate("the journaled images can no longer be fetched (URLs expired, or base64 data lost)")
     return FinishStoring(journal, stored, missing)
+
+
+# ------------------------------------------------------------------------ images that outlived their journal
+#: Object metadata that lets an image vouch for its answer when no journal or record does.
+FINGERPRINT_METADATA = "jimeng-fingerprint"
+DELIVERED_METADATA = "jimeng-delivered"
+FAILED_METADATA = "jimeng-failed"
+
+
+def answer_metadata(fingerprint: str, entry: JournalEntry) -> dict[str, str]:
+    """What every stored image of ``entry`` carries so that a retry can recognise the whole answer.
+
+    A process killed after uploading an answer's images but before its journal reached S3 left only
+    the images: with the request's fingerprint and the list of the answer's delivered (and failed)
+    images on each of them, the retry can tell that the answer is complete, and not pay for it again.
+    """
+    failed = ";".join(f"{image.index}:{image.error_code or 'Failed'}" for image in entry.failed)
+    return {
+        FINGERPRINT_METADATA: fingerprint,
+        DELIVERED_METADATA: ",".join(str(image.index) for image in entry.images),
+        FAILED_METADATA: failed[:1000],
+    }
+
+
+def answer_from_stored_objects(fingerprint: str, heads: Mapping[int, Mapping[str, Any]]) -> JournalEntry | None:
+    """The answer whose images are all stored, read back from their metadata (``HEAD`` per image index).
+
+    ``heads`` maps an image index to its object's ``HEAD`` (``Metadata``, ``ContentLength``). Only an
+    answer of the same request (``fingerprint``) whose every delivered image is there counts; anything
+    less (an image missing, metadata of an older provider, another request's images) is ``None``.
+    """
+    by_request: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for index, head in heads.items():
+        metadata = head.get("Metadata") or {}
+        request_id = metadata.get("jimeng-request-id")
+        if metadata.get(FINGERPRINT_METADATA) == fingerprint and request_id:
+            by_request.setdefault(request_id, {})[index] = metadata
+    for request_id, found in by_request.items():
+        metadata = next(iter(found.values()))
+        try:
+            delivered = {int(text) for text in metadata.get(DELIVERED_METADATA, "").split(",") if text}
+            failed = [
+                FailedImage(int(index), code or None, "recorded by the earlier try")
+                for index, code in (item.split(":", 1) for item in metadata.get(FAILED_METADATA, "").split(";") if item)
+            ]
+        except ValueError:
+            continue
+        if not delivered or not delivered <= set(found):
+            continue
+        return JournalEntry(
+            prompt_index=-1,
+            fingerprint=fingerprint,
+            written_at=0.0,
+            request_id=request_id,
+            model=metadata.get("jimeng-model") or None,
+            created=None,
+            usage={},
+            images=tuple(
+                JournaledImage(index=index, size=found[index].get("jimeng-size") or None) for index in sorted(delivered)
+            ),
+            failed=tuple(failed),
+        )
+    return None

@@ -155,6 +155,32 @@ def test_journals_of_prompts_dropped_from_a_shorter_list_do_not_outlive_a_succes
     assert bucket.keys(f"{prefix}/_pending/") == [], "the orphaned journal is dropped with the try's own"
 
 
+@pytest.mark.parametrize("dag_name", ["dag", "b64_dag"], ids=["url", "b64_json"])
+def test_images_stored_by_a_try_that_died_before_its_journal_and_records_are_not_paid_again(
+    emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag, dag_name: str
+) -> None:
+    """A try killed after uploading, before its journal batch or records.json reached S3, left only images.
+
+    Each image carries its request's fingerprint and the list of its answer's images: the retry
+    recognises complete answers from that metadata and reuses them. Before, a b64_json answer was
+    generated (and paid for) again, and a url one too.
+    """
+    dag = getattr(jimeng_test_generate, dag_name)
+    conf = {"prompts": PROMPTS[:2], "bucket": bucket.name}
+    first = run_dag(dag, conf)
+    assert first.state == "success"
+    prefix = task_prefix(first)
+    bucket.client.delete_object(Bucket=bucket.name, Key=f"{prefix}/records.json")
+
+    again = run_dag(dag, conf, again=first)
+
+    assert again.state == "success"
+    assert emulator.request_count == 2, "no new request: the images vouched for their answers"
+    assert again.log("gen").count("reusing them (no new request)") == 2
+    recorded = sorted(bucket.record(prefix, index)["request_id"] for index in range(2))
+    assert recorded == sorted(entry.request_id for entry in emulator.ledger)
+
+
 def test_retry_stores_from_the_journal_without_a_new_generation_request(
     emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
 ) -> None:

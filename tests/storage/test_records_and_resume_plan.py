@@ -23,6 +23,8 @@ from airflow_provider_jimeng.storage.records import (
     PromptRecord,
     Reuse,
     StoredImage,
+    answer_from_stored_objects,
+    answer_metadata,
     newer,
     resume_plan,
 )
@@ -225,3 +227,49 @@ def test_the_newest_entry_wins_and_a_data_copy_beats_its_twin() -> None:
     twin_with_data = entry(url=False, data=True, written_at=NOW - 5)
     assert newer([twin_without_data, twin_with_data]) is twin_with_data
     assert newer([twin_with_data, twin_without_data]) is twin_with_data
+
+
+# ------------------------------------------------------------ images that outlived their journal
+def _head(request_id: str, fingerprint: str, delivered: str, failed: str = "") -> dict[str, object]:
+    return {
+        "ContentLength": 10,
+        "Metadata": {
+            "jimeng-request-id": request_id,
+            "jimeng-model": "m",
+            "jimeng-size": "1024x1024",
+            "jimeng-fingerprint": fingerprint,
+            "jimeng-delivered": delivered,
+            "jimeng-failed": failed,
+        },
+    }
+
+
+def test_a_complete_answer_is_recognised_from_its_images_metadata() -> None:
+    made = answer_metadata(
+        "fp", entry(url=False, images=2, failed=(FailedImage(2, "OutputImageSensitiveContentDetected"),))
+    )
+    assert made == {
+        "jimeng-fingerprint": "fp",
+        "jimeng-delivered": "0,1",
+        "jimeng-failed": "2:OutputImageSensitiveContentDetected",
+    }
+    heads = {index: _head("req-1", "fp", "0,1", "2:OutputImageSensitiveContentDetected") for index in (0, 1)}
+    answer = answer_from_stored_objects("fp", heads)
+    assert answer is not None
+    assert answer.request_id == "req-1"
+    assert [image.index for image in answer.images] == [0, 1]
+    assert answer.failed[0].error_code == "OutputImageSensitiveContentDetected"
+
+
+@pytest.mark.parametrize(
+    "heads",
+    [
+        {0: _head("req-1", "fp", "0,1")},  # image 1 was never uploaded
+        {0: _head("req-1", "other", "0"), 1: _head("req-1", "other", "0,1")},  # another request's images
+        {0: {"ContentLength": 10, "Metadata": {"jimeng-request-id": "req-1"}}},  # an older provider's image
+        {0: _head("req-1", "fp", "zero")},  # unreadable metadata
+        {0: _head("req-1", "fp", "0,1"), 1: _head("req-2", "fp", "0,1")},  # two answers, neither complete
+    ],
+)
+def test_anything_short_of_a_complete_answer_is_not_recognised(heads: dict[int, dict[str, object]]) -> None:
+    assert answer_from_stored_objects("fp", heads) is None
