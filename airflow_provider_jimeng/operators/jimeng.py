@@ -345,7 +345,18 @@ class JiMengGenerateOperator(BaseOperator):
         ti.xcom_push(key="images", value=records)
         ti.xcom_push(key="usage", value=usage)
         if run.store is not None:
-            self._emit_asset_events(context, run.store.keyspace, sum(len(o.stored) for o in outcomes))
+            keyspace = run.store.keyspace
+            # Where this task instance's objects are, and through which connection: what a reader
+            # (the UI's gallery, a downstream task) needs to find its records without the DAG's code.
+            ti.xcom_push(
+                key="storage",
+                value={
+                    "prefix": keyspace.uri(keyspace.task_prefix + "/"),
+                    "records": keyspace.uri(keyspace.records_key),
+                    "conn_id": self.aws_conn_id,
+                },
+            )
+            self._emit_asset_events(context, keyspace, sum(len(o.stored) for o in outcomes))
         self.log.info(
             "JiMeng: %d image(s) kept, %d failure(s); billed %d image(s) (%d possibly more) in %d request(s)",
             len(outputs),

@@ -47,6 +47,9 @@ def test_images_are_stored_under_deterministic_keys_with_metadata_and_records(
             "jimeng-request-id": request_id,
             "jimeng-model": "doubao-seedream-4-0-250828",
             "jimeng-size": "1280x720",
+            "jimeng-fingerprint": bucket.record(prefix, index)["fingerprint"],
+            "jimeng-delivered": "0",
+            "jimeng-failed": "",
             "airflow-dag-id": run.dag_id,
             "airflow-run-id": run.run_id,
             "airflow-task-id": "gen",
@@ -86,6 +89,11 @@ def test_images_and_usage_xcoms_describe_what_was_stored(
         assert item["size"] == "1024x1024"
         assert item["model"] == "doubao-seedream-4-0-250828"
         assert item["request_id"] in {entry.request_id for entry in emulator.ledger}
+    assert run.xcom("gen", "storage") == {
+        "prefix": f"s3://{bucket.name}/{prefix}/",
+        "records": f"s3://{bucket.name}/{prefix}/records.json",
+        "conn_id": "aws_default",
+    }
     assert run.xcom("gen", "usage") == {
         "generated_images": 2,
         "possibly_billed_images": 0,
