@@ -1,0 +1,150 @@
+"""The "Images" tab of a task instance: a gallery of what a JiMeng task generated (Airflow 3.1 and later).
+
+An :class:`~airflow.plugins_manager.AirflowPlugin` registered through the provider's metadata. It
+brings two things to the API server:
+
+* a FastAPI app mounted under :data:`URL_PREFIX`: ``gallery`` (an HTML page of the task instance's
+  images, failures and usage) and ``image`` (one image's bytes, read server side through the
+  task's own storage connection and streamed: no bucket name, key or credential reaches the page);
+* an external view on the task instance page, named "Images", that shows the gallery.
+
+Both routes require what Airflow's own task instance routes require: ``GET`` on the DAG's task
+instances (``requires_access_dag``), for the DAG named in the request, before anything is read.
+The image route takes the task instance and a number, never a key: it serves the ``n``-th image of
+that task instance's own ``images`` XCom, and only if it lies under the task's storage prefix.
+"""
+
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations, which name
+# objects imported inside create_gallery_app (so that only the API server imports them).
+import logging
+import re
+from typing import TYPE_CHECKING, Annotated, Any
+
+from airflow.plugins_manager import AirflowPlugin
+
+from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+log = logging.getLogger(__name__)
+
+#: Where the API server mounts the gallery app.
+URL_PREFIX = GALLERY_URL_PREFIX
+#: The external view's route in the UI (``.../plugin/jimeng-images``).
+URL_ROUTE = "jimeng-images"
+_INDEX = re.compile(r"^-?\d{1,6}$")
+
+
+def gallery_href() -> str:
+    """The external view's href: relative (no leading slash), so the UI's ``<base href>`` adds Airflow's base path."""
+    placeholders = "dag_id={DAG_ID}&run_id={RUN_ID}&task_id={TASK_ID}&map_index={MAP_INDEX}"
+    return f"{URL_PREFIX.lstrip('/')}/gallery?{placeholders}"
+
+
+def _index(text: str | None) -> int | None:
+    """A map index or image number as the request gave it; anything but a plain integer is ``None``."""
+    return int(text) if text is not None and _INDEX.match(text) else None
+
+
+def create_gallery_app() -> "FastAPI":
+    """The gallery's FastAPI app (mounted by the API server under :data:`URL_PREFIX`)."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.common.db.common import SessionDep
+    from airflow.api_fastapi.core_api.security import requires_access_dag
+    from fastapi import Depends, FastAPI, HTTPException, Query
+    from fastapi.responses import HTMLResponse, StreamingResponse
+
+    from airflow_provider_jimeng.plugins.gallery_page import CONTENT_SECURITY_POLICY, render_gallery
+    from airflow_provider_jimeng.plugins.gallery_store import load_task_images, open_object, read_records
+    from airflow_provider_jimeng.storage.s3 import image_content_type
+
+    app = FastAPI(
+        title="JiMeng image gallery",
+        description="The images a JiMeng task instance generated, read through the task's own storage connection.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    can_read_task_instances = [Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.TASK_INSTANCE))]
+    not_found = HTTPException(status_code=404, detail="Not found")
+
+    @app.get("/gallery", response_class=HTMLResponse, dependencies=can_read_task_instances)
+    def gallery(
+        session: SessionDep,
+        dag_id: Annotated[str, Query(min_length=1)],
+        run_id: Annotated[str, Query(min_length=1)],
+        task_id: Annotated[str, Query(min_length=1)],
+        map_index: Annotated[str | None, Query()] = None,
+    ) -> HTMLResponse:
+        # A task instance that is not mapped has no map index in the UI's URL: the placeholder stays
+        # unreplaced, and every map index the task has is shown (just -1 for an unmapped task).
+        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=_index(map_index))
+        for task in tasks:
+            read_records(task)
+        page = render_gallery(dag_id, run_id, task_id, tasks)
+        return HTMLResponse(
+            page,
+            headers={
+                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "same-origin",
+            },
+        )
+
+    @app.get("/image", dependencies=can_read_task_instances)
+    def image(
+        session: SessionDep,
+        dag_id: Annotated[str, Query(min_length=1)],
+        run_id: Annotated[str, Query(min_length=1)],
+        task_id: Annotated[str, Query(min_length=1)],
+        map_index: Annotated[str, Query()],
+        n: Annotated[str, Query()],
+    ) -> StreamingResponse:
+        index, number = _index(map_index), _index(n)
+        if index is None or number is None:
+            raise not_found
+        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index)
+        stored = tasks[0].image(number) if tasks else None
+        if stored is None or tasks[0].storage is None:
+            raise not_found
+        try:
+            stream = open_object(stored.uri, tasks[0].storage.conn_id)
+        except FileNotFoundError:
+            raise not_found from None
+        except Exception as error:
+            log.warning("JiMeng gallery: image %d of %s not read (%s)", number, task_id, type(error).__name__)
+            raise HTTPException(status_code=502, detail="The image could not be read from storage") from None
+        headers: dict[str, Any] = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+        if stream.size is not None:
+            headers["Content-Length"] = str(stream.size)
+        return StreamingResponse(
+            stream.chunks, media_type=image_content_type(stream.first, "application/octet-stream"), headers=headers
+        )
+
+    return app
+
+
+class JiMengGalleryPlugin(AirflowPlugin):
+    """Registers the gallery app and the "Images" view of task instances (nothing on Airflow 3.0)."""
+
+    name = "jimeng_gallery"
+    fastapi_apps = (
+        [{"app": create_gallery_app(), "url_prefix": URL_PREFIX, "name": "JiMeng image gallery"}]
+        if AIRFLOW_V_3_1_PLUS
+        else []
+    )
+    external_views = (
+        [
+            {
+                "name": "Images",
+                "href": gallery_href(),
+                "destination": "task_instance",
+                "url_route": URL_ROUTE,
+            }
+        ]
+        if AIRFLOW_V_3_1_PLUS
+        else []
+    )

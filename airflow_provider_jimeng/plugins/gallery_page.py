@@ -1,0 +1,115 @@
+"""The gallery's HTML: one server-rendered page, no script, no external asset, everything escaped."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from airflow_provider_jimeng.plugins.gallery_store import Failure, TaskImages
+
+#: The page runs no script and loads nothing but its own images.
+CONTENT_SECURITY_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1rem;color:#1f2933;background:#fff}
+h1{font-size:1.2rem;margin:0 0 .5rem}h2{font-size:1rem;margin:1.5rem 0 .5rem}
+.meta{color:#52606d;font-size:.85rem}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:1rem}
+figure{margin:0;border:1px solid #d9e2ec;border-radius:6px;overflow:hidden;background:#f5f7fa}
+figure img{display:block;width:100%;height:220px;object-fit:contain;background:#e4e7eb}
+figcaption{padding:.5rem;font-size:.8rem;line-height:1.35;word-break:break-word}
+figcaption .prompt{font-weight:600;margin-bottom:.25rem}
+figure.failed{border-color:#e12d39;background:#ffe3e3}
+figure.failed .placeholder{height:220px;display:flex;align-items:center;justify-content:center;
+font-weight:700;color:#a61b1b;padding:.5rem;text-align:center}
+.note{padding:.5rem;background:#fffbea;border:1px solid #f0b429;border-radius:4px}
+@media (prefers-color-scheme:dark){body{background:#1f2933;color:#f5f7fa}
+figure{background:#323f4b;border-color:#52606d}.meta{color:#9aa5b1}figure.failed{background:#5c1a1a}
+figure.failed .placeholder{color:#ffbdbd}.note{background:#513c06;border-color:#8d6708}}
+"""
+
+
+def _usage_text(usage: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in usage.items() if value not in (None, {}, []))
+
+
+def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int) -> str:
+    query = urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index, "n": number})
+    return f"image?{query}"
+
+
+def _caption(lines: Sequence[tuple[str, str | None]]) -> str:
+    parts = []
+    for css, text in lines:
+        if text:
+            parts.append(f'<div class="{css}">{escape(text)}</div>')
+    return "".join(parts)
+
+
+def _failure_figure(failure: Failure, prompt: str | None) -> str:
+    where = f"prompt {failure.prompt_index}" if failure.prompt_index is not None else "task"
+    if failure.image_index is not None:
+        where += f", image {failure.image_index}"
+    caption = _caption([("prompt", prompt), ("meta", where), ("meta", failure.message)])
+    code = failure.code or "Not produced"
+    return (
+        f'<figure class="failed" data-error-code="{escape(code)}"><div class="placeholder">{escape(code)}</div>'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, mapped: bool) -> str:
+    parts = []
+    if mapped:
+        parts.append(f"<h2>Map index {task.map_index}</h2>")
+    if task.usage:
+        parts.append(f'<p class="meta">Usage: {escape(_usage_text(task.usage))}</p>')
+    if task.storage is None:
+        parts.append('<p class="note">This task instance did not store its images: nothing to show here.</p>')
+    if task.records_error:
+        parts.append(f'<p class="note">{escape(task.records_error)}</p>')
+    figures = []
+    for number, image in enumerate(task.images):
+        if task.image(number) is None:
+            continue
+        record = task.records.get(image.prompt_index)
+        url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
+        alt = f"prompt {image.prompt_index}, image {image.image_index}"
+        caption = _caption(
+            [
+                ("prompt", record.prompt if record else None),
+                ("meta", f"{alt} · {image.size or 'size n/a'} · {image.model or 'model n/a'}"),
+                ("meta", f"request id {image.request_id or 'n/a'}"),
+                ("meta", f"usage: {_usage_text(record.usage)}" if record and record.usage else None),
+            ]
+        )
+        figures.append(
+            f'<figure class="image"><a href="{url}" title="Open full size">'
+            f'<img src="{url}" alt="{escape(alt)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
+        )
+    for failure in task.failures:
+        record = task.records.get(failure.prompt_index) if failure.prompt_index is not None else None
+        figures.append(_failure_figure(failure, record.prompt if record else None))
+    if figures:
+        parts.append(f'<div class="grid">{"".join(figures)}</div>')
+    elif task.storage is not None:
+        parts.append('<p class="note">No images were stored by this task instance.</p>')
+    return f'<section data-map-index="{task.map_index}">{"".join(parts)}</section>'
+
+
+def render_gallery(dag_id: str, run_id: str, task_id: str, tasks: Sequence[TaskImages]) -> str:
+    """The gallery page of a task instance (or of every map index of a mapped task)."""
+    title = f"JiMeng images · {task_id}"
+    mapped = any(task.map_index >= 0 for task in tasks)
+    if tasks:
+        body = "".join(_task_section(dag_id, run_id, task_id, task, mapped=mapped) for task in tasks)
+    else:
+        body = '<p class="note">This task instance has no JiMeng images (it has not run, or it stored nothing).</p>'
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>"
+        f'<h1>{escape(title)}</h1><p class="meta">{escape(dag_id)} · {escape(run_id)}</p>{body}</body></html>'
+    )

@@ -1,0 +1,121 @@
+"""The gallery over Airflow's real API server app, reading what real ``dag.test()`` runs stored.
+
+One API server app (``airflow.api_fastapi.app.create_app``, which loads the provider's plugin
+through its entry point) serves every test; each module runs its DAG once against the emulator
+and moto's S3 server, then only reads. Users come from :class:`RestrictedAuthManager`, Airflow's
+``SimpleAuthManager`` with one user, ``outsider``, who may read no JiMeng test DAG.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+import pytest
+from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+from airflow_provider_jimeng.emulator import JiMengEmulator
+from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
+from tests.operators.conftest import _DECLARED_PARAMS
+
+
+class RestrictedAuthManager(SimpleAuthManager):
+    """``SimpleAuthManager`` where the user ``outsider`` may read no DAG whose id starts ``jimeng_``."""
+
+    #: Every DAG check asked of the auth manager: (user, method, access entity, dag id).
+    checks: list[tuple[str, str, Any, str | None]] = []
+
+    def is_authorized_dag(self, *, method: Any, user: Any, access_entity: Any = None, details: Any = None) -> bool:
+        dag_id = details.id if details else None
+        self.checks.append((user.get_name(), method, access_entity, dag_id))
+        if user.get_name() == "outsider" and (dag_id is None or dag_id.startswith("jimeng_")):
+            return False
+        return super().is_authorized_dag(method=method, user=user, access_entity=access_entity, details=details)
+
+
+@dataclass
+class Gallery:
+    """A client of the API server app, with a JWT per user."""
+
+    client: Any
+    tokens: dict[str, str]
+    manager: RestrictedAuthManager
+
+    def get(self, path: str, user: str | None = "reader", **params: Any) -> Any:
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"} if user else {}
+        return self.client.get(f"/jimeng/{path}", params=params, headers=headers)
+
+
+@pytest.fixture(scope="session")
+def gallery(airflow_db: None) -> Iterator[Gallery]:
+    from airflow.api_fastapi.app import create_app, get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi.testclient import TestClient
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW__CORE__AUTH_MANAGER", f"{__name__}.RestrictedAuthManager")
+        patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "reader:viewer,outsider:viewer")
+        app = create_app("core")
+        manager = get_auth_manager()
+        assert isinstance(manager, RestrictedAuthManager)
+        tokens = {
+            name: manager.generate_jwt(SimpleAuthManagerUser(username=name, role="viewer"))
+            for name in ("reader", "outsider")
+        }
+        with TestClient(app) as client:
+            yield Gallery(client=client, tokens=tokens, manager=manager)
+
+
+@dataclass
+class StoredRun:
+    """A finished DAG run whose task stored its images in a bucket of the S3 server."""
+
+    dag_id: str
+    run_id: str
+    bucket: str
+    s3: Any
+
+    def xcom(self, task_id: str, key: str, map_index: int = -1) -> Any:
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+        from sqlalchemy import select
+
+        with create_session() as session:
+            row = session.scalars(
+                select(XComModel).where(
+                    XComModel.dag_id == self.dag_id,
+                    XComModel.run_id == self.run_id,
+                    XComModel.task_id == task_id,
+                    XComModel.key == key,
+                    XComModel.map_index == map_index,
+                )
+            ).one_or_none()
+            return None if row is None else XComModel.deserialize_value(row)
+
+
+@pytest.fixture(scope="session")
+def store_run(airflow_db: None, s3_server: S3Server) -> Iterator[Callable[..., StoredRun]]:
+    """Run a DAG once with the emulator and a new bucket; ``aws_default`` stays pointed at the S3 server."""
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint_url,
+        region_name=AWS_REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    with pytest.MonkeyPatch.context() as patch, JiMengEmulator() as emulator:
+        patch.setenv("AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(emulator.base_url, max_retries=0))
+        patch.setenv("AIRFLOW_CONN_AWS_DEFAULT", aws_connection_json(s3_server.endpoint_url))
+
+        def run(dag: Any, **conf: Any) -> StoredRun:
+            bucket = f"jimeng-gallery-{uuid.uuid4().hex[:12]}"
+            s3.create_bucket(Bucket=bucket)
+            declared = _DECLARED_PARAMS.setdefault(dag.dag_id, dag.params.dump())
+            dagrun = dag.test(run_conf={**declared, **conf, "bucket": bucket})
+            assert str(dagrun.state) == "success"
+            return StoredRun(dag_id=dag.dag_id, run_id=dagrun.run_id, bucket=bucket, s3=s3)
+
+        yield run

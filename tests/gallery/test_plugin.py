@@ -1,0 +1,53 @@
+"""The gallery plugin as Airflow loads it: through its entry point, with views Airflow's API accepts."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+
+import pytest
+
+from airflow_provider_jimeng import version_compat
+from airflow_provider_jimeng.get_provider_info import get_provider_info
+from airflow_provider_jimeng.plugins import gallery
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
+
+pytestmark = pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="the gallery needs Airflow 3.1 or later")
+
+
+def test_airflow_loads_the_plugin_through_its_entry_point() -> None:
+    from airflow import plugins_manager
+
+    [entry_point] = [
+        ep for ep in importlib.metadata.entry_points(group="airflow.plugins") if ep.name == "jimeng_gallery"
+    ]
+    assert entry_point.load() is gallery.JiMengGalleryPlugin
+    plugins, errors = plugins_manager._get_plugins()
+    assert "jimeng_gallery" in [plugin.name for plugin in plugins]
+    assert not errors
+    # Provider plugins load only with lazy_discover_providers = False: listing it there too would
+    # register it twice, which Airflow reports as a plugin import error.
+    assert "plugins" not in get_provider_info()
+
+
+def test_the_images_view_is_one_airflows_api_accepts_for_task_instances() -> None:
+    from airflow.api_fastapi.core_api.datamodels.plugins import ExternalViewResponse, FastAPIAppResponse
+
+    [view] = gallery.JiMengGalleryPlugin.external_views
+    response = ExternalViewResponse.model_validate(view)
+    assert response.destination == "task_instance"
+    assert response.name == "Images"
+    assert response.href == ("jimeng/gallery?dag_id={DAG_ID}&run_id={RUN_ID}&task_id={TASK_ID}&map_index={MAP_INDEX}")
+    [app] = gallery.JiMengGalleryPlugin.fastapi_apps
+    assert FastAPIAppResponse.model_validate({**app, "app": "x"}).url_prefix == "/jimeng"
+
+
+def test_on_airflow_3_0_the_plugin_registers_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(version_compat, "AIRFLOW_V_3_1_PLUS", False)
+    try:
+        reloaded = importlib.reload(gallery)
+        assert reloaded.JiMengGalleryPlugin.fastapi_apps == []
+        assert reloaded.JiMengGalleryPlugin.external_views == []
+    finally:
+        monkeypatch.undo()
+        importlib.reload(gallery)
