@@ -3,9 +3,11 @@
 Airflow 3 evaluates links once, when the task finishes, and stores the result; the link is built
 from the task's own output (its first image), so nothing extra is pushed for it. Where it goes:
 
-* stored in AWS S3: the S3 console's view of the folder holding the task's images (a bare object
+* stored, on Airflow 3.1 and later: the task instance's gallery (the provider's plugin, served by
+  the API server under ``/jimeng``; docs/gallery.md), which works for private buckets and any backend;
+* stored in AWS S3 (Airflow 3.0): the S3 console's view of the folder holding the task's images (a bare object
   URL of a private bucket answers 403);
-* stored on another S3 endpoint (MinIO, moto: an ``endpoint_url`` in the AWS connection): no link,
+* stored on another S3 endpoint (MinIO, moto; Airflow 3.0: an ``endpoint_url`` in the AWS connection): no link,
   because there is no console to send a person to, and a dead link is worse than none;
 * not stored: the first image's signed URL, which is what the task returned.
 """
@@ -15,9 +17,11 @@ from __future__ import annotations
 import logging
 import posixpath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from airflow.sdk import BaseOperatorLink
+
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Where the API server mounts the gallery plugin's app (airflow_provider_jimeng/plugins/gallery.py).
+GALLERY_URL_PREFIX = "/jimeng"
 #: Console domain per AWS partition (as the Amazon provider's ``BaseAwsLink.get_aws_domain``).
 CONSOLE_DOMAINS = {"aws": "aws.amazon.com", "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}
 #: Host suffixes of AWS's own S3 endpoints (regional, dual-stack, FIPS, VPC endpoints, China).
@@ -49,6 +55,26 @@ def s3_console_url(uri: str, *, region: str | None, partition: str = "aws") -> s
     return f"{url}?prefix={quote(folder, safe='/')}/" if folder else url
 
 
+def is_stored(first: object) -> bool:
+    """Whether a task's first output is a stored object's URI (``s3://``, ``gs://``, ``file://`` ...)."""
+    return isinstance(first, str) and "://" in first and not first.startswith(("http://", "https://"))
+
+
+def gallery_url(dag_id: str, run_id: str, task_id: str, map_index: int, *, base_url: str = "") -> str:
+    """The gallery page of a task instance, under the API server's ``[api] base_url`` when it is set."""
+    query = urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index})
+    return f"{base_url.rstrip('/')}{GALLERY_URL_PREFIX}/gallery?{query}"
+
+
+def _api_base_url() -> str:
+    try:
+        from airflow.configuration import conf
+
+        return str(conf.get("api", "base_url", fallback="") or "")
+    except Exception:  # a worker without the API's configuration: a path on the same host
+        return ""
+
+
 def images_link(first: object, *, endpoint_url: str | None, region: str | None, partition: str = "aws") -> str:
     """Where "JiMeng images" points for a task whose first output is ``first``; ``""`` for no link."""
     if not isinstance(first, str) or not first:
@@ -61,7 +87,7 @@ def images_link(first: object, *, endpoint_url: str | None, region: str | None, 
 
 
 class JiMengImagesLink(BaseOperatorLink):
-    """Links a finished task to its images: the S3 console folder, or the first signed URL without storage."""
+    """Links a finished task to its images: the gallery (3.1+) or the S3 console folder, or the first signed URL."""
 
     name = "JiMeng images"
 
@@ -75,6 +101,10 @@ class JiMengImagesLink(BaseOperatorLink):
 
             outputs: Any = XCom.get_value(ti_key=ti_key, key="return_value")
             first = outputs[0] if isinstance(outputs, list) and outputs else None
+        if AIRFLOW_V_3_1_PLUS and ti_key is not None and is_stored(first):
+            # The gallery reads the images through the task's own connection: it works for a private
+            # bucket, a custom S3 endpoint and other backends alike (Airflow 3.0 has no plugin views).
+            return gallery_url(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index, base_url=_api_base_url())
         if not isinstance(first, str) or not first.startswith("s3://"):
             return images_link(first, endpoint_url=None, region=None)
         try:

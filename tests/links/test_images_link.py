@@ -1,5 +1,8 @@
-"""Where the "JiMeng images" link lands: the S3 console folder on AWS, nothing on other endpoints,
-the signed URL without storage (the whole-DAG cases are in tests/operators/test_operator_links_and_assets.py)."""
+"""Where the "JiMeng images" link lands: the gallery on Airflow 3.1+; on 3.0 the S3 console folder on AWS
+and nothing on other endpoints; the signed URL without storage.
+
+The whole-DAG cases are in tests/operators/test_operator_links_and_assets.py.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,16 @@ from typing import Any
 
 import pytest
 
-from airflow_provider_jimeng.links.jimeng import JiMengImagesLink, images_link, is_aws_endpoint, s3_console_url
+from airflow_provider_jimeng.links import jimeng as links
+from airflow_provider_jimeng.links.jimeng import (
+    JiMengImagesLink,
+    gallery_url,
+    images_link,
+    is_aws_endpoint,
+    is_stored,
+    s3_console_url,
+)
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 FIRST = "s3://my-images/jimeng/jimeng_hello/manual__2025-01-01T00_00_00_00_00/generate/p0000_i00.jpeg"
 FOLDER = "jimeng/jimeng_hello/manual__2025-01-01T00_00_00_00_00/generate/"
@@ -77,3 +89,59 @@ def test_an_endpoint_url_in_the_aws_connection_means_no_link(monkeypatch: pytest
     )
 
     assert JiMengImagesLink().get_link(_operator(FIRST, "aws_link_test"), ti_key=None) == ""  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ the gallery (3.1 and later)
+TI_KEY = SimpleNamespace(
+    dag_id="jimeng_hello", run_id="manual__2025-01-01T00:00:00+00:00", task_id="generate", map_index=2
+)
+GALLERY = (
+    "/jimeng/gallery?dag_id=jimeng_hello&run_id=manual__2025-01-01T00%3A00%3A00%2B00%3A00&task_id=generate&map_index=2"
+)
+
+
+@pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="Airflow 3.0 has no plugin views: the link stays as it was")
+@pytest.mark.parametrize("first", [FIRST, "gs://bucket/jimeng/x/p0000_i00.jpeg", "file:///data/jimeng/p0000_i00.jpeg"])
+def test_stored_images_link_the_task_instances_gallery(first: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Whatever the storage (AWS, a custom endpoint, another backend): the gallery reads it server side.
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_LINK_TEST", '{"conn_type": "aws", "extra": {"endpoint_url": "http://127.0.0.1:9"}}'
+    )
+    monkeypatch.delenv("AIRFLOW__API__BASE_URL", raising=False)
+
+    link = JiMengImagesLink().get_link(_operator(first, "aws_link_test"), ti_key=TI_KEY)  # type: ignore[arg-type]
+
+    assert link == GALLERY
+
+
+@pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="Airflow 3.0 has no plugin views: the link stays as it was")
+def test_the_gallery_link_is_under_the_api_base_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example.com/team-a/")
+
+    link = JiMengImagesLink().get_link(_operator(FIRST, "aws_default"), ti_key=TI_KEY)  # type: ignore[arg-type]
+
+    assert link == f"https://airflow.example.com/team-a{GALLERY}"
+
+
+def test_without_storage_the_link_stays_the_signed_url_on_every_version() -> None:
+    url = "https://ark-content.example.com/image.jpeg?X-Tos-Signature=abc"
+
+    assert not is_stored(url)
+    assert JiMengImagesLink().get_link(_operator(url, "aws_default"), ti_key=TI_KEY) == url  # type: ignore[arg-type]
+
+
+def test_on_airflow_3_0_stored_images_keep_the_console_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(links, "AIRFLOW_V_3_1_PLUS", False)
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_LINK_TEST", '{"conn_type": "aws", "extra": {"region_name": "eu-west-1"}}')
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+
+    link = JiMengImagesLink().get_link(_operator(FIRST, "aws_link_test"), ti_key=TI_KEY)  # type: ignore[arg-type]
+
+    assert link == f"https://eu-west-1.console.aws.amazon.com/s3/buckets/my-images?prefix={FOLDER}"
+
+
+def test_gallery_url_quotes_every_part() -> None:
+    url = gallery_url("d&x=1", "r/../../x", "t#", -1)
+
+    assert url == "/jimeng/gallery?dag_id=d%26x%3D1&run_id=r%2F..%2F..%2Fx&task_id=t%23&map_index=-1"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlsplit
+
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dags import jimeng_test_assets, jimeng_test_generate
 from tests.operators.conftest import Bucket, RunDag, TrackingEmulator, task_prefix
 
@@ -9,16 +12,28 @@ from tests.operators.conftest import Bucket, RunDag, TrackingEmulator, task_pref
 LINK_KEY = "_link_JiMengImagesLink"
 
 
-def test_no_link_for_storage_on_a_custom_s3_endpoint(
+def test_stored_images_link_the_gallery_or_nothing_on_a_custom_s3_endpoint(
     emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag
 ) -> None:
-    # The local S3 server is an endpoint_url in the aws connection: it has no console, and a bare object
-    # URL of a private bucket answers 403, so no link beats a dead one (AWS cases: tests/links/).
+    # Airflow 3.1+: the task instance's gallery, which reads the images through the task's connection.
+    # Airflow 3.0: the local S3 server is an endpoint_url in the aws connection: it has no console, and a
+    # bare object URL of a private bucket answers 403, so no link beats a dead one (AWS cases: tests/links/).
     run = run_dag(jimeng_test_generate.dag, {"prompts": ["a red fox", "a blue whale"], "bucket": bucket.name})
 
     assert run.state == "success"
     assert run.xcom("gen")[0] == f"s3://{bucket.name}/{task_prefix(run)}/p0000_i00.jpeg"
-    assert not run.xcom("gen", LINK_KEY)
+    link = run.xcom("gen", LINK_KEY)
+    if not AIRFLOW_V_3_1_PLUS:
+        assert not link
+        return
+    url = urlsplit(link)
+    assert url.path == "/jimeng/gallery"
+    assert parse_qs(url.query) == {
+        "dag_id": [run.dag_id],
+        "run_id": [run.run_id],
+        "task_id": ["gen"],
+        "map_index": ["-1"],
+    }
 
 
 def test_link_points_at_the_first_image_url_without_storage(emulator: TrackingEmulator, run_dag: RunDag) -> None:
