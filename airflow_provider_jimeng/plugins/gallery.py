@@ -127,12 +127,33 @@ def create_gallery_app() -> "FastAPI":
     return app
 
 
+class LazyGalleryApp:
+    """The gallery app as an ASGI callable that builds it on its first request.
+
+    Airflow imports every entry-point plugin in each process that loads plugins, a task's own process
+    included (for macros): building the FastAPI app there would import the API server's security
+    modules, seconds of CPU per task for nothing. Only the API server ever calls this.
+    """
+
+    def __init__(self) -> None:
+        self._app: FastAPI | None = None
+
+    @property
+    def app(self) -> "FastAPI":
+        if self._app is None:
+            self._app = create_gallery_app()
+        return self._app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)
+
+
 class JiMengGalleryPlugin(AirflowPlugin):
     """Registers the gallery app and the "Images" view of task instances (nothing on Airflow 3.0)."""
 
     name = "jimeng_gallery"
     fastapi_apps = (
-        [{"app": create_gallery_app(), "url_prefix": URL_PREFIX, "name": "JiMeng image gallery"}]
+        [{"app": LazyGalleryApp(), "url_prefix": URL_PREFIX, "name": "JiMeng image gallery"}]
         if AIRFLOW_V_3_1_PLUS
         else []
     )

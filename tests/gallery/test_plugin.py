@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -51,3 +55,16 @@ def test_on_airflow_3_0_the_plugin_registers_nothing(monkeypatch: pytest.MonkeyP
     finally:
         monkeypatch.undo()
         importlib.reload(gallery)
+
+
+def test_loading_the_plugin_builds_no_app(tmp_path: Path) -> None:
+    # Every task's process loads entry-point plugins (for macros): it must not pay for the API server's
+    # modules. The app is built on the API server's first request to it.
+    code = (
+        "import sys, airflow_provider_jimeng.plugins.gallery as g;"
+        "assert 'airflow.api_fastapi.core_api.security' not in sys.modules;"
+        "assert 'fastapi' not in sys.modules;"
+        "assert g.JiMengGalleryPlugin.fastapi_apps[0]['app']._app is None"
+    )
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
