@@ -15,25 +15,11 @@ from typing import Any
 
 import boto3
 import pytest
-from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
+from tests.gallery.auth import RestrictedAuthManager
 from tests.operators.conftest import _DECLARED_PARAMS
-
-
-class RestrictedAuthManager(SimpleAuthManager):
-    """``SimpleAuthManager`` where the user ``outsider`` may read no DAG whose id starts ``jimeng_``."""
-
-    #: Every DAG check asked of the auth manager: (user, method, access entity, dag id).
-    checks: list[tuple[str, str, Any, str | None]] = []
-
-    def is_authorized_dag(self, *, method: Any, user: Any, access_entity: Any = None, details: Any = None) -> bool:
-        dag_id = details.id if details else None
-        self.checks.append((user.get_name(), method, access_entity, dag_id))
-        if user.get_name() == "outsider" and (dag_id is None or dag_id.startswith("jimeng_")):
-            return False
-        return super().is_authorized_dag(method=method, user=user, access_entity=access_entity, details=details)
 
 
 @dataclass
@@ -56,7 +42,9 @@ def gallery(airflow_db: None) -> Iterator[Gallery]:
     from fastapi.testclient import TestClient
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW__CORE__AUTH_MANAGER", f"{__name__}.RestrictedAuthManager")
+        patch.setenv(
+            "AIRFLOW__CORE__AUTH_MANAGER", f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}"
+        )
         patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "reader:viewer,outsider:viewer")
         app = create_app("core")
         manager = get_auth_manager()
