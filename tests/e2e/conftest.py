@@ -28,6 +28,10 @@ from tests.e2e.stack import (
     stack_env,
 )
 
+HELLO_DAG = "jimeng_hello"
+#: Stores its images in S3 (moto's server): what the gallery shows.
+PIPELINE_DAG = "jimeng_content_pipeline"
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if os.environ.get("JIMENG_E2E") == "1":
@@ -45,9 +49,16 @@ def airflow_stack() -> Iterator[AirflowStack]:
     (home / "logs").mkdir()
     dags = home / "dags"
     dags.mkdir()
-    (dags / "jimeng_hello.py").symlink_to(REPO_ROOT / "dags_examples" / "jimeng_hello.py")
-    api_port, emulator_port = free_port(), free_port()
-    stack = AirflowStack(home=home, api_port=api_port, emulator_port=emulator_port, env=stack_env(home, api_port))
+    for example in (HELLO_DAG, PIPELINE_DAG):
+        (dags / f"{example}.py").symlink_to(REPO_ROOT / "dags_examples" / f"{example}.py")
+    api_port, emulator_port, s3_port = free_port(), free_port(), free_port()
+    stack = AirflowStack(
+        home=home,
+        api_port=api_port,
+        emulator_port=emulator_port,
+        s3_port=s3_port,
+        env=stack_env(home, api_port, s3_port),
+    )
     started = time.monotonic()
     try:
         stack.start(
@@ -58,13 +69,15 @@ def airflow_stack() -> Iterator[AirflowStack]:
             "--api-key",
             EMULATOR_API_KEY,
         )
+        stack.start("s3", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port))
         stack.run("db-migrate", "airflow", "db", "migrate")
         stack.timings["db migrate"] = time.monotonic() - started
         stack.start("api-server", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(api_port))
         stack.start("scheduler", "airflow", "scheduler")
         stack.start("dag-processor", "airflow", "dag-processor")
         stack.wait_for("Airflow healthy", stack.healthy, STARTUP_TIMEOUT)
-        stack.wait_for("DAG jimeng_hello parsed", lambda: stack.api("dags/jimeng_hello")["dag_id"], STARTUP_TIMEOUT)
+        for example in (HELLO_DAG, PIPELINE_DAG):
+            stack.wait_for(f"DAG {example} parsed", lambda e=example: stack.api(f"dags/{e}")["dag_id"], STARTUP_TIMEOUT)
         stack.timings["stack ready"] = time.monotonic() - started
         yield stack
     finally:

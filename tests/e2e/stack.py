@@ -54,6 +54,7 @@ class AirflowStack:
     api_port: int
     emulator_port: int
     env: dict[str, str]
+    s3_port: int = 0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -68,6 +69,10 @@ class AirflowStack:
     @property
     def emulator_base_url(self) -> str:
         return f"{self.emulator_root}/api/v3"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
 
     def log_path(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
@@ -127,6 +132,16 @@ class AirflowStack:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            f"{self.base_url}/api/v2/{path}",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token()}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
     def task_api(self, dag_id: str, run_id: str, task_id: str, path: str = "") -> Any:
         return self.api(f"dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}{path}")
 
@@ -147,7 +162,7 @@ class AirflowStack:
         raise TimeoutError(f"{what} not within {timeout:.0f} s (last error: {last_error})\n{self.diagnostics()}")
 
 
-def stack_env(home: Path, api_port: int) -> dict[str, str]:
+def stack_env(home: Path, api_port: int, s3_port: int = 0) -> dict[str, str]:
     # Start from the shell's environment without the unit tests' Airflow settings and connections.
     env = {
         key: value
@@ -176,4 +191,15 @@ def stack_env(home: Path, api_port: int) -> dict[str, str]:
             "no_proxy": "127.0.0.1,localhost",
         }
     )
+    if s3_port:
+        # moto's S3 server: the content pipeline stores there, and the gallery reads it back through
+        # the same connection on the API server.
+        env["AIRFLOW_CONN_AWS_DEFAULT"] = json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": f"http://127.0.0.1:{s3_port}", "region_name": "us-east-1"},
+            }
+        )
     return env

@@ -1,13 +1,17 @@
-"""The provider as a person meets it: the connection form, a run of the hello DAG, the extra link.
+"""The provider as a person meets it: the connection form, a run of the hello DAG, the extra link,
+and the Images gallery of a run of the content pipeline that stored its images in S3.
 
-One test walks the whole path in a real browser against a real Airflow on loopback, because each
-step needs the one before it (the DAG uses the connection the form created).
+The first test walks the whole path in a real browser against a real Airflow on loopback, because
+each step needs the one before it (the DAG uses the connection the form created). The gallery test
+creates the connection through the REST API if the first test did not.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -91,18 +95,18 @@ def _switch_on(dialog: Any, name: str) -> None:
     assert control.is_checked()
 
 
-def _wait_for_run(stack: AirflowStack, run_id: str) -> str:
+def _wait_for_run(stack: AirflowStack, run_id: str, dag_id: str = DAG_ID) -> str:
     run_path = urllib.parse.quote(run_id, safe="")
 
     def finished() -> str | None:
-        state = stack.api(f"dags/{DAG_ID}/dagRuns/{run_path}")["state"]
+        state = stack.api(f"dags/{dag_id}/dagRuns/{run_path}")["state"]
         return state if state in ("success", "failed") else None
 
     state: str = stack.wait_for(f"run {run_id}", finished, RUN_TIMEOUT, interval=2.0)
     if state != "success":
-        instances = stack.api(f"dags/{DAG_ID}/dagRuns/{run_path}/taskInstances")["task_instances"]
+        instances = stack.api(f"dags/{dag_id}/dagRuns/{run_path}/taskInstances")["task_instances"]
         summary = {ti["task_id"]: ti["state"] for ti in instances}
-        pytest.fail(f"{DAG_ID} run {run_id} ended {state}: {summary}\n{stack.diagnostics()}")
+        pytest.fail(f"{dag_id} run {run_id} ended {state}: {summary}\n{stack.diagnostics()}")
     return state
 
 
@@ -176,3 +180,81 @@ def test_connection_form_hello_run_and_images_link(
     image_tab.screenshot(path=str(screenshot_dir / "ui-extra-link-image.png"))
     timings["total in browser"] = time.monotonic() - started
     print("e2e timings (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
+
+
+PIPELINE_DAG = "jimeng_content_pipeline"
+GALLERY_BUCKET = "jimeng-gallery-e2e"
+#: Resolves once the image has loaded and can be drawn; its natural width (0: broken).
+IMAGE_SHOWN = "(img) => img.decode().then(() => img.naturalWidth, () => 0)"
+
+
+def _ensure_connection(stack: AirflowStack) -> None:
+    try:
+        stack.api(f"connections/{CONN_ID}")
+    except urllib.error.HTTPError:
+        stack.post(
+            "connections",
+            {
+                "connection_id": CONN_ID,
+                "conn_type": "jimeng",
+                "host": stack.emulator_base_url,
+                "password": EMULATOR_API_KEY,
+                "extra": json.dumps({"allow_http": True}),
+            },
+        )
+
+
+def test_the_images_tab_shows_every_stored_image(
+    browser: Any, airflow_stack: AirflowStack, screenshot_dir: Path
+) -> None:
+    import boto3
+
+    stack = airflow_stack
+    _ensure_connection(stack)
+    boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=GALLERY_BUCKET)
+    run_id = stack.post(f"dags/{PIPELINE_DAG}/dagRuns", {"logical_date": None, "conf": {"bucket": GALLERY_BUCKET}})[
+        "dag_run_id"
+    ]
+    _wait_for_run(stack, run_id, PIPELINE_DAG)
+    images = stack.task_api(PIPELINE_DAG, run_id, "generate_images", "/xcomEntries/images")["value"]
+    assert len(images) == 8  # one per product of the catalogue
+
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(30_000)
+    run_path = urllib.parse.quote(run_id, safe="")
+    task_page = f"{stack.base_url}/dags/{PIPELINE_DAG}/runs/{run_path}/tasks/generate_images"
+    page.goto(f"{task_page}/details")
+
+    # The extra link of a task that stored its images opens the gallery (Airflow 3.1+).
+    link = page.get_by_role("link", name="JiMeng images")
+    link.wait_for()
+    href = link.get_attribute("href") or ""
+    assert href.startswith(f"{stack.base_url}/jimeng/gallery?"), href
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(href).query)["run_id"] == [run_id]
+
+    # The Images tab: the gallery in the task instance page, every image loaded from the bucket.
+    tab = page.get_by_role("link", name=re.compile(r"^Images$"))
+    tab.wait_for()
+    assert (tab.get_attribute("href") or "").endswith("/plugin/jimeng-images"), tab.get_attribute("href")
+    tab.click()
+    page.wait_for_url(re.compile(r"/plugin/jimeng-images$"))
+    gallery = page.frame_locator("iframe").first
+    figures = gallery.locator("figure.image img")
+    figures.first.wait_for()
+    assert figures.count() == len(images)
+    for index in range(len(images)):
+        figure = figures.nth(index)
+        figure.scroll_into_view_if_needed()
+        assert figure.evaluate(IMAGE_SHOWN) > 0, f"image {index} is not shown"
+    text = gallery.locator("body").inner_text()
+    for image in images:
+        assert image["request_id"] in text
+    assert GALLERY_BUCKET not in gallery.locator("html").inner_html()
+    figures.first.scroll_into_view_if_needed()
+    page.screenshot(path=str(screenshot_dir / "ui-gallery.png"))
