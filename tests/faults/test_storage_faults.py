@@ -156,14 +156,31 @@ def test_s3_stopped_mid_run(
 
 @both_formats
 def test_bucket_deleted_mid_run(
-    pipeline: Pipeline, emulator: JiMengEmulator, s3_client: Any, bucket: str, fmt: str
+    pipeline: Pipeline,
+    emulator: JiMengEmulator,
+    s3_client: Any,
+    bucket: str,
+    fmt: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The bucket (still empty) disappears while the only prompt is being generated.
-    emulator.latency = 0.6
-    watcher = when(lambda: emulator.request_count >= 1, lambda: s3_client.delete_bucket(Bucket=bucket))
+    # The bucket (still empty) disappears while the only prompt is being generated: the answer waits
+    # for that event.
+    deleted = threading.Event()
+    latency = emulator.pause
+
+    def pause(seconds: float) -> None:
+        deleted.wait(30)
+        latency(seconds)
+
+    monkeypatch.setattr(emulator, "pause", pause)
+
+    def delete_bucket() -> None:
+        s3_client.delete_bucket(Bucket=bucket)
+        deleted.set()
+
+    watcher = when(lambda: emulator.request_count >= 1, delete_bucket)
 
     def repair() -> None:
-        emulator.latency = 0.0
         s3_client.create_bucket(Bucket=bucket)
 
     pipeline.before_retry(repair)
