@@ -9,8 +9,11 @@ from typing import Any
 import pytest
 
 from airflow_provider_jimeng.plugins.gallery_store import parse_failure
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dags import jimeng_test_generate, jimeng_test_mapping
 from tests.gallery.conftest import Gallery, StoredRun
+
+pytestmark = pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="the gallery needs Airflow 3.1 or later")
 
 #: A set of three images whose image 1 fails moderation (the emulator's FAIL_IMAGE_<k>).
 SET_PROMPT = "a comic strip in 3 images: a cat finds a box FAIL_IMAGE_1"
