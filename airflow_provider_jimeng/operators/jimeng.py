@@ -11,7 +11,7 @@ without storage, the image URLs) and per-image records.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -37,9 +37,12 @@ from airflow_provider_jimeng.options import (
     RunOptions,
     as_prompts,
     as_text,
+    parse_output_path,
 )
 from airflow_provider_jimeng.run.engine import GenerationRun
+from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
+from airflow_provider_jimeng.storage.objstore import ObjectImageStore
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 if TYPE_CHECKING:
@@ -58,7 +61,7 @@ class JiMengGenerateOperator(BaseOperator):
     :param jimeng_conn_id: the ``jimeng`` connection. (templated)
     :param model: model or endpoint id; the connection's default when ``None``. (templated)
     :param size: ``1K``/``2K``/``4K`` (``3K`` on Seedream 5.0) or ``WxH`` as the model allows. (templated)
-    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket``). (templated)
+    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket`` or ``output_path``). (templated)
     :param watermark: add the "AI generated" mark; the connection's default (true) when ``None``. (templated)
     :param image: reference image(s) for edits: URLs, data URIs or local files. (templated)
     :param seed: integer seed in [-1, 2147483647]. (templated)
@@ -80,7 +83,15 @@ class JiMengGenerateOperator(BaseOperator):
     :param s3_bucket: store images in this bucket and push ``s3://`` URIs; without it the task returns
         the signed image URLs (valid 24 hours). Once given, it must render to a valid bucket name:
         never quietly to no storage. (templated)
-    :param s3_key_prefix: prefix of the default keys. (templated)
+    :param s3_key_prefix: prefix of the default keys under ``s3_bucket``. (templated)
+    :param output_path: store images under this object-storage URL instead of ``s3_bucket`` (one of the
+        two): ``gs://bucket/prefix``, ``abfs://container/prefix``, ``file:///data/images`` or any scheme
+        Airflow's ``ObjectStoragePath`` knows, through the backend's provider; the URL's path is the
+        prefix of the default keys and the root of ``s3_key``. Keys, records, journals and resuming
+        without paying twice are the same as on S3 (see docs/storage.md). An ``s3://`` URL takes the
+        fast S3 path. (templated)
+    :param output_conn_id: the connection of ``output_path`` (for an ``s3://`` URL, in place of
+        ``aws_conn_id``); ``None``: the backend's default credentials. (templated)
     :param s3_key: key template with ``{dag_id}``, ``{run_id}``, ``{task_id}``, ``{map_index}``,
         ``{prompt_index}``, ``{image_index}``, ``{ext}``; Jinja renders first, then these fields are filled
         with key-safe values. Every key the run can bill is rendered and proved unique, across runs and
@@ -140,6 +151,8 @@ class JiMengGenerateOperator(BaseOperator):
         s3_bucket: str | None = None,
         s3_key_prefix: str = "jimeng",
         s3_key: str | None = None,
+        output_path: str | None = None,
+        output_conn_id: str | None = None,
         replace: bool | str = False,
         on_partial_failure: str = "fail",
         dry_run: bool | str = False,
@@ -171,6 +184,10 @@ class JiMengGenerateOperator(BaseOperator):
         self.storage_requested = s3_bucket is not None
         self.s3_key_prefix = s3_key_prefix
         self.s3_key = s3_key
+        self.output_path = output_path
+        self.output_conn_id = output_conn_id
+        #: An output_path was given: it must render to a URL, never quietly to no storage.
+        self.output_requested = output_path is not None
         self.replace = replace
         self.on_partial_failure = on_partial_failure
         # Shadows BaseOperator.dry_run(), a method Airflow itself never calls.
@@ -220,15 +237,19 @@ class JiMengGenerateOperator(BaseOperator):
             s3_bucket=self.s3_bucket,
             **{name: getattr(self, name) for name in RUN_PARAMETERS},
         )
+        if self.output_requested and run.output_path is None and run.s3_bucket is None:
+            raise JiMengConfigurationError(
+                "output_path", f"rendered to {self.output_path!r}; allowed: an object-storage URL such as 'gs://b/p'"
+            )
         for name in ("jimeng_conn_id", "aws_conn_id"):
             value = getattr(self, name)
             if name == "aws_conn_id" and value is None:
                 continue  # boto3's own credential chain
             # A connection that does not exist would fail the lookup with a retried AirflowNotFoundException.
             as_text(name, value, allowed="a connection id", optional=False)
-        if generation.response_format == "b64_json" and run.s3_bucket is None:
+        if generation.response_format == "b64_json" and not run.stores:
             raise JiMengConfigurationError(
-                "response_format", "'b64_json' needs s3_bucket: image data is never pushed to XCom"
+                "response_format", "'b64_json' needs s3_bucket or output_path: image data is never pushed to XCom"
             )
         return prompts, generation, run
 
@@ -248,12 +269,19 @@ class JiMengGenerateOperator(BaseOperator):
         prompts, generation, options = self.checked_parameters()
         if generation.response_format == "b64_json":
             return_image_blocks_to_the_os()
-        keyspace = self._keyspace(context, options, generation) if options.s3_bucket is not None else None
+        keyspace = self._keyspace(context, options, generation) if options.stores else None
         with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
             # The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon
             # provider walks the caller's stack, with source lines, for its user agent): build it
             # beside the JiMeng hook and the request bodies, on a thread whose stack is short.
-            opening = setup.submit(S3ImageStore, self._s3_hook(), keyspace) if keyspace is not None else None
+            opening: Future[ImageStore] | None = None
+            if keyspace is not None and options.output_path is not None:
+                # The filesystem (and its connection) is looked up here: only this thread talks to Airflow.
+                opening = setup.submit(
+                    ObjectImageStore, self._filesystem(options), keyspace, conn_id=options.output_conn_id
+                )
+            elif keyspace is not None:
+                opening = setup.submit(S3ImageStore, self._s3_hook(options), keyspace)
             hook = JiMengHook(
                 self.jimeng_conn_id,
                 max_images_per_minute=options.max_images_per_minute,
@@ -280,7 +308,7 @@ class JiMengGenerateOperator(BaseOperator):
             len(prompts),
             planned,
             options.max_concurrency,
-            f"s3://{keyspace.bucket}/{keyspace.task_prefix}/" if keyspace else "XCom (URLs, valid 24 h)",
+            keyspace.uri(keyspace.task_prefix + "/") if keyspace else "XCom (URLs, valid 24 h)",
         )
         run = GenerationRun(
             hook=hook,
@@ -301,9 +329,15 @@ class JiMengGenerateOperator(BaseOperator):
     def _keyspace(self, context: Context, options: RunOptions, generation: GenerationOptions) -> TaskKeyspace:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", -1)
+        scheme, bucket, prefix, key_root = "s3", str(options.s3_bucket), options.s3_key_prefix, ""
+        if options.output_path is not None:
+            scheme, bucket, prefix = parse_output_path(options.output_path)
+            key_root = prefix
         return TaskKeyspace(
-            bucket=str(options.s3_bucket),
-            prefix=options.s3_key_prefix,
+            bucket=bucket,
+            prefix=prefix,
+            scheme=scheme,
+            key_root=key_root,
             dag_id=ti.dag_id,
             run_id=ti.run_id,
             task_id=ti.task_id,
@@ -312,13 +346,35 @@ class JiMengGenerateOperator(BaseOperator):
             image_ext="png" if generation.output_format == "png" else "jpeg",
         )
 
-    def _s3_hook(self) -> Any:
+    def _storage_conn_id(self, options: RunOptions) -> str | None:
+        """The connection the images are stored through: ``output_conn_id`` where given, else ``aws_conn_id``."""
+        return options.output_conn_id if options.output_conn_id is not None else self.aws_conn_id
+
+    def _s3_hook(self, options: RunOptions) -> Any:
         """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        s3_hook = S3Hook(aws_conn_id=self.aws_conn_id)
+        s3_hook = S3Hook(aws_conn_id=self._storage_conn_id(options))
         s3_hook.conn_config  # noqa: B018  # cached; the client is built from it on the set-up thread
         return s3_hook
+
+    def _filesystem(self, options: RunOptions) -> Any:
+        """The fsspec filesystem of ``output_path`` through its connection, or a configuration error.
+
+        A scheme whose provider is not installed (``gs://`` without the google provider), or a
+        connection that does not exist, fails here: before any request, without retries.
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        try:
+            return ObjectStoragePath(str(options.output_path), conn_id=options.output_conn_id).fs
+        except Exception as error:
+            raise JiMengConfigurationError(
+                "output_path",
+                f"{options.output_path!r} has no usable filesystem ({type(error).__name__}: {str(error)[:200]}); "
+                "allowed: a scheme whose Airflow provider is installed (gs: google, abfs/wasb: microsoft-azure, "
+                "file: built in) and an existing output_conn_id",
+            ) from None
 
     def _dry_run(self, bodies: list[dict[str, Any]], keyspace: TaskKeyspace | None) -> list[str]:
         for index, body in enumerate(bodies):
@@ -353,7 +409,7 @@ class JiMengGenerateOperator(BaseOperator):
                 value={
                     "prefix": keyspace.uri(keyspace.task_prefix + "/"),
                     "records": keyspace.uri(keyspace.records_key),
-                    "conn_id": self.aws_conn_id,
+                    "conn_id": self._storage_conn_id(options),
                 },
             )
             self._emit_asset_events(context, keyspace, sum(len(o.stored) for o in outcomes))
