@@ -347,8 +347,11 @@ class JiMengGenerateOperator(BaseOperator):
         )
 
     def _storage_conn_id(self, options: RunOptions) -> str | None:
-        """The connection the images are stored through: ``output_conn_id`` where given, else ``aws_conn_id``."""
-        return options.output_conn_id if options.output_conn_id is not None else self.aws_conn_id
+        """The connection the images are stored through: ``output_conn_id`` for ``output_path`` (and for an
+        ``s3://`` one where given), else ``aws_conn_id``."""
+        if options.output_path is not None or options.output_conn_id is not None:
+            return options.output_conn_id
+        return self.aws_conn_id
 
     def _s3_hook(self, options: RunOptions) -> Any:
         """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow."""

@@ -158,6 +158,12 @@ def test_a_cleared_run_reuses_everything_and_no_journal_outlives_success(
     assert again.xcom["usage"]["reused_prompts"] == 2
     assert again.xcom["return_value"] == first.xcom["return_value"]
     assert not _journals(pipeline)
+    storage = again.xcom["storage"]
+    if pipeline.backend == "s3":
+        assert (storage["prefix"].split("/")[:2], storage["conn_id"]) == (["s3:", ""], "aws_default")
+    else:
+        assert storage["prefix"] == f"{pipeline.output_path}/{_prefix('faults_pipeline_objstore')[len('jimeng/') :]}/"  # type: ignore[union-attr]
+        assert storage["conn_id"] is None, "output_conn_id, not the unused aws_conn_id"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -77,3 +77,14 @@ def test_an_endpoint_url_in_the_aws_connection_means_no_link(monkeypatch: pytest
     )
 
     assert JiMengImagesLink().get_link(_operator(FIRST, "aws_link_test"), ti_key=None) == ""  # type: ignore[arg-type]
+
+
+def test_an_output_path_links_to_the_gcs_console_or_nowhere() -> None:
+    """gs:// images open in the Cloud console; file:// and abfs:// paths are not browser URLs."""
+    from airflow_provider_jimeng.links.jimeng import images_link
+
+    assert images_link("gs://my-images/jimeng/d/r/t/p0000_i00.jpeg", endpoint_url=None, region=None) == (
+        "https://console.cloud.google.com/storage/browser/my-images/jimeng/d/r/t"
+    )
+    assert images_link("file:///data/images/d/r/t/p0000_i00.jpeg", endpoint_url=None, region=None) == ""
+    assert images_link("abfs://c/p/p0000_i00.jpeg", endpoint_url=None, region=None) == ""
