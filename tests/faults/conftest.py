@@ -583,7 +583,7 @@ class FilePipeline(Pipeline):
         return OBJSTORE[dag_id]
 
     def run(self, dag_id: str = "faults_pipeline", *, prompts: list[str] | None = None, **conf: Any) -> PipelineRun:
-        return super().run(self.dag_id(dag_id), prompts=prompts, output_path=self.output_path, **conf)
+        return super().run(self.dag_id(dag_id), prompts=prompts, **{"output_path": self.output_path, **conf})
 
     def objects(self) -> list[str]:
         return sorted(

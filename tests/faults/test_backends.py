@@ -25,6 +25,7 @@ from tests.faults.conftest import (
     RUN_AFTER,
     FileGate,
     FilePipeline,
+    Pipeline,
     S3Pipeline,
     TaskProcesses,
     dag_for,
@@ -204,3 +205,30 @@ def test_a_truncated_local_image_does_not_vouch_and_is_generated_again(
     assert again.state == "success", again.errors
     assert emulator.request_count == 2, "the cut image could not vouch: generated again"
     assert len(image.read_bytes()) > 100
+
+
+def test_an_s3_output_path_is_the_s3_store(pipeline: Pipeline, emulator: JiMengEmulator) -> None:
+    """``output_path="s3://..."`` takes the fast S3 path: boto3, metadata on the objects, no sidecars."""
+    run = pipeline.run("faults_pipeline_objstore", prompts=["one"], output_path=f"s3://{pipeline.bucket}/team")
+
+    assert run.state == "success", run.errors
+    prefix = f"team/{safe_key_part('faults_pipeline_objstore')}/{safe_key_part(RUN_ID)}/generate"
+    assert sorted(pipeline.objects()) == [f"{prefix}/p0000_i00.jpeg", f"{prefix}/records.json"]
+    head = pipeline.s3.head_object(Bucket=pipeline.bucket, Key=f"{prefix}/p0000_i00.jpeg")
+    assert head["Metadata"]["jimeng-request-id"] == emulator.ledger[0].request_id
+    assert run.xcom["return_value"] == [f"s3://{pipeline.bucket}/{prefix}/p0000_i00.jpeg"]
+
+
+def test_a_scheme_without_its_provider_fails_before_any_request(
+    any_pipeline: S3Pipeline | FilePipeline, emulator: JiMengEmulator, backend: str
+) -> None:
+    """``gs://`` without the google provider: a configuration error, no retry, nothing billed."""
+    if backend == "s3":
+        pytest.skip("a question for output_path only")
+    run = any_pipeline.run(dag_for("url"), prompts=["one"], output_path="gs://my-images/jimeng")
+
+    assert run.state == "failed"
+    assert run.try_number == 1, "no retry: the next try would meet the same answer"
+    assert run.error_types == ["JiMengConfigurationError"]
+    assert "No filesystem registered for scheme gs" in run.errors[0]
+    assert emulator.request_count == 0
