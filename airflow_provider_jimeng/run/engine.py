@@ -209,10 +209,11 @@ class GenerationRun:
         if answer is None:
             return None
         self.log.info(
-            "Prompt %d: %d image(s) an earlier try stored before its journal reached S3 vouch for their answer; "
+            "Prompt %d: %d image(s) an earlier try stored before its journal reached %s vouch for their answer; "
             "reusing them (no new request)",
             index,
             len(answer.images),
+            store.storage_name,
         )
         entry = dataclasses.replace(answer, prompt_index=index)
         return FinishStoring(entry, stored=entry.images, missing=())
@@ -277,8 +278,9 @@ class GenerationRun:
                     self.fatal = self._storage_error
                     cancelled = self._cancel(generation)
                     self.log.error(
-                        "Stopping: S3 failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
+                        "Stopping: %s failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
                         "storage works again",
+                        store.storage_name if store is not None else "storage",
                         self._storage_error,
                         cancelled,
                     )
@@ -500,7 +502,9 @@ class GenerationRun:
             not_stored = f"prompt {index} image {image.index}: not stored (request id {request_id}, kept for a retry)"
             # Once S3 has failed in this run, do not wait on it again for every image.
             if self._storage_error is not None:
-                unstored.append(f"{not_stored}: not attempted after an earlier S3 failure ({self._storage_error})")
+                unstored.append(
+                    f"{not_stored}: not attempted after an earlier {store.storage_name} failure ({self._storage_error})"
+                )
                 continue
             try:
                 size_bytes, sha256 = None, None

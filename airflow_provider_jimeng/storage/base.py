@@ -23,6 +23,8 @@ class ImageStore(Protocol):
     """One task instance's objects: images, ``records.json`` and journals, under :attr:`keyspace`."""
 
     keyspace: TaskKeyspace
+    #: How messages name the storage: "S3", or an object store's scheme ("gs://", "file://").
+    storage_name: str
 
     @property
     def bucket(self) -> str:

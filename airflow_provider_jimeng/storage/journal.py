@@ -98,7 +98,7 @@ class JournalWriter:
                 )
             except JiMengStorageError as error:
                 self._failed = error
-                log.error("Could not journal %d prompt(s) in S3: %s", len(batch), error)
+                log.error("Could not journal %d prompt(s) in %s: %s", len(batch), self._store.storage_name, error)
                 self._on_failure(error)
             else:
                 self.written[key] = set(batch)
