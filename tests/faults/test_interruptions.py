@@ -98,7 +98,8 @@ def test_execution_timeout_stops_spending_and_the_retry_pays_nothing_twice(
     # Try 1 stopped sending at the timeout: each of the 4 threads starts at most one request a
     # second, so 3 s allow 3 rounds, the last of them in flight at the timeout (bound: one more round).
     billed_1 = after_try_1["billed"]
-    assert 1 <= billed_1 <= CONCURRENCY * (3 + 1), after_try_1
+    # (A machine busy enough to spend the 3 s in set-up sends nothing: still within the bound.)
+    assert billed_1 <= CONCURRENCY * (3 + 1), after_try_1
     assert billed_1 < len(prompts)
     assert after_try_1["requests"] == billed_1
     # The engine waited for the answers in flight before failing: every one was delivered and kept,

@@ -91,19 +91,40 @@ def test_a_missing_or_refusing_bucket_fails_at_once_without_spending_retries(
 
 @both_formats
 def test_s3_stopped_mid_run(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, s3_client: Any, bucket: str, fmt: str
+    pipeline: Pipeline,
+    emulator: JiMengEmulator,
+    gate: S3Gate,
+    s3_client: Any,
+    bucket: str,
+    fmt: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prompt 0 is stored; S3 goes away while prompt 1 is being generated (0.6 s per image).
-    emulator.latency = 0.6
+    # Prompt 0 is stored; S3 goes away while prompt 1 is being generated: prompt 1's answer waits for
+    # that event (not for a latency a busy machine could outlast, as it once did).
     dag_id = dag_for(fmt, "serial")
     image_0 = keyspace(bucket, dag_id).image_key(0, 0)
-    watcher = when(lambda: image_0 in pipeline.objects(), gate.stop)
+    s3_down = threading.Event()
+    answers = iter(range(1_000))
+    latency = emulator.pause
+
+    def pause(seconds: float) -> None:
+        if next(answers) == 1:
+            s3_down.wait(30)
+        latency(seconds)
+
+    monkeypatch.setattr(emulator, "pause", pause)
+
+    def stop_s3() -> None:
+        gate.stop()
+        s3_down.set()
+
+    watcher = when(lambda: image_0 in pipeline.objects(), stop_s3)
     after_try_1: dict[str, Any] = {}
 
     def repair() -> None:
         after_try_1.update(billed=emulator.billed_images, keys=pipeline.objects())
         after_try_1["local"] = local_journal(bucket, dag_id).read(1)
-        emulator.latency = 0.0
+        s3_down.set()
         gate.start()
 
     pipeline.before_retry(repair)
@@ -135,14 +156,31 @@ def test_s3_stopped_mid_run(
 
 @both_formats
 def test_bucket_deleted_mid_run(
-    pipeline: Pipeline, emulator: JiMengEmulator, s3_client: Any, bucket: str, fmt: str
+    pipeline: Pipeline,
+    emulator: JiMengEmulator,
+    s3_client: Any,
+    bucket: str,
+    fmt: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The bucket (still empty) disappears while the only prompt is being generated.
-    emulator.latency = 0.6
-    watcher = when(lambda: emulator.request_count >= 1, lambda: s3_client.delete_bucket(Bucket=bucket))
+    # The bucket (still empty) disappears while the only prompt is being generated: the answer waits
+    # for that event.
+    deleted = threading.Event()
+    latency = emulator.pause
+
+    def pause(seconds: float) -> None:
+        deleted.wait(30)
+        latency(seconds)
+
+    monkeypatch.setattr(emulator, "pause", pause)
+
+    def delete_bucket() -> None:
+        s3_client.delete_bucket(Bucket=bucket)
+        deleted.set()
+
+    watcher = when(lambda: emulator.request_count >= 1, delete_bucket)
 
     def repair() -> None:
-        emulator.latency = 0.0
         s3_client.create_bucket(Bucket=bucket)
 
     pipeline.before_retry(repair)
