@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, XComArg
 
 from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
@@ -29,6 +29,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunStoppedError,
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.lineage import RunLineage, find_prompt_file, group_images
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.options import (
     GENERATION_PARAMETERS,
@@ -43,6 +44,7 @@ from airflow_provider_jimeng.run.engine import GenerationRun
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
+from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 if TYPE_CHECKING:
@@ -126,6 +128,8 @@ class JiMengGenerateOperator(BaseOperator):
     # The active run holds threads and locks, which cannot be deep-copied; Airflow deep-copies operators
     # (DAG.partial_subset, and Airflow 3.0 when converting a DAG for dag.test()).
     shallow_copy_attrs: Sequence[str] = ("_active_run",)
+    # Not shown in the UI: what the try wrote, kept for the OpenLineage methods (docs/lineage.md).
+    _lineage: RunLineage | None = None
 
     def __init__(
         self,
@@ -162,6 +166,9 @@ class JiMengGenerateOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.prompt = prompt
+        #: Where the prompt comes from, before rendering replaces a prompt file by its text (lineage).
+        self.prompt_source = _prompt_source(prompt, self.template_ext)
+        self._prompt_template: str | None = prompt if isinstance(prompt, str) and self.prompt_source == "file" else None
         self.jimeng_conn_id = jimeng_conn_id
         self.model = model
         self.size = size
@@ -266,6 +273,7 @@ class JiMengGenerateOperator(BaseOperator):
 
     # ------------------------------------------------------------------------------------- execute
     def execute(self, context: Context) -> list[str]:
+        self._lineage = None
         prompts, generation, options = self.checked_parameters()
         if generation.response_format == "b64_json":
             return_image_blocks_to_the_os()
@@ -416,6 +424,7 @@ class JiMengGenerateOperator(BaseOperator):
                 },
             )
             self._emit_asset_events(context, keyspace, sum(len(o.stored) for o in outcomes))
+        self._lineage = self._run_lineage(run, len(outputs), len(failures), usage)
         self.log.info(
             "JiMeng: %d image(s) kept, %d failure(s); billed %d image(s) (%d possibly more) in %d request(s)",
             len(outputs),
@@ -454,6 +463,66 @@ class JiMengGenerateOperator(BaseOperator):
         self.images_link_target = outputs[0] if outputs else None
         return outputs
 
+    def _run_lineage(self, run: GenerationRun, kept: int, failed: int, usage: Mapping[str, Any]) -> RunLineage:
+        """What this try wrote, for OpenLineage: set before the task fails too, since stored images stay stored."""
+        stored = [image for outcome in run.outcomes for image in outcome.stored]
+        kept_images: list[StoredImage | DeliveredImage] = [
+            *stored,
+            *(image for outcome in run.outcomes for image in outcome.delivered),
+        ]
+        locations: tuple[Any, ...] = ()
+        records_uri = None
+        if run.store is not None:
+            keyspace = run.store.keyspace
+            locations = group_images(keyspace.uri(keyspace.task_prefix + "/"), stored)
+            records_uri = keyspace.uri(keyspace.records_key)
+        models = {image.model for image in kept_images if image.model}
+        if not models:
+            models = {str(body["model"]) for body in run.bodies if body.get("model")}
+        return RunLineage(
+            prompt_source=self.prompt_source,
+            prompt_count=len(run.outcomes),
+            images=kept,
+            failed_images=failed,
+            billed_images=int(usage.get("generated_images") or 0),
+            requests=int(usage.get("requests") or 0),
+            models=tuple(sorted(models)),
+            sizes=tuple(sorted({image.size for image in kept_images if image.size})),
+            image_format="png" if run.store is not None and run.store.keyspace.image_ext == "png" else "jpeg",
+            locations=locations,
+            records_uri=records_uri,
+        )
+
+    # ----------------------------------------------------------------------------------- lineage
+    def _prompt_file_path(self) -> str | None:
+        """The prompt file as Airflow's template loader finds it: the DAG's folder, then its searchpath."""
+        if self._prompt_template is None:
+            return None
+        dag = self.dag if self.has_dag() else None  # type: ignore[no-untyped-call]
+        searchpath: list[str] = []
+        if dag is not None:
+            searchpath.append(dag.folder)
+            searchpath.extend(
+                [dag.template_searchpath] if isinstance(dag.template_searchpath, str) else dag.template_searchpath or []
+            )
+        return find_prompt_file(self._prompt_template, searchpath)
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """Before ``execute``: the prompt file as input (outputs are known once the images are stored)."""
+        from airflow_provider_jimeng.lineage import operator_lineage
+
+        return operator_lineage(None, self._prompt_file_path(), complete=False)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """After ``execute`` (also on failure): the prompt file as input, the stored images as outputs.
+
+        One output dataset per folder written, normally the task instance's prefix; none when the task
+        returned URLs instead of storing the images. See docs/lineage.md.
+        """
+        from airflow_provider_jimeng.lineage import operator_lineage
+
+        return operator_lineage(self._lineage, self._prompt_file_path(), complete=True)
+
     def _emit_asset_events(self, context: Context, keyspace: TaskKeyspace, count: int) -> None:
         """Attach what was stored to declared outlets; an AssetAlias outlet gets the task's prefix as an Asset."""
         from airflow.sdk import Asset, AssetAlias
@@ -473,3 +542,12 @@ class JiMengGenerateOperator(BaseOperator):
         run = self._active_run
         if run is not None:
             run.stop("on_kill")
+
+
+def _prompt_source(prompt: Any, template_ext: Sequence[str]) -> str:
+    """``file`` for a prompt file, ``xcom`` for an upstream task's result, ``text`` otherwise."""
+    if isinstance(prompt, XComArg):
+        return "xcom"
+    if isinstance(prompt, str) and prompt.endswith(tuple(template_ext)):
+        return "file"
+    return "text"
