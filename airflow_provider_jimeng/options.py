@@ -308,6 +308,8 @@ FIELDS: dict[str, Field] = {
     "max_images_per_minute": Field(lambda value: as_number("max_images_per_minute", value, minimum=1, optional=True)),
     "s3_key_prefix": Field(lambda value: _key_prefix(value)),
     "s3_key": _optional_text("s3_key", "a key template such as 'images/{run_id}/{prompt_index}-{image_index}.{ext}'"),
+    "output_path": _optional_text("output_path", "an object-storage URL such as 'gs://bucket/prefix'"),
+    "output_conn_id": _optional_text("output_conn_id", "a connection id"),
     "replace": Field(lambda value: as_bool("replace", value)),
     "on_partial_failure": Field(lambda value: as_choice("on_partial_failure", value, ON_PARTIAL_FAILURE)),
     "dry_run": Field(lambda value: as_bool("dry_run", value)),
@@ -324,6 +326,47 @@ def _key_prefix(value: Any) -> str:
         _refuse_rendered_nothing("s3_key_prefix", value, "a string (may be empty)")
     _check_encodable("s3_key_prefix", value)
     return value.strip()
+
+
+#: A URL scheme as RFC 3986 spells it.
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")
+OUTPUT_PATH_ALLOWED = (
+    "an object-storage URL with a scheme, such as 'gs://bucket/prefix', 'abfs://container/prefix' or "
+    "'file:///data/images' (an absolute path), without a query, a fragment, '.' or '..' segments or a "
+    "user in it (the connection is output_conn_id)"
+)
+
+
+def parse_output_path(value: str) -> tuple[str, str, str]:
+    """``(scheme, bucket, path)`` of a checked ``output_path`` (``bucket`` is empty for ``file://``)."""
+    from urllib.parse import urlsplit
+
+    def refuse(why: str) -> JiMengConfigurationError:
+        return _fail("output_path", f"{_show(value)} {why}; allowed: {OUTPUT_PATH_ALLOWED}")
+
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        raise refuse("is not a URL") from None
+    scheme = parts.scheme.lower()
+    if not scheme or not _SCHEME.match(scheme) or "://" not in value:
+        raise refuse("has no scheme")
+    if parts.query or parts.fragment or value.rstrip().endswith(("?", "#")):
+        raise refuse("has a query or a fragment")
+    if "@" in parts.netloc:
+        raise refuse("names a user or connection in the URL")
+    path = parts.path
+    segments = [segment for segment in path.strip("/").split("/") if segment]
+    if any(segment in (".", "..") for segment in segments) or "//" in path.strip("/"):
+        raise refuse("has '.', '..' or empty path segments")
+    if scheme in ("file", "local"):
+        if parts.netloc:
+            raise refuse("names a host: a local path is file:///absolute/path")
+        if not segments:
+            raise refuse("is the filesystem's root")
+    elif not parts.netloc:
+        raise refuse("names no bucket or container")
+    return scheme, parts.netloc, "/".join(segments)
 
 
 def _coerce_all(names: Sequence[str], values: Mapping[str, Any]) -> dict[str, Any]:
@@ -384,6 +427,11 @@ class RunOptions:
     s3_bucket: str | None = None
     s3_key_prefix: str = "jimeng"
     s3_key: str | None = None
+    #: ``None``, or where images go as an object-storage URL (``gs://``, ``file://`` ...), in place of
+    #: ``s3_bucket``. An ``s3://`` URL is parsed into ``s3_bucket`` and ``s3_key_prefix`` (the fast path).
+    output_path: str | None = None
+    #: The connection of ``output_path`` (for an ``s3://`` URL, in place of ``aws_conn_id``).
+    output_conn_id: str | None = None
     replace: bool = False
     on_partial_failure: str = "fail"
     dry_run: bool = False
@@ -391,21 +439,55 @@ class RunOptions:
 
     @classmethod
     def parse(cls, *, storage_requested: bool, s3_bucket: Any, **values: Any) -> RunOptions:
-        """Coerce and check; ``storage_requested`` says the author named a bucket (even one that rendered empty)."""
+        """Coerce and check; ``storage_requested`` says the author named a bucket (even one that rendered empty).
+
+        One destination at most: ``s3_bucket`` (with ``s3_key_prefix``) or ``output_path`` (with
+        ``output_conn_id``); an ``s3://`` ``output_path`` becomes ``s3_bucket`` and ``s3_key_prefix``.
+        """
         from airflow_provider_jimeng.storage.keys import check_bucket_name
 
         names = [item.name for item in fields(cls) if item.name != "s3_bucket"]
         unknown = set(values) - set(names)
         if unknown:
             raise TypeError(f"unknown run option(s): {sorted(unknown)}")
+        coerced = _coerce_all(names, values)
+        output_path = coerced.get("output_path")
+        if "output_path" in values and values["output_path"] is not None and output_path is None:
+            raise _fail("output_path", f"{_show(values['output_path'])} is empty; allowed: {OUTPUT_PATH_ALLOWED}")
+        if output_path is not None and s3_bucket is not None:
+            raise _fail(
+                "output_path", "and s3_bucket were both given; allowed: one destination, s3_bucket or output_path"
+            )
         bucket: str | None = None
-        if storage_requested or s3_bucket is not None:
+        if output_path is not None:
+            scheme, netloc, path = parse_output_path(output_path)
+            if coerced.get("s3_key_prefix", "jimeng") != "jimeng":
+                raise _fail(
+                    "s3_key_prefix",
+                    "applies to s3_bucket only; allowed with output_path: the prefix as the URL's path "
+                    f"({scheme}://{netloc or ''}/<prefix>)",
+                )
+            if scheme in ("s3", "s3a"):
+                # The fast path: the same store as s3_bucket, through output_conn_id's connection.
+                try:
+                    bucket = check_bucket_name(netloc)
+                except JiMengConfigurationError as error:
+                    raise _fail("output_path", error.detail) from None
+                coerced.update(output_path=None, s3_key_prefix=path)
+            else:
+                coerced["output_path"] = f"{scheme}://{netloc}/{path}"
+        elif storage_requested or s3_bucket is not None:
             # Storage asked for means storage or an error: a bucket that rendered empty must not
             # quietly turn into signed URLs in XCom.
             if isinstance(s3_bucket, str) and s3_bucket.strip():
                 _refuse_rendered_nothing("s3_bucket", s3_bucket, "an S3 bucket name")
             bucket = check_bucket_name(s3_bucket.strip() if isinstance(s3_bucket, str) else s3_bucket)
-        return cls(s3_bucket=bucket, **_coerce_all(names, values))
+        return cls(s3_bucket=bucket, **coerced)
+
+    @property
+    def stores(self) -> bool:
+        """Whether images are stored (on S3 or through ``output_path``), rather than handed over as URLs."""
+        return self.s3_bucket is not None or self.output_path is not None
 
 
 #: The operator's parameters that are request fields (all of them), and those that shape the run.

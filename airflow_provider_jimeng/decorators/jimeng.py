@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 RETURNABLE_PARAMETERS = frozenset(
     name
     for name in inspect.signature(JiMengGenerateOperator.__init__).parameters
-    if name not in ("self", "kwargs", "jimeng_conn_id", "aws_conn_id")
+    if name not in ("self", "kwargs", "jimeng_conn_id", "aws_conn_id", "output_conn_id")
 )
 
 
@@ -85,6 +85,8 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
             if "s3_bucket" in returned:
                 # Naming a bucket asks for storage, even when the value is empty: never URLs instead.
                 self.storage_requested = True
+            if "output_path" in returned:
+                self.output_requested = True
         else:
             self.prompt = returned
         return JiMengGenerateOperator.execute(self, context)

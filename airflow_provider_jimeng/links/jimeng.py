@@ -9,6 +9,8 @@ from the task's own output (its first image), so nothing extra is pushed for it.
   URL of a private bucket answers 403);
 * stored on another S3 endpoint (MinIO, moto; Airflow 3.0: an ``endpoint_url`` in the AWS connection): no link,
   because there is no console to send a person to, and a dead link is worse than none;
+* stored through ``output_path`` (Airflow 3.0): ``gs://`` opens the Cloud console's folder; ``file://``,
+  ``abfs://`` and other paths a browser cannot open get no link;
 * not stored: the first image's signed URL, which is what the task returned.
 """
 
@@ -79,8 +81,13 @@ def images_link(first: object, *, endpoint_url: str | None, region: str | None, 
     """Where "JiMeng images" points for a task whose first output is ``first``; ``""`` for no link."""
     if not isinstance(first, str) or not first:
         return ""
-    if not first.startswith("s3://"):
+    if first.startswith("gs://"):
+        bucket, _, key = first.removeprefix("gs://").partition("/")
+        return f"https://console.cloud.google.com/storage/browser/{bucket}/{key.rpartition('/')[0]}"
+    if first.startswith(("https://", "http://")):
         return first  # no storage: the signed image URL the task returned
+    if not first.startswith("s3://"):
+        return ""  # an output_path on a filesystem the browser cannot open (file://, abfs:// ...)
     if not is_aws_endpoint(endpoint_url):
         return ""
     return s3_console_url(first, region=region, partition=partition)
@@ -108,7 +115,8 @@ class JiMengImagesLink(BaseOperatorLink):
         if not isinstance(first, str) or not first.startswith("s3://"):
             return images_link(first, endpoint_url=None, region=None)
         try:
-            endpoint_url, region, partition = _s3_client_location(getattr(operator, "aws_conn_id", None))
+            conn_id = getattr(operator, "output_conn_id", None) or getattr(operator, "aws_conn_id", None)
+            endpoint_url, region, partition = _s3_client_location(conn_id)
         except Exception as error:  # the link is a convenience: never fail a finished task over it
             log.warning("No JiMeng images link: the S3 client's endpoint is unknown (%s)", type(error).__name__)
             return ""

@@ -11,11 +11,11 @@ without storage, the image URLs) and per-image records.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import jinja2
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, XComArg
 
 from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
@@ -29,6 +29,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunStoppedError,
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.lineage import RunLineage, find_prompt_file, group_images
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.options import (
     GENERATION_PARAMETERS,
@@ -37,9 +38,13 @@ from airflow_provider_jimeng.options import (
     RunOptions,
     as_prompts,
     as_text,
+    parse_output_path,
 )
 from airflow_provider_jimeng.run.engine import GenerationRun
+from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
+from airflow_provider_jimeng.storage.objstore import ObjectImageStore
+from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 if TYPE_CHECKING:
@@ -58,7 +63,7 @@ class JiMengGenerateOperator(BaseOperator):
     :param jimeng_conn_id: the ``jimeng`` connection. (templated)
     :param model: model or endpoint id; the connection's default when ``None``. (templated)
     :param size: ``1K``/``2K``/``4K`` (``3K`` on Seedream 5.0) or ``WxH`` as the model allows. (templated)
-    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket``). (templated)
+    :param response_format: ``url`` or ``b64_json`` (``b64_json`` needs ``s3_bucket`` or ``output_path``). (templated)
     :param watermark: add the "AI generated" mark; the connection's default (true) when ``None``. (templated)
     :param image: reference image(s) for edits: URLs, data URIs or local files. (templated)
     :param seed: integer seed in [-1, 2147483647]. (templated)
@@ -80,7 +85,15 @@ class JiMengGenerateOperator(BaseOperator):
     :param s3_bucket: store images in this bucket and push ``s3://`` URIs; without it the task returns
         the signed image URLs (valid 24 hours). Once given, it must render to a valid bucket name:
         never quietly to no storage. (templated)
-    :param s3_key_prefix: prefix of the default keys. (templated)
+    :param s3_key_prefix: prefix of the default keys under ``s3_bucket``. (templated)
+    :param output_path: store images under this object-storage URL instead of ``s3_bucket`` (one of the
+        two): ``gs://bucket/prefix``, ``abfs://container/prefix``, ``file:///data/images`` or any scheme
+        Airflow's ``ObjectStoragePath`` knows, through the backend's provider; the URL's path is the
+        prefix of the default keys and the root of ``s3_key``. Keys, records, journals and resuming
+        without paying twice are the same as on S3 (see docs/storage.md). An ``s3://`` URL takes the
+        fast S3 path. (templated)
+    :param output_conn_id: the connection of ``output_path`` (for an ``s3://`` URL, in place of
+        ``aws_conn_id``); ``None``: the backend's default credentials. (templated)
     :param s3_key: key template with ``{dag_id}``, ``{run_id}``, ``{task_id}``, ``{map_index}``,
         ``{prompt_index}``, ``{image_index}``, ``{ext}``; Jinja renders first, then these fields are filled
         with key-safe values. Every key the run can bill is rendered and proved unique, across runs and
@@ -115,6 +128,8 @@ class JiMengGenerateOperator(BaseOperator):
     # The active run holds threads and locks, which cannot be deep-copied; Airflow deep-copies operators
     # (DAG.partial_subset, and Airflow 3.0 when converting a DAG for dag.test()).
     shallow_copy_attrs: Sequence[str] = ("_active_run",)
+    # Not shown in the UI: what the try wrote, kept for the OpenLineage methods (docs/lineage.md).
+    _lineage: RunLineage | None = None
 
     def __init__(
         self,
@@ -140,6 +155,8 @@ class JiMengGenerateOperator(BaseOperator):
         s3_bucket: str | None = None,
         s3_key_prefix: str = "jimeng",
         s3_key: str | None = None,
+        output_path: str | None = None,
+        output_conn_id: str | None = None,
         replace: bool | str = False,
         on_partial_failure: str = "fail",
         dry_run: bool | str = False,
@@ -149,6 +166,9 @@ class JiMengGenerateOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.prompt = prompt
+        #: Where the prompt comes from, before rendering replaces a prompt file by its text (lineage).
+        self.prompt_source = _prompt_source(prompt, self.template_ext)
+        self._prompt_template: str | None = prompt if isinstance(prompt, str) and self.prompt_source == "file" else None
         self.jimeng_conn_id = jimeng_conn_id
         self.model = model
         self.size = size
@@ -171,6 +191,10 @@ class JiMengGenerateOperator(BaseOperator):
         self.storage_requested = s3_bucket is not None
         self.s3_key_prefix = s3_key_prefix
         self.s3_key = s3_key
+        self.output_path = output_path
+        self.output_conn_id = output_conn_id
+        #: An output_path was given: it must render to a URL, never quietly to no storage.
+        self.output_requested = output_path is not None
         self.replace = replace
         self.on_partial_failure = on_partial_failure
         # Shadows BaseOperator.dry_run(), a method Airflow itself never calls.
@@ -220,15 +244,19 @@ class JiMengGenerateOperator(BaseOperator):
             s3_bucket=self.s3_bucket,
             **{name: getattr(self, name) for name in RUN_PARAMETERS},
         )
+        if self.output_requested and run.output_path is None and run.s3_bucket is None:
+            raise JiMengConfigurationError(
+                "output_path", f"rendered to {self.output_path!r}; allowed: an object-storage URL such as 'gs://b/p'"
+            )
         for name in ("jimeng_conn_id", "aws_conn_id"):
             value = getattr(self, name)
             if name == "aws_conn_id" and value is None:
                 continue  # boto3's own credential chain
             # A connection that does not exist would fail the lookup with a retried AirflowNotFoundException.
             as_text(name, value, allowed="a connection id", optional=False)
-        if generation.response_format == "b64_json" and run.s3_bucket is None:
+        if generation.response_format == "b64_json" and not run.stores:
             raise JiMengConfigurationError(
-                "response_format", "'b64_json' needs s3_bucket: image data is never pushed to XCom"
+                "response_format", "'b64_json' needs s3_bucket or output_path: image data is never pushed to XCom"
             )
         return prompts, generation, run
 
@@ -245,15 +273,23 @@ class JiMengGenerateOperator(BaseOperator):
 
     # ------------------------------------------------------------------------------------- execute
     def execute(self, context: Context) -> list[str]:
+        self._lineage = None
         prompts, generation, options = self.checked_parameters()
         if generation.response_format == "b64_json":
             return_image_blocks_to_the_os()
-        keyspace = self._keyspace(context, options, generation) if options.s3_bucket is not None else None
+        keyspace = self._keyspace(context, options, generation) if options.stores else None
         with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
             # The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon
             # provider walks the caller's stack, with source lines, for its user agent): build it
             # beside the JiMeng hook and the request bodies, on a thread whose stack is short.
-            opening = setup.submit(S3ImageStore, self._s3_hook(), keyspace) if keyspace is not None else None
+            opening: Future[ImageStore] | None = None
+            if keyspace is not None and options.output_path is not None:
+                # The filesystem (and its connection) is looked up here: only this thread talks to Airflow.
+                opening = setup.submit(
+                    ObjectImageStore, self._filesystem(options), keyspace, conn_id=options.output_conn_id
+                )
+            elif keyspace is not None:
+                opening = setup.submit(S3ImageStore, self._s3_hook(options), keyspace)
             hook = JiMengHook(
                 self.jimeng_conn_id,
                 max_images_per_minute=options.max_images_per_minute,
@@ -280,7 +316,7 @@ class JiMengGenerateOperator(BaseOperator):
             len(prompts),
             planned,
             options.max_concurrency,
-            f"s3://{keyspace.bucket}/{keyspace.task_prefix}/" if keyspace else "XCom (URLs, valid 24 h)",
+            keyspace.uri(keyspace.task_prefix + "/") if keyspace else "XCom (URLs, valid 24 h)",
         )
         run = GenerationRun(
             hook=hook,
@@ -301,9 +337,15 @@ class JiMengGenerateOperator(BaseOperator):
     def _keyspace(self, context: Context, options: RunOptions, generation: GenerationOptions) -> TaskKeyspace:
         ti = context["ti"]
         map_index = getattr(ti, "map_index", -1)
+        scheme, bucket, prefix, key_root = "s3", str(options.s3_bucket), options.s3_key_prefix, ""
+        if options.output_path is not None:
+            scheme, bucket, prefix = parse_output_path(options.output_path)
+            key_root = prefix
         return TaskKeyspace(
-            bucket=str(options.s3_bucket),
-            prefix=options.s3_key_prefix,
+            bucket=bucket,
+            prefix=prefix,
+            scheme=scheme,
+            key_root=key_root,
             dag_id=ti.dag_id,
             run_id=ti.run_id,
             task_id=ti.task_id,
@@ -312,13 +354,38 @@ class JiMengGenerateOperator(BaseOperator):
             image_ext="png" if generation.output_format == "png" else "jpeg",
         )
 
-    def _s3_hook(self) -> Any:
+    def _storage_conn_id(self, options: RunOptions) -> str | None:
+        """The connection the images are stored through: ``output_conn_id`` for ``output_path`` (and for an
+        ``s3://`` one where given), else ``aws_conn_id``."""
+        if options.output_path is not None or options.output_conn_id is not None:
+            return options.output_conn_id
+        return self.aws_conn_id
+
+    def _s3_hook(self, options: RunOptions) -> Any:
         """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow."""
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        s3_hook = S3Hook(aws_conn_id=self.aws_conn_id)
+        s3_hook = S3Hook(aws_conn_id=self._storage_conn_id(options))
         s3_hook.conn_config  # noqa: B018  # cached; the client is built from it on the set-up thread
         return s3_hook
+
+    def _filesystem(self, options: RunOptions) -> Any:
+        """The fsspec filesystem of ``output_path`` through its connection, or a configuration error.
+
+        A scheme whose provider is not installed (``gs://`` without the google provider), or a
+        connection that does not exist, fails here: before any request, without retries.
+        """
+        from airflow.sdk import ObjectStoragePath
+
+        try:
+            return ObjectStoragePath(str(options.output_path), conn_id=options.output_conn_id).fs
+        except Exception as error:
+            raise JiMengConfigurationError(
+                "output_path",
+                f"{options.output_path!r} has no usable filesystem ({type(error).__name__}: {str(error)[:200]}); "
+                "allowed: a scheme whose Airflow provider is installed (gs: google, abfs/wasb: microsoft-azure, "
+                "file: built in) and an existing output_conn_id",
+            ) from None
 
     def _dry_run(self, bodies: list[dict[str, Any]], keyspace: TaskKeyspace | None) -> list[str]:
         for index, body in enumerate(bodies):
@@ -353,10 +420,11 @@ class JiMengGenerateOperator(BaseOperator):
                 value={
                     "prefix": keyspace.uri(keyspace.task_prefix + "/"),
                     "records": keyspace.uri(keyspace.records_key),
-                    "conn_id": self.aws_conn_id,
+                    "conn_id": self._storage_conn_id(options),
                 },
             )
             self._emit_asset_events(context, keyspace, sum(len(o.stored) for o in outcomes))
+        self._lineage = self._run_lineage(run, len(outputs), len(failures), usage)
         self.log.info(
             "JiMeng: %d image(s) kept, %d failure(s); billed %d image(s) (%d possibly more) in %d request(s)",
             len(outputs),
@@ -395,6 +463,66 @@ class JiMengGenerateOperator(BaseOperator):
         self.images_link_target = outputs[0] if outputs else None
         return outputs
 
+    def _run_lineage(self, run: GenerationRun, kept: int, failed: int, usage: Mapping[str, Any]) -> RunLineage:
+        """What this try wrote, for OpenLineage: set before the task fails too, since stored images stay stored."""
+        stored = [image for outcome in run.outcomes for image in outcome.stored]
+        kept_images: list[StoredImage | DeliveredImage] = [
+            *stored,
+            *(image for outcome in run.outcomes for image in outcome.delivered),
+        ]
+        locations: tuple[Any, ...] = ()
+        records_uri = None
+        if run.store is not None:
+            keyspace = run.store.keyspace
+            locations = group_images(keyspace.uri(keyspace.task_prefix + "/"), stored)
+            records_uri = keyspace.uri(keyspace.records_key)
+        models = {image.model for image in kept_images if image.model}
+        if not models:
+            models = {str(body["model"]) for body in run.bodies if body.get("model")}
+        return RunLineage(
+            prompt_source=self.prompt_source,
+            prompt_count=len(run.outcomes),
+            images=kept,
+            failed_images=failed,
+            billed_images=int(usage.get("generated_images") or 0),
+            requests=int(usage.get("requests") or 0),
+            models=tuple(sorted(models)),
+            sizes=tuple(sorted({image.size for image in kept_images if image.size})),
+            image_format="png" if run.store is not None and run.store.keyspace.image_ext == "png" else "jpeg",
+            locations=locations,
+            records_uri=records_uri,
+        )
+
+    # ----------------------------------------------------------------------------------- lineage
+    def _prompt_file_path(self) -> str | None:
+        """The prompt file as Airflow's template loader finds it: the DAG's folder, then its searchpath."""
+        if self._prompt_template is None:
+            return None
+        dag = self.dag if self.has_dag() else None  # type: ignore[no-untyped-call]
+        searchpath: list[str] = []
+        if dag is not None:
+            searchpath.append(dag.folder)
+            searchpath.extend(
+                [dag.template_searchpath] if isinstance(dag.template_searchpath, str) else dag.template_searchpath or []
+            )
+        return find_prompt_file(self._prompt_template, searchpath)
+
+    def get_openlineage_facets_on_start(self) -> Any:
+        """Before ``execute``: the prompt file as input (outputs are known once the images are stored)."""
+        from airflow_provider_jimeng.lineage import operator_lineage
+
+        return operator_lineage(None, self._prompt_file_path(), complete=False)
+
+    def get_openlineage_facets_on_complete(self, task_instance: Any) -> Any:
+        """After ``execute`` (also on failure): the prompt file as input, the stored images as outputs.
+
+        One output dataset per folder written, normally the task instance's prefix; none when the task
+        returned URLs instead of storing the images. See docs/lineage.md.
+        """
+        from airflow_provider_jimeng.lineage import operator_lineage
+
+        return operator_lineage(self._lineage, self._prompt_file_path(), complete=True)
+
     def _emit_asset_events(self, context: Context, keyspace: TaskKeyspace, count: int) -> None:
         """Attach what was stored to declared outlets; an AssetAlias outlet gets the task's prefix as an Asset."""
         from airflow.sdk import Asset, AssetAlias
@@ -414,3 +542,12 @@ class JiMengGenerateOperator(BaseOperator):
         run = self._active_run
         if run is not None:
             run.stop("on_kill")
+
+
+def _prompt_source(prompt: Any, template_ext: Sequence[str]) -> str:
+    """``file`` for a prompt file, ``xcom`` for an upstream task's result, ``text`` otherwise."""
+    if isinstance(prompt, XComArg):
+        return "xcom"
+    if isinstance(prompt, str) and prompt.endswith(tuple(template_ext)):
+        return "file"
+    return "text"

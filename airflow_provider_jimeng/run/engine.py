@@ -40,6 +40,7 @@ from airflow_provider_jimeng.exceptions import (
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.options import RunOptions
 from airflow_provider_jimeng.run.outcome import PromptOutcome, describe_error, image_failure
+from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.journal import JournalWriter
 from airflow_provider_jimeng.storage.keys import prompt_fingerprint
 from airflow_provider_jimeng.storage.records import (
@@ -55,7 +56,6 @@ from airflow_provider_jimeng.storage.records import (
     answer_metadata,
     resume_plan,
 )
-from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 #: Memory a b64_json answer takes per byte of body while parsed: the body, its text and the decoded
 #: string coexist, and the C allocator keeps some of it (measured: ~4x the body's Content-Length).
@@ -98,7 +98,7 @@ class GenerationRun:
         *,
         hook: JiMengHook,
         bodies: Sequence[dict[str, Any]],
-        store: S3ImageStore | None,
+        store: ImageStore | None,
         options: RunOptions,
         spending_cap: SpendingCap,
         log: Any,
@@ -191,7 +191,7 @@ class GenerationRun:
             self.fatal = JiMengRunStoppedError(self._stopped_by)
 
     def _recognise_stored_answer(
-        self, store: S3ImageStore, index: int, existing: Mapping[str, int]
+        self, store: ImageStore, index: int, existing: Mapping[str, int]
     ) -> FinishStoring | None:
         """An answer whose images were all stored by a try killed before its journal reached S3.
 
@@ -209,10 +209,11 @@ class GenerationRun:
         if answer is None:
             return None
         self.log.info(
-            "Prompt %d: %d image(s) an earlier try stored before its journal reached S3 vouch for their answer; "
+            "Prompt %d: %d image(s) an earlier try stored before its journal reached %s vouch for their answer; "
             "reusing them (no new request)",
             index,
             len(answer.images),
+            store.storage_name,
         )
         entry = dataclasses.replace(answer, prompt_index=index)
         return FinishStoring(entry, stored=entry.images, missing=())
@@ -277,8 +278,9 @@ class GenerationRun:
                     self.fatal = self._storage_error
                     cancelled = self._cancel(generation)
                     self.log.error(
-                        "Stopping: S3 failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
+                        "Stopping: %s failed (%s); %d prompt(s) not sent, so nothing more is paid for until "
                         "storage works again",
+                        store.storage_name if store is not None else "storage",
                         self._storage_error,
                         cancelled,
                     )
@@ -500,7 +502,9 @@ class GenerationRun:
             not_stored = f"prompt {index} image {image.index}: not stored (request id {request_id}, kept for a retry)"
             # Once S3 has failed in this run, do not wait on it again for every image.
             if self._storage_error is not None:
-                unstored.append(f"{not_stored}: not attempted after an earlier S3 failure ({self._storage_error})")
+                unstored.append(
+                    f"{not_stored}: not attempted after an earlier {store.storage_name} failure ({self._storage_error})"
+                )
                 continue
             try:
                 size_bytes, sha256 = None, None
@@ -561,7 +565,7 @@ class GenerationRun:
         )
 
     def _store_image(
-        self, store: S3ImageStore, key: str, image: JournaledImage, metadata: dict[str, str]
+        self, store: ImageStore, key: str, image: JournaledImage, metadata: dict[str, str]
     ) -> tuple[int, str]:
         if image.b64_json:
             try:
@@ -598,9 +602,7 @@ class GenerationRun:
         """Stop paying for prompts S3 cannot take (also called by the journal writer)."""
         self._storage_error = self._storage_error or error
 
-    def _write_records(
-        self, store: S3ImageStore, earlier_journals: Mapping[str, set[int]]
-    ) -> JiMengStorageError | None:
+    def _write_records(self, store: ImageStore, earlier_journals: Mapping[str, set[int]]) -> JiMengStorageError | None:
         """Write ``records.json``, then drop the journals it supersedes; a refused write keeps them all."""
         records = [outcome.record for outcome in self.outcomes if outcome.record is not None]
         if not records:

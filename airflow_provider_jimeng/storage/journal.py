@@ -18,8 +18,8 @@ import uuid
 from collections.abc import Callable
 
 from airflow_provider_jimeng.exceptions import JiMengStorageError
+from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.records import JournalEntry
-from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class JournalWriter:
         are then kept on the worker's disk (:class:`~.s3.LocalJournal`) and later entries are not sent.
     """
 
-    def __init__(self, store: S3ImageStore, *, on_failure: Callable[[JiMengStorageError], None]) -> None:
+    def __init__(self, store: ImageStore, *, on_failure: Callable[[JiMengStorageError], None]) -> None:
         self._store = store
         self._on_failure = on_failure
         #: Unique per try, so that a retry never overwrites an earlier try's journals.
@@ -98,7 +98,7 @@ class JournalWriter:
                 )
             except JiMengStorageError as error:
                 self._failed = error
-                log.error("Could not journal %d prompt(s) in S3: %s", len(batch), error)
+                log.error("Could not journal %d prompt(s) in %s: %s", len(batch), self._store.storage_name, error)
                 self._on_failure(error)
             else:
                 self.written[key] = set(batch)

@@ -100,6 +100,11 @@ class TaskKeyspace:
     map_index: int
     key_template: str | None = None
     image_ext: str = DEFAULT_IMAGE_EXT
+    #: The URL scheme of :meth:`uri` (``s3``, or an object store's: ``gs``, ``abfs``, ``file`` ...).
+    scheme: str = "s3"
+    #: Where a custom ``key_template`` renders under: empty on S3 (keys are the bucket's), the path of
+    #: ``output_path`` otherwise, so a template never leaves the destination it was given.
+    key_root: str = ""
 
     @property
     def task_prefix(self) -> str:
@@ -111,7 +116,7 @@ class TaskKeyspace:
 
     def image_key(self, prompt_index: int, image_index: int) -> str:
         if self.key_template:
-            return self.key_template.format(
+            key = self.key_template.format(
                 dag_id=safe_key_part(self.dag_id),
                 run_id=safe_key_part(self.run_id),
                 task_id=safe_key_part(self.task_id),
@@ -120,6 +125,8 @@ class TaskKeyspace:
                 image_index=image_index,
                 ext=self.image_ext,
             ).lstrip("/")
+            root = self.key_root.strip("/")
+            return f"{root}/{key}" if root and key else key
         return f"{self.task_prefix}/p{prompt_index:04d}_i{image_index:02d}.{self.image_ext}"
 
     @property
@@ -133,8 +140,13 @@ class TaskKeyspace:
     def journal_key(self, batch: str) -> str:
         return f"{self.journal_prefix}{batch}.json"
 
+    @property
+    def meta_prefix(self) -> str:
+        """Where an object store keeps each image's metadata (S3 keeps it on the object itself)."""
+        return f"{self.task_prefix}/_meta/"
+
     def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+        return f"{self.scheme}://{self.bucket}/{key}"
 
     # --------------------------------------------------------------------------------- the proof
     def check_image_keys(self, images_per_prompt: Sequence[int]) -> None:
@@ -187,7 +199,12 @@ class TaskKeyspace:
             raise JiMengConfigurationError(parameter, "renders to an empty key; allowed: a non-empty key template")
         if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
             raise JiMengConfigurationError(parameter, f"renders a key longer than {MAX_KEY_BYTES} bytes")
-        if key == self.records_key or key.startswith(self.journal_prefix):
+        if self.scheme != "s3" and any(part in ("", ".", "..") for part in key.split("/")):
+            # A filesystem path resolves these (file:///data/x/../y is /data/y): the key would leave its place.
+            raise JiMengConfigurationError(
+                parameter, f"renders {key!r}; allowed under output_path: keys without '.', '..' or empty segments"
+            )
+        if key == self.records_key or key.startswith((self.journal_prefix, self.meta_prefix)):
             raise JiMengConfigurationError(
                 parameter, f"renders {key!r}, which the task keeps for its records and journals"
             )

@@ -33,8 +33,9 @@ from typing import Any
 from airflow_provider_jimeng.budget import IMAGE_BLOCK_BYTES
 from airflow_provider_jimeng.exceptions import JiMengStorageConfigurationError, JiMengStorageError
 from airflow_provider_jimeng.redaction import install_log_redaction
+from airflow_provider_jimeng.storage.base import RecordsAndJournals
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
-from airflow_provider_jimeng.storage.records import SCHEMA_VERSION, JournalEntry, PromptRecord, newer
+from airflow_provider_jimeng.storage.records import JournalEntry
 
 log = logging.getLogger(__name__)
 # botocore logs request bodies (whole images) and signed URLs at DEBUG: cut them before any handler sees them.
@@ -186,7 +187,7 @@ class LocalJournal:
             self.path(prompt_index).unlink()
 
 
-class S3ImageStore:
+class S3ImageStore(RecordsAndJournals):
     """Reads and writes one task's objects through the amazon provider's ``S3Hook`` client."""
 
     def __init__(self, s3_hook: Any, keyspace: TaskKeyspace, local_journal: LocalJournal | None = None) -> None:
@@ -254,74 +255,6 @@ class S3ImageStore:
             )
         except Exception as error:
             raise self._fail("writing", key, error) from None
-
-    # ------------------------------------------------------------------------- records and journals
-    def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]:
-        """The records an earlier try wrote, by prompt index (empty if it wrote none)."""
-        if self.keyspace.records_key not in existing:
-            return {}
-        data = self.read_json(self.keyspace.records_key) or {}
-        prompts = data.get("prompts")
-        records = [PromptRecord.from_json(entry) for entry in (prompts if isinstance(prompts, list) else [])]
-        return {record.prompt_index: record for record in records if record is not None}
-
-    def write_records(self, records: list[PromptRecord]) -> None:
-        keyspace = self.keyspace
-        self.write_json(
-            keyspace.records_key,
-            {
-                "schema": SCHEMA_VERSION,
-                "airflow": {
-                    "dag_id": keyspace.dag_id,
-                    "run_id": keyspace.run_id,
-                    "task_id": keyspace.task_id,
-                    "map_index": keyspace.map_index,
-                },
-                "prompts": [record.to_json() for record in records],
-            },
-        )
-
-    def journal_keys(self, existing: Mapping[str, int]) -> list[str]:
-        """The journal objects among ``existing`` (a listing of the task's prefix), oldest batch first."""
-        return sorted(key for key in existing if key.startswith(self.keyspace.journal_prefix))
-
-    def read_journals(
-        self, existing: Mapping[str, int], prompt_count: int
-    ) -> tuple[dict[int, JournalEntry], dict[str, set[int]]]:
-        """Earlier tries' journal entries by prompt, and which prompts each S3 object holds.
-
-        The newest entry of a prompt wins; a local copy of the same answer wins where it holds the
-        image data (:func:`~.records.newer`).
-        """
-        found: dict[int, list[JournalEntry]] = {}
-        objects: dict[str, set[int]] = {}
-        for key in self.journal_keys(existing):
-            batch = self.read_json(key) or {}
-            prompts = batch.get("prompts") if isinstance(batch.get("prompts"), dict) else {}
-            objects[key] = set()
-            for index_text, data in (prompts or {}).items():
-                if not str(index_text).isdigit():
-                    continue
-                index = int(index_text)
-                objects[key].add(index)
-                if (entry := JournalEntry.from_json(data, prompt_index=index)) is not None:
-                    found.setdefault(index, []).append(entry)
-        for index, local in self.local_journal.read_many(range(prompt_count)).items():
-            found.setdefault(index, []).append(local)
-        entries = {index: best for index, candidates in found.items() if (best := newer(candidates)) is not None}
-        return entries, objects
-
-    def save_local_journal(self, entry: JournalEntry) -> None:
-        current = self.local_journal.read(entry.prompt_index)
-        if current is not None and current.same_answer(entry) and current.holds_data:
-            return  # the same answer is kept here already, with its image data
-        where = self.local_journal.write(entry)
-        if where is not None:
-            log.warning(
-                "Prompt %d: S3 failed; its generated image(s) are journaled on this machine (%s) for a retry",
-                entry.prompt_index,
-                where,
-            )
 
     def discard_journals(self, keys: list[str], prompt_indexes: list[int]) -> None:
         """Drop journals whose prompts are in ``records.json``: one request per 1,000 objects."""

@@ -32,7 +32,7 @@ def _on_failure(context: Any) -> None:
     CALLBACKS.append(("failure", context.get("exception")))
 
 
-def _pipeline(dag_id: str, **operator_kwargs: Any) -> DAG:
+def _pipeline(dag_id: str, *, objstore: bool = False, **operator_kwargs: Any) -> DAG:
     with DAG(
         dag_id,
         schedule=None,
@@ -43,6 +43,7 @@ def _pipeline(dag_id: str, **operator_kwargs: Any) -> DAG:
             "bucket": Param("bucket", type="string"),
             "prompts": Param(["a red fox in the snow"], type="array"),
             "size": Param("1K", type="string"),
+            "output_path": Param("file:///tmp/unused", type="string"),
         },
         default_args={
             "retries": 1,
@@ -55,7 +56,7 @@ def _pipeline(dag_id: str, **operator_kwargs: Any) -> DAG:
         JiMengGenerateOperator(
             task_id="generate",
             prompt="{{ params.prompts }}",
-            s3_bucket="{{ params.bucket }}",
+            **({"output_path": "{{ params.output_path }}"} if objstore else {"s3_bucket": "{{ params.bucket }}"}),
             size="{{ params.size }}",
             **operator_kwargs,
         )
@@ -100,3 +101,19 @@ VARIANTS: dict[str, dict[str, str]] = {
     "wide": {"url": "faults_pipeline_wide", "b64_json": "faults_pipeline_wide_b64"},
     "timeout": {"url": "faults_pipeline_timeout", "b64_json": "faults_pipeline_timeout_b64"},
 }
+
+#: The same DAGs storing through ``output_path`` (``ObjectStoragePath``: ``file://`` in the tests), by the S3 DAG's id.
+OBJSTORE: dict[str, str] = {
+    "faults_pipeline": "faults_pipeline_objstore",
+    "faults_pipeline_concurrent_b64": "faults_pipeline_concurrent_b64_objstore",
+    "faults_pipeline_serial": "faults_pipeline_serial_objstore",
+    "faults_pipeline_b64": "faults_pipeline_b64_objstore",
+}
+faults_pipeline_objstore = _pipeline("faults_pipeline_objstore", objstore=True, max_concurrency=2)
+faults_pipeline_concurrent_b64_objstore = _pipeline(
+    "faults_pipeline_concurrent_b64_objstore", objstore=True, response_format="b64_json", max_concurrency=2
+)
+faults_pipeline_serial_objstore = _pipeline("faults_pipeline_serial_objstore", objstore=True, max_concurrency=1)
+faults_pipeline_b64_objstore = _pipeline(
+    "faults_pipeline_b64_objstore", objstore=True, response_format="b64_json", max_concurrency=1
+)

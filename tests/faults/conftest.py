@@ -249,7 +249,7 @@ class Accounting:
         return self.undelivered + self.unreadable + self.dead_urls
 
 
-def account(emulator: JiMengEmulator, s3_client: Any, bucket: str) -> Accounting:
+def account(emulator: JiMengEmulator, s3_client: Any, bucket: str, *, stored: int | None = None) -> Accounting:
     records = {record["request_id"]: record for record in emulator.requests}
     undelivered = unreadable = dead_urls = 0
     for entry in emulator.ledger:
@@ -262,7 +262,7 @@ def account(emulator: JiMengEmulator, s3_client: Any, bucket: str) -> Accounting
             dead_urls += entry.images
     return Accounting(
         billed=emulator.billed_images,
-        stored=len(image_keys(s3_client, bucket)),
+        stored=len(image_keys(s3_client, bucket)) if stored is None else stored,
         requests=emulator.request_count,
         undelivered=undelivered,
         unreadable=unreadable,
@@ -528,5 +528,112 @@ def bucket(s3_client: Any, gate: S3Gate) -> str:
 @pytest.fixture
 def pipeline(airflow_db: None, emulator: JiMengEmulator, bucket: str, s3_client: Any) -> Iterator[Pipeline]:
     runner = Pipeline(emulator, bucket, s3_client)
+    yield runner
+    runner.module().BEFORE_RETRY.clear()
+
+
+# ------------------------------------------------------------------------------ other storage backends
+#: The backends the storage guarantees are proved on: S3 (moto behind the gate) and ``file://``
+#: through ``ObjectStoragePath`` (``output_path``). GCS and Azure are not: see docs/storage.md.
+BACKENDS = ("s3", "file")
+
+
+class FileGate:
+    """The S3 gate's faults for a ``file://`` destination, in this process: refuse writes of some objects.
+
+    It fails the filesystem's own ``open`` with ``PermissionError``, as a read-only mount or a
+    full disk would, so the store's error handling is what is tested.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        #: "pass" | "deny_records" | "deny_writes"
+        self.mode = "pass"
+        original = LocalFileSystem._open
+        gate = self
+
+        def _open(fs: Any, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+            name = os.path.basename(str(path))
+            if "w" in mode and (
+                gate.mode == "deny_writes" or (gate.mode == "deny_records" and name.startswith(".records.json."))
+            ):
+                raise PermissionError(13, "Permission denied (the test's file gate)")
+            return original(fs, path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(LocalFileSystem, "_open", _open)
+
+
+class FilePipeline(Pipeline):
+    """The faults DAGs storing under ``file://<root>/jimeng`` through ``output_path``; keys read as on S3."""
+
+    backend = "file"
+
+    def __init__(self, emulator: JiMengEmulator, root: Path) -> None:
+        super().__init__(emulator, "unused", None)
+        self.root = root
+
+    @property
+    def output_path(self) -> str:
+        return f"file://{self.root}/jimeng"
+
+    def dag_id(self, dag_id: str) -> str:
+        from tests.dags.faults_pipeline import OBJSTORE
+
+        return OBJSTORE[dag_id]
+
+    def run(self, dag_id: str = "faults_pipeline", *, prompts: list[str] | None = None, **conf: Any) -> PipelineRun:
+        return super().run(self.dag_id(dag_id), prompts=prompts, **{"output_path": self.output_path, **conf})
+
+    def objects(self) -> list[str]:
+        return sorted(
+            path.relative_to(self.root).as_posix()
+            for path in self.root.rglob("*")
+            if path.is_file() and not path.name.endswith(".part")
+        )
+
+    def account(self) -> Accounting:
+        return account(self.emulator, None, "", stored=sum(1 for key in self.objects() if key.endswith(".jpeg")))
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink()
+
+
+class S3Pipeline(Pipeline):
+    """:class:`Pipeline` with the same helpers as :class:`FilePipeline`, for tests over both backends."""
+
+    backend = "s3"
+
+    def dag_id(self, dag_id: str) -> str:
+        return dag_id
+
+    def read(self, key: str) -> bytes:
+        data: bytes = self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return data
+
+    def delete(self, key: str) -> None:
+        self.s3.delete_object(Bucket=self.bucket, Key=key)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def any_pipeline(
+    backend: str, request: pytest.FixtureRequest, airflow_db: None, emulator: JiMengEmulator, tmp_path: Path
+) -> Iterator[S3Pipeline | FilePipeline]:
+    """The faults pipeline on ``backend``: S3 (``s3_bucket``, the fast path) or ``file://`` (``output_path``)."""
+    runner: S3Pipeline | FilePipeline
+    if backend == "s3":
+        runner = S3Pipeline(emulator, request.getfixturevalue("bucket"), request.getfixturevalue("s3_client"))
+    else:
+        root = tmp_path / "objstore"
+        (root / "jimeng").mkdir(parents=True)  # output_path must exist, as a bucket must on S3
+        runner = FilePipeline(emulator, root)
     yield runner
     runner.module().BEFORE_RETRY.clear()

@@ -38,13 +38,41 @@ class TaskInstanceIdentity:
         self.xcom[key] = value
 
 
+def hold_local_records(flag: str) -> None:
+    """``file://`` stores: the write of ``records.json`` never ends (the local twin of the S3 gate's hold).
+
+    The try blocks there, as on an S3 PUT that never answers; ``flag`` is created when it does, so
+    the test knows when to kill it.
+    """
+    import time
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    original = LocalFileSystem._open
+
+    def _open(self: Any, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
+        if "w" in mode and os.path.basename(str(path)).startswith(".records.json."):
+            with open(flag, "w", encoding="utf-8"):
+                pass
+            while True:
+                time.sleep(1)
+        return original(self, path, mode, *args, **kwargs)
+
+    LocalFileSystem._open = _open  # type: ignore[method-assign]
+
+
 def main(arguments: dict[str, Any]) -> int:
     from tests.dags import faults_pipeline
 
     task = getattr(faults_pipeline, arguments["dag_id"]).get_task("generate")
     # What rendering the templates would give: the values of run_conf.
     task.prompt = arguments["prompts"]
-    task.s3_bucket = arguments["bucket"]
+    if arguments.get("output_path"):
+        task.output_path = arguments["output_path"]
+        if arguments.get("hold_records"):
+            hold_local_records(arguments["hold_records"])
+    else:
+        task.s3_bucket = arguments["bucket"]
     task.size = arguments.get("size", "1K")
     ti = TaskInstanceIdentity(arguments["dag_id"], arguments["run_id"], task.task_id)
     # What Airflow's task runner installs: SIGTERM (from the supervisor, or `airflow tasks` killing it) calls on_kill.

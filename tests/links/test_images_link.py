@@ -145,3 +145,14 @@ def test_gallery_url_quotes_every_part() -> None:
     url = gallery_url("d&x=1", "r/../../x", "t#", -1)
 
     assert url == "/jimeng/gallery?dag_id=d%26x%3D1&run_id=r%2F..%2F..%2Fx&task_id=t%23&map_index=-1"
+
+
+def test_an_output_path_links_to_the_gcs_console_or_nowhere() -> None:
+    """gs:// images open in the Cloud console; file:// and abfs:// paths are not browser URLs."""
+    from airflow_provider_jimeng.links.jimeng import images_link
+
+    assert images_link("gs://my-images/jimeng/d/r/t/p0000_i00.jpeg", endpoint_url=None, region=None) == (
+        "https://console.cloud.google.com/storage/browser/my-images/jimeng/d/r/t"
+    )
+    assert images_link("file:///data/images/d/r/t/p0000_i00.jpeg", endpoint_url=None, region=None) == ""
+    assert images_link("abfs://c/p/p0000_i00.jpeg", endpoint_url=None, region=None) == ""
