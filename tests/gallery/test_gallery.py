@@ -10,7 +10,7 @@ import pytest
 
 from airflow_provider_jimeng.plugins.gallery_store import parse_failure
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
-from tests.dags import jimeng_test_generate, jimeng_test_mapping
+from tests.dags import faults_pipeline, jimeng_test_generate, jimeng_test_mapping
 from tests.gallery.conftest import Gallery, StoredRun
 
 pytestmark = pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="the gallery needs Airflow 3.1 or later")
@@ -27,6 +27,15 @@ def set_run(store_run: Any) -> StoredRun:
 @pytest.fixture(scope="module")
 def mapped_run(store_run: Any) -> StoredRun:
     return store_run(jimeng_test_mapping.dag, prompts=["a red fox", "a blue whale", "a green parrot"])
+
+
+@pytest.fixture(scope="module")
+def file_run(store_run: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[StoredRun, str]:
+    folder = tmp_path_factory.mktemp("gallery-output")
+    run = store_run(
+        faults_pipeline.faults_pipeline_objstore, prompts=["a red fox", "a blue whale"], output_path=f"file://{folder}"
+    )
+    return run, str(folder)
 
 
 def _ti(run: StoredRun, task_id: str = "gen", map_index: int | str | None = None) -> dict[str, Any]:
@@ -112,6 +121,27 @@ def test_every_map_index_of_a_mapped_task_or_the_one_asked_for(gallery: Gallery,
     answer = gallery.client.get(f"/jimeng/{link}", headers={"Authorization": f"Bearer {gallery.tokens['reader']}"})
     assert answer.status_code == 200
     assert hashlib.sha256(answer.content).hexdigest() == mapped_run.xcom("gen", "images", 1)[0]["sha256"]
+
+
+def test_another_backend_is_read_through_object_storage_path(gallery: Gallery, file_run: tuple[StoredRun, str]) -> None:
+    # output_path="file://...": the storage XCom names no s3:// prefix, so the gallery reads records.json
+    # and the images through ObjectStoragePath(uri, conn_id=...) with the task's own connection id.
+    run, folder = file_run
+    assert run.xcom("generate", "storage")["prefix"].startswith("file://")
+    images = run.xcom("generate", "images")
+    html = gallery.get("gallery", **_ti(run, task_id="generate")).text
+
+    assert "a red fox" in html  # the prompt comes from records.json
+    assert "a blue whale" in html
+    assert folder not in html
+    links = _image_links(html)
+    assert len(links) == len(images) == 2
+    for link, image in zip(links, images, strict=True):
+        answer = gallery.client.get(f"/jimeng/{link}", headers={"Authorization": f"Bearer {gallery.tokens['reader']}"})
+        assert answer.status_code == 200
+        assert answer.headers["content-type"] == "image/jpeg"
+        assert hashlib.sha256(answer.content).hexdigest() == image["sha256"]
+    assert gallery.get("image", **_ti(run, task_id="generate", map_index=-1), n=2).status_code == 404
 
 
 def test_a_task_that_stored_nothing_shows_an_empty_gallery(gallery: Gallery, set_run: StoredRun) -> None:
