@@ -194,3 +194,19 @@ def test_a_key_template_outside_the_task_prefix_names_the_folder_it_wrote(
 
     counts = {dataset.name: dataset.outputFacets["jimeng_images"].imageCount for dataset in lineage.outputs}
     assert counts == {_prefix(ti): 0, f"gallery/{DAG_ID}/{ti.run_id}": 2}, "records.json stays under the prefix"
+
+
+def test_a_file_destination_is_named_by_its_path(emulator: TrackingEmulator, tmp_path: Path) -> None:
+    """``output_path`` backends are named from their URI like S3: ``file`` namespace, absolute path."""
+    with _dag():
+        operator = JiMengGenerateOperator(task_id="gen", prompt="a fox in snow", output_path=f"file://{tmp_path}")
+    ti = RecordingTaskInstance(dag_id=DAG_ID)
+    operator.execute({"ti": ti})  # type: ignore[typeddict-item]
+
+    lineage = _extract(operator, ti, TaskInstanceState.SUCCESS)
+
+    (output,) = lineage.outputs
+    assert output.namespace == "file"
+    assert output.name.startswith(str(tmp_path) + "/")
+    assert output.name.endswith(f"/{safe_key_part(ti.run_id)}/{ti.task_id}")
+    assert _facet(output.outputFacets["jimeng_images"])["imageCount"] == 1
