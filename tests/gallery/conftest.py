@@ -8,6 +8,7 @@ and moto's S3 server, then only reads. Users come from :class:`RestrictedAuthMan
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -46,6 +47,8 @@ def gallery(airflow_db: None) -> Iterator[Gallery]:
             "AIRFLOW__CORE__AUTH_MANAGER", f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}"
         )
         patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "reader:viewer,outsider:viewer")
+        # A key of the length HS512 wants (the generated default is short and warns on every token).
+        patch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(32))
         app = create_app("core")
         manager = get_auth_manager()
         assert isinstance(manager, RestrictedAuthManager)
