@@ -88,6 +88,21 @@ class RecordsAndJournals:
     def write_json(self, key: str, data: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
+    def size_of(self, key: str) -> int | None:
+        """The size of the object at ``key``, or ``None`` when there is none (one request)."""
+        raise NotImplementedError
+
+    def find_keys(self, keys: Iterable[str]) -> dict[str, int]:
+        """Which of ``keys`` exist (key -> size), by name: for custom keys outside the listed prefix."""
+        found: dict[str, int] = {}
+        prefix = self.keyspace.task_prefix + "/"
+        for key in dict.fromkeys(keys):
+            if key.startswith(prefix):
+                continue  # the listing already said
+            if (size := self.size_of(key)) is not None:
+                found[key] = size
+        return found
+
     def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]:
         """The records an earlier try wrote, by prompt index (empty if it wrote none)."""
         if self.keyspace.records_key not in existing:

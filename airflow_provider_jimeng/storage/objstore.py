@@ -26,7 +26,7 @@ import json
 import logging
 import posixpath
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from airflow_provider_jimeng.exceptions import JiMengError, JiMengStorageConfigurationError, JiMengStorageError
@@ -140,20 +140,13 @@ class ObjectImageStore(RecordsAndJournals):
             keys[self._key(name)] = int(info.get("size") or 0)
         return keys
 
-    def find_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        """Which of ``keys`` exist (key -> size), by name: for custom keys outside the listed prefix."""
-        found: dict[str, int] = {}
-        prefix = self.keyspace.task_prefix + "/"
-        for key in dict.fromkeys(keys):
-            if key.startswith(prefix):
-                continue  # the listing already said
-            try:
-                found[key] = int(self._fs.info(self._path(key)).get("size") or 0)
-            except FileNotFoundError:
-                continue
-            except Exception as error:
-                raise self._fail("inspecting", key, error) from None
-        return found
+    def size_of(self, key: str) -> int | None:
+        try:
+            return int(self._fs.info(self._path(key)).get("size") or 0)
+        except FileNotFoundError:
+            return None
+        except Exception as error:
+            raise self._fail("inspecting", key, error) from None
 
     # ------------------------------------------------------------------------------------- JSON
     def read_json(self, key: str) -> dict[str, Any] | None:

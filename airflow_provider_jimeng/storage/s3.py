@@ -273,19 +273,13 @@ class S3ImageStore(RecordsAndJournals):
                 # records.json, read first on a retry, supersedes journals: only tidiness is lost.
                 log.warning("Could not delete %d journal(s): %s", len(errors), errors[0].get("Code"))
 
-    def find_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        """Which of ``keys`` exist (key -> size), by name: for custom keys outside the listed prefix."""
-        found: dict[str, int] = {}
-        prefix = self.keyspace.task_prefix + "/"
-        for key in dict.fromkeys(keys):
-            if key.startswith(prefix):
-                continue  # the listing already said
-            try:
-                found[key] = int(self._client.head_object(Bucket=self.bucket, Key=key).get("ContentLength", 0))
-            except Exception as error:
-                if _describe(error).split(" ", 1)[0] not in ("404", "NoSuchKey", "NotFound"):
-                    raise self._fail("inspecting", key, error) from None
-        return found
+    def size_of(self, key: str) -> int | None:
+        try:
+            return int(self._client.head_object(Bucket=self.bucket, Key=key).get("ContentLength", 0))
+        except Exception as error:
+            if _describe(error).split(" ", 1)[0] not in ("404", "NoSuchKey", "NotFound"):
+                raise self._fail("inspecting", key, error) from None
+        return None
 
     def head(self, key: str) -> dict[str, Any]:
         try:

@@ -159,14 +159,18 @@ def test_a_set_that_broke_after_some_images_keeps_them_and_a_retry_pays_nothing_
     the task reuses the prompt's record: no new request, no new bill.
     """
     emulator.inject(Fault(fault, after=2))
-    operator = JiMengGenerateOperator(
-        task_id="gen",
-        prompt="a storyboard of a fox in four panels",
-        sequential_image_generation="auto",
-        max_images=4,
-        stream=stream,
-        s3_bucket=bucket.name,
-    )
+
+    def the_task() -> JiMengGenerateOperator:
+        return JiMengGenerateOperator(
+            task_id="gen",
+            prompt="a storyboard of a fox in four panels",
+            sequential_image_generation="auto",
+            max_images=4,
+            stream=stream,
+            s3_bucket=bucket.name,
+        )
+
+    operator = the_task()
     ti = RecordingTaskInstance()
     with pytest.raises(JiMengGenerationIncompleteError) as raised:
         operator.execute({"ti": ti})  # type: ignore[typeddict-item]
@@ -178,14 +182,7 @@ def test_a_set_that_broke_after_some_images_keeps_them_and_a_retry_pays_nothing_
     assert "InternalServiceError" in str(raised.value)
     assert ti.pushed["usage"]["generated_images"] == emulator.billed_images == 2
 
-    retry = JiMengGenerateOperator(
-        task_id="gen",
-        prompt="a storyboard of a fox in four panels",
-        sequential_image_generation="auto",
-        max_images=4,
-        stream=stream,
-        s3_bucket=bucket.name,
-    )
+    retry = the_task()
     again = RecordingTaskInstance()
     with pytest.raises(JiMengGenerationIncompleteError):
         retry.execute({"ti": again})  # type: ignore[typeddict-item]
