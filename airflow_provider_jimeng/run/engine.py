@@ -323,34 +323,22 @@ class GenerationRun:
                 continue
             if future in generation:
                 index = generation.pop(future)
-                if future.cancelled():
-                    self.outcomes[index].failures.append(f"prompt {index}: not sent (the run stopped)")
+                answered = not future.cancelled() and future.exception() is None
+                # A failure, an answer without storage, or one that carries its images (b64_json:
+                # its data is nowhere else, the S3 journal never holds it) is handled as in a run.
+                if not answered or self.store is None or future.result()[1].holds_data:
+                    self._on_generated(index, future, generation, storing, store_pool, track)
                     continue
-                try:
-                    result, entry = future.result()
-                except BaseException as error:
-                    self._record_request_failure(self.outcomes[index], error, generation)
-                    continue
-                self.outcomes[index].requests += 1
-                if self.store is not None and entry.holds_data:
-                    # A b64_json answer's images exist only in this process (the S3 journal never
-                    # holds data): store them now, a PUT each, or the retry would pay for them again.
-                    self.outcomes[index].usage = result.usage.as_dict()
-                    track(
-                        storing,
-                        store_pool.submit(self._store_entry, self.outcomes[index], entry, (), entry.images),
-                        index,
-                    )
-                    continue
-                self.outcomes[index].incomplete = bool(result.succeeded) and self.store is not None
+                result, _entry = future.result()
+                outcome = self.outcomes[index]
+                outcome.requests += 1
+                outcome.usage = result.usage.as_dict()
+                outcome.incomplete = bool(result.succeeded)
                 self._budget.release(self._charges.pop(index, 0))
-                if self.store is None:
-                    self._keep_urls(self.outcomes[index], result)
-                else:
-                    self.outcomes[index].failures.append(
-                        f"prompt {index}: answered (request id {result.request_id or 'n/a'}) but not stored "
-                        "because the run stopped; kept in its journal for a retry, which needs no new request"
-                    )
+                outcome.failures.append(
+                    f"prompt {index}: answered (request id {result.request_id or 'n/a'}) but not stored "
+                    "because the run stopped; kept in its journal for a retry, which needs no new request"
+                )
             elif future in storing:
                 self._on_stored(storing.pop(future), future)
 
