@@ -54,7 +54,7 @@ format: $(STAMP)
 lock:
 	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install --quiet uv
 	.venv-lock/bin/uv pip compile --quiet --python-version 3.10 --universal -o requirements/constraints.txt \
-		--extra test --extra lint --extra docs --extra e2e pyproject.toml
+		--extra test --extra lint --extra docs --extra e2e --extra redis --extra scale pyproject.toml
 	rm -rf .venv-lock
 
 # The browser end-to-end test (opt-in, about 2 minutes): a real Airflow on loopback driven in headless

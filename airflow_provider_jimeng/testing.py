@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow_provider_jimeng.emulator import DEFAULT_API_KEY, JiMengEmulator
 
@@ -48,36 +50,32 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class S3Server:
-    """moto's S3 server in a child process: a real HTTP endpoint that can be stopped mid-run."""
+class _ServerProcess:
+    """A server in a child process on a loopback port: a real endpoint that can be stopped mid-run."""
+
+    name = "server"
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or _free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def command(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self) -> S3Server:
+    def start(self) -> Any:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        self._process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError("the moto S3 server exited at start; is moto[server] installed?")
+                raise RuntimeError(f"the {self.name} exited at start; is it installed?")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError("the moto S3 server did not start within 30 s")
+        raise RuntimeError(f"the {self.name} did not start within 30 s")
 
     def stop(self) -> None:
         if self._process is not None:
@@ -88,11 +86,67 @@ class S3Server:
                 self._process.kill()
             self._process = None
 
-    def __enter__(self) -> S3Server:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class S3Server(_ServerProcess):
+    """moto's S3 server in a child process."""
+
+    name = "moto S3 server"
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def __enter__(self) -> S3Server:
+        return self.start()  # type: ignore[no-any-return]
+
+
+#: fakeredis's TCP server, with Lua scripting through lupa: the stand-in where redis-server is not installed.
+_FAKEREDIS_SERVER = (
+    "import sys; from fakeredis import TcpFakeServer; "
+    "TcpFakeServer(('127.0.0.1', int(sys.argv[1])), server_type='redis').serve_forever()"
+)
+
+
+class RedisServer(_ServerProcess):
+    """A Redis server on loopback: ``redis-server`` when it is installed, else fakeredis's TCP server.
+
+    Both speak the protocol over a real socket (scripts included), so the shared rate limiter and
+    journals are tested as they run against a deployment's Redis.
+    """
+
+    name = "Redis server"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def real(self) -> bool:
+        return shutil.which("redis-server") is not None
+
+    def command(self) -> list[str]:
+        binary = shutil.which("redis-server")
+        if binary is not None:
+            return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        return [sys.executable, "-c", _FAKEREDIS_SERVER, str(self.port)]
+
+    def __enter__(self) -> RedisServer:
+        return self.start()  # type: ignore[no-any-return]
+
+
+def redis_connection_json(url: str) -> str:
+    """The JSON form of a ``redis`` connection for a Redis server on loopback."""
+    split = urlsplit(url)
+    return json.dumps({"conn_type": "redis", "host": split.hostname, "port": split.port, "extra": {"db": 0}})
 
 
 @dataclass

@@ -44,9 +44,11 @@ import pytest  # noqa: E402
 from airflow_provider_jimeng.emulator import JiMengEmulator  # noqa: E402
 from airflow_provider_jimeng.emulator.pytest_plugin import jimeng_emulator  # noqa: E402,F401
 from airflow_provider_jimeng.testing import (  # noqa: E402
+    RedisServer,
     S3Server,
     aws_connection_json,
     jimeng_connection_json,
+    redis_connection_json,
 )
 from tests.compat import install_dag_test_shims  # noqa: E402
 
@@ -94,3 +96,19 @@ def airflow_db() -> None:
     from airflow.utils import db
 
     db.resetdb()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_conn(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> RedisServer:
+    """``redis_shared`` pointing at the session's Redis server, emptied first."""
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    monkeypatch.setenv("AIRFLOW_CONN_REDIS_SHARED", redis_connection_json(redis_server.url))
+    return redis_server

@@ -84,6 +84,23 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "description": "Client-side pacing per task, below the account's rate limit (500 by default).",
         "schema": {"type": ["integer", "null"], "minimum": 1},
     },
+    "redis_conn_id": {
+        "label": "Shared Redis connection",
+        "description": (
+            "Id of a redis connection every worker can reach. Tasks using this JiMeng connection then share "
+            "one account-wide rate limiter and keep journals there that a retry on any worker reads "
+            "(docs/scaling.md; needs the redis extra)."
+        ),
+        "schema": {"type": ["string", "null"]},
+    },
+    "account_images_per_minute": {
+        "label": "Account images per minute",
+        "description": (
+            "The account's limit (500 by default) that the shared limiter keeps every task using this key "
+            "under, together. Needs the shared Redis connection."
+        ),
+        "schema": {"type": ["integer", "null"], "minimum": 1},
+    },
     "proxies": {
         "label": "Proxies (JSON)",
         "description": 'requests-style proxies, e.g. {"https": "http://proxy:3128"}.',

@@ -47,7 +47,7 @@ from airflow_provider_jimeng.hooks.connection_form import (
     UI_FIELD_BEHAVIOUR,
 )
 from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
-from airflow_provider_jimeng.options import GenerationOptions, as_int
+from airflow_provider_jimeng.options import GenerationOptions, as_int, as_text
 from airflow_provider_jimeng.redaction import install_log_redaction, redact_url, register_secret
 from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 
@@ -132,6 +132,10 @@ def _as_int(parameter: str, value: Any, default: int, *, minimum: int) -> int:
     return int(_as_number(parameter, value, default, minimum=minimum, whole=True) or 0)
 
 
+def _as_conn_id(parameter: str, value: Any) -> str | None:
+    return None if _is_unset(value) else as_text(parameter, value, allowed="a connection id")
+
+
 def _as_proxies(value: Any) -> dict[str, str] | None:
     allowed = 'must be a JSON object of scheme to proxy URL, like {"https": "http://proxy:3128"}'
     if _is_unset(value):
@@ -208,6 +212,10 @@ class JiMengConnectionConfig:
     response_deadline: float = DEFAULT_TIMEOUT * RESPONSE_DEADLINE_TIMEOUTS
     #: The most bytes a generation answer may have.
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    #: A redis connection every worker reaches: shared rate limiter and journals (docs/scaling.md).
+    redis_conn_id: str | None = None
+    #: The account's images per minute, kept by the shared limiter across every task using the key.
+    account_images_per_minute: float | None = None
 
     @property
     def generations_url(self) -> str:
@@ -644,6 +652,16 @@ class JiMengHook(BaseHook):
             "timeout", _first(self._timeout_override, extras.get("timeout")), DEFAULT_TIMEOUT, minimum=1
         )
         assert timeout is not None
+        redis_conn_id = _as_conn_id("redis_conn_id", extras.get("redis_conn_id"))
+        account_images_per_minute = _as_number(
+            "account_images_per_minute", extras.get("account_images_per_minute"), None, minimum=1
+        )
+        if account_images_per_minute is not None and redis_conn_id is None:
+            raise JiMengConfigurationError(
+                "account_images_per_minute",
+                "an account-wide limit needs a store every worker shares: set redis_conn_id too, "
+                "or use max_images_per_minute for a per-task pace",
+            )
         return JiMengConnectionConfig(
             base_url=base_url,
             api_key=api_key,
@@ -693,6 +711,8 @@ class JiMengHook(BaseHook):
             max_response_bytes=_as_int(
                 "max_response_bytes", extras.get("max_response_bytes"), DEFAULT_MAX_RESPONSE_BYTES, minimum=1024
             ),
+            redis_conn_id=redis_conn_id,
+            account_images_per_minute=account_images_per_minute,
         )
 
     @cached_property
