@@ -131,10 +131,15 @@ class RedisServer(_ServerProcess):
 
     @property
     def real(self) -> bool:
-        return shutil.which("redis-server") is not None
+        return self._binary() is not None
+
+    @staticmethod
+    def _binary() -> str | None:
+        """``redis-server``, unless ``JIMENG_TEST_FAKEREDIS=1`` asks for fakeredis (what CI has) anyway."""
+        return None if os.environ.get("JIMENG_TEST_FAKEREDIS") == "1" else shutil.which("redis-server")
 
     def command(self) -> list[str]:
-        binary = shutil.which("redis-server")
+        binary = self._binary()
         if binary is not None:
             return [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         return [sys.executable, "-c", _FAKEREDIS_SERVER, str(self.port)]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from http.cookiejar import DefaultCookiePolicy
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
@@ -50,6 +50,9 @@ from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, par
 from airflow_provider_jimeng.options import GenerationOptions, as_int, as_text
 from airflow_provider_jimeng.redaction import install_log_redaction, redact_url, register_secret
 from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
+
+if TYPE_CHECKING:
+    from airflow_provider_jimeng.coordination.ratelimit import AccountRateLimiter, Grant
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -552,13 +555,23 @@ class JiMengHook(BaseHook):
         self._session: requests.Session | None = None
         self._downloads: requests.Session | None = None
         self._pacer: ImageRatePacer | None = None
+        #: One shared bucket per model this hook sends to (the service limits each model apart).
+        self._account_limiters: dict[str, AccountRateLimiter] = {}
+        #: Whether the shared limiter's Redis is failing (said once in the log, and once when it is back).
+        self._limiter_down = False
         self._session_lock = threading.Lock()
         #: Set by close(): reads in progress end too.
         self._stop = threading.Event()
         #: Set by stop() and close(): no new attempt, no retry, no more waiting.
         self._sending_stopped = threading.Event()
         self._counter_lock = threading.Lock()
-        self._counts: dict[str, int] = {"attempts": 0, "rate_limited": 0, "retries": 0, "download_retries": 0}
+        self._counts: dict[str, int] = {
+            "attempts": 0,
+            "rate_limited": 0,
+            "retries": 0,
+            "download_retries": 0,
+            "rate_limit_wait_ms": 0,
+        }
         #: Every attempt of this hook counted, whichever cap a caller passed to :meth:`send`: never refuses.
         self._tally = SpendingCap(None)
 
@@ -568,7 +581,8 @@ class JiMengHook(BaseHook):
 
         ``attempts`` sent, ``rate_limited`` (429) answers, generation ``retries`` and
         ``download_retries`` made, images ``billed`` (as the answers said) and ``possibly_billed``
-        (attempts that timed out or broke off: the service may have generated their images).
+        (attempts that timed out or broke off: the service may have generated their images), and
+        ``rate_limit_wait_ms``: how long attempts waited for the pace (the task's own and the account's).
         """
         with self._counter_lock:
             counts = dict(self._counts)
@@ -576,9 +590,9 @@ class JiMengHook(BaseHook):
         counts["possibly_billed"] = self._tally.possibly_billed
         return counts
 
-    def _count(self, counter: str) -> None:
+    def _count(self, counter: str, amount: int = 1) -> None:
         with self._counter_lock:
-            self._counts[counter] += 1
+            self._counts[counter] += amount
 
     # ----------------------------------------------------------------------------------- UI metadata
     @classmethod
@@ -731,6 +745,72 @@ class JiMengHook(BaseHook):
                 self._pacer = ImageRatePacer(self.config.max_images_per_minute)
             return self._pacer
 
+    def account_limiter(self, model: str) -> AccountRateLimiter | None:
+        """The account-wide limiter of ``model`` when the connection names a shared Redis and the
+        account's limit (``redis_conn_id`` and ``account_images_per_minute``); else ``None``.
+
+        A ``redis_conn_id`` alone does not limit: the account's cap is a number only its owner knows
+        (accounts may have raised limits, models differ), and the same Redis also serves journals.
+        """
+        config = self.config
+        if config.redis_conn_id is None or config.account_images_per_minute is None:
+            return None
+        with self._session_lock:
+            limiter = self._account_limiters.get(model)
+            if limiter is None:
+                from airflow_provider_jimeng.coordination.ratelimit import AccountRateLimiter, bucket_key
+                from airflow_provider_jimeng.coordination.redis_client import shared_redis
+
+                limiter = self._account_limiters[model] = AccountRateLimiter(
+                    shared_redis(config.redis_conn_id),
+                    bucket_key(config.api_key, model),
+                    config.account_images_per_minute,
+                )
+            return limiter
+
+    def _pace(self, body: Mapping[str, Any], images: int) -> Grant | None:
+        """Wait for the task's own pace, then for the account's; the account's grant, if it has one.
+
+        The task's pacer goes first so that the shared slots are taken as late as possible. When the
+        shared limiter's Redis fails, a task with its own pace (``max_images_per_minute``) goes on at
+        that pace; one without fails the attempt before sending (retried with backoff like a 429):
+        sending unpaced would turn many tasks into a storm of 429s.
+        """
+        from airflow_provider_jimeng.coordination.ratelimit import RateLimiterUnavailableError
+
+        pacer = self.pacer
+        if pacer is not None:
+            self._count("rate_limit_wait_ms", round(pacer.acquire(images, stop=self._sending_stopped) * 1000))
+        limiter = self.account_limiter(str(body.get("model") or self.config.model))
+        if limiter is None or self._sending_stopped.is_set():
+            return None
+        started = time.monotonic()
+        try:
+            grant = limiter.acquire(images, self._sending_stopped)
+        except RateLimiterUnavailableError as exc:
+            if not self._limiter_down:
+                self._limiter_down = True
+                self.log.warning(
+                    "The account-wide rate limiter is unavailable (%s, redis connection %s); %s",
+                    exc,
+                    self.config.redis_conn_id,
+                    "going on at the task's own pace (max_images_per_minute)"
+                    if pacer is not None
+                    else "nothing is sent until it is back (attempts are retried with backoff)",
+                )
+            if pacer is not None:
+                return None
+            raise JiMengTimeoutError(
+                f"the account-wide rate limiter is unavailable ({exc}); nothing was sent",
+                code="RateLimiterUnavailable",
+            ) from None
+        finally:
+            self._count("rate_limit_wait_ms", round((time.monotonic() - started) * 1000))
+        if self._limiter_down:
+            self._limiter_down = False
+            self.log.info("The account-wide rate limiter is available again")
+        return grant
+
     def get_conn(self) -> requests.Session:
         """The hook's pooled session, created once even when threads race for it."""
         with self._session_lock:
@@ -840,21 +920,39 @@ class JiMengHook(BaseHook):
 
         def attempt(number: int) -> GenerationResult:
             charge = self._reserve(images, spending_cap)
+            grant: Grant | None = None
             try:
-                pacer = self.pacer
-                if pacer is not None:
-                    pacer.acquire(images, stop=self._sending_stopped)
+                grant = self._pace(body, images)
                 if self._sending_stopped.is_set():
                     raise JiMengTimeoutError("the task was stopped before the request was sent", code="Stopped")
             except BaseException:
                 charge.release()
+                if grant is not None:
+                    self._give_back(grant, images)  # never sent
                 raise
             try:
-                return self._send_once(body, number, before_body, charge)
+                result = self._send_once(body, number, before_body, charge)
+            except BaseException:
+                if grant is not None:
+                    grant.keep()  # sent: an error answer or a 429 may still have counted on the server
+                raise
             finally:
                 charge.keep_as_possible()  # a no-op once settled: only an unforeseen failure gets here unsettled
+            if grant is not None:
+                # A set that ended early billed fewer than it reserved; a broken answer may have billed all.
+                self._give_back(grant, 0 if result.truncated else images - result.billed_images)
+            return result
 
         return self._with_retries(attempt, subject="JiMeng", counter="retries")
+
+    def _give_back(self, grant: Grant, images: int) -> None:
+        """Return unused images to the shared bucket; if Redis fails, they stay spent (never overspent)."""
+        from airflow_provider_jimeng.coordination.ratelimit import RateLimiterUnavailableError
+
+        try:
+            grant.refund(images)
+        except RateLimiterUnavailableError as exc:
+            self.log.debug("Could not give %d image(s) back to the account-wide rate limiter: %s", images, exc)
 
     def _reserve(self, images: int, spending_cap: SpendingCap | None) -> _Charge:
         reservations = [] if spending_cap is None else [spending_cap.reserve(images)]  # may refuse: nothing sent
