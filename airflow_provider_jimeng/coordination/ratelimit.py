@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -59,7 +59,7 @@ end
 """
 
 #: KEYS[1] the bucket; ARGV: images, interval (us per image), burst (images), horizon (us), [now].
-#: Returns {admitted (1/0), wait or retry-after (us), slot end (us, the TAT after this request)}.
+#: Returns {admitted (1/0), wait or retry-after (us), the TAT (us) after it, the server's now (us)}.
 ACQUIRE_SCRIPT = (
     _PROLOGUE.format(index=5, margin=KEY_TTL_MARGIN_MS)
     + """
@@ -77,10 +77,10 @@ if wait < 0 then wait = 0 end
 local reach = horizon
 if cost > reach then reach = cost end
 if wait > reach and tat > now then
-  return {0, math.ceil(wait - reach), math.floor(tat)}
+  return {0, math.ceil(wait - reach), math.floor(tat), math.floor(now)}
 end
 store(new_tat)
-return {1, math.ceil(wait), math.floor(new_tat)}
+return {1, math.ceil(wait), math.floor(new_tat), math.floor(now)}
 """
 )
 
@@ -114,13 +114,25 @@ def bucket_key(api_key: str, model: str) -> str:
     return f"{KEY_PREFIX}{digest}:{model}"
 
 
+class Ticket(NamedTuple):
+    """One answer of the acquire script."""
+
+    admitted: bool
+    #: Admitted: seconds to wait before sending; refused: seconds after which to ask again.
+    seconds: float
+    #: Admitted: when the request may be sent, by the Redis server's clock (microseconds).
+    due_us: int
+
+
 @dataclass
 class Grant:
     """Images reserved on the shared bucket by one request; give back what it did not use, once."""
 
     limiter: AccountRateLimiter
     images: int
-    waited: float
+    #: When the request was allowed to go, by the Redis server's clock (microseconds).
+    due_us: int
+    waited: float = 0.0
     _open: bool = True
 
     def refund(self, images: int) -> None:
@@ -174,13 +186,13 @@ class AccountRateLimiter:
         except RedisError as exc:
             raise RateLimiterUnavailableError(f"its Redis failed: {type(exc).__name__}") from None
 
-    def try_acquire(self, images: int, *, now_us: int | None = None) -> tuple[bool, float]:
-        """One attempt: ``(True, seconds to wait before sending)`` or ``(False, seconds to ask again after)``."""
+    def try_acquire(self, images: int, *, now_us: int | None = None) -> Ticket:
+        """Reserve ``images`` if the wait stays within the horizon; else reserve nothing (see :class:`Ticket`)."""
         args: list[Any] = [images, repr(self.interval_us), repr(self.burst), repr(self.horizon_us)]
         if now_us is not None:
             args.append(now_us)
-        admitted, micros, _ = self._run(self._acquire, args)
-        return bool(admitted), int(micros) / 1_000_000
+        admitted, micros, _, now = self._run(self._acquire, args)
+        return Ticket(bool(admitted), int(micros) / 1_000_000, int(now) + int(micros))
 
     def acquire(self, images: int, stop: threading.Event) -> Grant | None:
         """Reserve ``images`` and wait until they are due; ``None`` if ``stop`` was set first.
@@ -189,15 +201,12 @@ class AccountRateLimiter:
         fails (nothing is then reserved, or what was is lost: never more than the horizon).
         """
         started = time.monotonic()
-        while True:
-            admitted, seconds = self.try_acquire(images)
-            if admitted:
-                break
-            if stop.wait(min(max(seconds, MIN_RETRY_SECONDS), self.horizon_us / 1_000_000)):
+        while not (ticket := self.try_acquire(images)).admitted:
+            if stop.wait(min(max(ticket.seconds, MIN_RETRY_SECONDS), self.horizon_us / 1_000_000)):
                 self._add_wait(time.monotonic() - started)
                 return None
-        grant = Grant(self, images, 0.0)
-        if seconds > 0 and stop.wait(seconds):
+        grant = Grant(self, images, ticket.due_us)
+        if ticket.seconds > 0 and stop.wait(ticket.seconds):
             self._add_wait(time.monotonic() - started)
             # If Redis fails now, the slots stay reserved: at most the horizon is lost, and the key expires.
             with contextlib.suppress(RateLimiterUnavailableError):
