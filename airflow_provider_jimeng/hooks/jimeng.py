@@ -6,6 +6,7 @@ import hashlib
 import ipaddress
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -135,8 +136,20 @@ def _as_int(parameter: str, value: Any, default: int, *, minimum: int) -> int:
     return int(_as_number(parameter, value, default, minimum=minimum, whole=True) or 0)
 
 
+#: The characters Airflow allows in a connection id (``airflow.models.connection.RE_SANITIZE_CONN_ID``).
+_CONN_ID = re.compile(r"^[\w#!()\-.:/\\]{1,250}$")
+
+
 def _as_conn_id(parameter: str, value: Any) -> str | None:
-    return None if _is_unset(value) else as_text(parameter, value, allowed="a connection id")
+    """A connection id; an unrendered template or a rendered list is refused here, not at first use."""
+    if _is_unset(value):
+        return None
+    conn_id = as_text(parameter, value, allowed="a connection id")
+    if conn_id is None or not _CONN_ID.match(conn_id):
+        raise JiMengConfigurationError(
+            parameter, f"{_shown(value)} is not a connection id; allowed: letters, digits and _#!()-.:/\\"
+        )
+    return conn_id
 
 
 def _as_proxies(value: Any) -> dict[str, str] | None:

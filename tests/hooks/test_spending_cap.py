@@ -27,7 +27,15 @@ from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 pytestmark = pytest.mark.timeout(60)
 
 PROMPT = "a lantern festival"
-STATS_KEYS = {"attempts", "rate_limited", "retries", "download_retries", "billed", "possibly_billed"}
+STATS_KEYS = {
+    "attempts",
+    "rate_limited",
+    "retries",
+    "download_retries",
+    "rate_limit_wait_ms",
+    "billed",
+    "possibly_billed",
+}
 
 
 def _warnings(logs: Any) -> list[str]:
