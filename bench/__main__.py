@@ -9,6 +9,7 @@ Writes ``bench/results/latest.json``, ``docs/benchmarks.md`` and ``docs/img/benc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_NAMES = ("p1_throughput", "p2_rate_limit", "p3_memory", "p4_overhead", "scaling")
+SECTION_NAMES = ("p1_throughput", "p2_rate_limit", "p3_memory", "p4_overhead", "scaling", "p5_shared_limit")
 #: ``--only p1`` for ``--only p1_throughput``, and so on.
 SHORT_NAMES = {name.split("_")[0]: name for name in SECTION_NAMES}
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=lambda name: SHORT_NAMES.get(name, name),
         choices=SECTION_NAMES,
-        help="run only this section (repeatable; p1, p2, p3, p4 for short)",
+        help="run only this section (repeatable; p1, p2, p3, p4, p5 for short)",
     )
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--docs", type=Path, help="where to write the Markdown report (default: docs/benchmarks.md)")
@@ -40,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the scaling plot (default: docs/img/bench-scaling.png)",
     )
     parser.add_argument("--no-docs", action="store_true", help="write only the JSON")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the sections run to the existing JSON (and report) instead of replacing it",
+    )
     parser.add_argument("--repeats", type=int, help="runs of each repeated timing (default: 3, quick: 1)")
     parser.add_argument("--profile", type=Path, help="write a cProfile of every operator run into this directory")
     parser.add_argument(
@@ -93,6 +99,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["meta"]["duration_s"] = time.monotonic() - started  # type: ignore[index]
     results["meta"]["load_average_end"] = os.getloadavg()  # type: ignore[index]
 
+    if args.merge and json_path.exists():
+        # Only the sections run are new: each keeps the date and load of the run that measured it.
+        merged = json.loads(json_path.read_text())
+        for name in SECTION_NAMES:
+            if name in results:
+                merged[name] = results[name]
+                merged["meta"].setdefault("sections", {})[name] = {
+                    key: results["meta"][key]  # type: ignore[index]
+                    for key in ("date", "load_average_start", "load_average_end", "duration_s")
+                }
+        results = merged
     json_path.parent.mkdir(parents=True, exist_ok=True)
     report.write_json(results, json_path)
     print()

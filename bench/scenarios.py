@@ -55,6 +55,19 @@ class Sizes:
     scaling_prompts: tuple[int, ...]
     scaling_prompts_concurrency: int
     repeats: int
+    #: P5: images per task run, the cap (IPM) and burst of the emulator's token bucket, its latency.
+    p5_prompts: int = 16
+    p5_cap: int = 240
+    p5_burst: int = 8
+    p5_latency: float = 0.5
+    #: P5's variants (``--quick`` runs one: each starts worker processes).
+    p5_variants: tuple[str, ...] = (
+        "shared_all_busy",
+        "unpaced_all_busy",
+        "static_all_busy",
+        "shared_alone",
+        "static_alone",
+    )
 
     def with_repeats(self, repeats: int) -> Sizes:
         return dataclasses.replace(self, repeats=repeats)
@@ -97,20 +110,23 @@ QUICK = Sizes(
     scaling_prompts=(2,),
     scaling_prompts_concurrency=2,
     repeats=1,
+    p5_prompts=2,
+    p5_latency=0.0,
+    p5_variants=("shared_all_busy",),
 )
 
 
 class Worker:
     """A worker process and the line protocol to it (spec, READY, go, RESULT)."""
 
-    def __init__(self, stack: Stack, workdir: Path, name: str) -> None:
+    def __init__(self, stack: Stack, workdir: Path, name: str, env: dict[str, str] | None = None) -> None:
         self.name = name
         self.stderr_path = workdir / f"{name}.stderr"
         self._stderr = self.stderr_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", str(workdir / f"{name}.log")],
             cwd=REPO_ROOT,
-            env={**os.environ, **stack.env},
+            env={**os.environ, **stack.env, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -495,12 +511,168 @@ def scaling(h: Harness, s: Sizes) -> dict[str, Any]:
     }
 
 
+P5_CONN_ID = "jimeng_p5"
+P5_REDIS_CONN_ID = "redis_bench"
+P5_WORKERS = 2
+P5_TASKS_PER_WORKER = 2
+
+
+def _p5_group(
+    h: Harness,
+    s: Sizes,
+    name: str,
+    *,
+    workers: int,
+    tasks: int,
+    n: int,
+    extras: dict[str, Any],
+    redis_url: str,
+) -> dict[str, Any]:
+    """``workers`` processes running ``tasks`` task runs each, all at once, on one account (one key).
+
+    Every task uses the jimeng connection ``jimeng_p5`` with ``extras`` (the shared limiter's or a
+    per-task pace); the emulator's token bucket (``p5_cap`` a minute, burst ``p5_burst``) is the account.
+    """
+    import redis
+
+    from airflow_provider_jimeng.testing import jimeng_connection_json, redis_connection_json
+
+    h.stack.emulator.configure(latency=0.0, images_per_minute=None, rate_limit_burst=None)
+    env = {
+        f"AIRFLOW_CONN_{P5_CONN_ID.upper()}": jimeng_connection_json(
+            h.stack.emulator.base_url, **h.stack.connection_extras, **extras
+        ),
+        f"AIRFLOW_CONN_{P5_REDIS_CONN_ID.upper()}": redis_connection_json(redis_url),
+    }
+    spec = {
+        "kind": "operator",
+        "n": n,
+        "tasks": tasks,
+        "size": "1K",
+        "response_format": "url",
+        "max_concurrency": 4,
+        "max_images_per_minute": None,
+        "storage": False,
+        "bucket": h.stack.bucket,
+        "jimeng_conn_id": P5_CONN_ID,
+        "aws_conn_id": AWS_CONN_ID,
+    }
+    group = []
+    try:
+        for index in range(workers):
+            h._count += 1
+            label = f"run{h._count:03d}-p5-{name}-w{index}"
+            group.append(Worker(h.stack, h.workdir, label, env))
+            group[-1].send(json.dumps({**spec, "label": label}))
+        for worker in group:
+            worker.expect(READY, timeout=WORKER_TIMEOUT)
+        redis.Redis.from_url(redis_url).flushall()  # the warm-ups' reservations are not the run's
+        h.stack.emulator.configure(latency=s.p5_latency, images_per_minute=s.p5_cap, rate_limit_burst=s.p5_burst)
+        h.stack.emulator.reset()
+        for worker in group:
+            worker.send("go")
+        runs = [json.loads(worker.expect(RESULT, timeout=WORKER_TIMEOUT)) for worker in group]
+    finally:
+        for worker in group:
+            worker.close()
+    emulator = h.stack.emulator.stats()
+    billed = emulator["billed_images"]
+    window = emulator.get("last_answer_at", 0.0) - emulator.get("first_request_at", 0.0)
+    admitted = emulator.pop("admitted_at")
+    # The sustained rate: admitted requests (one image each) after the bucket's initial burst.
+    steady = admitted[s.p5_burst :]
+    sustained = (len(steady) - 1) / (steady[-1] - steady[0]) * 60 if len(steady) > 2 else None
+    failed = sum(run.get("failed_tasks", 1 if run.get("error") else 0) for run in runs)
+    window_rate = billed / window * 60 if window > 0 else None
+    result = {
+        "workers": workers,
+        "task_runs": workers * tasks,
+        "images_per_task": n,
+        "extras": {key: value for key, value in extras.items() if key != "redis_conn_id"},
+        "shared_limiter": "account_images_per_minute" in extras,
+        "images": billed,
+        "expected_images": workers * tasks * n,
+        "window_s": window,
+        "images_per_minute": window_rate,
+        "fraction_of_cap": window_rate / s.p5_cap if window_rate else None,
+        "sustained_images_per_minute": sustained,
+        "sustained_fraction_of_cap": sustained / s.p5_cap if sustained else None,
+        "http_429": emulator["rate_limited"],
+        "failed_task_tries": failed,
+        "retries": sum(int(run.get("usage", {}).get("retries") or 0) for run in runs),
+        "wall_s": max(run["wall_s"] for run in runs),
+        "emulator": emulator,
+        "errors": [run["error"] for run in runs if run.get("error")],
+    }
+    h.progress(
+        f"  p5 {name}: {workers}x{tasks} task runs, {billed} images in {window:.1f}s = "
+        f"{(window_rate or 0):.0f}/min ({(result['fraction_of_cap'] or 0):.0%} of cap; sustained "
+        f"{(sustained or 0):.0f}/min), 429s={result['http_429']} failed tries={failed}"
+    )
+    return result
+
+
+def p5_shared_limit(h: Harness, s: Sizes) -> dict[str, Any]:
+    """P5: one account (the emulator's token bucket), many task runs on two worker processes.
+
+    The shared limiter (Redis) against the static split (``max_images_per_minute = cap / slots``) and
+    against no pacing at all, in one run: the account's rate reached, the 429s, failed task tries.
+    """
+    from airflow_provider_jimeng.testing import RedisServer
+
+    h.progress("P5 shared account limit")
+    cap, slots = s.p5_cap, P5_WORKERS * P5_TASKS_PER_WORKER
+    h.prime(s.p5_prompts * 2, "1K")
+    shared = {"redis_conn_id": P5_REDIS_CONN_ID, "account_images_per_minute": cap}
+    static = {"max_images_per_minute": cap / slots}
+    n = s.p5_prompts
+    busy: dict[str, Any] = {"workers": P5_WORKERS, "tasks": P5_TASKS_PER_WORKER, "n": n}
+    alone: dict[str, Any] = {"workers": 1, "tasks": 1}
+    plans: dict[str, dict[str, Any]] = {
+        "shared_all_busy": {"extras": shared, **busy},
+        "unpaced_all_busy": {"extras": {}, **busy},
+        "static_all_busy": {"extras": static, **busy},
+        "shared_alone": {"extras": shared, "n": n * 2, **alone},
+        "static_alone": {"extras": static, "n": max(2, n // 2), **alone},
+    }
+    with RedisServer() as server:
+        variants = {
+            name: _p5_group(h, s, name.replace("_", "-"), redis_url=server.url, **plans[name]) for name in s.p5_variants
+        }
+        redis_kind = "redis-server" if server.real else "fakeredis"
+    busy_ok = variants.get("shared_all_busy", {})
+    alone_ok = variants.get("shared_alone", {})
+    return {
+        "params": {
+            "cap_images_per_minute": cap,
+            "emulator_burst": s.p5_burst,
+            "latency": s.p5_latency,
+            "workers": P5_WORKERS,
+            "task_runs_per_worker": P5_TASKS_PER_WORKER,
+            "max_concurrency": 4,
+            "size": "1K",
+            "storage": "none (URLs)",
+            "redis": redis_kind,
+        },
+        "definition": "images billed / (first request received to last answer sent) x 60; sustained: "
+        "requests admitted after the bucket's initial burst, first to last",
+        "target": "shared limiter: all slots busy >= 95% of cap with 0 failed tries; one task alone >= 90%",
+        **variants,
+        "pass": bool(
+            (busy_ok.get("sustained_fraction_of_cap") or 0) >= 0.95
+            and busy_ok.get("failed_task_tries") == 0
+            and (alone_ok.get("sustained_fraction_of_cap") or 0) >= 0.90
+        ),
+    }
+
+
 SECTIONS: dict[str, Callable[[Harness, Sizes], dict[str, Any]]] = {
     "p1_throughput": p1_throughput,
     "p2_rate_limit": p2_rate_limit,
     "p3_memory": p3_memory,
     "p4_overhead": p4_overhead,
     "scaling": scaling,
+    "p5_shared_limit": p5_shared_limit,
 }
 
 

@@ -218,6 +218,40 @@ def _naive_task(spec: dict[str, Any], prompts: list[str], label: str) -> dict[st
     return {"outputs": len(prompts), "error": None, "usage": {"generated_images": len(prompts)}, "image_bytes": stored}
 
 
+def _side_by_side(runs: list[Callable[[], dict[str, Any]]]) -> dict[str, Any]:
+    """Every run in a thread of its own at once; their outcomes, and the sums of their counts.
+
+    A task that raises counts as a failed try (as in Airflow), with the error's type and message.
+    """
+    outcomes: list[dict[str, Any]] = [{} for _ in runs]
+
+    def run_one(index: int) -> None:
+        try:
+            outcomes[index] = runs[index]()
+        except Exception as exc:  # a failed task try, whatever it raised
+            outcomes[index] = {"outputs": 0, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "usage": {}}
+
+    threads = [threading.Thread(target=run_one, args=(index,)) for index in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    usage: dict[str, int] = {}
+    for outcome in outcomes:
+        for key, value in outcome.get("usage", {}).items():
+            if isinstance(value, int):
+                usage[key] = usage.get(key, 0) + value
+    errors = [outcome["error"] for outcome in outcomes if outcome.get("error")]
+    return {
+        "outputs": sum(outcome.get("outputs", 0) for outcome in outcomes),
+        "error": errors[0] if errors else None,
+        "failed_tasks": len(errors),
+        "usage": usage,
+        "image_bytes": sum(outcome.get("image_bytes", 0) for outcome in outcomes),
+        "tasks": outcomes,
+    }
+
+
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     """Warm up, wait for the harness's ``go``, measure one run; returns the measurement."""
     workload = _operator_run if spec["kind"] == "operator" else _naive_run
@@ -230,7 +264,12 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("the harness did not say go")
     prompts = [prompt_text(index) for index in range(spec["n"])]
-    task = workload(spec, prompts, label)
+    tasks = int(spec.get("tasks") or 1)
+    if tasks == 1:
+        task = workload(spec, prompts, label)
+    else:  # task runs side by side in one process, as a Celery worker with several slots runs them
+        runs = [workload(spec, prompts, f"{label}-task{index}") for index in range(tasks)]
+        task = lambda: _side_by_side(runs)  # noqa: E731
     baseline = probe.start()
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
     cpu_before = time.process_time()
