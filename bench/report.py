@@ -372,8 +372,9 @@ ideal `ceil(N/K) x latency`:
   burst 8, 0.5 s an image). With the shared limiter every task's connection has `redis_conn_id` (a
   `redis-server` on loopback) and `account_images_per_minute` = the cap; the static split gives each
   task `max_images_per_minute` = cap / 4; "no pacing" gives neither. The rate is the images billed over
-  the generation window (first request received to last answer sent); *sustained* leaves out the
-  bucket's initial burst (the first 8 admitted requests), so it is the rate a long run keeps. A failed
+  the generation window (first request received to last answer sent); *sustained* counts only the
+  requests admitted after the first second (first to last), leaving out the initial burst that a long
+  run does not get again. A failed
   task try is an `execute()` that raised.
 * **Realistic image weight.** The emulator's pictures are flat colour (a 4K JPEG is ~270 KB); real
   outputs weigh megabytes. The bench pads every emulated JPEG with comment segments to {bpp:g} bits

@@ -88,16 +88,17 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "label": "Shared Redis connection",
         "description": (
             "Id of a redis connection every worker can reach. Tasks using this JiMeng connection then share "
-            "one account-wide rate limiter and keep journals there that a retry on any worker reads "
-            "(docs/scaling.md; needs the redis extra)."
+            "one account-wide rate limiter (with Account images per minute) and keep journals there that a "
+            "retry on any worker reads (docs/scaling.md; needs the redis extra)."
         ),
         "schema": {"type": ["string", "null"]},
     },
     "account_images_per_minute": {
         "label": "Account images per minute",
         "description": (
-            "The account's limit (500 by default) that the shared limiter keeps every task using this key "
-            "under, together. Needs the shared Redis connection."
+            "The account's limit per model (500 by default; yours may differ) that the shared limiter keeps "
+            "every task using this key under, together. Empty: no account-wide limit. Needs the shared Redis "
+            "connection."
         ),
         "schema": {"type": ["integer", "null"], "minimum": 1},
     },

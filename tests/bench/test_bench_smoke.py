@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("p1_throughput", "p2_rate_limit", "p3_memory", "p4_overhead", "scaling")
+SECTIONS = ("p1_throughput", "p2_rate_limit", "p3_memory", "p4_overhead", "scaling", "p5_shared_limit")
 
 pytestmark = [pytest.mark.bench, pytest.mark.timeout(90)]
 
