@@ -32,8 +32,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --output demo-output
 
-# The bench extra (matplotlib, for the scaling plot) goes into the same venv on demand.
+# The bench extra (matplotlib, for the scaling plot) goes into the same venv on demand. P5 (the shared
+# account limit) needs a real Redis: Debian's redis-server, installed when missing (fakeredis stands in
+# only for `python -m bench --quick`).
 bench: $(STAMP)
+	test -x /usr/bin/redis-server || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
 	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python -m bench
 

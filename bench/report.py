@@ -323,7 +323,7 @@ TEMPLATE = """# Benchmarks
 Image generation takes seconds per image and is rate-limited, so the operator's job is to keep the
 API busy up to its limits while spending almost nothing itself. These benchmarks check that, each
 side by side in one run against the [emulator](../airflow_provider_jimeng/emulator/) and an S3
-server (moto) on loopback. Reproduce with `make bench` (about 6 minutes on 2 cores; `python -m bench
+server (moto) on loopback. Reproduce with `make bench` (about 8 minutes on 2 cores; `python -m bench
 --help` for options: `--only SECTION`, `--profile DIR` for a per-thread CPU profile, `--quick` for a
 smoke run; `python -m bench --only p1 --quick --repeats 3` checks P1 alone in half a minute).
 
@@ -374,8 +374,7 @@ ideal `ceil(N/K) x latency`:
   task `max_images_per_minute` = cap / 4; "no pacing" gives neither. The rate is the images billed over
   the generation window (first request received to last answer sent); *sustained* counts only the
   requests admitted after the first second (first to last), leaving out the initial burst that a long
-  run does not get again. A failed
-  task try is an `execute()` that raised.
+  run does not get again. A failed task try is an `execute()` that raised.
 * **Realistic image weight.** The emulator's pictures are flat colour (a 4K JPEG is ~270 KB); real
   outputs weigh megabytes. The bench pads every emulated JPEG with comment segments to {bpp:g} bits
   per pixel (1K: 256 KiB, 2K: 1 MiB, 4K: 4 MiB), so downloads, uploads and base64 payloads weigh
@@ -411,8 +410,8 @@ ideal `ceil(N/K) x latency`:
 * **Account-wide limit (P5).** The shared limiter hands out the account's budget in arrival order to
   whichever tasks are running, so four busy slots and one task alone both run at the cap; the static
   split reaches the cap only while every slot is busy, and a task alone gets its quarter. Without any
-  pacing four tasks overrun the cap: 429s, backoffs, and tries that fail once their retries run out.
-  docs/scaling.md says what each setting costs.
+  pacing four tasks overrun the cap: 429s and backoffs cut the rate, and a longer overload fails tries
+  once their retries run out. [Scaling out](scaling.md) says what each setting costs.
 * **Memory (P3).** Image bytes in memory are capped by a byte budget shared by the run's threads
   (32 MiB): a download or a `b64_json` answer waits *before* its body is read, so the bytes stay in the
   socket meanwhile, and holds its share until the image is in S3. A download is read in 256 KiB pieces
