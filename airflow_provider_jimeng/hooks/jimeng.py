@@ -801,8 +801,7 @@ class JiMengHook(BaseHook):
         try:
             grant = limiter.acquire(images, self._sending_stopped)
         except RateLimiterUnavailableError as exc:
-            if not self._limiter_down:
-                self._limiter_down = True
+            if self._limiter_state_changed(down=True):
                 self.log.warning(
                     "The account-wide rate limiter is unavailable (%s, redis connection %s); %s",
                     exc,
@@ -819,10 +818,17 @@ class JiMengHook(BaseHook):
             ) from None
         finally:
             self._count("rate_limit_wait_ms", round((time.monotonic() - started) * 1000))
-        if self._limiter_down:
-            self._limiter_down = False
+        if self._limiter_state_changed(down=False):
             self.log.info("The account-wide rate limiter is available again")
         return grant
+
+    def _limiter_state_changed(self, *, down: bool) -> bool:
+        """Record whether the shared limiter's Redis is failing; true for the one thread that changed it
+        (so that an outage is logged once, whichever of the task's threads meets it first)."""
+        with self._counter_lock:
+            changed = self._limiter_down != down
+            self._limiter_down = down
+            return changed
 
     def get_conn(self) -> requests.Session:
         """The hook's pooled session, created once even when threads race for it."""
