@@ -45,6 +45,8 @@ KEY_TTL_MARGIN_MS = 1000
 # The server's clock in microseconds (worker clocks never matter); a trailing "now" argument (tests
 # only) replaces it. ``SET ... PX`` keeps a key until its last reservation is due, and a little more.
 _PROLOGUE = """
+-- Redis 3.2-4 replicate a script that reads TIME and then writes only as its effects, when asked.
+if redis.replicate_commands then redis.replicate_commands() end
 local now
 if ARGV[{index}] and ARGV[{index}] ~= '' then
   now = tonumber(ARGV[{index}])
