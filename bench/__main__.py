@@ -1,6 +1,7 @@
 """Run the benchmarks: ``python -m bench`` (``make bench``), ``python -m bench --quick`` for a smoke run.
 
 One section alone, reduced: ``python -m bench --only p1 --quick`` (add ``--repeats 3`` for medians).
+One section measured again into the last results and report: ``python -m bench --only p5 --merge``.
 
 Writes ``bench/results/latest.json``, ``docs/benchmarks.md`` and ``docs/img/bench-scaling.png``
 (a ``--quick`` run writes only ``bench/results/quick.tmp`` unless told otherwise).

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,6 +23,7 @@ from airflow_provider_jimeng.coordination.ratelimit import (
     bucket_key,
 )
 from airflow_provider_jimeng.testing import RedisServer
+from tests.hooks.conftest import wait_for
 
 NOW = 1_000_000_000_000_000  # a fixed server time, in microseconds
 KEY = bucket_key("sk-test-key", "doubao-seedream-4-0-250828")
@@ -230,7 +230,7 @@ def test_a_stopped_waiter_returns_at_once_and_gives_its_slots_back(client: redis
     outcome: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: outcome.update(grant=bucket.acquire(2, stop)))
     waiter.start()
-    assert _wait_until(lambda: int(client.get(KEY) or 0) > queued), "the waiter reserved its slots"
+    assert wait_for(lambda: int(client.get(KEY) or 0) > queued), "the waiter reserved its slots"
     stop.set()
     waiter.join(timeout=5)
     assert not waiter.is_alive()
@@ -295,12 +295,3 @@ def test_a_worker_killed_holding_reservations_wastes_at_most_the_horizon(
     # The next worker is admitted, or told to ask again within one slot (to wait at most the horizon).
     ticket = limiter(client, 60, horizon=3.0).try_acquire(1)
     assert ticket.seconds <= (3.0 if ticket.admitted else 1.0)
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()

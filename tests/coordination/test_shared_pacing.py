@@ -18,7 +18,7 @@ from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengT
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 from airflow_provider_jimeng.testing import RedisServer, jimeng_connection_json, redis_connection_json
-from tests.hooks.conftest import CapturedLogs, logs, make_hook  # noqa: F401  (fixtures)
+from tests.hooks.conftest import CapturedLogs, logs, make_hook, wait_for  # noqa: F401  (fixtures)
 from tests.operators.conftest import RecordingTaskInstance
 
 SHARED = {"redis_conn_id": "redis_shared", "account_images_per_minute": 600}
@@ -147,7 +147,7 @@ def test_stop_interrupts_a_request_waiting_on_the_account_limit_and_frees_its_sl
 
     sender = threading.Thread(target=send)
     sender.start()
-    assert _until(lambda: int(client.get(bucket.key) or 0) > queued), "the request took its slot"
+    assert wait_for(lambda: int(client.get(bucket.key) or 0) > queued), "the request took its slot"
     hook.stop()
     sender.join(timeout=5)
 
@@ -282,12 +282,3 @@ def test_two_operator_runs_on_one_account_get_no_429s(
         assert jimeng_conn.rate_limited_count == 0
     else:
         assert jimeng_conn.rate_limited_count > 0
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    stop = threading.Event()
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return True
-        stop.wait(0.01)
-    return condition()
