@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from redis import Redis
     from redis.commands.core import Script
-
-log = logging.getLogger(__name__)
 
 KEY_PREFIX = "jimeng:ratelimit:"
 #: The furthest ahead one caller may reserve: what a worker killed while waiting can waste at most.
