@@ -19,15 +19,16 @@ else:  # Airflow 3.0 kept these outside the Task SDK's public surface.
     from airflow.sdk.execution_time.secrets_masker import mask_secret  # type: ignore[no-redef]
 
 if TYPE_CHECKING or AIRFLOW_V_3_2_PLUS:
-    from airflow.sdk.exceptions import AirflowFailException
-else:  # Airflow 3.0 and 3.1: only in core (3.2 moved it to the Task SDK, deprecating the old name).
-    from airflow.exceptions import AirflowFailException  # type: ignore[no-redef]
+    from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+else:  # Airflow 3.0 and 3.1: only in core (3.2 moved them to the Task SDK, deprecating the old names).
+    from airflow.exceptions import AirflowFailException, AirflowNotFoundException  # type: ignore[no-redef]
 
 __all__ = [
     "AIRFLOW_VERSION",
     "AIRFLOW_V_3_1_PLUS",
     "AIRFLOW_V_3_2_PLUS",
     "AirflowFailException",
+    "AirflowNotFoundException",
     "BaseHook",
     "mask_secret",
 ]

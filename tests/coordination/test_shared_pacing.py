@@ -122,6 +122,18 @@ def test_redis_conn_id_values_that_are_refused_name_the_extra(
     assert raised.value.parameter == "redis_conn_id"
 
 
+def test_a_redis_connection_that_does_not_exist_fails_the_task_before_sending(
+    jimeng_conn: JiMengEmulator,
+    make_hook: Callable[..., JiMengHook],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    connect(monkeypatch, jimeng_conn, redis_conn_id="redis_nowhere", account_images_per_minute=500)
+    with pytest.raises(JiMengConfigurationError) as raised:
+        make_hook().generate_images("a lighthouse")
+    assert raised.value.parameter == "redis_conn_id"
+    assert jimeng_conn.request_count == 0
+
+
 # --------------------------------------------------------------------------------- stop, refund
 def test_stop_interrupts_a_request_waiting_on_the_account_limit_and_frees_its_slots(
     jimeng_conn: JiMengEmulator,
