@@ -43,3 +43,17 @@ def test_an_account_limit_without_a_shared_store_is_refused(jimeng_conn, monkeyp
     )
     with pytest.raises(JiMengConfigurationError, match=r"account_images_per_minute: .*redis_conn_id"):
         _ = JiMengHook().config
+
+
+def test_a_silent_redis_costs_seconds_not_a_minute(redis_conn: RedisServer) -> None:
+    """redis-py retries a failed command 10 times by default: with a 5 s socket timeout, a Redis that
+    stopped answering would hold a limiter wait (which stop cannot interrupt) for about a minute."""
+    from airflow_provider_jimeng.coordination import redis_client
+
+    client = shared_redis("redis_shared")
+    retry = client.get_retry()
+    assert retry is not None
+    assert retry.get_retries() == redis_client.REDIS_RETRIES
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] <= redis_client.REDIS_TIMEOUT_SECONDS
+    assert (kwargs["socket_timeout"] + 0.5) * (redis_client.REDIS_RETRIES + 1) < 20
