@@ -45,8 +45,8 @@ from airflow_provider_jimeng.testing import (  # noqa: E402 - after the path is 
 
 MAPPED_DAG = "jimeng_mapped_generation"
 RATE_CAP_DAG = "jimeng_scale_rate_cap"
-#: The images each DAG stores: 6 scenes and 3 banners; 4 mapped instances of 24 prompts.
-EXPECTED_IMAGES = {MAPPED_DAG: 9, RATE_CAP_DAG: 96}
+#: The images each DAG stores: 6 scenes and 3 banners; 4 mapped instances of 36 prompts (more than CAP).
+EXPECTED_IMAGES = {MAPPED_DAG: 9, RATE_CAP_DAG: 144}
 BUCKET = "jimeng-scale"
 POOL, POOL_SLOTS = "jimeng", 4
 MAX_CONCURRENCY = 4  # the rate-cap DAG's, per task

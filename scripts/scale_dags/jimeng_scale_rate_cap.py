@@ -18,7 +18,7 @@ from airflow.sdk import Param, dag
 from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 
 TASKS = 4
-PROMPTS_PER_TASK = 24
+PROMPTS_PER_TASK = 36
 SUBJECTS = ("a paper boat", "a brass telescope", "a glass teapot", "a wooden rocking horse")
 
 
