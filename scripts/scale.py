@@ -554,11 +554,19 @@ def stored_images(endpoint: str) -> dict[str, Any]:
         request_id = client.head_object(Bucket=BUCKET, Key=key)["Metadata"].get("jimeng-request-id", "")
         request_ids[request_id] = request_ids.get(request_id, 0) + 1
     per_dag = {dag_id: sum(f"/{dag_id}/" in f"/{key}" for key in images) for dag_id in EXPECTED_IMAGES}
+    # Each task instance's records.json lists the images of its finished prompts: together, every image.
+    recorded = set()
+    for key in keys:
+        if key.endswith("records.json"):
+            records = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            recorded |= {image["key"] for prompt in records["prompts"] for image in prompt["images"]}
     return {
         "images": len(images),
         "per_dag": per_dag,
         "journals_left": sum("/_pending/" in key for key in keys),
         "records_files": sum(key.endswith("records.json") for key in keys),
+        "recorded_images": len(recorded),
+        "stored_but_not_recorded": len(set(images) - recorded),
         "request_ids": request_ids,
     }
 
@@ -645,6 +653,8 @@ def evaluate(
             "undelivered": ledger["undelivered_images"],
             "allowed_loss": 2 * MAX_CONCURRENCY * killed_tasks,
             "journals_left_in_s3": stored["journals_left"],
+            "records_files": stored["records_files"],
+            "recorded_in_records_json": stored["recorded_images"],
         },
         "rate": {
             "cap_images_per_minute": CAP,
@@ -688,7 +698,8 @@ def print_report(report: dict[str, Any]) -> None:
     log(
         f"images: expected {images['expected']}, stored {images['stored']}, billed {images['billed']} "
         f"(billed - stored {images['billed_minus_stored']}, allowed {images['allowed_loss']}, "
-        f"undelivered {images['undelivered']}, journals left {images['journals_left_in_s3']})"
+        f"undelivered {images['undelivered']}, journals left {images['journals_left_in_s3']}, "
+        f"{images['recorded_in_records_json']} in {images['records_files']} records.json)"
     )
     log(
         f"rate: cap {rate['cap_images_per_minute']}/min (+{rate['burst']} burst), "
