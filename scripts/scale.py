@@ -100,7 +100,13 @@ class Services:
     running: dict[str, Service] = field(default_factory=dict)
 
     def start(
-        self, name: str, command: list[str], env: dict[str, str], *, user: str | None = None, stop_signal: int = 15
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        *,
+        user: str | None = None,
+        stop_signal: int = signal.SIGTERM,
     ) -> Service:
         log_path = self.logs / f"{name}.log"
         with log_path.open("ab") as output:
@@ -144,9 +150,6 @@ class Services:
             _signal_session(service.process.pid, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 service.process.wait(timeout=5)
-
-    def alive(self, name: str) -> bool:
-        return name in self.running and self.running[name].process.poll() is None
 
 
 def _session_members(session_id: int) -> list[int]:
@@ -341,8 +344,6 @@ def airflow_env(
             "AIRFLOW__CORE__DEFAULT_TASK_RETRIES": "3",
             "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "5",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "pylib"), env.get("PYTHONPATH")])),
-            "NO_PROXY": "127.0.0.1,localhost",
-            "no_proxy": "127.0.0.1,localhost",
             "AIRFLOW_CONN_JIMENG_DEFAULT": jimeng_connection_json(f"{emulator_url}/api/v3", **pacing_extras(pacing)),
             "AIRFLOW_CONN_AWS_DEFAULT": aws_connection_json(s3_endpoint),
             "AIRFLOW_CONN_REDIS_SHARED": redis_connection_json(f"{redis_url}/0"),
@@ -788,6 +789,9 @@ def main() -> int:
         help="the jimeng connection's pacing extras (default: %(default)s; see pacing_extras)",
     )
     args = parser.parse_args()
+    # Everything is on loopback: a proxy configured for the machine must not see these requests.
+    for name in ("NO_PROXY", "no_proxy"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1", "localhost"]))
     root = Path(tempfile.mkdtemp(prefix="jimeng-scale-"))
     root.chmod(0o711)  # PostgreSQL runs as another user when we are root: it must reach its data dir
     (root / "logs").mkdir()
