@@ -16,7 +16,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 # about a quarter of `make test`). Let Python cache the bytecode of what it imports, inside the venv.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: venv test demo bench lint format docs e2e package-check clean lock
+.PHONY: venv test demo bench lint format docs e2e package-check scale clean lock
 
 venv: $(STAMP)
 
@@ -73,5 +73,15 @@ e2e: $(STAMP)
 package-check: $(STAMP)
 	UV=$(BIN)/uv PYTHON=$(PYTHON) bash scripts/package-check.sh
 
+# The CeleryExecutor proof (opt-in, about 3-5 minutes; docs/scaling.md "The proof: make scale"): PostgreSQL,
+# Redis, the emulator, moto's S3, an api-server, scheduler, dag-processor and two Celery workers on loopback;
+# kills a worker mid-run and checks pools, storage, billing and the rate cap. Report in scale-output/.
+PG_BIN ?= $(firstword $(wildcard /usr/lib/postgresql/*/bin))
+scale: $(STAMP)
+	test -x /usr/bin/redis-server || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+	test -n "$(PG_BIN)" || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
+	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[scale]"
+	$(BIN)/python scripts/scale.py $(SCALE_ARGS)
+
 clean:
-	rm -rf .venv .venv-* demo-output site
+	rm -rf .venv .venv-* demo-output site scale-output

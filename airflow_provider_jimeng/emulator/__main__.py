@@ -64,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  official base URL: {emulator.base_url}")
         print(f"  OpenAI-style base URL: {emulator.openai_base_url}")
         print(f"  API key: {emulator.api_key if emulator.api_key is not None else '(any)'}")
+        print(
+            f"  ledger and counters (no key): {emulator.root_url}/_emulator/ledger, {emulator.root_url}/_emulator/stats"
+        )
         print("Press Ctrl-C to stop.", flush=True)
         try:
             while not stop.wait(0.5):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,7 @@ def bill(emulator: JiMengEmulator, plan: Plan, images: int, *, delivered: bool =
             delivered,
             plan.created,
             searches,
+            billed_at=time.time(),
         )
         emulator.runtime.ledger.record(entry)
     log.debug(

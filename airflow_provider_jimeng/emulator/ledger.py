@@ -14,6 +14,8 @@ class LedgerEntry:
     ``delivered`` is ``False`` when the answer could not be written completely (the client hung up,
     timed out or the connection broke): the real service bills those images all the same.
     ``web_searches`` is what Seedream 5.0's web-search tool ran (billed apart from the images).
+    ``billed_at`` is the wall-clock time (``time.time()``) it was billed, finer than ``created``:
+    a rate measured across processes (``GET /_emulator/ledger``) needs sub-second stamps.
     """
 
     request_id: str
@@ -24,6 +26,7 @@ class LedgerEntry:
     delivered: bool
     created: int
     web_searches: int = 0
+    billed_at: float = 0.0
 
 
 class Ledger:

@@ -1,8 +1,9 @@
 """Routing and auth: which path gets which answer, and who may ask.
 
 ``POST .../images/generations`` goes to :mod:`.generation`, ``GET /tos/...`` to :mod:`.tos`,
-``GET .../models`` and ``/healthz`` are answered here. Path-matched faults (``Fault(path=...)``) on
-routes other than generation are applied here too.
+``GET .../models`` and ``/healthz`` are answered here, ``/_emulator/...`` (ledger, counters, reset) by
+:mod:`.inspection`. Path-matched faults (``Fault(path=...)``) on routes other than generation are
+applied here too; never on ``/_emulator/...``, which must tell the truth while faults play.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from airflow_provider_jimeng.emulator.generation import MALFORMED_BODY, error_fault, fail, generate
+from airflow_provider_jimeng.emulator.inspection import (
+    INSPECTION_PREFIX,
+    LEDGER_PATH,
+    RESET_PATH,
+    STATS_PATH,
+    ledger_payload,
+    stats_payload,
+)
 from airflow_provider_jimeng.emulator.protocol import KNOWN_MODELS, new_request_id
 from airflow_provider_jimeng.emulator.runtime import TOS_PREFIX
 from airflow_provider_jimeng.emulator.tos import serve_download, tos_error
@@ -85,7 +94,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = urlsplit(self.path).path
         exchange = self._exchange()
-        if path in GENERATION_PATHS:
+        if path.startswith(INSPECTION_PREFIX):
+            self._inspect(exchange, path)
+        elif path in GENERATION_PATHS:
             exchange.send_error(
                 405, "MethodNotAllowed", "Use POST.", error_type="MethodNotAllowed", headers={"Allow": "POST"}
             )
@@ -126,10 +137,15 @@ class Handler(BaseHTTPRequestHandler):
             code = "InvalidParameter" if exc.status == 400 else "RequestEntityTooLarge"
             exchange.send_error(exc.status, code, str(exc), error_type="BadRequest", close=True)
             return
+        if path == RESET_PATH:
+            self.emulator.reset()
+            exchange.send_json(200, {"status": "reset"})
+            return
         if not generation:
             self._not_found(exchange, path)
             return
         record = self._new_record(path, exchange, received_at)
+        stats.enter()
         try:
             if not self.authorized():
                 message = "The API key in the request is missing or invalid."
@@ -139,6 +155,7 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             # The answer's last byte is written (or the write failed): the moment it left the emulator.
             record["answered_at"] = time.monotonic()
+            stats.leave()
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -148,6 +165,19 @@ class Handler(BaseHTTPRequestHandler):
         else:
             code, message = "NotFound", f"The requested resource {path} does not exist."
         exchange.send_error(404, code, message, error_type="NotFound")
+
+    def _inspect(self, exchange: Exchange, path: str) -> None:
+        """``GET /_emulator/ledger`` and ``/_emulator/stats``; no key needed (a loopback dev tool)."""
+        if path == LEDGER_PATH:
+            exchange.send_json(200, ledger_payload(self.emulator))
+        elif path == STATS_PATH:
+            exchange.send_json(200, stats_payload(self.emulator))
+        elif path == RESET_PATH:
+            exchange.send_error(
+                405, "MethodNotAllowed", "Use POST.", error_type="MethodNotAllowed", headers={"Allow": "POST"}
+            )
+        else:
+            self._not_found(exchange, path)
 
     def _models(self, exchange: Exchange) -> None:
         if not self.authorized():

@@ -36,6 +36,9 @@ class Stats:
         self.request_count = 0
         self.rate_limited = 0
         self.downloads = 0
+        #: Generation requests being handled now, and the most at once since the start (or a reset).
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self._records: deque[dict[str, Any]] = deque(maxlen=MAX_REQUEST_RECORDS)
         self._connections: set[socket.socket] = set()
 
@@ -43,6 +46,16 @@ class Stats:
         """Add one to ``request_count``, ``rate_limited`` or ``downloads``."""
         with self._lock:
             setattr(self, counter, getattr(self, counter) + 1)
+
+    def enter(self) -> None:
+        """A generation request started: count it in flight (its peak shows the clients' concurrency)."""
+        with self._lock:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
 
     def add_record(self, record: dict[str, Any]) -> None:
         with self._lock:
@@ -66,6 +79,7 @@ class Stats:
     def reset(self) -> None:
         with self._lock:
             self.request_count = self.rate_limited = self.downloads = 0
+            self.peak_in_flight = self.in_flight
             self._records.clear()
 
 
