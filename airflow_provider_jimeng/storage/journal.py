@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from airflow_provider_jimeng.exceptions import JiMengStorageError
 from airflow_provider_jimeng.storage.base import ImageStore
@@ -33,14 +34,26 @@ class JournalWriter:
 
     :param store: the task's store.
     :param on_failure: called (on the writer thread) when S3 refuses a batch; the batch's entries
-        are then kept on the worker's disk (:class:`~.s3.LocalJournal`) and later entries are not sent.
+        are then kept on the worker's disk (:class:`~.s3.LocalJournal`) and in the shared store when
+        one is configured, and later entries are not sent to S3.
+    :param usage: the try's counters so far; each batch carries a snapshot of them, so that a try
+        killed before writing ``records.json`` is counted up to its last batch.
+    :param try_token: tells this try's objects apart from other tries' (a fresh one when ``None``).
     """
 
-    def __init__(self, store: ImageStore, *, on_failure: Callable[[JiMengStorageError], None]) -> None:
+    def __init__(
+        self,
+        store: ImageStore,
+        *,
+        on_failure: Callable[[JiMengStorageError], None],
+        usage: Callable[[], Mapping[str, Any]] | None = None,
+        try_token: str | None = None,
+    ) -> None:
         self._store = store
         self._on_failure = on_failure
+        self._usage = usage
         #: Unique per try, so that a retry never overwrites an earlier try's journals.
-        self._try_token = uuid.uuid4().hex[:12]
+        self._try_token = try_token or uuid.uuid4().hex[:12]
         self._sequence = 0
         self._queue: dict[int, JournalEntry] = {}
         self._condition = threading.Condition()
@@ -88,14 +101,14 @@ class JournalWriter:
         if self._failed is None:
             key = self._store.keyspace.journal_key(f"{self._try_token}-{self._sequence:05d}")
             self._sequence += 1
+            document: dict[str, Any] = {
+                "written_at": time.time(),
+                "prompts": {str(index): entry.to_json() for index, entry in batch.items()},
+            }
+            if self._usage is not None:
+                document["usage"] = dict(self._usage())
             try:
-                self._store.write_json(
-                    key,
-                    {
-                        "written_at": time.time(),
-                        "prompts": {str(index): entry.to_json() for index, entry in batch.items()},
-                    },
-                )
+                self._store.write_json(key, document)
             except JiMengStorageError as error:
                 self._failed = error
                 log.error("Could not journal %d prompt(s) in %s: %s", len(batch), self._store.storage_name, error)
@@ -103,6 +116,7 @@ class JournalWriter:
             else:
                 self.written[key] = set(batch)
                 return
-        # S3 refused journals in this run: keep them on this machine, for a retry that runs here.
+        # S3 refused journals in this run: keep them on this machine (for a retry that runs here) and in
+        # the shared store when configured (for a retry on any worker).
         for entry in batch.values():
             self._store.save_local_journal(entry)
