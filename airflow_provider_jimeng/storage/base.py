@@ -226,31 +226,35 @@ class RecordsAndJournals:
         return entries, objects, snapshots
 
     def save_local_journal(self, entry: JournalEntry) -> None:
-        """Keep a paid answer S3 refused: on this worker's disk and, when configured, in the shared Redis.
+        """Keep a paid answer S3 refused where a retry reads it: the shared Redis, else this worker's disk.
 
-        The local file serves a retry on this worker even when Redis fails too; the shared copy serves
-        a retry on any worker.
+        With a shared store the entry goes there, for a retry on any worker, and no copy (signed URLs,
+        image data) is left on a disk that another worker's retry never reads. When Redis fails too,
+        or none is configured, it goes to a file here, which serves a retry on this worker.
         """
-        current = self.local_journal.read(entry.prompt_index)
-        if current is not None and current.same_answer(entry) and current.holds_data:
-            return  # the same answer is kept here already, with its image data (and shared, if configured)
-        shared = self.shared_journal is not None and self.shared_journal.write(entry)
-        where = self.local_journal.write(entry)
-        if where is not None or shared:
+        if self.shared_journal is not None and self.shared_journal.write(entry):
             log.warning(
-                "Prompt %d: %s failed; its generated image(s) are journaled %s for a retry",
+                "Prompt %d: %s failed; its generated image(s) are journaled in the shared Redis for a retry "
+                "on any worker",
                 entry.prompt_index,
                 self.storage_name,
-                " and ".join(
-                    [
-                        *([f"on this machine ({where})"] if where is not None else []),
-                        *(["in the shared Redis"] if shared else []),
-                    ]
-                ),
+            )
+            return
+        current = self.local_journal.read(entry.prompt_index)
+        if current is not None and current.same_answer(entry) and current.holds_data:
+            return  # the same answer is kept here already, with its image data
+        where = self.local_journal.write(entry)
+        if where is not None:
+            log.warning(
+                "Prompt %d: %s failed; its generated image(s) are journaled on this machine (%s) for a retry "
+                "that runs here",
+                entry.prompt_index,
+                self.storage_name,
+                where,
             )
         else:
             log.error(
-                "Prompt %d: %s failed and no journal could be kept anywhere; a retry pays for it again",
+                "Prompt %d: %s failed and no journal could be kept; a retry pays for it again",
                 entry.prompt_index,
                 self.storage_name,
             )
@@ -263,9 +267,8 @@ class RecordsAndJournals:
 
     def save_fallback_usage(self, token: str, usage: Mapping[str, Any]) -> None:
         """Keep a try's counters where the next try reads them, when ``records.json`` could not hold them."""
-        self.local_journal.write_usage(token, usage)
-        if self.shared_journal is not None:
-            self.shared_journal.write_usage(token, usage)
+        if self.shared_journal is None or not self.shared_journal.write_usage(token, usage):
+            self.local_journal.write_usage(token, usage)
 
     def discard_fallback_usage(self) -> None:
         """``records.json`` now carries every earlier try's counters: drop the fallback copies."""

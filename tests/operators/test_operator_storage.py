@@ -109,7 +109,8 @@ def test_images_and_usage_xcoms_describe_what_was_stored(
     # One try: the task instance's sums are this try's own.
     assert run.xcom("gen", "usage") == {**counts, "tries": 1, "this_try": counts}
     (tried,) = bucket.json(f"{task_prefix(run)}/records.json")["tries"]
-    assert tried["final"] and tried["try_number"] == 1
+    assert tried["final"]
+    assert tried["try_number"] == 1
     assert {name: tried[name] for name in counts if name != "reused_prompts"} == {
         name: value for name, value in counts.items() if name != "reused_prompts"
     }
