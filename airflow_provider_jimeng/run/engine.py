@@ -195,6 +195,8 @@ class GenerationRun:
                 on_failure=self._on_storage_failure,
                 usage=lambda: self._usage_document(final=False),
                 try_token=self.try_token,
+                # Paid answers not yet in S3 stay within about two rounds, however slowly S3 fails.
+                max_unconfirmed=2 * self.options.max_concurrency,
             )
         interrupted: BaseException | None = None
         try:
@@ -376,9 +378,12 @@ class GenerationRun:
         answer waits for room in the memory budget before its body is read, and holds that room until
         its images are stored.
         """
-        if self._stop.is_set() or self._halted is not None or self._storage_error is not None:
+        if self._must_not_send():
             # The run stopped while this prompt waited for a free slot: do not pay for it.
             raise CancelledError
+        writer = self._journal_writer
+        if writer is not None and not writer.reserve(self._must_not_send):
+            raise CancelledError  # the run stopped while earlier answers waited for S3
         charge = 0
 
         def before_body(length: int | None) -> None:
@@ -394,6 +399,8 @@ class GenerationRun:
             )
         except BaseException as error:
             self._budget.release(charge)
+            if writer is not None:
+                writer.release()
             self._count(requests=1)
             if is_fatal(error):
                 self._halted = self._halted or error
@@ -407,9 +414,15 @@ class GenerationRun:
         )
         self._charges[index] = charge
         entry = JournalEntry.from_result(index, self.fingerprints[index], result, now=time.time())
-        if self._journal_writer is not None and entry.images:
-            self._journal_writer.add(index, entry)
+        if writer is not None:
+            if entry.images:
+                writer.add(index, entry)
+            else:
+                writer.release()
         return result, entry
+
+    def _must_not_send(self) -> bool:
+        return self._stop.is_set() or self._halted is not None or self._storage_error is not None
 
     def _on_generated(
         self,

@@ -39,6 +39,8 @@ class JournalWriter:
     :param usage: the try's counters so far; each batch carries a snapshot of them, so that a try
         killed before writing ``records.json`` is counted up to its last batch.
     :param try_token: tells this try's objects apart from other tries' (a fresh one when ``None``).
+    :param max_unconfirmed: the most requests that may be sent or answered while their journal has
+        not reached S3 (:meth:`reserve`); ``None``: no bound.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class JournalWriter:
         on_failure: Callable[[JiMengStorageError], None],
         usage: Callable[[], Mapping[str, Any]] | None = None,
         try_token: str | None = None,
+        max_unconfirmed: int | None = None,
     ) -> None:
         self._store = store
         self._on_failure = on_failure
@@ -60,28 +63,61 @@ class JournalWriter:
         self._closing = False
         self._hurry = False
         self._failed: JiMengStorageError | None = None
+        self._max_unconfirmed = max_unconfirmed
+        #: Requests reserved and not yet settled: in flight, or answered and not yet journaled in S3.
+        self._unconfirmed = 0
+        #: Generation threads waiting in reserve(): the writer then writes without lingering.
+        self._waiting = 0
         #: Journal objects written by this try -> the prompts each holds.
         self.written: dict[str, set[int]] = {}
         self._thread = threading.Thread(target=self._serve, name="jimeng-journal", daemon=True)
         self._thread.start()
 
+    def reserve(self, give_up: Callable[[], bool]) -> bool:
+        """Room for one more request, before it is sent; ``False`` (send nothing) once ``give_up()`` says so.
+
+        Waits while ``max_unconfirmed`` requests are in flight or answered but not yet journaled in S3.
+        S3 may fail slowly (a write that hangs for its timeouts before it is refused): without this
+        bound the run would go on paying for answers whose only journal then is on this worker, which
+        a retry on another worker cannot read. At twice ``max_concurrency`` it never waits while S3
+        answers within a round of requests. Each reservation ends with :meth:`add` or :meth:`release`.
+        """
+        with self._condition:
+            while self._max_unconfirmed is not None and self._unconfirmed >= self._max_unconfirmed:
+                if give_up() or self._failed is not None:
+                    return False
+                self._waiting += 1
+                self._condition.notify_all()  # the writer: someone waits, write now
+                self._condition.wait(0.05)
+                self._waiting -= 1
+            if give_up():
+                return False
+            self._unconfirmed += 1
+            return True
+
+    def release(self) -> None:
+        """A reserved request that left no entry (it failed, or its answer holds no image)."""
+        with self._condition:
+            self._unconfirmed -= 1
+            self._condition.notify_all()
+
     def add(self, prompt_index: int, entry: JournalEntry) -> None:
-        """Queue a prompt's entry; returns at once."""
+        """Queue a prompt's entry (it settles the prompt's reservation once written); returns at once."""
         with self._condition:
             self._queue[prompt_index] = entry
-            self._condition.notify()
+            self._condition.notify_all()
 
     def flush(self) -> None:
         """No more entries are coming soon (the last answers are in): write what is queued without lingering."""
         with self._condition:
             self._hurry = True
-            self._condition.notify()
+            self._condition.notify_all()
 
     def close(self) -> None:
         """Write what is queued and stop (waits for the last write)."""
         with self._condition:
             self._closing = self._hurry = True
-            self._condition.notify()
+            self._condition.notify_all()
         self._thread.join()
 
     def _serve(self) -> None:
@@ -92,10 +128,14 @@ class JournalWriter:
                 if not self._queue:
                     return
                 deadline = time.monotonic() + LINGER_SECONDS  # let the rest of a burst join this batch
-                while not self._hurry and (remaining := deadline - time.monotonic()) > 0:
+                while not self._hurry and not self._waiting and (remaining := deadline - time.monotonic()) > 0:
                     self._condition.wait(remaining)
                 batch, self._queue = self._queue, {}
             self._write(batch)
+            with self._condition:
+                # Written, or kept in the fallback journals (and the run stopped): settled either way.
+                self._unconfirmed -= len(batch)
+                self._condition.notify_all()
 
     def _write(self, batch: dict[int, JournalEntry]) -> None:
         if self._failed is None:

@@ -57,7 +57,7 @@ class S3Gate:
         self.upstream_port = upstream_port
         #: "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records" | "deny_images"
         self.mode = "pass"
-        #: Writes to hold (not answered until ``release()``): "images" (``.jpeg`` PUTs), "records" or None.
+        #: Writes to hold (not answered until ``release()``): "images" (``.jpeg`` PUTs), "records", "journals" or None.
         self.hold: str | None = None
         #: Paths of the writes held so far.
         self.held: list[str] = []
@@ -181,6 +181,7 @@ class S3Gate:
         if writing and (
             (self.hold == "images" and path.endswith(".jpeg"))
             or (self.hold == "records" and path.endswith("/records.json"))
+            or (self.hold == "journals" and "/_pending/" in path)
         ):
             self.held.append(path)
             self._released.wait(timeout=60)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -291,3 +292,48 @@ def test_nothing_is_sent_after_the_first_refused_journal_write(
     accounting = pipeline.account()
     assert accounting.requests == 3  # try 2 sent only the prompt that never got an answer
     assert accounting.billed == accounting.stored == 2
+
+
+def _threads_waiting_for_s3() -> int:
+    """Generation threads blocked in the journal writer's ``reserve`` (waiting for earlier answers to reach S3)."""
+    frames = sys._current_frames()
+    waiting = 0
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident or -1)
+        while frame is not None:
+            if frame.f_code.co_name == "reserve" and "journal" in frame.f_code.co_filename:
+                waiting += 1
+                break
+            frame = frame.f_back
+    return waiting
+
+
+def test_a_slow_s3_holds_sending_to_two_rounds_of_unjournaled_answers(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str
+) -> None:
+    """Regression: while a journal write hung (S3 failing slowly, before any refusal), the run kept paying.
+
+    Every answer paid while S3 hangs has its journal only in memory, then on this worker: a retry on
+    another worker would pay for all of them again. Sending now waits once 2 x ``max_concurrency``
+    requests are in flight or answered without their journal in S3.
+    """
+    prompts = [f"a lighthouse, study {index}" for index in range(20)]
+    gate.hold = "journals"
+    at_release: dict[str, int] = {}
+
+    def release_when_every_thread_waits() -> None:
+        wait_for(lambda: _threads_waiting_for_s3() == 4, timeout=30)
+        at_release.update(requests=emulator.request_count, waiting=_threads_waiting_for_s3())
+        gate.hold = None
+        gate.release()  # the held write fails (503), botocore's retry of it goes through
+
+    threading.Thread(target=release_when_every_thread_waits, daemon=True).start()
+
+    run = pipeline.run(dag_for("url", "wide"), prompts=prompts)
+
+    assert run.state == "success", run.errors
+    assert run.try_number == 1
+    assert at_release == {"requests": 2 * 4, "waiting": 4}, "sending stopped at 2 x max_concurrency unjournaled"
+    accounting = pipeline.account()
+    assert accounting.requests == len(prompts)
+    assert accounting.billed == accounting.stored == len(prompts)
