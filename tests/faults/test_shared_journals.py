@@ -309,7 +309,7 @@ def _threads_waiting_for_s3() -> int:
 
 
 def test_a_slow_s3_holds_sending_to_two_rounds_of_unjournaled_answers(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str, workers: dict[str, Path]
 ) -> None:
     """Regression: while a journal write hung (S3 failing slowly, before any refusal), the run kept paying.
 
