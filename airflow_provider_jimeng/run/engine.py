@@ -667,6 +667,9 @@ class GenerationRun:
                     outcome.incomplete = True
             return error
         finished = {outcome.prompt_index for outcome in self.outcomes if outcome.record is not None}
+        if self._journal_writer is not None and self._storage_error is not None:
+            # S3 failed during the try and took records.json now: journal there what went to the fallback.
+            self._journal_writer.write_diverted(index for index in range(len(self.bodies)) if index not in finished)
         # Prompts past the end of this try's list (the list shrank since an earlier try) are no one's.
         settled = finished | {
             index for prompts in earlier_journals.values() for index in prompts if index >= len(self.bodies)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from airflow_provider_jimeng.exceptions import JiMengStorageError
@@ -70,6 +70,8 @@ class JournalWriter:
         self._waiting = 0
         #: Journal objects written by this try -> the prompts each holds.
         self.written: dict[str, set[int]] = {}
+        #: Entries S3 refused, kept in a fallback journal instead.
+        self.diverted: dict[int, JournalEntry] = {}
         self._thread = threading.Thread(target=self._serve, name="jimeng-journal", daemon=True)
         self._thread.start()
 
@@ -137,26 +139,58 @@ class JournalWriter:
                 self._unconfirmed -= len(batch)
                 self._condition.notify_all()
 
+    def _put(self, batch: Mapping[int, JournalEntry]) -> str:
+        """Write one batch as the try's next journal object; returns its key (raises what S3 raised)."""
+        key = self._store.keyspace.journal_key(f"{self._try_token}-{self._sequence:05d}")
+        self._sequence += 1
+        document: dict[str, Any] = {
+            "written_at": time.time(),
+            "prompts": {str(index): entry.to_json() for index, entry in batch.items()},
+        }
+        if self._usage is not None:
+            document["usage"] = dict(self._usage())
+        self._store.write_json(key, document)
+        self.written[key] = set(batch)
+        return key
+
     def _write(self, batch: dict[int, JournalEntry]) -> None:
         if self._failed is None:
-            key = self._store.keyspace.journal_key(f"{self._try_token}-{self._sequence:05d}")
-            self._sequence += 1
-            document: dict[str, Any] = {
-                "written_at": time.time(),
-                "prompts": {str(index): entry.to_json() for index, entry in batch.items()},
-            }
-            if self._usage is not None:
-                document["usage"] = dict(self._usage())
             try:
-                self._store.write_json(key, document)
+                self._put(batch)
             except JiMengStorageError as error:
                 self._failed = error
                 log.error("Could not journal %d prompt(s) in %s: %s", len(batch), self._store.storage_name, error)
                 self._on_failure(error)
             else:
-                self.written[key] = set(batch)
                 return
-        # S3 refused journals in this run: keep them on this machine (for a retry that runs here) and in
-        # the shared store when configured (for a retry on any worker).
+        # S3 refused journals in this run: keep them in the shared store when configured (for a retry on
+        # any worker), else on this machine (for a retry that runs here).
+        self.diverted.update(batch)
         for entry in batch.values():
             self._store.save_local_journal(entry)
+
+    def write_diverted(self, prompt_indexes: Iterable[int]) -> None:
+        """Once S3 works again at the end of the try: journal there the diverted entries of these prompts.
+
+        Called after S3 took ``records.json`` (so it is back, and this costs one request, never a wait
+        on a dead S3). A brief outage then leaves the paid answers where a retry on any worker finds
+        them, even without a shared store. Only entries with signed URLs are worth it: an S3 journal
+        never holds image data, so a ``b64_json`` entry stays in its fallback.
+        """
+        batch = {
+            index: entry
+            for index in prompt_indexes
+            if (entry := self.diverted.get(index)) is not None and entry.images and all(i.url for i in entry.images)
+        }
+        if not batch:
+            return
+        try:
+            self._put(batch)
+        except JiMengStorageError as error:
+            log.warning(
+                "Could not journal %d prompt(s) in %s after all: %s", len(batch), self._store.storage_name, error
+            )
+            return
+        log.info(
+            "Journaled %d prompt(s) in %s after all, for a retry on any worker", len(batch), self._store.storage_name
+        )

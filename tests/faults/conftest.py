@@ -57,6 +57,8 @@ class S3Gate:
         self.upstream_port = upstream_port
         #: "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records" | "deny_images"
         self.mode = "pass"
+        #: How many journal writes (``_pending/`` PUTs) to refuse with ``403 AccessDenied``, whatever the mode.
+        self.refuse_journals = 0
         #: Writes to hold (not answered until ``release()``): "images" (``.jpeg`` PUTs), "records", "journals" or None.
         self.hold: str | None = None
         #: Paths of the writes held so far.
@@ -205,6 +207,10 @@ class S3Gate:
             self.held.append(path)
             self._released.wait(timeout=60)
             self._error(handler, 503, "SlowDown", "Held by the test")
+            return
+        if writing and "/_pending/" in path and self.refuse_journals > 0:
+            self.refuse_journals -= 1
+            self._error(handler, 403, "AccessDenied", "Access Denied")
             return
         if (
             self.mode == "deny_all"

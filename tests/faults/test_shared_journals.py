@@ -337,3 +337,42 @@ def test_a_slow_s3_holds_sending_to_two_rounds_of_unjournaled_answers(
     accounting = pipeline.account()
     assert accounting.requests == len(prompts)
     assert accounting.billed == accounting.stored == len(prompts)
+
+
+def test_without_a_shared_store_a_brief_outage_ends_with_the_journal_in_s3(
+    pipeline: Pipeline,
+    emulator: JiMengEmulator,
+    gate: S3Gate,
+    bucket: str,
+    workers: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S3 refuses the first journal (and the image), then takes ``records.json`` at the end of the try:
+    the diverted journal is written to S3 then, so a retry on another worker pays nothing again (url)."""
+    dag_id = dag_for("url", "serial")
+    space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
+    gate.mode = "deny_images"
+    gate.refuse_journals = 1
+    after_try_1: dict[str, Any] = {}
+
+    def on_another_worker() -> None:
+        after_try_1.update(
+            requests=emulator.request_count,
+            journals=[key for key in pipeline.objects() if key.startswith(space.journal_prefix)],
+        )
+        gate.mode = "pass"
+        monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
+
+    pipeline.before_retry(on_another_worker)
+
+    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
+
+    assert run.state == "success", run.errors
+    assert run.try_number == 2
+    # Prompt 1 may have been sent before the refusal came back (the journal is written beside the
+    # generation thread): then it is paid, diverted and journaled after all like prompt 0.
+    assert after_try_1["requests"] in (1, 2)
+    assert len(after_try_1["journals"]) == 1, "journaled in S3 after all, at the end of try 1"
+    accounting = pipeline.account()
+    assert accounting.requests == 2  # what try 1 paid was stored from the journal's signed URLs on worker b
+    assert accounting.billed == accounting.stored == 2
