@@ -308,6 +308,8 @@ class JiMengGenerateOperator(BaseOperator):
             if keyspace is not None:
                 keyspace.check_image_keys(per_prompt)
             store = opening.result() if opening is not None else None
+        if store is not None and hook.config.redis_conn_id is not None and not options.dry_run:
+            store.shared_journal = self._shared_journal(hook.config.redis_conn_id, store.keyspace)
         if options.dry_run:
             return self._dry_run(bodies, keyspace)
 
@@ -325,6 +327,7 @@ class JiMengGenerateOperator(BaseOperator):
             options=options,
             spending_cap=SpendingCap(options.max_images_per_task),
             log=self.log,
+            try_number=getattr(context["ti"], "try_number", None),
         )
         self._active_run = run
         try:
@@ -353,6 +356,15 @@ class JiMengGenerateOperator(BaseOperator):
             key_template=options.s3_key,
             image_ext="png" if generation.output_format == "png" else "jpeg",
         )
+
+    @staticmethod
+    def _shared_journal(redis_conn_id: str, keyspace: TaskKeyspace) -> Any:
+        """Journals a retry on any worker reads, in the connection's shared Redis (built on this thread,
+        which alone talks to Airflow: the connection is looked up here)."""
+        from airflow_provider_jimeng.coordination.journals import SharedJournal
+        from airflow_provider_jimeng.coordination.redis_client import shared_redis
+
+        return SharedJournal(shared_redis(redis_conn_id), keyspace)
 
     def _storage_conn_id(self, options: RunOptions) -> str | None:
         """The connection the images are stored through: ``output_conn_id`` for ``output_path`` (and for an

@@ -32,7 +32,12 @@ figure.failed .placeholder{color:#ffbdbd}.note{background:#513c06;border-color:#
 
 
 def _usage_text(usage: Mapping[str, Any]) -> str:
-    return ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in usage.items() if value not in (None, {}, []))
+    # Flat counters only: the usage XCom's ``this_try`` (one try's share of the sums) is not shown.
+    return ", ".join(
+        f"{key.replace('_', ' ')} {value}"
+        for key, value in usage.items()
+        if value not in (None, {}, []) and not isinstance(value, Mapping)
+    )
 
 
 def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int) -> str:

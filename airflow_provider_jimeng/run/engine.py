@@ -18,6 +18,7 @@ import functools
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
@@ -55,6 +56,8 @@ from airflow_provider_jimeng.storage.records import (
     answer_from_stored_objects,
     answer_metadata,
     resume_plan,
+    sum_usage,
+    try_usage,
 )
 
 #: Memory a b64_json answer takes per byte of body while parsed: the body, its text and the decoded
@@ -91,6 +94,7 @@ class GenerationRun:
     :param store: the task's store, or ``None`` to hand signed URLs downstream.
     :param options: how to spend, store and fail.
     :param spending_cap: the images this try may bill, retries of possibly-billed requests included.
+    :param try_number: Airflow's try number, written beside this try's counters in ``records.json``.
     """
 
     def __init__(
@@ -102,6 +106,7 @@ class GenerationRun:
         options: RunOptions,
         spending_cap: SpendingCap,
         log: Any,
+        try_number: int | None = None,
     ) -> None:
         self.hook = hook
         self.bodies = list(bodies)
@@ -124,6 +129,15 @@ class GenerationRun:
         self._halted: BaseException | None = None
         self._journal_writer: JournalWriter | None = None
         self._b64 = any(body.get("response_format") == "b64_json" for body in self.bodies)
+        self.try_number = try_number
+        #: Tells this try's journal objects and counters apart from every other try's.
+        self.try_token = uuid.uuid4().hex[:12]
+        #: Earlier tries' counters by try token, read before the first request (``usage`` sums them).
+        self.earlier_tries: dict[str, dict[str, Any]] = {}
+        self._earlier_from_fallback = False
+        #: This try's own counts, kept on the generation threads as answers arrive (journal snapshots read them).
+        self._counts_lock = threading.Lock()
+        self._counts = {"requests": 0, "output_tokens": 0, "total_tokens": 0, "web_searches": 0}
 
     # ------------------------------------------------------------------------------------- control
     def stop(self, reason: str) -> None:
@@ -145,12 +159,15 @@ class GenerationRun:
         earlier_journals: dict[str, set[int]] = {}
         if store is not None:
             existing = store.existing_keys(first=True)
+            earlier = store.read_earlier(existing, len(self.bodies))
+            # Earlier tries count in this one's usage, replace=True or not: what they billed was billed.
+            self.earlier_tries = earlier.tries
+            self._earlier_from_fallback = earlier.fallback_usage
             if self.options.replace:
                 # Nothing earlier is reused; earlier tries' journals go once records.json is written.
-                earlier_journals = {key: set() for key in store.journal_keys(existing)}
+                earlier_journals = {key: set() for key in earlier.journal_objects}
             else:
-                records = store.read_records(existing)
-                journals, earlier_journals = store.read_journals(existing, len(self.bodies))
+                records, journals, earlier_journals = earlier.records, earlier.journals, earlier.journal_objects
                 now = time.time()
                 keyspace = store.keyspace
                 if keyspace.key_template:
@@ -173,7 +190,14 @@ class GenerationRun:
                     )
                     if isinstance(plans[index], Generate):
                         plans[index] = self._recognise_stored_answer(store, index, existing) or plans[index]
-            self._journal_writer = JournalWriter(store, on_failure=self._on_storage_failure)
+            self._journal_writer = JournalWriter(
+                store,
+                on_failure=self._on_storage_failure,
+                usage=lambda: self._usage_document(final=False),
+                try_token=self.try_token,
+                # Paid answers not yet in S3 stay within about two rounds, however slowly S3 fails.
+                max_unconfirmed=2 * self.options.max_concurrency,
+            )
         interrupted: BaseException | None = None
         try:
             self._run(plans, existing)
@@ -354,9 +378,12 @@ class GenerationRun:
         answer waits for room in the memory budget before its body is read, and holds that room until
         its images are stored.
         """
-        if self._stop.is_set() or self._halted is not None or self._storage_error is not None:
+        if self._must_not_send():
             # The run stopped while this prompt waited for a free slot: do not pay for it.
             raise CancelledError
+        writer = self._journal_writer
+        if writer is not None and not writer.reserve(self._must_not_send):
+            raise CancelledError  # the run stopped while earlier answers waited for S3
         charge = 0
 
         def before_body(length: int | None) -> None:
@@ -372,14 +399,30 @@ class GenerationRun:
             )
         except BaseException as error:
             self._budget.release(charge)
+            if writer is not None:
+                writer.release()
+            self._count(requests=1)
             if is_fatal(error):
                 self._halted = self._halted or error
             raise
+        usage = result.usage.as_dict()
+        self._count(
+            requests=1,
+            output_tokens=int(usage.get("output_tokens") or 0),
+            total_tokens=int(usage.get("total_tokens") or 0),
+            web_searches=_web_searches(usage),
+        )
         self._charges[index] = charge
         entry = JournalEntry.from_result(index, self.fingerprints[index], result, now=time.time())
-        if self._journal_writer is not None and entry.images:
-            self._journal_writer.add(index, entry)
+        if writer is not None:
+            if entry.images:
+                writer.add(index, entry)
+            else:
+                writer.release()
         return result, entry
+
+    def _must_not_send(self) -> bool:
+        return self._stop.is_set() or self._halted is not None or self._storage_error is not None
 
     def _on_generated(
         self,
@@ -587,18 +630,34 @@ class GenerationRun:
             self.outcomes[index].failures.append(f"prompt {index}: not stored: {describe_error(error)}")
 
     def _on_storage_failure(self, error: JiMengStorageError) -> None:
-        """Stop paying for prompts S3 cannot take (also called by the journal writer)."""
+        """Stop paying for prompts S3 cannot take (also called by the journal writer), at once.
+
+        Prompts not yet sent are cancelled by the main loop; stopping the hook here as well ends, on
+        every generation thread, the retry and pacing waits of requests not yet sent (a 429's backoff
+        would otherwise send again after the refusal). Requests already in flight are paid for and
+        still get their answer, which goes to the fallback journals.
+        """
         self._storage_error = self._storage_error or error
+        self.hook.stop()
 
     def _write_records(self, store: ImageStore, earlier_journals: Mapping[str, set[int]]) -> JiMengStorageError | None:
-        """Write ``records.json``, then drop the journals it supersedes; a refused write keeps them all."""
+        """Write ``records.json`` with every try's counters, then drop the journals it supersedes.
+
+        A refused write keeps the journals, and this try's counters go where the next try reads them
+        (this worker's disk, the shared store). A try that finished no prompt still writes the file
+        when it sent requests, or when earlier tries' counts are known only from snapshots: a run that
+        fails on 429s is then counted too.
+        """
         records = [outcome.record for outcome in self.outcomes if outcome.record is not None]
-        if not records:
+        this_try = self._usage_document(final=True)
+        earlier = list(self.earlier_tries.values())
+        if not records and not this_try["attempts"] and all(doc["final"] for doc in earlier):
             return None
         try:
-            store.write_records(records)
+            store.write_records(records, [*earlier, this_try])
         except JiMengStorageError as error:
             self._on_storage_failure(error)
+            store.save_fallback_usage(self.try_token, this_try)
             for outcome in self.outcomes:
                 if outcome.record is not None and not (outcome.reused and not outcome.stored):
                     outcome.failures.append(
@@ -608,6 +667,9 @@ class GenerationRun:
                     outcome.incomplete = True
             return error
         finished = {outcome.prompt_index for outcome in self.outcomes if outcome.record is not None}
+        if self._journal_writer is not None and self._storage_error is not None:
+            # S3 failed during the try and took records.json now: journal there what went to the fallback.
+            self._journal_writer.write_diverted(index for index in range(len(self.bodies)) if index not in finished)
         # Prompts past the end of this try's list (the list shrank since an earlier try) are no one's.
         settled = finished | {
             index for prompts in earlier_journals.values() for index in prompts if index >= len(self.bodies)
@@ -615,24 +677,59 @@ class GenerationRun:
         written = self._journal_writer.written if self._journal_writer is not None else {}
         superseded = [key for key, prompts in {**earlier_journals, **written}.items() if prompts <= settled]
         store.discard_journals(superseded, sorted(settled))
+        if self._earlier_from_fallback:
+            store.discard_fallback_usage()  # records.json carries those tries now
         return None
 
     # ---------------------------------------------------------------------------------------- usage
-    def usage(self) -> dict[str, Any]:
-        """What this try cost and met, for the ``usage`` XCom."""
-        outcomes = self.outcomes
+    def _count(self, **amounts: int) -> None:
+        with self._counts_lock:
+            for name, amount in amounts.items():
+                self._counts[name] += amount
+
+    def this_try(self) -> dict[str, int]:
+        """What this try alone cost and met (any thread: journal batches snapshot it)."""
         stats = self.hook.stats
+        with self._counts_lock:
+            counts = dict(self._counts)
         return {
             "generated_images": self.spending_cap.billed,
             "possibly_billed_images": self.spending_cap.possibly_billed,
-            "output_tokens": sum(int(o.usage.get("output_tokens") or 0) for o in outcomes),
-            "total_tokens": sum(int(o.usage.get("total_tokens") or 0) for o in outcomes),
-            "requests": sum(o.requests for o in outcomes),
+            "output_tokens": counts["output_tokens"],
+            "total_tokens": counts["total_tokens"],
+            "requests": counts["requests"],
             "attempts": stats.get("attempts", 0),
-            "reused_prompts": sum(1 for o in outcomes if o.reused),
             # Seedream 5.0's web search is billed per search, apart from images.
-            "web_searches": sum(_web_searches(o.usage) for o in outcomes),
+            "web_searches": counts["web_searches"],
             # What the API pushed back with: 429 answers received, and retries made for any cause.
             "rate_limited": stats.get("rate_limited", 0),
             "retries": stats.get("retries", 0),
+        }
+
+    def _usage_document(self, *, final: bool) -> dict[str, Any]:
+        return try_usage(self.try_token, self.try_number, self.this_try(), final=final, now=time.time())
+
+    def usage(self) -> dict[str, Any]:
+        """What the task instance cost and met over all its tries, for the ``usage`` XCom.
+
+        The counters sum every earlier try that left counts (``records.json``, a journal batch's
+        snapshot, or a fallback when S3 failed) and this one; ``this_try`` holds this try's own,
+        ``tries`` how many tries were summed. ``reused_prompts`` is this try's.
+        """
+        this_try = self.this_try()
+        totals = sum_usage([*self.earlier_tries.values(), this_try])
+        reused = sum(1 for o in self.outcomes if o.reused)
+        return {
+            "generated_images": totals["generated_images"],
+            "possibly_billed_images": totals["possibly_billed_images"],
+            "output_tokens": totals["output_tokens"],
+            "total_tokens": totals["total_tokens"],
+            "requests": totals["requests"],
+            "attempts": totals["attempts"],
+            "reused_prompts": reused,
+            "web_searches": totals["web_searches"],
+            "rate_limited": totals["rate_limited"],
+            "retries": totals["retries"],
+            "tries": len(self.earlier_tries) + 1,
+            "this_try": {**this_try, "reused_prompts": reused},
         }

@@ -10,13 +10,35 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
-from airflow_provider_jimeng.storage.records import SCHEMA_VERSION, JournalEntry, PromptRecord, newer
+from airflow_provider_jimeng.storage.records import (
+    SCHEMA_VERSION,
+    JournalEntry,
+    PromptRecord,
+    merge_try_usage,
+    newer,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EarlierTries:
+    """What earlier tries of the task instance left, read in the listing before the first request."""
+
+    records: dict[int, PromptRecord] = field(default_factory=dict)
+    #: The winning journal entry of each prompt (S3, this worker's disk, the shared store).
+    journals: dict[int, JournalEntry] = field(default_factory=dict)
+    #: Journal objects in storage -> the prompts each holds.
+    journal_objects: dict[str, set[int]] = field(default_factory=dict)
+    #: Each earlier try's counters by try token (records.json, journal snapshots, fallbacks).
+    tries: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Some came from the fallbacks (S3 refused their records.json): drop those once records.json holds them.
+    fallback_usage: bool = False
 
 
 class ImageStore(Protocol):
@@ -25,6 +47,8 @@ class ImageStore(Protocol):
     keyspace: TaskKeyspace
     #: How messages name the storage: "S3", or an object store's scheme ("gs://", "file://").
     storage_name: str
+    #: Fallback journals in the shared Redis (``coordination.journals.SharedJournal``), or ``None``.
+    shared_journal: Any
 
     @property
     def bucket(self) -> str:
@@ -45,7 +69,7 @@ class ImageStore(Protocol):
 
     def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]: ...
 
-    def write_records(self, records: list[PromptRecord]) -> None: ...
+    def write_records(self, records: list[PromptRecord], tries: Sequence[Mapping[str, Any]] = ()) -> None: ...
 
     def journal_keys(self, existing: Mapping[str, int]) -> list[str]: ...
 
@@ -53,7 +77,13 @@ class ImageStore(Protocol):
         self, existing: Mapping[str, int], prompt_count: int
     ) -> tuple[dict[int, JournalEntry], dict[str, set[int]]]: ...
 
+    def read_earlier(self, existing: Mapping[str, int], prompt_count: int) -> EarlierTries: ...
+
     def save_local_journal(self, entry: JournalEntry) -> None: ...
+
+    def save_fallback_usage(self, token: str, usage: Mapping[str, Any]) -> None: ...
+
+    def discard_fallback_usage(self) -> None: ...
 
     def discard_journals(self, keys: list[str], prompt_indexes: list[int]) -> None: ...
 
@@ -74,11 +104,14 @@ class RecordsAndJournals:
     """``records.json`` and journals, written the same way on every backend through ``read_json``/``write_json``.
 
     A store mixes this in and provides ``keyspace``, ``local_journal`` (:class:`~.s3.LocalJournal`),
+    optionally ``shared_journal`` (:class:`~airflow_provider_jimeng.coordination.journals.SharedJournal`),
     ``read_json`` and ``write_json``.
     """
 
     keyspace: TaskKeyspace
     local_journal: Any
+    #: Journals in the deployment's shared Redis, for a retry on another worker (``None``: not configured).
+    shared_journal: Any = None
     #: How log lines name the storage ("S3", or the URL scheme of an object store).
     storage_name = "S3"
 
@@ -105,14 +138,34 @@ class RecordsAndJournals:
 
     def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]:
         """The records an earlier try wrote, by prompt index (empty if it wrote none)."""
+        return self._read_records_and_tries(existing)[0]
+
+    def _read_records_and_tries(
+        self, existing: Mapping[str, int]
+    ) -> tuple[dict[int, PromptRecord], list[dict[str, Any]]]:
         if self.keyspace.records_key not in existing:
-            return {}
+            return {}, []
         data = self.read_json(self.keyspace.records_key) or {}
         prompts = data.get("prompts")
         records = [PromptRecord.from_json(entry) for entry in (prompts if isinstance(prompts, list) else [])]
-        return {record.prompt_index: record for record in records if record is not None}
+        tries = data.get("tries")
+        return (
+            {record.prompt_index: record for record in records if record is not None},
+            [doc for doc in tries if isinstance(doc, dict)] if isinstance(tries, list) else [],
+        )
 
-    def write_records(self, records: list[PromptRecord]) -> None:
+    def read_earlier(self, existing: Mapping[str, int], prompt_count: int) -> EarlierTries:
+        """Everything earlier tries left: records, journals (S3, local, shared) and their counters."""
+        records, recorded_tries = self._read_records_and_tries(existing)
+        journals, objects, snapshots = self._scan_journals(existing, prompt_count)
+        fallback = [*self.local_journal.read_usage().values()]
+        if self.shared_journal is not None:
+            fallback += self.shared_journal.read_usage().values()
+        tries = merge_try_usage(recorded_tries, snapshots, fallback)
+        return EarlierTries(records, journals, objects, tries, fallback_usage=bool(fallback))
+
+    def write_records(self, records: list[PromptRecord], tries: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Write ``records.json``: the finished prompts, and every try's counters (``tries``)."""
         keyspace = self.keyspace
         self.write_json(
             keyspace.records_key,
@@ -125,6 +178,7 @@ class RecordsAndJournals:
                     "map_index": keyspace.map_index,
                 },
                 "prompts": [record.to_json() for record in records],
+                "tries": [dict(doc) for doc in tries],
             },
         )
 
@@ -137,13 +191,22 @@ class RecordsAndJournals:
     ) -> tuple[dict[int, JournalEntry], dict[str, set[int]]]:
         """Earlier tries' journal entries by prompt, and which prompts each S3 object holds.
 
-        The newest entry of a prompt wins; a local copy of the same answer wins where it holds the
-        image data (:func:`~.records.newer`).
+        The newest entry of a prompt wins; a local (or shared) copy of the same answer wins where it
+        holds the image data (:func:`~.records.newer`).
         """
+        entries, objects, _ = self._scan_journals(existing, prompt_count)
+        return entries, objects
+
+    def _scan_journals(
+        self, existing: Mapping[str, int], prompt_count: int
+    ) -> tuple[dict[int, JournalEntry], dict[str, set[int]], list[dict[str, Any]]]:
         found: dict[int, list[JournalEntry]] = {}
         objects: dict[str, set[int]] = {}
+        snapshots: list[dict[str, Any]] = []
         for key in self.journal_keys(existing):
             batch = self.read_json(key) or {}
+            if isinstance(batch.get("usage"), dict):
+                snapshots.append(batch["usage"])
             prompts = batch.get("prompts") if isinstance(batch.get("prompts"), dict) else {}
             objects[key] = set()
             for index_text, data in (prompts or {}).items():
@@ -153,20 +216,62 @@ class RecordsAndJournals:
                 objects[key].add(index)
                 if (entry := JournalEntry.from_json(data, prompt_index=index)) is not None:
                     found.setdefault(index, []).append(entry)
-        for index, local in self.local_journal.read_many(range(prompt_count)).items():
-            found.setdefault(index, []).append(local)
+        fallbacks = [self.local_journal.read_many(range(prompt_count))]
+        if self.shared_journal is not None:
+            fallbacks.append(self.shared_journal.read_many(range(prompt_count)))
+        for fallback in fallbacks:
+            for index, entry in fallback.items():
+                found.setdefault(index, []).append(entry)
         entries = {index: best for index, candidates in found.items() if (best := newer(candidates)) is not None}
-        return entries, objects
+        return entries, objects, snapshots
 
     def save_local_journal(self, entry: JournalEntry) -> None:
+        """Keep a paid answer S3 refused where a retry reads it: the shared Redis, else this worker's disk.
+
+        With a shared store the entry goes there, for a retry on any worker, and no copy (signed URLs,
+        image data) is left on a disk that another worker's retry never reads. When Redis fails too,
+        or none is configured, it goes to a file here, which serves a retry on this worker.
+        """
+        if self.shared_journal is not None and self.shared_journal.write(entry):
+            log.warning(
+                "Prompt %d: %s failed; its generated image(s) are journaled in the shared Redis for a retry "
+                "on any worker",
+                entry.prompt_index,
+                self.storage_name,
+            )
+            return
         current = self.local_journal.read(entry.prompt_index)
         if current is not None and current.same_answer(entry) and current.holds_data:
             return  # the same answer is kept here already, with its image data
         where = self.local_journal.write(entry)
         if where is not None:
             log.warning(
-                "Prompt %d: %s failed; its generated image(s) are journaled on this machine (%s) for a retry",
+                "Prompt %d: %s failed; its generated image(s) are journaled on this machine (%s) for a retry "
+                "that runs here",
                 entry.prompt_index,
                 self.storage_name,
                 where,
             )
+        else:
+            log.error(
+                "Prompt %d: %s failed and no journal could be kept; a retry pays for it again",
+                entry.prompt_index,
+                self.storage_name,
+            )
+
+    def _discard_fallback_journals(self, prompt_indexes: Sequence[int]) -> None:
+        for index in prompt_indexes:
+            self.local_journal.delete(index)
+        if self.shared_journal is not None and prompt_indexes:
+            self.shared_journal.delete(prompt_indexes)
+
+    def save_fallback_usage(self, token: str, usage: Mapping[str, Any]) -> None:
+        """Keep a try's counters where the next try reads them, when ``records.json`` could not hold them."""
+        if self.shared_journal is None or not self.shared_journal.write_usage(token, usage):
+            self.local_journal.write_usage(token, usage)
+
+    def discard_fallback_usage(self) -> None:
+        """``records.json`` now carries every earlier try's counters: drop the fallback copies."""
+        self.local_journal.delete_usage()
+        if self.shared_journal is not None:
+            self.shared_journal.delete_usage()

@@ -68,10 +68,17 @@ class ObjectImageStore(RecordsAndJournals):
     """
 
     def __init__(
-        self, fs: Any, keyspace: TaskKeyspace, *, conn_id: str | None = None, local_journal: LocalJournal | None = None
+        self,
+        fs: Any,
+        keyspace: TaskKeyspace,
+        *,
+        conn_id: str | None = None,
+        local_journal: LocalJournal | None = None,
+        shared_journal: Any = None,
     ) -> None:
         self.keyspace = keyspace
         self.local_journal = local_journal or LocalJournal(keyspace)
+        self.shared_journal = shared_journal
         self.storage_name = f"{keyspace.scheme}://"
         self._fs = fs
         self._conn_id = conn_id
@@ -168,8 +175,7 @@ class ObjectImageStore(RecordsAndJournals):
 
     def discard_journals(self, keys: list[str], prompt_indexes: list[int]) -> None:
         """Drop journals whose prompts are in ``records.json`` (one bulk delete where the backend has one)."""
-        for index in prompt_indexes:
-            self.local_journal.delete(index)
+        self._discard_fallback_journals(prompt_indexes)
         if not keys:
             return
         try:

@@ -13,7 +13,7 @@ answer, or generate. It is pure (no I/O) so every path is unit-tested without Ai
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,6 +189,68 @@ def newer(entries: Sequence[JournalEntry]) -> JournalEntry | None:
         elif entry.written_at >= best.written_at:
             best = entry
     return best
+
+
+# ------------------------------------------------------------------------------------ tries' usage
+#: What each try counts, summed over the tries of a task instance in the ``usage`` XCom.
+USAGE_COUNTERS = (
+    "generated_images",
+    "possibly_billed_images",
+    "output_tokens",
+    "total_tokens",
+    "requests",
+    "attempts",
+    "web_searches",
+    "rate_limited",
+    "retries",
+)
+
+
+def try_usage(
+    token: str, try_number: int | None, counters: Mapping[str, int], *, final: bool, now: float
+) -> dict[str, Any]:
+    """One try's counters as persisted: in ``records.json`` (``final``), else as a running snapshot.
+
+    ``token`` tells tries apart (a try's journal objects carry it too); ``try_number`` is Airflow's,
+    for people reading ``records.json``.
+    """
+    return {
+        "try": token,
+        "try_number": try_number,
+        "final": final,
+        "updated_at": now,
+        **{name: int(counters.get(name) or 0) for name in USAGE_COUNTERS},
+    }
+
+
+def merge_try_usage(*sources: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each try's best-known counters by token: a final document beats a snapshot, a later snapshot an earlier."""
+    merged: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        for doc in source:
+            token = doc.get("try") if isinstance(doc, Mapping) else None
+            if not isinstance(token, str) or not token:
+                continue
+            current = merged.get(token)
+            rank = (bool(doc.get("final")), _time(doc.get("updated_at")))
+            if current is None or rank > (bool(current.get("final")), _time(current.get("updated_at"))):
+                merged[token] = {
+                    "try": token,
+                    "try_number": _int(doc.get("try_number")),
+                    "final": bool(doc.get("final")),
+                    "updated_at": _time(doc.get("updated_at")),
+                    **{name: max(0, _int(doc.get(name)) or 0) for name in USAGE_COUNTERS},
+                }
+    return merged
+
+
+def sum_usage(docs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """The counters of several tries, added up."""
+    totals = dict.fromkeys(USAGE_COUNTERS, 0)
+    for doc in docs:
+        for name in USAGE_COUNTERS:
+            totals[name] += _int(doc.get(name)) or 0
+    return totals
 
 
 # ----------------------------------------------------------------------------------------- records

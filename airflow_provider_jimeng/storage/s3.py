@@ -13,8 +13,10 @@ client CPU than the rest of an image's handling):
   parameters, model, request id, usage, stored images, failures, Airflow ids): the audit trail, and
   what the next try reuses without a request.
 
-When S3 itself fails, a journal falls back to a file on the worker (:class:`LocalJournal`, mode
-0600) so a retry that runs on the same machine can still store what was paid for.
+When S3 itself fails, a journal falls back to the deployment's shared Redis when the ``jimeng``
+connection names one (:class:`~airflow_provider_jimeng.coordination.journals.SharedJournal`: a retry on
+any worker reads it), else to a file on the worker (:class:`LocalJournal`, mode 0600) so a retry that
+runs on the same machine can still store what was paid for.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 import mmap
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 install_log_redaction()
 
 IMAGE_CONTENT_TYPE = "image/jpeg"
+#: Local journal files older than this are removed by any run on the worker: their signed URLs are dead.
+LOCAL_JOURNAL_MAX_AGE_SECONDS = 24 * 3600
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8", "image/jpeg"))
 
 
@@ -133,8 +138,13 @@ class LocalJournal:
 
     One file per prompt, named by a hash of the task prefix and prompt index, in a per-user directory of the
     system temp dir (``0700``; files ``0600``: they hold signed URLs or image data). Best effort: it
-    helps when the retry runs on the same machine (LocalExecutor, a Celery worker, ``dag.test``), not
-    when every try gets a fresh container.
+    helps when the retry runs on the same machine (LocalExecutor, ``dag.test``, a Celery retry that
+    lands on the same worker), not when every try gets a fresh container or another worker; a shared
+    store (:class:`~airflow_provider_jimeng.coordination.journals.SharedJournal`) serves those.
+
+    Files never outlive the try that can use them: they are deleted once ``records.json`` covers their
+    prompt, and the listing every run makes before its first request removes any file of the directory
+    older than the signed URLs' life (:data:`LOCAL_JOURNAL_MAX_AGE_SECONDS`), whichever task left it.
     """
 
     def __init__(self, keyspace: TaskKeyspace, directory: Path | None = None) -> None:
@@ -142,26 +152,35 @@ class LocalJournal:
         uid = getattr(os, "getuid", lambda: 0)()
         self.directory = directory or Path(tempfile.gettempdir()) / f"airflow-provider-jimeng-{uid}" / "journal"
 
-    def path(self, prompt_index: int) -> Path:
-        uri = self.keyspace.uri(f"{self.keyspace.journal_prefix}p{prompt_index:04d}")
+    def _path(self, name: str) -> Path:
+        uri = self.keyspace.uri(f"{self.keyspace.journal_prefix}{name}")
         return self.directory / f"{hashlib.sha256(uri.encode()).hexdigest()[:40]}.json"
 
-    def write(self, entry: JournalEntry) -> Path | None:
-        """Keep an entry here, with its base64 image data (the only copy of it, once S3 failed)."""
-        path = self.path(entry.prompt_index)
+    def path(self, prompt_index: int) -> Path:
+        return self._path(f"p{prompt_index:04d}")
+
+    @property
+    def usage_path(self) -> Path:
+        """Where tries whose ``records.json`` S3 refused keep their counters (one file per task instance)."""
+        return self._path("usage")
+
+    def _write_json(self, path: Path, data: Any) -> bool:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.tmp")
             descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(entry.to_json(with_data=True), handle, ensure_ascii=False, separators=(",", ":"))
+                json.dump(data, handle, ensure_ascii=False, separators=(",", ":"))
             os.replace(partial, path)
         except OSError as error:
-            log.error(
-                "Could not write a local journal for prompt %d either: %s", entry.prompt_index, type(error).__name__
-            )
-            return None
-        return path
+            log.error("Could not write a local journal file either: %s", type(error).__name__)
+            return False
+        return True
+
+    def write(self, entry: JournalEntry) -> Path | None:
+        """Keep an entry here, with its base64 image data (the only copy of it, once S3 failed)."""
+        path = self.path(entry.prompt_index)
+        return path if self._write_json(path, entry.to_json(with_data=True)) else None
 
     def read(self, prompt_index: int) -> JournalEntry | None:
         try:
@@ -170,12 +189,36 @@ class LocalJournal:
             return None
         return JournalEntry.from_json(data, prompt_index=prompt_index)
 
-    def read_many(self, prompt_indexes: Iterable[int]) -> dict[int, JournalEntry]:
-        """The journals kept here for these prompts, from one listing of the directory."""
+    def listing(self) -> set[str]:
+        """The directory's file names, from one listing; files older than the signed URLs' life are removed.
+
+        One ``listdir`` and a ``stat`` per file, before the first request: the directory holds files only
+        for prompts whose S3 journal failed, so it is empty or small on a healthy worker.
+        """
         try:
-            names = set(os.listdir(self.directory))
+            names = os.listdir(self.directory)
         except OSError:
-            return {}
+            return set()
+        cutoff = time.time() - LOCAL_JOURNAL_MAX_AGE_SECONDS
+        kept: set[str] = set()
+        expired = 0
+        for name in names:
+            path = self.directory / name
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    expired += 1
+                    continue
+            except OSError:
+                continue
+            kept.add(name)
+        if expired:
+            log.info("Removed %d local journal file(s) older than 24 h (their signed URLs have expired)", expired)
+        return kept
+
+    def read_many(self, prompt_indexes: Iterable[int]) -> dict[int, JournalEntry]:
+        """The journals kept here for these prompts, from one listing of the directory (which expires old files)."""
+        names = self.listing()
         found = {}
         for index in prompt_indexes:
             if self.path(index).name in names and (entry := self.read(index)) is not None:
@@ -186,13 +229,37 @@ class LocalJournal:
         with contextlib.suppress(OSError):
             self.path(prompt_index).unlink()
 
+    # ------------------------------------------------------------------------------------------ usage
+    def read_usage(self) -> dict[str, dict[str, Any]]:
+        """Earlier tries' counters kept here, by try token."""
+        try:
+            data = json.loads(self.usage_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {str(k): v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+    def write_usage(self, token: str, usage: Mapping[str, Any]) -> bool:
+        return self._write_json(self.usage_path, {**self.read_usage(), token: dict(usage)})
+
+    def delete_usage(self) -> None:
+        with contextlib.suppress(OSError):
+            self.usage_path.unlink()
+
 
 class S3ImageStore(RecordsAndJournals):
     """Reads and writes one task's objects through the amazon provider's ``S3Hook`` client."""
 
-    def __init__(self, s3_hook: Any, keyspace: TaskKeyspace, local_journal: LocalJournal | None = None) -> None:
+    def __init__(
+        self,
+        s3_hook: Any,
+        keyspace: TaskKeyspace,
+        local_journal: LocalJournal | None = None,
+        *,
+        shared_journal: Any = None,
+    ) -> None:
         self.keyspace = keyspace
         self.local_journal = local_journal or LocalJournal(keyspace)
+        self.shared_journal = shared_journal
         self._hook = s3_hook
         self._conn_id = getattr(s3_hook, "aws_conn_id", None)
         self._client = s3_hook.get_conn()  # boto3 clients are thread-safe; one serves every worker
@@ -258,8 +325,7 @@ class S3ImageStore(RecordsAndJournals):
 
     def discard_journals(self, keys: list[str], prompt_indexes: list[int]) -> None:
         """Drop journals whose prompts are in ``records.json``: one request per 1,000 objects."""
-        for index in prompt_indexes:
-            self.local_journal.delete(index)
+        self._discard_fallback_journals(prompt_indexes)
         objects = [{"Key": key} for key in keys]
         for start in range(0, len(objects), 1000):
             try:

@@ -57,7 +57,9 @@ class S3Gate:
         self.upstream_port = upstream_port
         #: "pass" | "deny_writes" | "deny_all" | "no_bucket" | "deny_records" | "deny_images"
         self.mode = "pass"
-        #: Writes to hold (not answered until ``release()``): "images" (``.jpeg`` PUTs), "records" or None.
+        #: How many journal writes (``_pending/`` PUTs) to refuse with ``403 AccessDenied``, whatever the mode.
+        self.refuse_journals = 0
+        #: Writes to hold (not answered until ``release()``): "images" (``.jpeg`` PUTs), "records", "journals" or None.
         self.hold: str | None = None
         #: Paths of the writes held so far.
         self.held: list[str] = []
@@ -142,17 +144,32 @@ class S3Gate:
             handler.wfile.write(body)
 
     def _read_body(self, handler: BaseHTTPRequestHandler) -> bytes:
+        """The request's body; a body cut short (the gate stopped mid-upload) raises, as S3 would refuse it.
+
+        Forwarding a truncated body stored a truncated object in moto under a checksum for the whole one,
+        which a later read then failed on (``FlexibleChecksumError``): no real S3 keeps such an object.
+        """
         if "chunked" in handler.headers.get("Transfer-Encoding", "").lower():
             parts = []
             while True:
-                size = int(handler.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                line = handler.rfile.readline()
+                if not line:
+                    raise ConnectionError("the request body was cut short")
+                size = int(line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
                     while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return b"".join(parts)
-                parts.append(handler.rfile.read(size))
+                part = handler.rfile.read(size)
+                if len(part) < size:
+                    raise ConnectionError("the request body was cut short")
+                parts.append(part)
                 handler.rfile.readline()
-        return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+        length = int(handler.headers.get("Content-Length") or 0)
+        body = handler.rfile.read(length)
+        if len(body) < length:
+            raise ConnectionError("the request body was cut short")
+        return bytes(body)
 
     @property
     def busy(self) -> int:
@@ -170,7 +187,11 @@ class S3Gate:
                 self._busy -= 1
 
     def _forward_one(self, handler: BaseHTTPRequestHandler) -> None:
-        body = self._read_body(handler)
+        try:
+            body = self._read_body(handler)
+        except (ConnectionError, OSError):
+            handler.close_connection = True
+            return  # nothing reaches moto, as S3 stores nothing of an upload cut short
         method = handler.command
         self.requests.append((method, handler.path.split("?")[0], len(body)))
         if self.mode == "no_bucket":
@@ -181,10 +202,15 @@ class S3Gate:
         if writing and (
             (self.hold == "images" and path.endswith(".jpeg"))
             or (self.hold == "records" and path.endswith("/records.json"))
+            or (self.hold == "journals" and "/_pending/" in path)
         ):
             self.held.append(path)
             self._released.wait(timeout=60)
             self._error(handler, 503, "SlowDown", "Held by the test")
+            return
+        if writing and "/_pending/" in path and self.refuse_journals > 0:
+            self.refuse_journals -= 1
+            self._error(handler, 403, "AccessDenied", "Access Denied")
             return
         if (
             self.mode == "deny_all"

@@ -84,7 +84,8 @@ def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
     assert accounting.billed == accounting.stored == 3, "nothing paid twice, everything stored"
     assert emulator.downloads == after_try_1["downloads"] == (3 if fmt == "url" else 0), "nor downloaded again"
     assert run.xcom["usage"]["reused_prompts"] == 3
-    assert run.xcom["usage"]["requests"] == 0
+    assert run.xcom["usage"]["this_try"]["requests"] == 0
+    assert run.xcom["usage"]["requests"] == accounting.requests == 3  # try 1's, kept beside the refused records
     assert len(run.xcom["images"]) == 3
     assert not _journals(pipeline)
     assert f"{prefix}/records.json" in pipeline.objects()
@@ -134,9 +135,10 @@ def test_task_process_killed_after_storing_before_its_records(
     assert run.state == "success", run.errors
     assert run.try_number == 1
     assert run.xcom["usage"]["reused_prompts"] == 3
-    assert run.xcom["usage"]["requests"] == 0
+    assert run.xcom["usage"]["this_try"]["requests"] == 0
     accounting = pipeline.account()
     assert accounting.requests == 3  # all in the killed try
+    assert run.xcom["usage"]["requests"] == 3  # counted from the killed try's last journal batch
     assert accounting.billed == accounting.stored == 3
     assert emulator.downloads == downloads
     assert f"{prefix}/records.json" in pipeline.objects()

@@ -116,7 +116,10 @@ def test_execution_timeout_stops_spending_and_the_retry_pays_nothing_twice(
     assert accounting.requests == len(prompts)
     assert accounting.billed == accounting.stored == len(prompts)
     assert run.xcom["usage"]["reused_prompts"] == billed_1
-    assert run.xcom["usage"]["generated_images"] == len(prompts) - billed_1
+    assert run.xcom["usage"]["this_try"]["generated_images"] == len(prompts) - billed_1
+    # Both tries: the timed-out try wrote its counts into records.json before failing.
+    assert run.xcom["usage"]["tries"] == 2
+    assert run.xcom["usage"]["generated_images"] == accounting.billed == len(prompts)
     after = _state(s3_client, bucket, space, len(prompts))
     assert not after["journaled"], "no journal outlives a successful try"
     assert not after["local_with_data"]

@@ -211,6 +211,17 @@ def test_kill_loop(
             lost += entry.images
         billed = sum(entry.images for entry in entries)
         assert billed == PROMPTS + undelivered + lost, context
+        # The usage XCom sums the tries: every killed try is counted at least up to what it had journaled
+        # in S3 (each journal batch carries a snapshot of the try's counters), and nothing is counted twice.
+        usage = outcome["xcom"]["usage"]
+        ledger = emulator.ledger
+        journaled_billed = sum(
+            ledger[p].images for kill in run_kills for p in kill.billed if ledger[p].request_id in kill.journaled
+        )
+        assert journaled_billed + usage["this_try"]["generated_images"] <= usage["generated_images"] <= billed, (
+            context,
+            usage,
+        )
         # A kill costs at most what its four threads held: an answer each not yet kept, and one in flight.
         for kill in run_kills:
             assert sum(emulator.ledger[p].request_id not in kept for p in kill.billed) <= 2 * CONCURRENCY, kill

@@ -148,9 +148,12 @@ def test_task_process_killed_after_storing_before_its_records(
     assert run.state == "success", run.errors
     assert run.try_number == 1
     assert run.xcom["usage"]["reused_prompts"] == 3
-    assert run.xcom["usage"]["requests"] == 0
-    assert len(run.xcom["images"]) == 3
+    assert run.xcom["usage"]["this_try"]["requests"] == 0
     accounting = pipeline.account()
+    # The killed try is counted from its last journal batch's snapshot (every answer was journaled).
+    assert run.xcom["usage"]["tries"] == 2
+    assert run.xcom["usage"]["requests"] == run.xcom["usage"]["generated_images"] == accounting.billed == 3
+    assert len(run.xcom["images"]) == 3
     assert accounting.requests == 3  # all in the killed try: each image was checked (HEAD), not paid again
     assert accounting.billed == accounting.stored == 3
     assert emulator.downloads == downloads  # nor downloaded again

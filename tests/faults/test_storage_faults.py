@@ -263,7 +263,10 @@ def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
     assert accounting.billed == accounting.stored == 3
     assert emulator.downloads == after_try_1["downloads"] == (3 if fmt == "url" else 0)
     assert run.xcom["usage"]["reused_prompts"] == 3
-    assert run.xcom["usage"]["requests"] == 0
+    assert run.xcom["usage"]["this_try"]["requests"] == 0
+    # Try 1's counts survived its refused records.json (kept on this worker's disk): both tries are summed.
+    assert run.xcom["usage"]["tries"] == 2
+    assert run.xcom["usage"]["requests"] == run.xcom["usage"]["generated_images"] == accounting.billed == 3
     assert len(run.xcom["images"]) == 3
     assert not [key for key in pipeline.objects() if key.startswith(space.journal_prefix)]
     assert space.records_key in pipeline.objects()

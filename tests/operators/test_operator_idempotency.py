@@ -59,7 +59,10 @@ def test_retry_generates_only_the_prompt_the_failed_try_did_not_store(
     assert emulator.prompts_billed() == [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
     assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in stored]
     usage = run.xcom("gen", "usage")
-    assert (usage["generated_images"], usage["requests"], usage["reused_prompts"]) == (1, 1, 2)
+    this_try = usage["this_try"]
+    assert (this_try["generated_images"], this_try["requests"], this_try["reused_prompts"]) == (1, 1, 2)
+    # Over both tries: what the emulator billed, and every request (the failed one included).
+    assert (usage["tries"], usage["generated_images"], usage["requests"]) == (2, 3, 4)
     assert run.log("gen").count("stored by an earlier try") == 2
 
 
@@ -80,7 +83,10 @@ def test_clearing_a_successful_run_reuses_every_stored_image(
     assert again.xcom("gen") == first.xcom("gen")
     assert again.xcom("gen", "images") == first.xcom("gen", "images")
     usage = again.xcom("gen", "usage")
-    assert (usage["generated_images"], usage["requests"], usage["reused_prompts"]) == (0, 0, 3)
+    this_try = usage["this_try"]
+    assert (this_try["generated_images"], this_try["requests"], this_try["reused_prompts"]) == (0, 0, 3)
+    # A cleared task instance re-runs in the same keyspace: its earlier try still counts (docs/xcom-patterns.md).
+    assert (usage["tries"], usage["generated_images"], usage["requests"]) == (2, 3, 3)
 
 
 def test_a_changed_prompt_is_regenerated_and_the_others_reused(
@@ -98,7 +104,8 @@ def test_a_changed_prompt_is_regenerated_and_the_others_reused(
     assert billed[3:] == ["a lighthouse at dawn"], "the re-run paid for the changed prompt only"
     assert bucket.record(task_prefix(again), 1)["prompt"] == "a lighthouse at dawn"
     usage = again.xcom("gen", "usage")
-    assert (usage["generated_images"], usage["reused_prompts"]) == (1, 2)
+    assert (usage["this_try"]["generated_images"], usage["reused_prompts"]) == (1, 2)
+    assert usage["generated_images"] == emulator.billed_images == 4
 
 
 def test_replace_regenerates_and_overwrites(emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag) -> None:
@@ -208,7 +215,8 @@ def test_retry_stores_from_the_journal_without_a_new_generation_request(
     assert bucket.keys(f"{prefix}/_pending/") == [], "the journal is removed once its images are stored"
     assert bucket.head(f"{prefix}/p0000_i00.jpeg")["Metadata"]["jimeng-request-id"] == emulator.ledger[0].request_id
     assert run.xcom("gen") == [f"s3://{bucket.name}/{prefix}/p0000_i00.jpeg"]
-    assert run.xcom("gen", "usage")["generated_images"] == 0
+    assert run.xcom("gen", "usage")["this_try"]["generated_images"] == 0
+    assert run.xcom("gen", "usage")["generated_images"] == emulator.billed_images == 1
 
 
 def test_a_lost_image_is_generated_again_by_the_retry(

@@ -94,7 +94,7 @@ def test_images_and_usage_xcoms_describe_what_was_stored(
         "records": f"s3://{bucket.name}/{prefix}/records.json",
         "conn_id": "aws_default",
     }
-    assert run.xcom("gen", "usage") == {
+    counts = {
         "generated_images": 2,
         "possibly_billed_images": 0,
         "output_tokens": 2 * 1024 * 1024 // 256,
@@ -105,6 +105,14 @@ def test_images_and_usage_xcoms_describe_what_was_stored(
         "web_searches": 0,
         "rate_limited": 0,
         "retries": 0,
+    }
+    # One try: the task instance's sums are this try's own.
+    assert run.xcom("gen", "usage") == {**counts, "tries": 1, "this_try": counts}
+    (tried,) = bucket.json(f"{task_prefix(run)}/records.json")["tries"]
+    assert tried["final"]
+    assert tried["try_number"] == 1
+    assert {name: tried[name] for name in counts if name != "reused_prompts"} == {
+        name: value for name, value in counts.items() if name != "reused_prompts"
     }
 
 
