@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from airflow_provider_jimeng.coordination.journals import SHARED_JOURNAL_TTL_SECONDS, SharedJournal
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
@@ -112,7 +114,14 @@ def test_the_shared_usage_of_tries_is_kept_and_dropped(client: redis.Redis) -> N
 
 
 def test_a_redis_that_fails_is_logged_never_raised(caplog: pytest.LogCaptureFixture) -> None:
-    dead = redis.Redis(host="127.0.0.1", port=RedisServer().port, password="hunter2", socket_connect_timeout=1)
+    # No retries: redis-py's default of 10, with backoff, would spend 20 s on a port nobody listens on.
+    dead = redis.Redis(
+        host="127.0.0.1",
+        port=RedisServer().port,
+        password="hunter2",
+        socket_connect_timeout=1,
+        retry=Retry(NoBackoff(), 0),
+    )
     shared = SharedJournal(dead, KEYSPACE)
     with caplog.at_level(logging.WARNING):
         assert not shared.write(_entry(0))
