@@ -6,8 +6,9 @@ of its progress (the k-th request received by the emulator, the k-th answer bill
 stored, a journal batch written, ``records.json`` written), plus a random fraction of one answer's
 latency; the next try of the same run (same run id, hence same keys) is then started, and killed
 in turn, up to :data:`KILLS_PER_RUN` times, before a try is left to finish. The loop goes on over
-fresh runs until :data:`KILLS` kills have landed. The RNG's seed is printed; set
-``JIMENG_KILL_LOOP_SEED`` to replay a run of the loop.
+fresh runs until :data:`KILLS` kills have landed (``JIMENG_KILL_LOOP_KILLS`` asks for more, for a
+longer hunt than the suite's time allows). The RNG's seed is printed; set ``JIMENG_KILL_LOOP_SEED``
+to replay a run of the loop.
 
 After each run's successful try, every billed request (the emulator's ledger) is classified:
 
@@ -48,7 +49,8 @@ CONCURRENCY = 4  # the "wide" faults DAGs
 #: Seconds per generated image: five rounds of 0.1 s, a try of about a second.
 LATENCY = 0.1
 #: Kills per format, and at most this many kills of successive tries of one run.
-KILLS = {"url": 20, "b64_json": 20}
+_KILLS = int(os.environ.get("JIMENG_KILL_LOOP_KILLS") or 12)
+KILLS = {"url": _KILLS, "b64_json": _KILLS}
 KILLS_PER_RUN = 4
 
 
