@@ -478,6 +478,32 @@ def peak_overlap(tries: list[dict[str, Any]], now: Any) -> int:
     return peak
 
 
+def usage_xcoms(db: MetadataDB, run_ids: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The ``usage`` XCom of every generation task instance of the runs, by ``task[map_index]``."""
+    rows = db.rows(
+        "SELECT dag_id, task_id, map_index, value FROM xcom WHERE run_id IN %s AND key = 'usage'",
+        tuple(run_ids.values()),
+    )
+    found = {}
+    for dag_id, task_id, map_index, value in rows:
+        usage = json.loads(value) if isinstance(value, str) else value
+        if isinstance(usage, dict):
+            found[f"{dag_id}.{task_id}[{map_index}]"] = usage
+    return found
+
+
+def usage_over_tries(usages: dict[str, dict[str, Any]], killed_tasks: list[str]) -> dict[str, Any]:
+    """What the ``usage`` XComs add up to, and how many tries each killed task's retry summed."""
+    totals = {
+        name: sum(int(usage.get(name) or 0) for usage in usages.values())
+        for name in ("generated_images", "possibly_billed_images", "attempts", "rate_limited", "retries")
+    }
+    tries_of_killed = {
+        task: usage.get("tries") for task in killed_tasks for key, usage in usages.items() if key.endswith(f".{task}")
+    }
+    return {"task_instances": len(usages), **totals, "tries_summed_by_killed_tasks": tries_of_killed}
+
+
 # -- the proof -----------------------------------------------------------------------------------------
 
 
@@ -640,6 +666,7 @@ def evaluate(
     hosts = sorted({(t["hostname"] or "").split(".")[0] for t in tries if t["hostname"]})
     killed_tasks = len(seen.killed.get("tasks", []))
     retries = retries_after_kill(tries, seen.killed)
+    usage = usage_over_tries(usage_xcoms(db, run_ids), list(seen.killed.get("tasks", [])))
     report: dict[str, Any] = {
         "runs": run_states(db, run_ids),
         "task_tries": len(tries),
@@ -678,6 +705,8 @@ def evaluate(
             "rate_limited_429": stats["rate_limited"],
             "peak_requests_in_flight": stats["peak_in_flight"],
         },
+        # The usage XComs sum every try: a killed try counts up to its last journal batch (docs/faults.md).
+        "usage_xcoms": usage,
     }
     report["checks"] = {
         "all_runs_succeeded": all(state == "success" for state in report["runs"].values()) and len(report["runs"]) == 2,
@@ -691,6 +720,19 @@ def evaluate(
         # is that it never had to answer 429 (unless the run is unpaced on purpose).
         "rate_cap_held": report["rate"]["peak_images_in_any_60s"] <= CAP + BURST
         and (pacing == "none" or stats["rate_limited"] == 0),
+        # The usage XComs sum every try: they match the emulator's own counts of images billed, requests
+        # and 429s, short at most by what the killed tries did after their last journal batch (a try
+        # killed before its first answer leaves nothing to sum): the crash bound again.
+        "usage_counts_every_try": len(usage["tries_summed_by_killed_tasks"]) == killed_tasks
+        and all(tries in (1, 2) for tries in usage["tries_summed_by_killed_tasks"].values())
+        and all(
+            0 <= emulator - counted <= report["images"]["allowed_loss"]
+            for emulator, counted in (
+                (billed, usage["generated_images"] + usage["possibly_billed_images"]),
+                (stats["request_count"], usage["attempts"]),
+                (stats["rate_limited"], usage["rate_limited"]),
+            )
+        ),
     }
     return report
 
@@ -717,6 +759,12 @@ def print_report(report: dict[str, Any]) -> None:
         f"peak {rate['peak_images_in_any_60s']} in any 60 s, mean {rate['mean_images_per_minute']}/min, "
         f"{rate['rate_limited_429']} 429s of {rate['generation_requests']} requests, "
         f"peak {rate['peak_requests_in_flight']} in flight"
+    )
+    usage = report["usage_xcoms"]
+    log(
+        f"usage XComs of {usage['task_instances']} task instances: {usage['generated_images']} images billed "
+        f"(+{usage['possibly_billed_images']} possibly), {usage['attempts']} attempts, {usage['rate_limited']} 429s, "
+        f"{usage['retries']} retries; tries summed by the killed tasks' retries {usage['tries_summed_by_killed_tasks']}"
     )
     for retry in report["retries_after_kill"]:
         log(
