@@ -59,11 +59,18 @@ def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
     return dirs
 
 
+#: These tests count requests exactly: a read timeout no busy machine reaches (the faults suite's 1 s
+#: once timed out a request on a loaded CI machine, and the hook's retry of it was a third request).
+PATIENT = {**FAST_RETRIES, "timeout": 30}
+
+
+def _connect(monkeypatch: pytest.MonkeyPatch, emulator: JiMengEmulator, **extras: Any) -> None:
+    connection = jimeng_connection_json(emulator.base_url, **{**PATIENT, **extras})
+    monkeypatch.setenv("AIRFLOW_CONN_JIMENG_DEFAULT", connection)
+
+
 def _shared_store(monkeypatch: pytest.MonkeyPatch, emulator: JiMengEmulator, **extras: Any) -> None:
-    extras = {**FAST_RETRIES, **extras}
-    monkeypatch.setenv(
-        "AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(emulator.base_url, redis_conn_id="redis_shared", **extras)
-    )
+    _connect(monkeypatch, emulator, redis_conn_id="redis_shared", **extras)
 
 
 def _journal_keys(server: RedisServer) -> list[str]:
@@ -167,6 +174,7 @@ def test_without_a_shared_store_a_retry_on_another_worker_pays_again_for_what_wa
     fmt: str,
 ) -> None:
     """What docs/faults.md admits without Redis: at most the requests in flight are paid again."""
+    _connect(monkeypatch, emulator)
     dag_id = dag_for(fmt, "serial")  # max_concurrency=1
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
     s3_down = _stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space, monkeypatch)
@@ -267,9 +275,7 @@ def test_nothing_is_sent_after_the_first_refused_journal_write(
     if shared:
         _shared_store(monkeypatch, emulator, **extras)
     else:
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(emulator.base_url, **{**FAST_RETRIES, **extras})
-        )
+        _connect(monkeypatch, emulator, **extras)
     emulator.inject(Fault("rate_limit", retry_after=5))
     gate.mode = "deny_writes"
     after_try_1: dict[str, int] = {}
@@ -349,6 +355,7 @@ def test_without_a_shared_store_a_brief_outage_ends_with_the_journal_in_s3(
 ) -> None:
     """S3 refuses the first journal (and the image), then takes ``records.json`` at the end of the try:
     the diverted journal is written to S3 then, so a retry on another worker pays nothing again (url)."""
+    _connect(monkeypatch, emulator)
     dag_id = dag_for("url", "serial")
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
     gate.mode = "deny_images"
