@@ -6,6 +6,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+from airflow_provider_jimeng.version_compat import AirflowNotFoundException
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -32,7 +33,13 @@ def shared_redis(redis_conn_id: str) -> Redis:
                     "redis_conn_id",
                     "a shared Redis needs the redis provider: pip install 'airflow-provider-jimeng[redis]'",
                 ) from None
-            client = RedisHook(redis_conn_id=redis_conn_id).get_conn()  # type: ignore[no-untyped-call]
+            try:
+                client = RedisHook(redis_conn_id=redis_conn_id).get_conn()  # type: ignore[no-untyped-call]
+            except AirflowNotFoundException:
+                # Not retried: every try would look it up in vain (the limiter and the journals both land here).
+                raise JiMengConfigurationError(
+                    "redis_conn_id", f"connection {redis_conn_id!r} is not defined; nothing was sent"
+                ) from None
             _fail_fast(client)
             _clients[redis_conn_id] = client
         return client

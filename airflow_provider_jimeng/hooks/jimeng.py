@@ -50,7 +50,7 @@ from airflow_provider_jimeng.hooks.connection_form import (
 from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
 from airflow_provider_jimeng.options import GenerationOptions, as_int, as_text
 from airflow_provider_jimeng.redaction import install_log_redaction, redact_url, register_secret
-from airflow_provider_jimeng.version_compat import AirflowNotFoundException, BaseHook, mask_secret
+from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
 
 if TYPE_CHECKING:
     from airflow_provider_jimeng.coordination.ratelimit import AccountRateLimiter, Grant
@@ -774,13 +774,7 @@ class JiMengHook(BaseHook):
                 from airflow_provider_jimeng.coordination.ratelimit import AccountRateLimiter, bucket_key
                 from airflow_provider_jimeng.coordination.redis_client import shared_redis
 
-                try:
-                    client = shared_redis(config.redis_conn_id)
-                except AirflowNotFoundException:
-                    # Not retried: every try would look it up in vain.
-                    raise JiMengConfigurationError(
-                        "redis_conn_id", f"connection {config.redis_conn_id!r} is not defined; nothing was sent"
-                    ) from None
+                client = shared_redis(config.redis_conn_id)  # a missing connection: not retried
                 limiter = self._account_limiters[model] = AccountRateLimiter(
                     client, bucket_key(config.api_key, model), config.account_images_per_minute
                 )

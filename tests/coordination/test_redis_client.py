@@ -57,3 +57,12 @@ def test_a_silent_redis_costs_seconds_not_a_minute(redis_conn: RedisServer) -> N
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] <= redis_client.REDIS_TIMEOUT_SECONDS
     assert (kwargs["socket_timeout"] + 0.5) * (redis_client.REDIS_RETRIES + 1) < 20
+
+
+def test_a_connection_that_does_not_exist_is_a_configuration_error_for_every_user() -> None:
+    """The limiter (hook) and the shared journals (operator) both get their client here: a missing
+    connection must fail the task at once, not as Airflow's retried AirflowNotFoundException."""
+    from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+
+    with pytest.raises(JiMengConfigurationError, match="redis_conn_id: connection 'redis_nowhere' is not defined"):
+        shared_redis("redis_nowhere")
