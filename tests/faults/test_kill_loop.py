@@ -49,7 +49,7 @@ CONCURRENCY = 4  # the "wide" faults DAGs
 #: Seconds per generated image: five rounds of 0.1 s, a try of about a second.
 LATENCY = 0.1
 #: Kills per format, and at most this many kills of successive tries of one run.
-_KILLS = int(os.environ.get("JIMENG_KILL_LOOP_KILLS") or 12)
+_KILLS = int(os.environ.get("JIMENG_KILL_LOOP_KILLS") or 8)
 KILLS = {"url": _KILLS, "b64_json": _KILLS}
 KILLS_PER_RUN = 4
 
