@@ -663,3 +663,28 @@ def any_pipeline(
         runner = FilePipeline(emulator, root)
     yield runner
     runner.module().BEFORE_RETRY.clear()
+
+
+def stop_s3_while_prompt_1_is_generated(
+    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, image_0_key: str, monkeypatch: pytest.MonkeyPatch
+) -> threading.Event:
+    """Prompt 0 is stored; S3 stops while prompt 1 is generated: prompt 1's answer waits for the returned
+    event (set once S3 is down), not for a latency a busy machine could outlast, as it once did."""
+    s3_down = threading.Event()
+    answers = iter(range(1_000))
+    latency = emulator.pause
+
+    def pause(seconds: float) -> None:
+        if next(answers) == 1:
+            s3_down.wait(30)
+        latency(seconds)
+
+    monkeypatch.setattr(emulator, "pause", pause)
+
+    def watch() -> None:
+        if wait_for(lambda: image_0_key in pipeline.objects(), timeout=30):
+            gate.stop()
+        s3_down.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return s3_down

@@ -35,7 +35,15 @@ from airflow_provider_jimeng.emulator import Fault, JiMengEmulator
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.s3 import LocalJournal
 from airflow_provider_jimeng.testing import RedisServer, jimeng_connection_json, redis_connection_json
-from tests.faults.conftest import FAST_RETRIES, FORMATS, Pipeline, S3Gate, dag_for, wait_for
+from tests.faults.conftest import (
+    FAST_RETRIES,
+    FORMATS,
+    Pipeline,
+    S3Gate,
+    dag_for,
+    stop_s3_while_prompt_1_is_generated,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -78,31 +86,6 @@ def _journal_keys(server: RedisServer) -> list[str]:
     return sorted(key.decode() for key in client.scan_iter("jimeng:journal:*"))
 
 
-def _stop_s3_while_prompt_1_is_generated(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, space: TaskKeyspace, monkeypatch: pytest.MonkeyPatch
-) -> threading.Event:
-    """Prompt 0 is stored; S3 stops while prompt 1 is generated (its answer waits for that event)."""
-    s3_down = threading.Event()
-    answers = iter(range(1_000))
-    latency = emulator.pause
-
-    def pause(seconds: float) -> None:
-        if next(answers) == 1:
-            s3_down.wait(30)
-        latency(seconds)
-
-    monkeypatch.setattr(emulator, "pause", pause)
-    image_0 = space.image_key(0, 0)
-
-    def watch() -> None:
-        if wait_for(lambda: image_0 in pipeline.objects(), timeout=30):
-            gate.stop()
-        s3_down.set()
-
-    threading.Thread(target=watch, daemon=True).start()
-    return s3_down
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     pipeline: Pipeline,
@@ -118,7 +101,7 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     _shared_store(monkeypatch, emulator)
     dag_id = dag_for(fmt, "serial")
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
-    s3_down = _stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space, monkeypatch)
+    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def on_another_worker() -> None:
@@ -177,7 +160,7 @@ def test_without_a_shared_store_a_retry_on_another_worker_pays_again_for_what_wa
     _connect(monkeypatch, emulator)
     dag_id = dag_for(fmt, "serial")  # max_concurrency=1
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
-    s3_down = _stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space, monkeypatch)
+    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def on_another_worker() -> None:
@@ -223,7 +206,7 @@ def test_redis_failing_with_s3_still_keeps_the_local_journal_and_fails_cleanly(
     monkeypatch.setenv("AIRFLOW_CONN_REDIS_SHARED", redis_connection_json(f"redis://127.0.0.1:{dead.port}/0"))
     dag_id = dag_for(fmt, "serial")
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
-    s3_down = _stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space, monkeypatch)
+    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def repair_s3_only() -> None:

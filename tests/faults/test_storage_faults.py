@@ -20,7 +20,15 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.storage.s3 import LocalJournal, TaskKeyspace
-from tests.faults.conftest import FORMATS, Pipeline, S3Gate, assert_names_code_and_request_id, dag_for, wait_for
+from tests.faults.conftest import (
+    FORMATS,
+    Pipeline,
+    S3Gate,
+    assert_names_code_and_request_id,
+    dag_for,
+    stop_s3_while_prompt_1_is_generated,
+    wait_for,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,26 +107,9 @@ def test_s3_stopped_mid_run(
     fmt: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Prompt 0 is stored; S3 goes away while prompt 1 is being generated: prompt 1's answer waits for
-    # that event (not for a latency a busy machine could outlast, as it once did).
     dag_id = dag_for(fmt, "serial")
     image_0 = keyspace(bucket, dag_id).image_key(0, 0)
-    s3_down = threading.Event()
-    answers = iter(range(1_000))
-    latency = emulator.pause
-
-    def pause(seconds: float) -> None:
-        if next(answers) == 1:
-            s3_down.wait(30)
-        latency(seconds)
-
-    monkeypatch.setattr(emulator, "pause", pause)
-
-    def stop_s3() -> None:
-        gate.stop()
-        s3_down.set()
-
-    watcher = when(lambda: image_0 in pipeline.objects(), stop_s3)
+    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, image_0, monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def repair() -> None:
@@ -130,7 +121,6 @@ def test_s3_stopped_mid_run(
     pipeline.before_retry(repair)
 
     run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
-    watcher.join(timeout=5)
 
     assert run.state == "success"
     assert run.try_number == 2
