@@ -15,7 +15,6 @@ commands only (``SET EX``, ``MGET``, ``DEL``, ``HSET``, ``HGETALL``, ``EXPIRE``)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -54,18 +53,14 @@ class SharedJournal:
         self._client = client
         self.keyspace = keyspace
 
-    def _digest(self, name: str) -> str:
-        uri = self.keyspace.uri(f"{self.keyspace.journal_prefix}{name}")
-        return hashlib.sha256(uri.encode()).hexdigest()[:40]
-
     def key(self, prompt_index: int) -> str:
         """The Redis key of a prompt's journal: a hash, like the local file's name (no ids, no URLs)."""
-        return f"jimeng:journal:{self._digest(f'p{prompt_index:04d}')}"
+        return f"jimeng:journal:{self.keyspace.fallback_journal_name(f'p{prompt_index:04d}')}"
 
     @property
     def usage_key(self) -> str:
         """The hash holding each try's usage (field: the try's token), for tries S3 did not record."""
-        return f"jimeng:usage:{self._digest('usage')}"
+        return f"jimeng:usage:{self.keyspace.fallback_journal_name('usage')}"
 
     def write(self, entry: JournalEntry) -> bool:
         """Keep an entry, with its base64 data; ``False`` (logged) when Redis fails too."""

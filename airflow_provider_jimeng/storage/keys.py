@@ -140,6 +140,12 @@ class TaskKeyspace:
     def journal_key(self, batch: str) -> str:
         return f"{self.journal_prefix}{batch}.json"
 
+    def fallback_journal_name(self, name: str) -> str:
+        """The name of a journal kept outside the store (a worker's file, a Redis key) when the store
+        refused it: a hash of its would-be URI, so it names no DAG, run, bucket or signed URL."""
+        uri = self.uri(f"{self.journal_prefix}{name}")
+        return hashlib.sha256(uri.encode()).hexdigest()[:40]
+
     @property
     def meta_prefix(self) -> str:
         """Where an object store keeps each image's metadata (S3 keeps it on the object itself)."""

@@ -153,8 +153,7 @@ class LocalJournal:
         self.directory = directory or Path(tempfile.gettempdir()) / f"airflow-provider-jimeng-{uid}" / "journal"
 
     def _path(self, name: str) -> Path:
-        uri = self.keyspace.uri(f"{self.keyspace.journal_prefix}{name}")
-        return self.directory / f"{hashlib.sha256(uri.encode()).hexdigest()[:40]}.json"
+        return self.directory / f"{self.keyspace.fallback_journal_name(name)}.json"
 
     def path(self, prompt_index: int) -> Path:
         return self._path(f"p{prompt_index:04d}")
