@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
+from tests.dag_runs import run_dag_test
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -55,7 +56,7 @@ def load_example(name: str) -> ModuleType:
 
 def run_example(name: str, **conf: Any) -> Any:
     dag = load_example(name).dag
-    dag_run = dag.test(run_conf=conf)
+    dag_run = run_dag_test(dag, run_conf=conf)
     failed = {f"{ti.task_id}[{ti.map_index}]": ti.state for ti in dag_run.get_task_instances() if ti.state != "success"}
     assert dag_run.state == "success", f"{name} ended {dag_run.state}; tasks not successful: {failed}"
     return dag_run

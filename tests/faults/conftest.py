@@ -29,17 +29,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, jimeng_connection_json
+from tests import dag_runs
 
 #: Every run of a test uses this date, hence one run id: a second ``dag.test()`` is a rerun of the
 #: same task instance (what clearing it in the UI does) and finds what the first one stored.
@@ -341,37 +340,9 @@ class PipelineRun:
     duration: float = 0.0
 
 
-class _NoDagBag:
-    def __init__(self, **kwargs: Any) -> None:
-        self.dags: dict[str, Any] = {}
-
-
-_SYNCED = {"done": False}
-
-
-def _dag_test_resyncs_the_folder() -> bool:
-    """Whether this Airflow's ``dag.test()`` re-syncs the DAGs folder (3.3 does; 3.0 runs the DAG it is given)."""
-    try:
-        from airflow.dag_processing import dagbag
-    except ImportError:
-        return False
-    return hasattr(dagbag, "BundleDagBag") and hasattr(dagbag, "sync_bag_to_db")
-
-
 def run_dag_test(dag: Any, run_conf: dict[str, Any], run_after: datetime.datetime = RUN_AFTER) -> Any:
-    """``dag.test()`` with a fixed run date (hence run id), skipping the DAGs folder re-sync after the first.
-
-    Airflow 3.3's ``dag.test()`` re-parses and re-serialises every DAG of the folder on each call
-    (2+ s here, mostly Param schema checks). The DAGs do not change during a session: after the first
-    real sync of the process, the DAG versions in the database are current and the sync is skipped.
-    """
-    with ExitStack() as stack:
-        if _SYNCED["done"] and _dag_test_resyncs_the_folder():
-            stack.enter_context(mock.patch("airflow.dag_processing.dagbag.BundleDagBag", _NoDagBag))
-            stack.enter_context(mock.patch("airflow.dag_processing.dagbag.sync_bag_to_db", return_value=None))
-        dag_run = dag.test(run_conf=run_conf, logical_date=run_after, run_after=run_after)
-    _SYNCED["done"] = True
-    return dag_run
+    """``dag.test()`` with a fixed run date, hence one run id: a second call is a rerun of the same run."""
+    return dag_runs.run_dag_test(dag, run_conf=run_conf, logical_date=run_after, run_after=run_after)
 
 
 def xcoms_of(dag_run: Any) -> list[tuple[str, int, str, Any]]:

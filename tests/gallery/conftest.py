@@ -19,6 +19,7 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
+from tests.dag_runs import run_dag_test
 from tests.gallery.auth import RestrictedAuthManager
 from tests.operators.conftest import _DECLARED_PARAMS
 
@@ -105,7 +106,7 @@ def store_run(airflow_db: None, s3_server: S3Server) -> Iterator[Callable[..., S
             bucket = f"jimeng-gallery-{uuid.uuid4().hex[:12]}"
             s3.create_bucket(Bucket=bucket)
             declared = _DECLARED_PARAMS.setdefault(dag.dag_id, dag.params.dump())
-            dagrun = dag.test(run_conf={**declared, **conf, "bucket": bucket})
+            dagrun = run_dag_test(dag, run_conf={**declared, **conf, "bucket": bucket})
             assert str(dagrun.state) == "success"
             return StoredRun(dag_id=dag.dag_id, run_id=dagrun.run_id, bucket=bucket, s3=s3)
 

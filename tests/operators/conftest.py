@@ -26,6 +26,7 @@ import pytest
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.storage.keys import safe_key_part
 from airflow_provider_jimeng.testing import AWS_REGION, jimeng_connection_json
+from tests.dag_runs import run_dag_test
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -297,7 +298,7 @@ def run_dag(airflow_db: None, capsys: pytest.CaptureFixture[str]) -> RunDag:
         dag_logger = logging.getLogger("airflow.sdk.definitions.dag")
         dag_logger.addHandler(markers)
         try:
-            dagrun = dag.test(**kwargs)
+            dagrun = run_dag_test(dag, **kwargs)
         finally:
             dag_logger.removeHandler(markers)
         captured = capsys.readouterr()
