@@ -339,12 +339,21 @@ class GenerationRun:
 
         Nothing new is downloaded (a journaled URL serves the retry), but an answer that carries its
         images (``b64_json``) is stored: its data is nowhere else.
+
+        The interruption can land anywhere in the run loop: just after it took a finished future from
+        the queue, or between tracking a future and registering its callback. Such a future would never
+        reach the queue again, so the futures themselves are looked at first and whenever the queue is
+        quiet. Regression: the drain waited forever for a completion the interruption had consumed.
         """
+        ready = [future for future in (*generation, *storing) if future.done()]
         while generation or storing:
-            try:
-                future = finished.get(timeout=0.5)
-            except queue.Empty:
-                continue
+            if not ready:
+                try:
+                    ready = [finished.get(timeout=0.5)]
+                except queue.Empty:
+                    ready = [future for future in (*generation, *storing) if future.done()]
+                    continue
+            future = ready.pop()
             if future in generation:
                 index = generation.pop(future)
                 answered = not future.cancelled() and future.exception() is None

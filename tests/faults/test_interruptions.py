@@ -37,7 +37,9 @@ from tests.faults.conftest import (
     wait_for,
 )
 
-pytestmark = pytest.mark.timeout(90)
+# The thread method: Airflow's execution_timeout takes SIGALRM, which the signal method relies on, so
+# a try hung after its timeout would hang the suite instead of failing the test.
+pytestmark = pytest.mark.timeout(90, method="thread")
 
 RUN_ID = f"manual__{RUN_AFTER.isoformat()}"
 CONCURRENCY = 4

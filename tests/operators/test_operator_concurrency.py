@@ -6,13 +6,18 @@ was working on at once (``peak_in_flight``), which is what concurrency means.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
+import types
 from typing import Any
+
+import pytest
 
 from airflow_provider_jimeng.emulator import Fault
 from airflow_provider_jimeng.exceptions import JiMengGenerationIncompleteError
 from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+from airflow_provider_jimeng.run import engine
 from tests.dags import jimeng_test_generate
 from tests.operators.conftest import (
     Bucket,
@@ -22,6 +27,11 @@ from tests.operators.conftest import (
     task_prefix,
     wait_until,
 )
+
+try:
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+except ImportError:  # Airflow 3.0
+    from airflow.exceptions import AirflowTaskTimeout  # type: ignore[no-redef]
 
 ANIMALS = ["fox", "owl", "cat", "dog", "elk", "yak", "emu", "ant"]
 PROMPTS = [f"picture {index}: a {animal}" for index, animal in enumerate(ANIMALS)]
@@ -101,3 +111,69 @@ def test_on_kill_stops_quickly_and_prompts_not_sent_are_not_billed(emulator: Tra
     assert isinstance(error, JiMengGenerationIncompleteError)
     not_sent = [failure for failure in error.failures if "stop" in failure.lower()]
     assert len(not_sent) == 10
+
+
+class _TimeoutAfterTakingAnAnswer:
+    """The run loop's completion queue, with an ``execution_timeout`` arriving just after ``get()``
+    handed over the first finished future: the one moment where the interruption consumes a
+    completion the drain would otherwise wait for."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.taken: Any = None
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def get(self, timeout: float | None = None) -> Any:
+        item = self._queue.get(timeout=timeout)
+        if self.taken is None:
+            self.taken = item
+            raise AirflowTaskTimeout("Timeout, PID: 1")
+        return item
+
+
+@pytest.mark.parametrize("response_format", ["url", "b64_json"])
+def test_a_timeout_that_takes_a_finished_answer_from_the_queue_still_ends_the_try_and_keeps_it(
+    emulator: TrackingEmulator, bucket: Bucket, monkeypatch: pytest.MonkeyPatch, response_format: str
+) -> None:
+    """Regression: the drain waited forever for the completion the interruption had consumed (seen as
+    a task hung in ``_drain`` after its ``execution_timeout`` on a busy machine)."""
+    prompts = PROMPTS[:6]
+    completions = _TimeoutAfterTakingAnAnswer()
+    monkeypatch.setattr(engine, "queue", types.SimpleNamespace(SimpleQueue=lambda: completions, Empty=queue.Empty))
+
+    def the_task() -> JiMengGenerateOperator:
+        return JiMengGenerateOperator(
+            task_id="gen",
+            prompt=prompts,
+            size="1K",
+            max_concurrency=2,
+            response_format=response_format,
+            s3_bucket=bucket.name,
+        )
+
+    outcome: dict[str, Any] = {}
+
+    def first_try() -> None:
+        try:
+            the_task().execute({"ti": RecordingTaskInstance()})  # type: ignore[typeddict-item]
+        except BaseException as error:
+            outcome["error"] = error
+
+    worker = threading.Thread(target=first_try, name="execute", daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "the try hung after its timeout"
+    assert isinstance(outcome.get("error"), AirflowTaskTimeout)
+    assert completions.taken is not None
+    billed_first = emulator.billed_images
+    assert 1 <= billed_first <= 4  # what was sent before the timeout stopped sending (two rounds at most)
+
+    monkeypatch.setattr(engine, "queue", queue)  # the retry runs undisturbed
+    retry = RecordingTaskInstance()
+    the_task().execute({"ti": retry})  # type: ignore[typeddict-item]
+    # Every answer of the timed-out try, the consumed one included, was kept: nothing is paid twice.
+    assert emulator.billed_images == len(prompts)
+    assert len(bucket.images("jimeng/")) == len(prompts)
+    assert retry.pushed["usage"]["reused_prompts"] == billed_first
