@@ -24,8 +24,6 @@ pytestmark = pytest.mark.integration
 
 RUN = """
 import json, sys
-from airflow.utils import db
-db.resetdb()
 from tests.compat import install_dag_test_shims
 install_dag_test_shims()
 from tests.dags.jimeng_test_generate import PARAMS, dag
@@ -35,7 +33,7 @@ print("RUN", json.dumps({"run_id": run.run_id, "state": str(run.state)}))
 
 
 def test_the_listener_emits_the_stored_prefix_and_the_facets(
-    emulator: TrackingEmulator, bucket: Bucket, tmp_path: Path
+    emulator: TrackingEmulator, bucket: Bucket, tmp_path: Path, child_airflow_db: str
 ) -> None:
     events_file = tmp_path / "events.jsonl"
     env = {
@@ -45,7 +43,7 @@ def test_the_listener_emits_the_stored_prefix_and_the_facets(
         ),
         "AIRFLOW__OPENLINEAGE__NAMESPACE": "jimeng-tests",
         # A metadata DB of its own: the child never shares SQLite with this process.
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/airflow.db",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": child_airflow_db,
         # Emit from a thread rather than a forked child: the child's output would be lost to the test.
         "AIRFLOW__OPENLINEAGE__EXECUTE_IN_THREAD": "True",
     }
