@@ -91,30 +91,22 @@ def s3_bucket(s3_server: S3Server, s3_client, monkeypatch: pytest.MonkeyPatch) -
     return name
 
 
-_MIGRATED_DB = Path(_AIRFLOW_HOME) / "migrated.db"
-
-
 @pytest.fixture(scope="session")
 def airflow_db() -> None:
     """A migrated SQLite metadata DB, for whole-DAG tests with ``dag.test()``."""
     from airflow.utils import db
 
     db.resetdb()
-    _copy_sqlite(Path(_AIRFLOW_HOME) / "airflow.db", _MIGRATED_DB)
 
 
 @pytest.fixture
 def child_airflow_db(airflow_db: None, tmp_path: Path) -> str:
     """``sql_alchemy_conn`` of a migrated metadata DB of its own, for a child process (SQLite is never
-    shared between processes here): a copy of this process's DB as migrated, saving the child a migration."""
+    shared between processes here): a consistent copy of this process's, saving the child a migration."""
     path = tmp_path / "airflow.db"
-    _copy_sqlite(_MIGRATED_DB, path)
-    return f"sqlite:///{path}"
-
-
-def _copy_sqlite(source: Path, target: Path) -> None:
-    with sqlite3.connect(source) as reading, sqlite3.connect(target) as writing:
+    with sqlite3.connect(Path(_AIRFLOW_HOME) / "airflow.db") as reading, sqlite3.connect(path) as writing:
         reading.backup(writing)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="session")

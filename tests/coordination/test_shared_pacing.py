@@ -174,21 +174,28 @@ def test_stop_interrupts_a_request_waiting_on_the_account_limit_and_frees_its_sl
     assert hook.stats["rate_limit_wait_ms"] >= 20
 
 
+@pytest.fixture
+def refunds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The images each refund gives back to the account limiter, in order (the refunds still happen)."""
+    given_back: list[int] = []
+    original = AccountRateLimiter.refund
+
+    def spy(self: AccountRateLimiter, images: int, **kwargs: Any) -> None:
+        given_back.append(images)
+        original(self, images, **kwargs)
+
+    monkeypatch.setattr(AccountRateLimiter, "refund", spy)
+    return given_back
+
+
 def test_a_set_that_billed_fewer_images_than_reserved_gives_the_rest_back(
     jimeng_conn: JiMengEmulator,
     redis_conn: RedisServer,
     make_hook: Callable[..., JiMengHook],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    refunds: list[int],
 ) -> None:
     connect(monkeypatch, jimeng_conn, **SHARED)
-    refunds: list[int] = []
-    original = AccountRateLimiter.refund
-
-    def spy(self: AccountRateLimiter, images: int, **kwargs: Any) -> None:
-        refunds.append(images)
-        original(self, images, **kwargs)
-
-    monkeypatch.setattr(AccountRateLimiter, "refund", spy)
     hook = make_hook()
     result = hook.generate_images("a set of pictures", sequential_image_generation="auto", max_images=6)
     assert result.billed_images == 3  # the emulator makes 3 when the prompt names no number
@@ -201,11 +208,10 @@ def test_an_error_answer_keeps_its_slots(
     redis_conn: RedisServer,
     make_hook: Callable[..., JiMengHook],  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
+    refunds: list[int],
 ) -> None:
     """A 429 may mean others use the key outside the limiter: giving its slots back would feed a storm."""
     connect(monkeypatch, jimeng_conn, **SHARED)
-    refunds: list[int] = []
-    monkeypatch.setattr(AccountRateLimiter, "refund", lambda self, images, **kwargs: refunds.append(images))
     jimeng_conn.inject(Fault("rate_limit", times=2, retry_after=0.01))
     make_hook().generate_images("a lighthouse")
     assert refunds == []

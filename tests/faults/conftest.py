@@ -636,11 +636,25 @@ def any_pipeline(
     runner.module().BEFORE_RETRY.clear()
 
 
+@dataclass
+class S3Outage:
+    """S3 stopped mid-run by :func:`stop_s3_while_prompt_1_is_generated`."""
+
+    gate: S3Gate
+    #: Set once S3 is down; prompt 1's answer waits for it.
+    down: threading.Event
+
+    def repair(self) -> None:
+        """S3 back for the retry (and prompt 1's answer released, should S3 never have gone down)."""
+        self.down.set()
+        self.gate.start()
+
+
 def stop_s3_while_prompt_1_is_generated(
     pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, image_0_key: str, monkeypatch: pytest.MonkeyPatch
-) -> threading.Event:
-    """Prompt 0 is stored; S3 stops while prompt 1 is generated: prompt 1's answer waits for the returned
-    event (set once S3 is down), not for a latency a busy machine could outlast, as it once did."""
+) -> S3Outage:
+    """Prompt 0 is stored; S3 stops while prompt 1 is generated: prompt 1's answer waits for the outage
+    (``down``), not for a latency a busy machine could outlast, as it once did."""
     s3_down = threading.Event()
     answers = iter(range(1_000))
     latency = emulator.pause
@@ -658,4 +672,4 @@ def stop_s3_while_prompt_1_is_generated(
         s3_down.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    return s3_down
+    return S3Outage(gate, s3_down)

@@ -101,7 +101,7 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     _shared_store(monkeypatch, emulator)
     dag_id = dag_for(fmt, "serial")
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
-    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
+    outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def on_another_worker() -> None:
@@ -114,8 +114,7 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
             shared=SharedJournal(client, space).read_many(range(2)),
             local_a=LocalJournal(space).read_many(range(2)),
         )
-        s3_down.set()
-        gate.start()
+        outage.repair()
         monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
 
     pipeline.before_retry(on_another_worker)
@@ -160,13 +159,12 @@ def test_without_a_shared_store_a_retry_on_another_worker_pays_again_for_what_wa
     _connect(monkeypatch, emulator)
     dag_id = dag_for(fmt, "serial")  # max_concurrency=1
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
-    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
+    outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def on_another_worker() -> None:
         after_try_1.update(billed=emulator.billed_images, local_a=LocalJournal(space).read_many(range(2)))
-        s3_down.set()
-        gate.start()
+        outage.repair()
         monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
 
     pipeline.before_retry(on_another_worker)
@@ -206,13 +204,12 @@ def test_redis_failing_with_s3_still_keeps_the_local_journal_and_fails_cleanly(
     monkeypatch.setenv("AIRFLOW_CONN_REDIS_SHARED", redis_connection_json(f"redis://127.0.0.1:{dead.port}/0"))
     dag_id = dag_for(fmt, "serial")
     space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
-    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
+    outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def repair_s3_only() -> None:
         after_try_1.update(billed=emulator.billed_images, local=LocalJournal(space).read_many(range(2)))
-        s3_down.set()
-        gate.start()
+        outage.repair()
 
     pipeline.before_retry(repair_s3_only)
 

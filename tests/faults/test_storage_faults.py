@@ -109,14 +109,13 @@ def test_s3_stopped_mid_run(
 ) -> None:
     dag_id = dag_for(fmt, "serial")
     image_0 = keyspace(bucket, dag_id).image_key(0, 0)
-    s3_down = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, image_0, monkeypatch)
+    outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, image_0, monkeypatch)
     after_try_1: dict[str, Any] = {}
 
     def repair() -> None:
         after_try_1.update(billed=emulator.billed_images, keys=pipeline.objects())
         after_try_1["local"] = local_journal(bucket, dag_id).read(1)
-        s3_down.set()
-        gate.start()
+        outage.repair()
 
     pipeline.before_retry(repair)
 
