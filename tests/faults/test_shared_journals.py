@@ -22,7 +22,7 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from tests.faults.conftest import (
     FAST_RETRIES,
     FORMATS,
     Pipeline,
+    PipelineRun,
     S3Gate,
     dag_for,
     stop_s3_while_prompt_1_is_generated,
@@ -86,6 +87,28 @@ def _journal_keys(server: RedisServer) -> list[str]:
     return sorted(key.decode() for key in client.scan_iter("jimeng:journal:*"))
 
 
+def _retry_on_worker_b(
+    pipeline: Pipeline,
+    workers: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    dag_id: str,
+    *,
+    between_tries: Callable[[], None],
+) -> PipelineRun:
+    """Two prompts whose try 1 fails on worker a; ``between_tries`` runs there, then the retry runs on
+    worker b (a journal directory of its own) and succeeds."""
+
+    def move() -> None:
+        between_tries()
+        monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
+
+    pipeline.before_retry(move)
+    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
+    assert run.state == "success", run.errors
+    assert run.try_number == 2
+    return run
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     pipeline: Pipeline,
@@ -104,7 +127,7 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
-    def on_another_worker() -> None:
+    def on_worker_a() -> None:
         client = redis.Redis.from_url(redis_conn.url)
         keys = _journal_keys(redis_conn)
         after_try_1.update(
@@ -115,14 +138,8 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
             local_a=LocalJournal(space).read_many(range(2)),
         )
         outage.repair()
-        monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
 
-    pipeline.before_retry(on_another_worker)
-
-    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
-
-    assert run.state == "success", run.errors
-    assert run.try_number == 2
+    run = _retry_on_worker_b(pipeline, workers, monkeypatch, dag_id, between_tries=on_worker_a)
     (message,) = run.errors
     assert "prompt 1 image 0: not stored" in message
     # Try 1 paid for both prompts and kept prompt 1's answer in Redis, under a key that names nothing,
@@ -162,17 +179,11 @@ def test_without_a_shared_store_a_retry_on_another_worker_pays_again_for_what_wa
     outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
     after_try_1: dict[str, Any] = {}
 
-    def on_another_worker() -> None:
+    def on_worker_a() -> None:
         after_try_1.update(billed=emulator.billed_images, local_a=LocalJournal(space).read_many(range(2)))
         outage.repair()
-        monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
 
-    pipeline.before_retry(on_another_worker)
-
-    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
-
-    assert run.state == "success", run.errors
-    assert run.try_number == 2
+    run = _retry_on_worker_b(pipeline, workers, monkeypatch, dag_id, between_tries=on_worker_a)
     assert after_try_1["billed"] == 2
     assert 1 in after_try_1["local_a"], "kept on worker a, which the retry does not run on"
     accounting = pipeline.account()
@@ -342,20 +353,14 @@ def test_without_a_shared_store_a_brief_outage_ends_with_the_journal_in_s3(
     gate.refuse_journals = 1
     after_try_1: dict[str, Any] = {}
 
-    def on_another_worker() -> None:
+    def on_worker_a() -> None:
         after_try_1.update(
             requests=emulator.request_count,
             journals=[key for key in pipeline.objects() if key.startswith(space.journal_prefix)],
         )
         gate.mode = "pass"
-        monkeypatch.setattr(tempfile, "tempdir", str(workers["b"]))
 
-    pipeline.before_retry(on_another_worker)
-
-    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
-
-    assert run.state == "success", run.errors
-    assert run.try_number == 2
+    _retry_on_worker_b(pipeline, workers, monkeypatch, dag_id, between_tries=on_worker_a)
     # Prompt 1 may have been sent before the refusal came back (the journal is written beside the
     # generation thread): then it is paid, diverted and journaled after all like prompt 0.
     assert after_try_1["requests"] in (1, 2)
