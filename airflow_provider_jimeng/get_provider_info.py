@@ -52,5 +52,29 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_provider_jimeng.links.jimeng.JiMengImagesLink"],
+        "config": {
+            "jimeng": {
+                "description": "Settings of the JiMeng provider.\n",
+                "options": {
+                    "gallery_storage": {
+                        "description": (
+                            "The storage the Images gallery (on the API server) may read, as a JSON object mapping a "
+                            "storage root URI, ending with '/', to the connection id the API server reads it with: "
+                            '{"s3://images/jimeng/": "aws_gallery"}. Images and records.json are served only from '
+                            "under these roots, through these connections; what a task wrote (its storage XCom's "
+                            "connection id included) decides nothing. Empty: nothing is read (the page lists images "
+                            "without showing them). file:// roots are read only when listed (no connection id "
+                            "needed); http, ftp, memory and other schemes never. A connection that does not exist "
+                            "means no read (never the default credential chain). In multi-team mode a team's DAGs "
+                            "use the team's own value (AIRFLOW__<TEAM>___JIMENG__GALLERY_STORAGE) only.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": '{"s3://images/jimeng/": "aws_gallery"}',
+                        "default": "",
+                    }
+                },
+            }
+        },
         "task-decorators": [{"name": "jimeng", "class-name": "airflow_provider_jimeng.decorators.jimeng.jimeng_task"}],
     }

@@ -35,6 +35,7 @@ URL_PREFIX = GALLERY_URL_PREFIX
 #: The external view's route in the UI (``.../plugin/jimeng-images``).
 URL_ROUTE = "jimeng-images"
 _INDEX = re.compile(r"^-?\d{1,6}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def gallery_href() -> str:
@@ -48,29 +49,71 @@ def _index(text: str | None) -> int | None:
     return int(text) if text is not None and _INDEX.match(text) else None
 
 
+def _team_name(dag_id: str, session: Any) -> str | None:
+    """The DAG's team in multi-team mode (its storage roots are that team's own), else ``None``."""
+    from airflow.configuration import conf
+
+    if not conf.getboolean("core", "multi_team", fallback=False):
+        return None
+    from airflow.models.dag import DagModel
+
+    return DagModel.get_team_name(dag_id, session=session)
+
+
 def create_gallery_app() -> "FastAPI":
     """The gallery's FastAPI app (mounted by the API server under :data:`URL_PREFIX`)."""
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.common.db.common import SessionDep
     from airflow.api_fastapi.core_api.security import requires_access_dag
-    from fastapi import Depends, FastAPI, HTTPException, Query
-    from fastapi.responses import HTMLResponse, StreamingResponse
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request
+    from fastapi.exception_handlers import http_exception_handler
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from airflow_provider_jimeng.plugins.gallery_page import CONTENT_SECURITY_POLICY, render_gallery
-    from airflow_provider_jimeng.plugins.gallery_store import load_task_images, open_object, read_records
+    from airflow_provider_jimeng.plugins.gallery_access import ConnectionMissing, allowed_roots
+    from airflow_provider_jimeng.plugins.gallery_page import (
+        CONTENT_SECURITY_POLICY,
+        render_gallery,
+        render_refusal,
+    )
+    from airflow_provider_jimeng.plugins.gallery_store import (
+        find_missing,
+        load_task_images,
+        open_object,
+        read_records,
+    )
     from airflow_provider_jimeng.storage.s3 import image_content_type
 
     app = FastAPI(
         title="JiMeng image gallery",
-        description="The images a JiMeng task instance generated, read through the task's own storage connection.",
+        description="The images a JiMeng task instance generated, read from the storage the deployment allows.",
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
     )
-    can_read_task_instances = [Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.TASK_INSTANCE))]
+    # What Airflow requires to read what the page shows: the task instance and its XComs (per team:
+    # requires_access_dag passes the DAG's team to the auth manager).
+    can_read = [
+        Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.TASK_INSTANCE)),
+        Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.XCOM)),
+    ]
+    #: Every refusal (unknown image, URI outside the allowed roots, missing connection ...) is this one 404.
     not_found = HTTPException(status_code=404, detail="Not found")
+    page_headers = {
+        "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        "Cache-Control": "no-store",
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "same-origin",
+    }
 
-    @app.get("/gallery", response_class=HTMLResponse, dependencies=can_read_task_instances)
+    @app.exception_handler(StarletteHTTPException)
+    async def readable_refusal(request: Request, error: StarletteHTTPException) -> Response:
+        # The tab shows the page in an iframe: a refused user reads a sentence, not {"detail": ...}.
+        if request.url.path.endswith("/gallery") and error.status_code in (401, 403):
+            return HTMLResponse(render_refusal(error.status_code), status_code=error.status_code, headers=page_headers)
+        return await http_exception_handler(request, error)
+
+    @app.get("/gallery", response_class=HTMLResponse, dependencies=can_read)
     def gallery(
         session: SessionDep,
         dag_id: Annotated[str, Query(min_length=1)],
@@ -80,44 +123,51 @@ def create_gallery_app() -> "FastAPI":
     ) -> HTMLResponse:
         # A task instance that is not mapped has no map index in the UI's URL: the placeholder stays
         # unreplaced, and every map index the task has is shown (just -1 for an unmapped task).
-        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=_index(map_index))
+        roots = allowed_roots(_team_name(dag_id, session))
+        tasks = load_task_images(
+            session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=_index(map_index), roots=roots
+        )
         for task in tasks:
             read_records(task)
-        page = render_gallery(dag_id, run_id, task_id, tasks)
-        return HTMLResponse(
-            page,
-            headers={
-                "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-                "Cache-Control": "no-store",
-                "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "same-origin",
-            },
-        )
+            find_missing(task)
+        page = render_gallery(dag_id, run_id, task_id, tasks, storage_configured=bool(roots))
+        return HTMLResponse(page, headers=page_headers)
 
-    @app.get("/image", dependencies=can_read_task_instances)
+    @app.get("/image", dependencies=can_read)
     def image(
+        request: Request,
         session: SessionDep,
         dag_id: Annotated[str, Query(min_length=1)],
         run_id: Annotated[str, Query(min_length=1)],
         task_id: Annotated[str, Query(min_length=1)],
         map_index: Annotated[str, Query()],
         n: Annotated[str, Query()],
-    ) -> StreamingResponse:
+    ) -> Response:
         index, number = _index(map_index), _index(n)
         if index is None or number is None:
             raise not_found
-        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index)
-        stored = tasks[0].image(number) if tasks else None
-        if stored is None or tasks[0].storage is None:
+        roots = allowed_roots(_team_name(dag_id, session))
+        if not roots:
             raise not_found
+        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index, roots=roots)
+        allowed = tasks[0].readable(number) if tasks else None
+        stored = tasks[0].image(number) if tasks else None
+        if allowed is None or stored is None:
+            raise not_found
+        # Browsers keep the image but ask again each time: a revoked permission applies at once, and
+        # an unchanged image costs a 304 (the permission is checked first, storage is not read).
+        headers: dict[str, Any] = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+        if stored.sha256 and _SHA256.match(stored.sha256):
+            headers["ETag"] = f'"{stored.sha256}"'
+            if request.headers.get("if-none-match") == headers["ETag"]:
+                return Response(status_code=304, headers=headers)
         try:
-            stream = open_object(stored.uri, tasks[0].storage.conn_id)
-        except FileNotFoundError:
+            stream = open_object(*allowed)
+        except (FileNotFoundError, ConnectionMissing):
             raise not_found from None
         except Exception as error:
             log.warning("JiMeng gallery: image %d of %s not read (%s)", number, task_id, type(error).__name__)
             raise HTTPException(status_code=502, detail="The image could not be read from storage") from None
-        headers: dict[str, Any] = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
         if stream.size is not None:
             headers["Content-Length"] = str(stream.size)
         return StreamingResponse(

@@ -9,6 +9,9 @@ from urllib.parse import urlencode
 
 from airflow_provider_jimeng.plugins.gallery_store import Failure, TaskImages
 
+#: Prompts longer than this are shown clamped, the whole text one click away (``<details>``, no script).
+PROMPT_PREVIEW_CHARS = 160
+
 #: The page runs no script and loads nothing but its own images.
 CONTENT_SECURITY_POLICY = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'self'"
 
@@ -23,7 +26,11 @@ figcaption{padding:.5rem;font-size:.8rem;line-height:1.35;word-break:break-word}
 figcaption .prompt{font-weight:600;margin-bottom:.25rem}
 figure.failed{border-color:#e12d39;background:#ffe3e3}
 figure.failed .placeholder{height:220px;display:flex;align-items:center;justify-content:center;
-font-weight:700;color:#a61b1b;padding:.5rem;text-align:center}
+font-weight:700;color:#a61b1b;padding:.5rem;text-align:center;overflow-wrap:anywhere}
+figure.absent{border-style:dashed}
+figure.absent .placeholder{height:220px;display:flex;align-items:center;justify-content:center;
+color:#52606d;padding:.5rem;text-align:center;overflow-wrap:anywhere}
+details.prompt summary{cursor:pointer}
 .note{padding:.5rem;background:#fffbea;border:1px solid #f0b429;border-radius:4px}
 @media (prefers-color-scheme:dark){body{background:#1f2933;color:#f5f7fa}
 figure{background:#323f4b;border-color:#52606d}.meta{color:#9aa5b1}figure.failed{background:#5c1a1a}
@@ -48,9 +55,33 @@ def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: i
 def _caption(lines: Sequence[tuple[str, str | None]]) -> str:
     parts = []
     for css, text in lines:
-        if text:
+        if not text:
+            continue
+        if css == "prompt" and len(text) > PROMPT_PREVIEW_CHARS:
+            preview = text[:PROMPT_PREVIEW_CHARS].rstrip() + "…"
+            parts.append(
+                f'<details class="prompt"><summary>{escape(preview)}</summary>'
+                f'<div class="prompt">{escape(text)}</div></details>'
+            )
+        else:
             parts.append(f'<div class="{css}">{escape(text)}</div>')
     return "".join(parts)
+
+
+def _absent_figure(kind: str, text: str, caption: str = "") -> str:
+    """A tile for an image that is listed but not shown (unreadable entry, not allowed, deleted)."""
+    return (
+        f'<figure class="absent" data-absent="{kind}"><div class="placeholder">{escape(text)}</div>'
+        f"<figcaption>{caption}</figcaption></figure>"
+    )
+
+
+#: What each kind of absent image says.
+ABSENT = {
+    "unreadable": "Unreadable entry: the task's images XCom holds something that is not an image record.",
+    "not-allowed": "Not shown: stored where this deployment does not allow the gallery to read.",
+    "missing": "Deleted: the image is no longer in storage.",
+}
 
 
 def _failure_figure(failure: Failure, prompt: str | None) -> str:
@@ -65,7 +96,9 @@ def _failure_figure(failure: Failure, prompt: str | None) -> str:
     )
 
 
-def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, mapped: bool) -> str:
+def _task_section(
+    dag_id: str, run_id: str, task_id: str, task: TaskImages, *, mapped: bool, storage_configured: bool
+) -> str:
     parts = []
     if mapped:
         parts.append(f"<h2>Map index {task.map_index}</h2>")
@@ -73,14 +106,24 @@ def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, m
         parts.append(f'<p class="meta">Usage: {escape(_usage_text(task.usage))}</p>')
     if task.storage is None:
         parts.append('<p class="note">This task instance did not store its images: nothing to show here.</p>')
-    if task.records_error:
-        parts.append(f'<p class="note">{escape(task.records_error)}</p>')
+    if not storage_configured and task.images:
+        parts.append(
+            '<p class="note">This deployment has not allowed the gallery to read any storage '
+            "(<code>[jimeng] gallery_storage</code>): images are listed, not shown.</p>"
+        )
+    if task.records_note:
+        parts.append(f'<p class="note">{escape(task.records_note)}</p>')
+    if task.images_left_out:
+        parts.append(
+            f'<p class="note">{task.images_left_out} more image(s) are not listed '
+            f"(the first {len(task.images)} are).</p>"
+        )
     figures = []
     for number, image in enumerate(task.images):
-        if task.image(number) is None:
+        if image is None:
+            figures.append(_absent_figure("unreadable", ABSENT["unreadable"], _caption([("meta", f"entry {number}")])))
             continue
         record = task.records.get(image.prompt_index)
-        url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
         alt = f"prompt {image.prompt_index}, image {image.image_index}"
         caption = _caption(
             [
@@ -90,6 +133,13 @@ def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, m
                 ("meta", f"usage: {_usage_text(record.usage)}" if record and record.usage else None),
             ]
         )
+        if task.readable(number) is None:
+            figures.append(_absent_figure("not-allowed", ABSENT["not-allowed"], caption))
+            continue
+        if number in task.missing:
+            figures.append(_absent_figure("missing", ABSENT["missing"], caption))
+            continue
+        url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
         figures.append(
             f'<figure class="image"><a href="{url}" title="Open full size">'
             f'<img src="{url}" alt="{escape(alt)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
@@ -104,17 +154,40 @@ def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, m
     return f'<section data-map-index="{task.map_index}">{"".join(parts)}</section>'
 
 
-def render_gallery(dag_id: str, run_id: str, task_id: str, tasks: Sequence[TaskImages]) -> str:
+def _document(title: str, body: str) -> str:
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>{body}</body></html>"
+    )
+
+
+def render_gallery(
+    dag_id: str, run_id: str, task_id: str, tasks: Sequence[TaskImages], *, storage_configured: bool = True
+) -> str:
     """The gallery page of a task instance (or of every map index of a mapped task)."""
     title = f"JiMeng images · {task_id}"
     mapped = any(task.map_index >= 0 for task in tasks)
     if tasks:
-        body = "".join(_task_section(dag_id, run_id, task_id, task, mapped=mapped) for task in tasks)
+        body = "".join(
+            _task_section(dag_id, run_id, task_id, task, mapped=mapped, storage_configured=storage_configured)
+            for task in tasks
+        )
     else:
         body = '<p class="note">This task instance has no JiMeng images (it has not run, or it stored nothing).</p>'
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>"
-        f'<h1>{escape(title)}</h1><p class="meta">{escape(dag_id)} · {escape(run_id)}</p>{body}</body></html>'
+    return _document(title, f'<h1>{escape(title)}</h1><p class="meta">{escape(dag_id)} · {escape(run_id)}</p>{body}')
+
+
+def render_refusal(status_code: int) -> str:
+    """The page a user sees in the tab when Airflow refuses them (401: not signed in; 403: not allowed)."""
+    if status_code == 401:
+        text = "You are not signed in (or your session expired). Sign in to Airflow again to see this task's images."
+    else:
+        text = (
+            "You are not allowed to see this task's images: that needs permission to read this DAG's task "
+            "instances and their XComs. Ask an Airflow administrator if you need it."
+        )
+    return _document(
+        "JiMeng images · not allowed",
+        f'<h1>JiMeng images</h1><p class="note" data-refused="{status_code}">{escape(text)}</p>',
     )

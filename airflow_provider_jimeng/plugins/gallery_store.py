@@ -1,23 +1,34 @@
-"""What the gallery shows of one task instance, read from its own XComs and its own storage.
+"""What the gallery shows of one task instance: its own XComs, read defensively, and allowed objects.
 
-The gallery trusts nothing the request names beyond the task instance itself: the images it may
-serve are the ones in that task instance's ``images`` XCom (written by the task, kept in the
-metadata DB), each under the task's ``storage`` prefix; it reads them, and the task's
-``records.json``, through the connection the task itself used (the ``storage`` XCom's ``conn_id``).
+Everything here was written by task code (XCom values, ``records.json``) and is untrusted: values
+are size-bounded and type-checked, an entry that fails a check is shown as unreadable, and a URI is
+read only if it lies under a storage root the deployment allows, through the connection the
+deployment named for it (:mod:`~airflow_provider_jimeng.plugins.gallery_access`). The ``conn_id`` and
+``prefix`` a task wrote in its ``storage`` XCom are not used to decide anything.
 
-``s3://`` objects are read through the Amazon provider's ``S3Hook``; any other scheme (``gs://``,
-``file://``, ...) through Airflow's ``ObjectStoragePath`` with the same connection id.
+``s3://`` objects are read through one cached boto3 client per allowed connection; ``file://`` ones
+with ``open`` on their real path; any other scheme (``gs://``, ``abfs://``) through Airflow's
+``ObjectStoragePath`` with the root's connection id.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_jimeng.plugins.gallery_access import (
+    ConnectionMissing,
+    StorageRoot,
+    connection_exists,
+    local_path,
+    root_of,
+    s3_client,
+)
 from airflow_provider_jimeng.storage.records import PromptRecord, StoredImage
 
 if TYPE_CHECKING:
@@ -29,11 +40,20 @@ log = logging.getLogger(__name__)
 XCOM_KEYS = ("images", "storage", "usage")
 #: ``records.json`` is small (one entry per prompt); anything bigger than this is not read.
 MAX_RECORDS_BYTES = 16 * 1024 * 1024
+#: An XCom value (as stored) larger than this is not parsed at all.
+MAX_XCOM_CHARS = 64 * 1024 * 1024
+#: Entries of the ``images`` XCom (and prompts of ``records.json``) beyond these are not read.
+MAX_IMAGES = 10_000
+MAX_PROMPTS = 10_000
+#: Failures of one prompt beyond this are not shown.
+MAX_FAILURES_PER_PROMPT = 100
+#: Longest string field of an image entry (URIs have their own bound, MAX_URI_CHARS).
+MAX_FIELD_CHARS = 2048
 #: Images are streamed to the browser in pieces of this size.
 CHUNK_BYTES = 256 * 1024
 #: ``prompt 3 image 1: OutputImageSensitiveContentDetected (request id r-1): message``
-_FAILURE = re.compile(r"^prompt (?P<prompt>\d+)(?: image (?P<image>\d+))?: (?P<rest>.*)$", re.DOTALL)
-_CODE = re.compile(r"^(?P<code>[A-Za-z][\w.]*)(?= \(request id|:|$)")
+_FAILURE = re.compile(r"^prompt (?P<prompt>\d{1,9})(?: image (?P<image>\d{1,9}))?: (?P<rest>.*)$", re.DOTALL)
+_CODE = re.compile(r"^(?P<code>[A-Za-z][\w.]{0,199})(?= \(request id|:|$)")
 
 
 @dataclass(frozen=True)
@@ -61,33 +81,42 @@ def parse_failure(text: str) -> Failure:
     )
 
 
+def _xcom_value(row: Any) -> Any:
+    """An XCom row's value as plain JSON (no class decoding on the API server), ``None`` if too big or not JSON."""
+    value = row.value
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return value  # already plain JSON (stored through the Task Execution API)
+    if len(value) > MAX_XCOM_CHARS:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None
+
+
+def image_entry(item: Any) -> StoredImage | None:
+    """One entry of the ``images`` XCom, or ``None`` (shown as unreadable) when it fails a check."""
+    if not isinstance(item, Mapping) or len(item) > 64:
+        return None
+    if any(isinstance(value, str) and len(value) > MAX_FIELD_CHARS for value in item.values()):
+        return None
+    return StoredImage.from_json(item)
+
+
 @dataclass(frozen=True)
 class Storage:
-    """Where a task instance's objects are (its ``storage`` XCom)."""
+    """Where the task says its ``records.json`` is (its ``storage`` XCom): a candidate, checked like any URI."""
 
-    prefix: str
-    records: str
-    conn_id: str | None
+    records: str | None
 
     @classmethod
     def from_xcom(cls, value: Any) -> Storage | None:
         if not isinstance(value, Mapping):
             return None
-        prefix, records, conn_id = value.get("prefix"), value.get("records"), value.get("conn_id")
-        if not isinstance(prefix, str) or "://" not in prefix or not prefix.endswith("/"):
-            return None
-        if not isinstance(records, str) or not records.startswith(prefix):
-            return None
-        return cls(prefix=prefix, records=records, conn_id=conn_id if isinstance(conn_id, str) else None)
-
-    def holds(self, image: StoredImage) -> bool:
-        """Whether ``image`` is one of this task's own objects (its URI under the task's prefix)."""
-        uri = image.uri
-        if not uri.startswith(self.prefix) or "/../" in f"/{uri[len(self.prefix) :]}/":
-            return False
-        if uri.startswith("s3://"):
-            return uri == f"s3://{image.bucket}/{image.key}"
-        return True
+        records = value.get("records")
+        return cls(records=records if isinstance(records, str) and len(records) <= MAX_FIELD_CHARS else None)
 
 
 @dataclass
@@ -95,23 +124,39 @@ class TaskImages:
     """Everything the gallery shows of one task instance (one map index)."""
 
     map_index: int
-    images: list[StoredImage]
+    #: The ``images`` XCom's entries in order; ``None`` for an entry that failed a check.
+    images: list[StoredImage | None]
     storage: Storage | None
     usage: dict[str, Any]
+    roots: tuple[StorageRoot, ...] = ()
+    #: More entries than the gallery reads (:data:`MAX_IMAGES`): how many were left out.
+    images_left_out: int = 0
     records: dict[int, PromptRecord] = field(default_factory=dict)
     failures: list[Failure] = field(default_factory=list)
-    records_error: str | None = None
+    records_note: str | None = None
+    #: Numbers of images whose object is known to be gone (deleted since the task stored it).
+    missing: set[int] = field(default_factory=set)
 
     def image(self, number: int) -> StoredImage | None:
-        """The ``number``-th image of the task's ``images`` XCom, if it is one of the task's own objects."""
-        if self.storage is None or not 0 <= number < len(self.images):
+        """The ``number``-th entry of the ``images`` XCom, if it passed every check and may be read."""
+        return self.images[number] if self.readable(number) is not None else None
+
+    def readable(self, number: int) -> tuple[str, StorageRoot] | None:
+        """The URI and allowed root of the ``number``-th image; ``None``: it is never read."""
+        if not 0 <= number < len(self.images):
             return None
         image = self.images[number]
-        return image if self.storage.holds(image) else None
+        return root_of(image.uri, self.roots) if image is not None else None
 
 
 def load_task_images(
-    session: Session, *, dag_id: str, run_id: str, task_id: str, map_index: int | None
+    session: Session,
+    *,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int | None,
+    roots: tuple[StorageRoot, ...] = (),
 ) -> list[TaskImages]:
     """The task instance's XComs, per map index (``None``: every map index the task pushed images for)."""
     from airflow.models.xcom import XComModel
@@ -126,50 +171,118 @@ def load_task_images(
     if map_index is not None:
         query = query.where(XComModel.map_index == map_index)
     values: dict[int, dict[str, Any]] = {}
-    for row in session.scalars(query):
-        values.setdefault(row.map_index, {})[row.key] = XComModel.deserialize_value(row)
+    for row in session.scalars(query.limit(3 * 10_000)):
+        values.setdefault(row.map_index, {})[row.key] = _xcom_value(row)
     found = []
     for index in sorted(values):
         xcoms = values[index]
         images_json = xcoms.get("images")
-        images = [StoredImage.from_json(item) for item in (images_json if isinstance(images_json, list) else [])]
+        entries = images_json if isinstance(images_json, list) else []
         usage = xcoms.get("usage")
         found.append(
             TaskImages(
                 map_index=index,
-                images=[image for image in images if image is not None],
+                images=[image_entry(item) for item in entries[:MAX_IMAGES]],
+                images_left_out=max(0, len(entries) - MAX_IMAGES),
                 storage=Storage.from_xcom(xcoms.get("storage")),
-                usage=dict(usage) if isinstance(usage, Mapping) else {},
+                usage=_flat_usage(usage),
+                roots=roots,
             )
         )
     return found
 
 
+def _flat_usage(usage: Any) -> dict[str, Any]:
+    """The usage XCom's counters: short keys with numbers only (it is shown on the page)."""
+    if not isinstance(usage, Mapping):
+        return {}
+    return {
+        key: value
+        for key, value in list(usage.items())[:64]
+        if isinstance(key, str) and len(key) <= 64 and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def read_records(task: TaskImages) -> None:
-    """Fill in the task's prompt records and failures from its ``records.json`` (a missing one is no error)."""
-    if task.storage is None:
+    """Fill in the task's prompt records and failures from its ``records.json``, if it may be read."""
+    if task.storage is None or task.storage.records is None:
         return
+    allowed = root_of(task.storage.records, task.roots)
+    if allowed is None:
+        task.records_note = "The task's records are not where this deployment allows the gallery to read."
+        return
+    uri, root = allowed
     try:
-        stream = open_object(task.storage.records, task.storage.conn_id)
-        data = b""
-        for chunk in stream.chunks:
-            data += chunk
-            if len(data) > MAX_RECORDS_BYTES:
-                stream.close()
-                raise ValueError("records.json is too large")
-        document = json.loads(data)
+        stream = open_object(uri, root)
+        data = bytearray()
+        try:
+            for chunk in stream.chunks:
+                data += chunk
+                if len(data) > MAX_RECORDS_BYTES:
+                    raise ValueError("records.json is too large")
+        finally:
+            stream.close()
+        document = json.loads(bytes(data))
     except FileNotFoundError:
+        task.records_note = "The task's records.json is missing (deleted, or never written): no prompts or failures."
         return
     except Exception as error:
-        log.warning("JiMeng gallery: records.json of %s not read (%s)", task.storage.prefix, type(error).__name__)
-        task.records_error = "The task's records could not be read."
+        log.warning("JiMeng gallery: records.json not read (%s)", type(error).__name__)
+        task.records_note = "The task's records could not be read."
         return
-    prompts = document.get("prompts") if isinstance(document, Mapping) else None
-    for entry in prompts if isinstance(prompts, list) else []:
+    if not isinstance(document, Mapping):
+        task.records_note = "The task's records could not be read."
+        return
+    prompts = document.get("prompts")
+    for entry in (prompts if isinstance(prompts, list) else [])[:MAX_PROMPTS]:
         record = PromptRecord.from_json(entry)
         if record is not None:
             task.records[record.prompt_index] = record
-            task.failures.extend(parse_failure(text) for text in record.failures)
+            task.failures.extend(parse_failure(text) for text in record.failures[:MAX_FAILURES_PER_PROMPT])
+    # Prompts that finished with no record (a whole prompt refused, not sent): their failures alone.
+    unfinished = document.get("failures")
+    for text in (unfinished if isinstance(unfinished, list) else [])[:MAX_PROMPTS]:
+        if isinstance(text, str):
+            task.failures.append(parse_failure(text[:MAX_FIELD_CHARS]))
+
+
+def find_missing(task: TaskImages) -> None:
+    """Mark the allowed images whose object is gone: one listing per folder (S3) or a stat (``file://``).
+
+    Best effort: a folder that cannot be listed (no ``s3:ListBucket``, another backend) marks nothing.
+    """
+    folders: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
+    for number in range(len(task.images)):
+        allowed = task.readable(number)
+        if allowed is None:
+            continue
+        uri, root = allowed
+        if uri.startswith("s3://") and root.conn_id is not None:
+            bucket, _, key = uri.removeprefix("s3://").partition("/")
+            folder = posixpath.dirname(key)
+            folders.setdefault((root.conn_id, bucket, f"{folder}/" if folder else ""), []).append((number, key))
+        elif uri.startswith("file://") and local_path(uri, root) is None:
+            task.missing.add(number)
+    for (conn_id, bucket, prefix), wanted in list(folders.items())[:20]:
+        try:
+            present = _list_keys(s3_client(conn_id), bucket, prefix, {key for _, key in wanted})
+        except Exception as error:
+            log.info("JiMeng gallery: folder not listed (%s)", type(error).__name__)
+            continue
+        task.missing.update(number for number, key in wanted if key not in present)
+
+
+def _list_keys(client: Any, bucket: str, prefix: str, wanted: set[str], pages: int = 10) -> set[str]:
+    """Which of ``wanted`` are in ``s3://bucket/prefix`` (at most ``pages`` listings; beyond: assumed present)."""
+    present: set[str] = set()
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/"}
+    for _ in range(pages):
+        answer = client.list_objects_v2(**kwargs)
+        present.update(item["Key"] for item in answer.get("Contents", []) if item.get("Key") in wanted)
+        if not answer.get("IsTruncated"):
+            return present
+        kwargs["ContinuationToken"] = answer["NextContinuationToken"]
+    return present | wanted
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -187,11 +300,33 @@ class ObjectStream:
             self._close()
 
 
-def open_object(uri: str, conn_id: str | None) -> ObjectStream:
-    """Open ``uri`` through ``conn_id``: ``FileNotFoundError`` when it is not there."""
-    if uri.startswith("s3://"):
-        return _open_s3(uri, conn_id)
-    return _open_object_storage(uri, conn_id)
+def open_object(uri: str, root: StorageRoot) -> ObjectStream:
+    """Open ``uri`` (normalised, under ``root``) through the root's connection.
+
+    ``FileNotFoundError`` when it is not there; ``ConnectionMissing`` when the root's connection does
+    not exist (no read with default credentials).
+    """
+    if root.scheme == "file":
+        path = local_path(uri, root)
+        if path is None:
+            raise FileNotFoundError(uri)
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the stream)
+        first = handle.read(CHUNK_BYTES)
+
+        def local_rest() -> Iterator[bytes]:
+            while chunk := handle.read(CHUNK_BYTES):
+                yield chunk
+
+        return ObjectStream(
+            chunks=_stream(first, local_rest(), handle.close), first=first, size=None, _close=handle.close
+        )
+    if root.conn_id is None:
+        raise ConnectionMissing(uri)
+    if root.scheme == "s3":
+        return _open_s3(uri, root.conn_id)
+    if not connection_exists(root.conn_id):
+        raise ConnectionMissing(root.conn_id)
+    return _open_object_storage(uri, root.conn_id)
 
 
 def _stream(first: bytes, rest: Iterator[bytes], close: Any) -> Iterator[bytes]:
@@ -203,13 +338,12 @@ def _stream(first: bytes, rest: Iterator[bytes], close: Any) -> Iterator[bytes]:
         close()
 
 
-def _open_s3(uri: str, conn_id: str | None) -> ObjectStream:
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+def _open_s3(uri: str, conn_id: str) -> ObjectStream:
     from botocore.exceptions import ClientError
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     try:
-        answer = S3Hook(aws_conn_id=conn_id).get_conn().get_object(Bucket=bucket, Key=key)
+        answer = s3_client(conn_id).get_object(Bucket=bucket, Key=key)
     except ClientError as error:
         if error.response.get("Error", {}).get("Code") in {"NoSuchKey", "404", "NotFound"}:
             raise FileNotFoundError(uri) from None
@@ -226,7 +360,7 @@ def _open_s3(uri: str, conn_id: str | None) -> ObjectStream:
     )
 
 
-def _open_object_storage(uri: str, conn_id: str | None) -> ObjectStream:
+def _open_object_storage(uri: str, conn_id: str) -> ObjectStream:
     from airflow.sdk import ObjectStoragePath
 
     handle = ObjectStoragePath(uri, conn_id=conn_id).open("rb")  # type: ignore[no-untyped-call]

@@ -12,7 +12,7 @@ from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleA
 
 
 class RestrictedAuthManager(SimpleAuthManager):
-    """``SimpleAuthManager`` where the user ``outsider`` may read no DAG whose id starts ``jimeng_``."""
+    """``SimpleAuthManager`` where ``outsider`` may read no ``jimeng_*`` DAG, and ``noxcom`` none of their XComs."""
 
     #: Every DAG check asked of the auth manager: (user, method, access entity, dag id).
     checks: list[tuple[str, str, Any, str | None]] = []
@@ -21,5 +21,7 @@ class RestrictedAuthManager(SimpleAuthManager):
         dag_id = details.id if details else None
         self.checks.append((user.get_name(), method, access_entity, dag_id))
         if user.get_name() == "outsider" and (dag_id is None or dag_id.startswith("jimeng_")):
+            return False
+        if user.get_name() == "noxcom" and getattr(access_entity, "name", None) == "XCOM":
             return False
         return super().is_authorized_dag(method=method, user=user, access_entity=access_entity, details=details)

@@ -8,6 +8,7 @@ and moto's S3 server, then only reads. Users come from :class:`RestrictedAuthMan
 
 from __future__ import annotations
 
+import json
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
 from tests.dag_runs import run_dag_test
 from tests.gallery.auth import RestrictedAuthManager
+from tests.gallery.roots import ALLOWED_ROOTS, GALLERY_STORAGE_ENV, register_root
 from tests.operators.conftest import _DECLARED_PARAMS
 
 
@@ -47,15 +49,16 @@ def gallery(airflow_db: None) -> Iterator[Gallery]:
         patch.setenv(
             "AIRFLOW__CORE__AUTH_MANAGER", f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}"
         )
-        patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "reader:viewer,outsider:viewer")
+        users = "reader:viewer,outsider:viewer,noxcom:viewer,editor:user"
+        patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", users)
         # A key of the length HS512 wants (the generated default is short and warns on every token).
         patch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", secrets.token_hex(32))
         app = create_app("core")
         manager = get_auth_manager()
         assert isinstance(manager, RestrictedAuthManager)
         tokens = {
-            name: manager.generate_jwt(SimpleAuthManagerUser(username=name, role="viewer"))
-            for name in ("reader", "outsider")
+            name: manager.generate_jwt(SimpleAuthManagerUser(username=name, role=role))
+            for name, role in (("reader", "viewer"), ("outsider", "viewer"), ("editor", "user"), ("noxcom", "viewer"))
         }
         with TestClient(app) as client:
             yield Gallery(client=client, tokens=tokens, manager=manager)
@@ -101,10 +104,12 @@ def store_run(airflow_db: None, s3_server: S3Server) -> Iterator[Callable[..., S
     with pytest.MonkeyPatch.context() as patch, JiMengEmulator() as emulator:
         patch.setenv("AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(emulator.base_url, max_retries=0))
         patch.setenv("AIRFLOW_CONN_AWS_DEFAULT", aws_connection_json(s3_server.endpoint_url))
+        patch.setenv(GALLERY_STORAGE_ENV, json.dumps(ALLOWED_ROOTS))  # restored when the session ends
 
         def run(dag: Any, **conf: Any) -> StoredRun:
             bucket = f"jimeng-gallery-{uuid.uuid4().hex[:12]}"
             s3.create_bucket(Bucket=bucket)
+            register_root(f"s3://{bucket}/", "aws_default")
             declared = _DECLARED_PARAMS.setdefault(dag.dag_id, dag.params.dump())
             dagrun = run_dag_test(dag, run_conf={**declared, **conf, "bucket": bucket})
             assert str(dagrun.state) == "success"

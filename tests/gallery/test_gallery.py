@@ -12,6 +12,7 @@ from airflow_provider_jimeng.plugins.gallery_store import parse_failure
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dags import faults_pipeline, jimeng_test_generate, jimeng_test_mapping
 from tests.gallery.conftest import Gallery, StoredRun
+from tests.gallery.roots import register_root
 
 pytestmark = pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="the gallery needs Airflow 3.1 or later")
 
@@ -32,6 +33,7 @@ def mapped_run(store_run: Any) -> StoredRun:
 @pytest.fixture(scope="module")
 def file_run(store_run: Any, tmp_path_factory: pytest.TempPathFactory) -> tuple[StoredRun, str]:
     folder = tmp_path_factory.mktemp("gallery-output")
+    register_root(f"file://{folder}/", None)  # a file:// root is read only when the deployment lists it
     run = store_run(
         faults_pipeline.faults_pipeline_objstore, prompts=["a red fox", "a blue whale"], output_path=f"file://{folder}"
     )
@@ -160,11 +162,26 @@ def test_a_refused_user_gets_neither_the_page_nor_the_images(gallery: Gallery, s
 
     assert page.status_code == image.status_code == 403
     assert "comic strip" not in page.text
+    assert page.headers["content-type"].startswith("text/html")  # the tab shows a sentence, not JSON
+    assert "not allowed to see this task" in page.text
     assert image.headers["content-type"] == "application/json"
-    # The same check as Airflow's own task instance routes, for the DAG the request names.
+    # The same checks as Airflow's own task instance and XCom routes, for the DAG the request names.
     assert {
         (user, method, getattr(entity, "name", entity), dag) for user, method, entity, dag in gallery.manager.checks
     } == {("outsider", "GET", "TASK_INSTANCE", set_run.dag_id)}
+
+
+def test_reading_the_task_instance_is_not_enough_its_xcoms_too(gallery: Gallery, set_run: StoredRun) -> None:
+    # noxcom may read the DAG's task instances but not their XComs: the page shows XCom contents.
+    gallery.manager.checks.clear()
+    page = gallery.get("gallery", user="noxcom", **_ti(set_run))
+    image = gallery.get("image", user="noxcom", **_ti(set_run, map_index=-1), n=0)
+
+    assert page.status_code == image.status_code == 403
+    assert "comic strip" not in page.text
+    assert ("noxcom", "GET", "XCOM", set_run.dag_id) in {
+        (user, method, getattr(entity, "name", entity), dag) for user, method, entity, dag in gallery.manager.checks
+    }
 
 
 def test_without_credentials_nothing_is_served(gallery: Gallery, set_run: StoredRun) -> None:
@@ -175,7 +192,10 @@ def test_without_credentials_nothing_is_served(gallery: Gallery, set_run: Stored
 def test_the_permitted_user_is_checked_against_the_dag_too(gallery: Gallery, set_run: StoredRun) -> None:
     gallery.manager.checks.clear()
     assert gallery.get("image", **_ti(set_run, map_index=-1), n=0).status_code == 200
-    assert [(user, dag) for user, _, _, dag in gallery.manager.checks] == [("reader", set_run.dag_id)]
+    assert [(user, getattr(entity, "name", entity), dag) for user, _, entity, dag in gallery.manager.checks] == [
+        ("reader", "TASK_INSTANCE", set_run.dag_id),
+        ("reader", "XCOM", set_run.dag_id),
+    ]
 
 
 # ------------------------------------------------------------------------------- nothing else is served
