@@ -663,7 +663,8 @@ class GenerationRun:
         if not records and not this_try["attempts"] and all(doc["final"] for doc in earlier):
             return None
         try:
-            store.write_records(records, [*earlier, this_try])
+            unrecorded = [text for outcome in self.outcomes if outcome.record is None for text in outcome.failures]
+            store.write_records(records, [*earlier, this_try], unrecorded)
         except JiMengStorageError as error:
             self._on_storage_failure(error)
             store.save_fallback_usage(self.try_token, this_try)

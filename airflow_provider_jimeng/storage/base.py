@@ -69,7 +69,9 @@ class ImageStore(Protocol):
 
     def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]: ...
 
-    def write_records(self, records: list[PromptRecord], tries: Sequence[Mapping[str, Any]] = ()) -> None: ...
+    def write_records(
+        self, records: list[PromptRecord], tries: Sequence[Mapping[str, Any]] = (), failures: Sequence[str] = ()
+    ) -> None: ...
 
     def journal_keys(self, existing: Mapping[str, int]) -> list[str]: ...
 
@@ -164,8 +166,15 @@ class RecordsAndJournals:
         tries = merge_try_usage(recorded_tries, snapshots, fallback)
         return EarlierTries(records, journals, objects, tries, fallback_usage=bool(fallback))
 
-    def write_records(self, records: list[PromptRecord], tries: Sequence[Mapping[str, Any]] = ()) -> None:
-        """Write ``records.json``: the finished prompts, and every try's counters (``tries``)."""
+    def write_records(
+        self, records: list[PromptRecord], tries: Sequence[Mapping[str, Any]] = (), failures: Sequence[str] = ()
+    ) -> None:
+        """Write ``records.json``: the finished prompts, every try's counters (``tries``), and ``failures``.
+
+        ``failures`` are this try's failures of prompts that have no record (a whole prompt refused,
+        such as ``InputTextSensitiveContentDetected``, or not sent): counted by lineage and shown by
+        the gallery, never read back by a retry (such a prompt is generated again).
+        """
         keyspace = self.keyspace
         self.write_json(
             keyspace.records_key,
@@ -178,6 +187,7 @@ class RecordsAndJournals:
                     "map_index": keyspace.map_index,
                 },
                 "prompts": [record.to_json() for record in records],
+                "failures": list(failures),
                 "tries": [dict(doc) for doc in tries],
             },
         )

@@ -26,6 +26,11 @@ def set_run(store_run: Any) -> StoredRun:
 
 
 @pytest.fixture(scope="module")
+def refused_run(store_run: Any) -> StoredRun:
+    return store_run(jimeng_test_generate.set_continue_dag, prompts=["a red fox", "a FORBIDDEN fox"])
+
+
+@pytest.fixture(scope="module")
 def mapped_run(store_run: Any) -> StoredRun:
     return store_run(jimeng_test_mapping.dag, prompts=["a red fox", "a blue whale", "a green parrot"])
 
@@ -78,6 +83,17 @@ def test_a_failed_image_is_shown_with_its_error_code(gallery: Gallery, set_run: 
         "OutputImageSensitiveContentDetected"
     ]
     assert "prompt 0, image 1" in html
+
+
+def test_a_whole_prompt_refused_is_shown_with_its_code(gallery: Gallery, refused_run: StoredRun) -> None:
+    # The refused prompt has no record: records.json keeps its failure beside the prompts (lineage counts it).
+    html = gallery.get("gallery", **_ti(refused_run)).text
+
+    assert re.findall(r'<figure class="failed" data-error-code="([^"]+)"', html) == [
+        "InputTextSensitiveContentDetected"
+    ]
+    assert "prompt 1" in html
+    assert len(_image_links(html)) == 3  # prompt 0's set of three
 
 
 def test_each_image_is_streamed_from_storage_with_its_content_type(gallery: Gallery, set_run: StoredRun) -> None:

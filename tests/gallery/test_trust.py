@@ -405,3 +405,66 @@ def test_one_client_per_connection_reused(gallery: Gallery, run: StoredRun) -> N
     client = gallery_access._clients["aws_default"][1]
     assert gallery.get("image", **{**_ti(run, map_index=-1), "task_id": "gen"}, n=0).status_code == 200
     assert gallery_access._clients["aws_default"][1] is client
+
+
+# ------------------------------------------------------------------------ what the page says of the rest
+def test_a_deleted_image_and_a_missing_records_json_say_so(gallery: Gallery, run: StoredRun) -> None:
+    run.s3.put_object(Bucket=run.bucket, Key="kept/0.jpeg", Body=JPEG)
+    forge(
+        run,
+        images=[_entry(f"s3://{run.bucket}/kept/0.jpeg", 0), _entry(f"s3://{run.bucket}/kept/1.jpeg", 1)],
+        records=f"s3://{run.bucket}/kept/records.json",
+    )
+
+    html = gallery.get("gallery", **_ti(run)).text
+    assert html.count("<img ") == 1
+    assert html.count('data-absent="missing"') == 1
+    assert "Deleted: the image is no longer in storage." in html
+    assert "records.json is missing" in html
+
+
+def test_long_prompts_are_clamped_with_the_whole_text_on_demand_and_codes_are_whole(
+    gallery: Gallery, run: StoredRun
+) -> None:
+    prompt = "a very long prompt " * 40 + "THE END"
+    code = "OutputImageSensitiveContentDetectedWithAVeryLongSuffixThatMustNotBeClipped"
+    record = {
+        "schema": 2,
+        "prompt_index": 0,
+        "fingerprint": "f",
+        "prompt": prompt,
+        "images": [],
+        "failures": [f"prompt 0 image 1: {code} (request id r-1): blocked"],
+    }
+    document = {"prompts": [record], "failures": ["prompt 1: InputTextSensitiveContentDetected (request id r-2): no"]}
+    run.s3.put_object(Bucket=run.bucket, Key="long/records.json", Body=json.dumps(document).encode())
+    run.s3.put_object(Bucket=run.bucket, Key="long/0.jpeg", Body=JPEG)
+    forge(run, images=[_entry(f"s3://{run.bucket}/long/0.jpeg")], records=f"s3://{run.bucket}/long/records.json")
+
+    html = gallery.get("gallery", **_ti(run)).text
+    assert '<details class="prompt"><summary>' in html
+    assert "THE END</div></details>" in html  # the whole prompt, one click away (no script)
+    assert f'data-error-code="{code}"><div class="placeholder">{code}</div>' in html
+    assert "overflow-wrap:anywhere" in html
+    assert 'data-error-code="InputTextSensitiveContentDetected"' in html  # a whole prompt refused
+
+
+def test_images_are_revalidated_so_a_revoked_permission_applies_at_once(gallery: Gallery, run: StoredRun) -> None:
+    params = {**_ti(run, map_index=-1), "task_id": "gen"}
+    first = gallery.get("image", **params, n=0)
+    assert first.status_code == 200
+    assert first.headers["cache-control"] == "private, no-cache"
+    etag = first.headers["etag"]
+
+    again = gallery.client.get(
+        "/jimeng/image",
+        params={**params, "n": 0},
+        headers={"Authorization": f"Bearer {gallery.tokens['reader']}", "If-None-Match": etag},
+    )
+    refused = gallery.client.get(
+        "/jimeng/image",
+        params={**params, "n": 0},
+        headers={"Authorization": f"Bearer {gallery.tokens['outsider']}", "If-None-Match": etag},
+    )
+    assert (again.status_code, again.content) == (304, b"")
+    assert refused.status_code == 403
