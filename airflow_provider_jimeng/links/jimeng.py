@@ -3,8 +3,9 @@
 Airflow 3 evaluates links once, when the task finishes, and stores the result; the link is built
 from the task's own output (its first image), so nothing extra is pushed for it. Where it goes:
 
-* stored, on Airflow 3.1 and later: the task instance's gallery (the provider's plugin, served by
-  the API server under ``/jimeng``; docs/gallery.md), which works for private buckets and any backend;
+* stored, on Airflow 3.1 and later: the task instance's **Images** tab in the Airflow UI (the
+  provider's plugin view, ``.../tasks/{task_id}[/mapped/{map_index}]/plugin/jimeng-images``; the
+  gallery is served by the API server under ``/jimeng``; docs/gallery.md), so the user stays in the UI;
 * stored in AWS S3 (Airflow 3.0): the S3 console's view of the folder holding the task's images (a bare object
   URL of a private bucket answers 403);
 * stored on another S3 endpoint (MinIO, moto; Airflow 3.0: an ``endpoint_url`` in the AWS connection): no link,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import posixpath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlsplit
 
 from airflow.sdk import BaseOperatorLink
 
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 
 #: Where the API server mounts the gallery plugin's app (airflow_provider_jimeng/plugins/gallery.py).
 GALLERY_URL_PREFIX = "/jimeng"
+#: The Images tab's route in the UI (the plugin's external view, ``.../plugin/jimeng-images``).
+GALLERY_URL_ROUTE = "jimeng-images"
 #: Console domain per AWS partition (as the Amazon provider's ``BaseAwsLink.get_aws_domain``).
 CONSOLE_DOMAINS = {"aws": "aws.amazon.com", "aws-cn": "amazonaws.cn", "aws-us-gov": "amazonaws-us-gov.com"}
 #: Host suffixes of AWS's own S3 endpoints (regional, dual-stack, FIPS, VPC endpoints, China).
@@ -63,9 +66,11 @@ def is_stored(first: object) -> bool:
 
 
 def gallery_url(dag_id: str, run_id: str, task_id: str, map_index: int, *, base_url: str = "") -> str:
-    """The gallery page of a task instance, under the API server's ``[api] base_url`` when it is set."""
-    query = urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index})
-    return f"{base_url.rstrip('/')}{GALLERY_URL_PREFIX}/gallery?{query}"
+    """The task instance's Images tab in the UI (``[api] base_url`` first when it is set): the gallery in its frame."""
+    path = "/".join(quote(part, safe="") for part in ("dags", dag_id, "runs", run_id, "tasks", task_id))
+    if map_index >= 0:
+        path += f"/mapped/{map_index}"
+    return f"{base_url.rstrip('/')}/{path}/plugin/{GALLERY_URL_ROUTE}"
 
 
 def _api_base_url() -> str:
@@ -109,8 +114,9 @@ class JiMengImagesLink(BaseOperatorLink):
             outputs: Any = XCom.get_value(ti_key=ti_key, key="return_value")
             first = outputs[0] if isinstance(outputs, list) and outputs else None
         if AIRFLOW_V_3_1_PLUS and ti_key is not None and is_stored(first):
-            # The gallery reads the images through the task's own connection: it works for a private
-            # bucket, a custom S3 endpoint and other backends alike (Airflow 3.0 has no plugin views).
+            # The Images tab: the gallery reads the images on the API server (from the storage the
+            # deployment allows), for a private bucket, a custom S3 endpoint and other backends alike
+            # (Airflow 3.0 has no plugin views).
             return gallery_url(ti_key.dag_id, ti_key.run_id, ti_key.task_id, ti_key.map_index, base_url=_api_base_url())
         if not isinstance(first, str) or not first.startswith("s3://"):
             return images_link(first, endpoint_url=None, region=None)

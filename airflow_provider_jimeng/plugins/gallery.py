@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX
+from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX, GALLERY_URL_ROUTE
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 #: Where the API server mounts the gallery app.
 URL_PREFIX = GALLERY_URL_PREFIX
 #: The external view's route in the UI (``.../plugin/jimeng-images``).
-URL_ROUTE = "jimeng-images"
+URL_ROUTE = GALLERY_URL_ROUTE
 _INDEX = re.compile(r"^-?\d{1,6}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

@@ -95,8 +95,9 @@ def test_an_endpoint_url_in_the_aws_connection_means_no_link(monkeypatch: pytest
 TI_KEY = SimpleNamespace(
     dag_id="jimeng_hello", run_id="manual__2025-01-01T00:00:00+00:00", task_id="generate", map_index=2
 )
+#: The task instance's Images tab in the UI (mapped: its map index's page).
 GALLERY = (
-    "/jimeng/gallery?dag_id=jimeng_hello&run_id=manual__2025-01-01T00%3A00%3A00%2B00%3A00&task_id=generate&map_index=2"
+    "/dags/jimeng_hello/runs/manual__2025-01-01T00%3A00%3A00%2B00%3A00/tasks/generate/mapped/2/plugin/jimeng-images"
 )
 
 
@@ -144,7 +145,7 @@ def test_on_airflow_3_0_stored_images_keep_the_console_link(monkeypatch: pytest.
 def test_gallery_url_quotes_every_part() -> None:
     url = gallery_url("d&x=1", "r/../../x", "t#", -1)
 
-    assert url == "/jimeng/gallery?dag_id=d%26x%3D1&run_id=r%2F..%2F..%2Fx&task_id=t%23&map_index=-1"
+    assert url == "/dags/d%26x%3D1/runs/r%2F..%2F..%2Fx/tasks/t%23/plugin/jimeng-images"  # not mapped: no /mapped/
 
 
 def test_an_output_path_links_to_the_gcs_console_or_nowhere() -> None:
