@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -340,6 +341,66 @@ def test_a_symlink_under_a_listed_file_root_is_not_followed_out_of_it(
         assert (answer.status_code, answer.content) == (404, unknown.content)
     for number in (2, 3):
         assert gallery.get("image", **_ti(run, map_index=-1), n=number).content == JPEG
+
+
+# ------------------------------------------------------------------------------------------- teams
+@pytest.fixture(scope="module")
+def team_run(store_run: Any) -> Iterator[StoredRun]:
+    """A run of a DAG whose bundle belongs to ``team_b`` (restored afterwards)."""
+    from airflow.models.dag import DagModel
+    from airflow.models.dagbundle import DagBundleModel
+    from airflow.models.team import Team
+    from airflow.utils.session import create_session
+    from sqlalchemy import select, update
+
+    run = store_run(jimeng_test_generate.dag, prompts=["a red fox"])
+    with create_session() as session:
+        bundle = session.get(DagBundleModel, "team-b-bundle") or DagBundleModel(name="team-b-bundle")
+        if not bundle.teams:
+            bundle.teams.append(session.get(Team, "team_b") or Team(name="team_b"))
+        session.add(bundle)
+        session.flush()
+        original = session.scalar(select(DagModel.bundle_name).where(DagModel.dag_id == run.dag_id))
+        session.execute(update(DagModel).where(DagModel.dag_id == run.dag_id).values(bundle_name="team-b-bundle"))
+    yield run
+    with create_session() as session:
+        session.execute(update(DagModel).where(DagModel.dag_id == run.dag_id).values(bundle_name=original))
+
+
+def test_a_teams_dag_reads_only_the_teams_own_storage(
+    gallery: Gallery, run: StoredRun, team_run: StoredRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Team B's DAG forges an image in a bucket the deployment allows (for DAGs of no team, or team A):
+    # in multi-team mode team B's DAGs read only team B's roots, so nothing is served.
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    monkeypatch.setenv("AIRFLOW__CORE__MULTI_TEAM", "True")
+    monkeypatch.setenv(
+        "AIRFLOW__TEAM_B___JIMENG__GALLERY_STORAGE", json.dumps({f"s3://{team_run.bucket}/": "aws_default"})
+    )
+    run.s3.put_object(Bucket=run.bucket, Key="team-a/secret.jpeg", Body=JPEG + SECRET)
+    token = gallery.manager.generate_jwt(SimpleAuthManagerUser(username="member_b", role="viewer", teams=["team_b"]))
+    headers = {"Authorization": f"Bearer {token}"}
+    forged = {"dag_id": team_run.dag_id, "run_id": team_run.run_id, "task_id": "count", "map_index": -1}
+    own = {**forged, "task_id": "gen"}
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        XComModel.set("images", [_entry(f"s3://{run.bucket}/team-a/secret.jpeg")], session=session, **forged)
+        XComModel.set(
+            "storage",
+            {"prefix": f"s3://{run.bucket}/", "records": f"s3://{run.bucket}/records.json", "conn_id": "aws_default"},
+            session=session,
+            **forged,
+        )
+
+    unknown = gallery.client.get("/jimeng/image", params={**forged, "n": 999_999}, headers=headers)
+    answer = gallery.client.get("/jimeng/image", params={**forged, "n": 0}, headers=headers)
+    assert (answer.status_code, answer.content) == (404, unknown.content)
+    # Team B's own images, under team B's root, are served; a member of no team is refused the DAG.
+    assert gallery.client.get("/jimeng/image", params={**own, "n": 0}, headers=headers).status_code == 200
+    assert gallery.get("image", **own, n=0).status_code == 403
 
 
 # ------------------------------------------------------------------------------------ bounded parsing
