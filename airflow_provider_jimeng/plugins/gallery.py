@@ -4,14 +4,16 @@ An :class:`~airflow.plugins_manager.AirflowPlugin` registered through the provid
 brings two things to the API server:
 
 * a FastAPI app mounted under :data:`URL_PREFIX`: ``gallery`` (an HTML page of the task instance's
-  images, failures and usage) and ``image`` (one image's bytes, read server side through the
-  task's own storage connection and streamed: no bucket name, key or credential reaches the page);
+  images, failures and usage) and ``image`` (one image's bytes, read server side and streamed: no
+  bucket name, key or credential reaches the page);
 * an external view on the task instance page, named "Images", that shows the gallery.
 
-Both routes require what Airflow's own task instance routes require: ``GET`` on the DAG's task
-instances (``requires_access_dag``), for the DAG named in the request, before anything is read.
-The image route takes the task instance and a number, never a key: it serves the ``n``-th image of
-that task instance's own ``images`` XCom, and only if it lies under the task's storage prefix.
+Both routes require what Airflow's own routes require to read what the page shows: ``GET`` on the
+DAG's task instances and on its XComs (``requires_access_dag``, with the DAG's team), before
+anything is read. The image route takes the task instance and a number, never a key. What may be
+read is the deployment's decision (``[jimeng] gallery_storage``, :mod:`.gallery_access`), never
+the task's: an image is served only if its URI lies under an allowed root, through the connection
+named for that root, and every refusal is the same 404 as an unknown image.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, which name
