@@ -53,6 +53,13 @@ def test_provider_info_matches_airflows_schema(info: dict[str, Any]) -> None:
     jsonschema.validate(info, json.loads(schema_path.read_text()))
 
 
+def test_the_gallery_storage_setting_is_declared(info: dict[str, Any]) -> None:
+    # Declared so `airflow config list` shows it; empty by default: the gallery reads nothing until set.
+    option = info["config"]["jimeng"]["options"]["gallery_storage"]
+    assert option["default"] == ""
+    assert option["type"] == "string"
+
+
 @pytest.mark.parametrize("section", ["hooks", "operators"])
 def test_listed_modules_import(info: dict[str, Any], section: str) -> None:
     modules = [module for entry in info[section] for module in entry["python-modules"]]

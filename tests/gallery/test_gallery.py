@@ -141,9 +141,9 @@ def test_every_map_index_of_a_mapped_task_or_the_one_asked_for(gallery: Gallery,
     assert hashlib.sha256(answer.content).hexdigest() == mapped_run.xcom("gen", "images", 1)[0]["sha256"]
 
 
-def test_another_backend_is_read_through_object_storage_path(gallery: Gallery, file_run: tuple[StoredRun, str]) -> None:
-    # output_path="file://...": the storage XCom names no s3:// prefix, so the gallery reads records.json
-    # and the images through ObjectStoragePath(uri, conn_id=...) with the task's own connection id.
+def test_a_listed_file_root_is_read(gallery: Gallery, file_run: tuple[StoredRun, str]) -> None:
+    # output_path="file://...": the deployment lists that folder as a file:// root, so the gallery reads
+    # records.json and the images from it (the storage XCom's connection id plays no part).
     run, folder = file_run
     assert run.xcom("generate", "storage")["prefix"].startswith("file://")
     images = run.xcom("generate", "images")
