@@ -202,4 +202,6 @@ def stack_env(home: Path, api_port: int, s3_port: int = 0) -> dict[str, str]:
                 "extra": {"endpoint_url": f"http://127.0.0.1:{s3_port}", "region_name": "us-east-1"},
             }
         )
+        # The deployment allows the gallery to read the e2e bucket (nothing is read otherwise).
+        env["AIRFLOW__JIMENG__GALLERY_STORAGE"] = json.dumps({"s3://jimeng-gallery-e2e/": "aws_default"})
     return env
