@@ -4,9 +4,15 @@
 # the built wheel: the page cannot show a command that was not checked. The lines outside the sections
 # are the check's scaffolding (the emulator in the background instead of a second terminal, cleanup).
 set -euo pipefail
+# The check runs in its own folder: the page's throwaway AIRFLOW_HOME lands under it (TMPDIR).
 : "${AIRFLOW_HOME:?set AIRFLOW_HOME to a throwaway folder}"
+export TMPDIR="$AIRFLOW_HOME"
+mkdir -p "$TMPDIR"
+cd "$TMPDIR"
+# --8<-- [start:home]
+export AIRFLOW_HOME="${TMPDIR:-/tmp}/jimeng-try-airflow"   # a throwaway Airflow home for this try
 mkdir -p "$AIRFLOW_HOME"
-cd "$AIRFLOW_HOME"
+# --8<-- [end:home]
 set -m # the emulator runs in its own process group, ended by that id when the script exits
 
 run_emulator() {
