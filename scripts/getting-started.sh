@@ -37,6 +37,7 @@ export AIRFLOW_CONN_JIMENG_DEFAULT='{"conn_type": "jimeng", "host": "http://127.
   "password": "emulator-key", "extra": {"allow_http": true}}'
 python -m airflow_provider_jimeng.examples     # writes the example DAGs into Airflow's DAGs folder
 airflow db migrate                             # a new AIRFLOW_HOME needs its database first
+airflow pools set jimeng 4 "JiMeng API calls"  # the mapped example runs in this pool (see Scaling out)
 AIRFLOW__CORE__TEST_CONNECTION=Enabled airflow connections test jimeng_default
 airflow dags test jimeng_hello
 # --8<-- [end:run]
