@@ -216,7 +216,11 @@ class JiMengGenerationIncompleteError(JiMengError):
 
 
 class JiMengRunAbortedError(JiMengGenerationIncompleteError, AirflowFailException):
-    """The run stopped on an error every try would meet (bad key, spending cap, invalid request): not retried."""
+    """The run stopped on an error every try would meet (refused key, spending cap, invalid request): not retried.
+
+    A refused key is fixed in the connection, then the task is cleared: retrying it unchanged only waits
+    ``retry_delay`` to be refused again.
+    """
 
 
 class JiMengRunStoppedError(JiMengError):

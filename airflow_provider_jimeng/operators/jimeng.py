@@ -21,6 +21,7 @@ from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
 from airflow_provider_jimeng.exceptions import (
+    JiMengAuthenticationError,
     JiMengConfigurationError,
     JiMengContentPolicyError,
     JiMengGenerationIncompleteError,
@@ -456,14 +457,26 @@ class JiMengGenerateOperator(BaseOperator):
             )
         if isinstance(fatal, JiMengRunStoppedError):
             self.log.error("%s", fatal)
+        if isinstance(fatal, JiMengAuthenticationError) and not unstored:
+            # Retrying a key the service refused only waits (retry_delay x retries) to fail again.
+            self.log.error(
+                "The JiMeng API at %s refused the connection's credentials (%s %s). Keys are regional: a "
+                "Volcano Engine Ark (China) key works only on ark.cn-beijing.volces.com, a BytePlus ModelArk "
+                "key only on ark.ap-southeast.bytepluses.com, a gateway's key only on that gateway. Not "
+                "retried: fix the connection %r (key or host), then clear the task.",
+                redact_url(run.hook.config.base_url),
+                fatal.status_code,
+                fatal.code,
+                self.jimeng_conn_id,
+            )
+            raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
         if (
             isinstance(fatal, (JiMengConfigurationError, JiMengInvalidRequestError))
             and not isinstance(fatal, JiMengContentPolicyError)
             and not unstored
         ):
             # The service called the request itself invalid (unknown model, bad parameter), or the
-            # spending cap is reached: every try would do the same, so do not retry. A bad key or a
-            # spending cap of the account can be fixed between tries, so those keep the task's retries.
+            # spending cap is reached: every try would do the same, so do not retry.
             raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
         if fatal is not None or unstored:
             raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
