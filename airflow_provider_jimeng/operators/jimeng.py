@@ -29,7 +29,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunAbortedError,
     JiMengRunStoppedError,
 )
-from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook, refused_key_message, wrong_path_message
 from airflow_provider_jimeng.lineage import RunLineage, find_prompt_file, group_images
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.options import (
@@ -457,19 +457,15 @@ class JiMengGenerateOperator(BaseOperator):
             )
         if isinstance(fatal, JiMengRunStoppedError):
             self.log.error("%s", fatal)
+        hint: str | None = None
         if isinstance(fatal, JiMengAuthenticationError) and not unstored:
             # Retrying a key the service refused only waits (retry_delay x retries) to fail again.
-            self.log.error(
-                "The JiMeng API at %s refused the connection's credentials (%s %s). Keys are regional: a "
-                "Volcano Engine Ark (China) key works only on ark.cn-beijing.volces.com, a BytePlus ModelArk "
-                "key only on ark.ap-southeast.bytepluses.com, a gateway's key only on that gateway. Not "
-                "retried: fix the connection %r (key or host), then clear the task.",
-                redact_url(run.hook.config.base_url),
-                fatal.status_code,
-                fatal.code,
-                self.jimeng_conn_id,
-            )
-            raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
+            hint = refused_key_message(redact_url(run.hook.config.base_url), fatal.status_code, fatal.code)
+            hint += f" Not retried: fix the connection {self.jimeng_conn_id!r} (key or host), then clear the task."
+            raise JiMengRunAbortedError(failures, stored=len(outputs), hint=hint) from None
+        if isinstance(fatal, JiMengInvalidRequestError) and fatal.status_code in (404, 405):
+            # "Not Found" alone sends a new user hunting; say what a 404 of the generations URL means.
+            hint = wrong_path_message(run.hook.config.generations_url, fatal.status_code)
         if (
             isinstance(fatal, (JiMengConfigurationError, JiMengInvalidRequestError))
             and not isinstance(fatal, JiMengContentPolicyError)
@@ -477,7 +473,7 @@ class JiMengGenerateOperator(BaseOperator):
         ):
             # The service called the request itself invalid (unknown model, bad parameter), or the
             # spending cap is reached: every try would do the same, so do not retry.
-            raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
+            raise JiMengRunAbortedError(failures, stored=len(outputs), hint=hint) from None
         if fatal is not None or unstored:
             raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
         if failures:
