@@ -205,18 +205,24 @@ class JiMengStorageConfigurationError(JiMengStorageError, AirflowFailException):
 class JiMengGenerationIncompleteError(JiMengError):
     """Some images of a run failed; those that succeeded were kept. The message lists every failure."""
 
-    def __init__(self, failures: list[str], *, stored: int) -> None:
+    def __init__(self, failures: list[str], *, stored: int, hint: str | None = None) -> None:
         self.failures = [redact_text(failure) for failure in failures]
         self.stored = stored
+        self.hint = redact_text(hint) if hint else None
         listing = "\n".join(f"  - {failure}" for failure in self.failures)
-        super().__init__(f"{len(failures)} image(s) failed, {stored} stored:\n{listing}")
+        advice = f"\n{self.hint}" if self.hint else ""
+        super().__init__(f"{len(failures)} image(s) failed, {stored} stored:\n{listing}{advice}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_generation_incomplete, (type(self), self.failures, self.stored))
+        return (_rebuild_generation_incomplete, (type(self), self.failures, self.stored, self.hint))
 
 
 class JiMengRunAbortedError(JiMengGenerationIncompleteError, AirflowFailException):
-    """The run stopped on an error every try would meet (bad key, spending cap, invalid request): not retried."""
+    """The run stopped on an error every try would meet (refused key, spending cap, invalid request): not retried.
+
+    A refused key is fixed in the connection, then the task is cleared: retrying it unchanged only waits
+    ``retry_delay`` to be refused again.
+    """
 
 
 class JiMengRunStoppedError(JiMengError):
@@ -238,9 +244,9 @@ class JiMengRunStoppedError(JiMengError):
 
 
 def _rebuild_generation_incomplete(
-    cls: type[JiMengGenerationIncompleteError], failures: list[str], stored: int
+    cls: type[JiMengGenerationIncompleteError], failures: list[str], stored: int, hint: str | None = None
 ) -> JiMengGenerationIncompleteError:
-    return cls(failures, stored=stored)
+    return cls(failures, stored=stored, hint=hint)
 
 
 _CONTENT_POLICY_CODES = frozenset(

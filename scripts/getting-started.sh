@@ -4,9 +4,15 @@
 # the built wheel: the page cannot show a command that was not checked. The lines outside the sections
 # are the check's scaffolding (the emulator in the background instead of a second terminal, cleanup).
 set -euo pipefail
+# The check runs in its own folder: the page's throwaway AIRFLOW_HOME lands under it (TMPDIR).
 : "${AIRFLOW_HOME:?set AIRFLOW_HOME to a throwaway folder}"
+export TMPDIR="$AIRFLOW_HOME"
+mkdir -p "$TMPDIR"
+cd "$TMPDIR"
+# --8<-- [start:home]
+export AIRFLOW_HOME="${TMPDIR:-/tmp}/jimeng-try-airflow"   # a throwaway Airflow home for this try
 mkdir -p "$AIRFLOW_HOME"
-cd "$AIRFLOW_HOME"
+# --8<-- [end:home]
 set -m # the emulator runs in its own process group, ended by that id when the script exits
 
 run_emulator() {
@@ -31,6 +37,7 @@ export AIRFLOW_CONN_JIMENG_DEFAULT='{"conn_type": "jimeng", "host": "http://127.
   "password": "emulator-key", "extra": {"allow_http": true}}'
 python -m airflow_provider_jimeng.examples     # writes the example DAGs into Airflow's DAGs folder
 airflow db migrate                             # a new AIRFLOW_HOME needs its database first
+airflow pools set jimeng 4 "JiMeng API calls"  # the mapped example runs in this pool (see Scaling out)
 AIRFLOW__CORE__TEST_CONNECTION=Enabled airflow connections test jimeng_default
 airflow dags test jimeng_hello
 # --8<-- [end:run]

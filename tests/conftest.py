@@ -23,6 +23,11 @@ _DAG_SOURCES = [
 for _source in _DAG_SOURCES:
     if not _source.name.startswith("_"):
         (DAGS_FOLDER / _source.name).symlink_to(_source)
+# The README's DAG, as written there (tests/test_readme_dag.py triggers it the way the UI does).
+_README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+(DAGS_FOLDER / "readme_dag.py").write_text(
+    _README.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0], encoding="utf-8"
+)
 os.environ.update(
     {
         "AIRFLOW_HOME": _AIRFLOW_HOME,

@@ -112,6 +112,7 @@ def test_every_example_parses_with_tags_and_docs() -> None:
     assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {path.name for path in EXAMPLE_FILES}
     assert set(bag.dag_ids) == {
         "jimeng_hello",
+        "jimeng_check_connection",
         "jimeng_content_pipeline",
         "jimeng_mapped_generation",
         "jimeng_reference_edit_and_sets",
@@ -133,6 +134,23 @@ def test_reference_image_is_small() -> None:
 
 
 # ------------------------------------------------------------------------------------------ the DAGs
+@dag_test
+def test_check_connection_passes_for_a_good_key_and_fails_with_the_reason_for_a_refused_one(
+    jimeng_conn: JiMengEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_provider_jimeng.testing import jimeng_connection_json
+
+    assert "accepted the API key" in xcom(run_example("jimeng_check_connection"), "check_connection")
+
+    monkeypatch.setenv("AIRFLOW_CONN_JIMENG_OTHER", jimeng_connection_json(jimeng_conn.base_url, "sk-another-region"))
+    dag_run = run_dag_test(load_example("jimeng_check_connection").dag, run_conf={"conn_id": "jimeng_other"})
+    assert dag_run.state == "failed"
+    (ti,) = dag_run.get_task_instances()
+    assert ti.state == "failed"
+    assert ti.try_number == 1, "a refused key is not retried"
+    assert jimeng_conn.billed_images == 0
+
+
 @dag_test
 def test_hello(jimeng_conn: JiMengEmulator) -> None:
     dag_run = run_example("jimeng_hello", subject="a lighthouse keeper's cat")

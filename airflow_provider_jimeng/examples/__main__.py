@@ -9,6 +9,9 @@ from pathlib import Path
 
 from airflow_provider_jimeng.examples import TARGET_FOLDER, copy_examples, example_files
 
+#: The pool the mapped example runs in (dags_examples/jimeng_mapped_generation.py).
+EXAMPLE_POOL = "jimeng"
+
 
 def _airflow_dags_folder() -> Path:
     # Imported only when needed: Airflow's configuration takes seconds to load.
@@ -42,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in written:
         print(f"wrote {path}")
     print(f"The examples are in {dags_folder / TARGET_FOLDER} ({len(written)} file(s) written, the rest up to date).")
+    # A task in a pool that does not exist stays scheduled, and the UI says nothing about it.
+    print(f'jimeng_mapped_generation runs in the pool "{EXAMPLE_POOL}": create it once with')
+    print(f'  airflow pools set {EXAMPLE_POOL} 4 "JiMeng API calls"')
     return 0
 
 

@@ -238,6 +238,24 @@ class JiMengConnectionConfig:
         return self.base_url + GENERATIONS_PATH
 
 
+def refused_key_message(host: str, status: int | None, code: str | None) -> str:
+    """What a refused key means, for the connection test and the task log alike."""
+    return (
+        f"The API key was rejected by {host} (HTTP {status} {code or ''}). Keys are regional: a China "
+        f"key only works on {urlsplit(CHINA_BASE_URL).netloc}, a BytePlus key on "
+        f"{urlsplit(BYTEPLUS_BASE_URL).netloc}, a gateway's key only on that gateway."
+    ).replace("  ", " ")
+
+
+def wrong_path_message(generations_url: str, status: int | None) -> str:
+    """What a 404/405 from the generations URL means (the base URL's path is wrong), for the test and the task."""
+    return (
+        f"{redact_url(generations_url, shorten=False)} does not exist on that host (HTTP {status}): the base URL "
+        f"should be everything before {GENERATIONS_PATH} (the connection's host), e.g. {CHINA_BASE_URL} or "
+        "https://<gateway>/v1"
+    )
+
+
 def resolve_base_url(host: str | None, schema: str | None = None, port: int | None = None) -> str:
     """Turn the connection's host (and, from URI form, schema/port) into the API base URL."""
     host = (host or "").strip()
@@ -266,6 +284,8 @@ def resolve_base_url(host: str | None, schema: str | None = None, port: int | No
     base = host.rstrip("/")
     if base.endswith(GENERATIONS_PATH):
         base = base[: -len(GENERATIONS_PATH)]
+    if parts.path.strip("/") == "" and (parts.hostname or "").endswith(OFFICIAL_HOST_SUFFIXES):
+        base += "/api/v3"  # "https://ark.cn-beijing.volces.com" means the API there, as the bare host does
     return base
 
 
@@ -1377,11 +1397,7 @@ class JiMengHook(BaseHook):
         if status == 400 and code:
             return True, f"Connection OK: {host} accepted the API key (model {config.model})"
         if status in (401, 403):
-            return False, (
-                f"The API key was rejected by {host} (HTTP {status} {code or ''}). Keys are regional: a China "
-                f"key only works on {urlsplit(CHINA_BASE_URL).netloc}, a BytePlus key on "
-                f"{urlsplit(BYTEPLUS_BASE_URL).netloc}."
-            ).replace("  ", " ")
+            return False, refused_key_message(host, status, code)
         # "InvalidEndpointOrModel.NotFound" also answers a wrong path: blame the model only when the error names it.
         names_model = isinstance(error, dict) and (
             error.get("param") == "model" or config.model in str(error.get("message") or "")
@@ -1389,10 +1405,7 @@ class JiMengHook(BaseHook):
         if status == 404 and code and "Model" in code and names_model:
             return False, f"{host} accepted the key but model {config.model!r} is not available ({code})"
         if status in (404, 405):
-            return False, (
-                f"{config.generations_url} does not exist on {host} (HTTP {status}): the base URL should be "
-                f"everything before {GENERATIONS_PATH}, e.g. {CHINA_BASE_URL} or https://<gateway>/v1"
-            )
+            return False, wrong_path_message(config.generations_url, status)
         if status == 200:
             return True, f"Connection OK: {host} answered"
         return False, f"Unexpected answer from {host}: HTTP {status} {code or ''}".rstrip()

@@ -21,6 +21,7 @@ from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
 from airflow_provider_jimeng.exceptions import (
+    JiMengAuthenticationError,
     JiMengConfigurationError,
     JiMengContentPolicyError,
     JiMengGenerationIncompleteError,
@@ -28,7 +29,7 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunAbortedError,
     JiMengRunStoppedError,
 )
-from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook, refused_key_message, wrong_path_message
 from airflow_provider_jimeng.lineage import RunLineage, find_prompt_file, group_images
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.options import (
@@ -456,15 +457,23 @@ class JiMengGenerateOperator(BaseOperator):
             )
         if isinstance(fatal, JiMengRunStoppedError):
             self.log.error("%s", fatal)
+        hint: str | None = None
+        if isinstance(fatal, JiMengAuthenticationError) and not unstored:
+            # Retrying a key the service refused only waits (retry_delay x retries) to fail again.
+            hint = refused_key_message(redact_url(run.hook.config.base_url), fatal.status_code, fatal.code)
+            hint += f" Not retried: fix the connection {self.jimeng_conn_id!r} (key or host), then clear the task."
+            raise JiMengRunAbortedError(failures, stored=len(outputs), hint=hint) from None
+        if isinstance(fatal, JiMengInvalidRequestError) and fatal.status_code in (404, 405):
+            # "Not Found" alone sends a new user hunting; say what a 404 of the generations URL means.
+            hint = wrong_path_message(run.hook.config.generations_url, fatal.status_code)
         if (
             isinstance(fatal, (JiMengConfigurationError, JiMengInvalidRequestError))
             and not isinstance(fatal, JiMengContentPolicyError)
             and not unstored
         ):
             # The service called the request itself invalid (unknown model, bad parameter), or the
-            # spending cap is reached: every try would do the same, so do not retry. A bad key or a
-            # spending cap of the account can be fixed between tries, so those keep the task's retries.
-            raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
+            # spending cap is reached: every try would do the same, so do not retry.
+            raise JiMengRunAbortedError(failures, stored=len(outputs), hint=hint) from None
         if fatal is not None or unstored:
             raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
         if failures:

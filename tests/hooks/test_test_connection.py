@@ -124,5 +124,5 @@ def test_404_blames_the_model_only_when_the_error_names_it(
     if model_blamed:
         assert f"accepted the key but model {model!r} is not available" in message
     else:
-        assert "does not exist on" in message
+        assert "does not exist on that host" in message
         assert "the base URL should be everything before /images/generations" in message

@@ -66,6 +66,9 @@ def test_the_command_defaults_to_airflows_dags_folder(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert (dags_folder / TARGET_FOLDER / "jimeng_hello.py").is_file()
     assert f"The examples are in {dags_folder / TARGET_FOLDER}" in result.stdout
+    # The mapped example waits for its pool forever, silently, where the pool does not exist: say so.
+    assert 'airflow pools set jimeng 4 "JiMeng API calls"' in result.stdout
+    assert 'pool="jimeng"' in (dags_folder / TARGET_FOLDER / "jimeng_mapped_generation.py").read_text()
 
 
 def test_the_command_reports_an_edited_copy_instead_of_overwriting(tmp_path: Path) -> None:
