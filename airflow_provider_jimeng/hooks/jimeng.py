@@ -433,6 +433,7 @@ class _AnswerBody(_BoundedBody):
         stop: threading.Event | None = None,
     ) -> None:
         self._request_id = request_id
+        self._peeked = b""
         super().__init__(response, max_bytes=max_bytes, label="answer", deadline_seconds=deadline_seconds, stop=stop)
 
     def _broken(self, exc: BaseException, received: int) -> Exception:
@@ -478,6 +479,31 @@ class _AnswerBody(_BoundedBody):
             code="MalformedResponse",
             request_id=self._request_id,
         )
+
+    def read(self, size: int = -1) -> bytes:
+        if self._peeked:  # what is_event_stream() looked at comes first
+            chunk, self._peeked = self._peeked, b""
+            return chunk
+        return super().read(size)
+
+    def is_event_stream(self) -> bool:
+        """Whether the body is server-sent events, told by its first bytes rather than its label.
+
+        Some gateways label a stream ``application/json``: read as JSON, a paid answer would look
+        malformed and be sent again. A JSON answer starts with ``{``; an event stream with a field
+        (``data:``, ``event:``, ``id:``, ``retry:``) or a comment (``:``). The bytes looked at are kept.
+        """
+        head = b""
+        while len(head) < 64:
+            chunk = super().read(64 - len(head))
+            if not chunk:
+                break
+            head += chunk
+            if head.lstrip(b"\xef\xbb\xbf \t\r\n"):
+                break
+        self._peeked = head
+        start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        return start.startswith((b"data:", b"event:", b"id:", b"retry:", b":"))
 
     def read_all(self) -> bytes:
         return b"".join(iter(lambda: self.read(DOWNLOAD_CHUNK_BYTES), b""))
@@ -1101,7 +1127,8 @@ class JiMengHook(BaseHook):
                 request_id=request_id,
                 stop=self._stop,
             )
-            if stream and response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # The body says which it is, not its label: some gateways label a stream application/json.
+            if answer.is_event_stream():
                 result = parse_event_stream(answer.lines(), request_id, expected_images=charge.images)
             else:
                 if before_body is not None:

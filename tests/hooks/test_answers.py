@@ -111,6 +111,35 @@ def test_a_stream_the_emulator_cuts_after_some_images_is_not_sent_again(
     assert wait_for(lambda: jimeng_conn.billed_images == 4)  # the service did finish (and bill) the set
 
 
+@pytest.mark.parametrize("label", ["application/json", "application/json; charset=utf-8", "text/plain", ""])
+def test_a_stream_labelled_as_json_is_read_as_a_stream_and_not_sent_again(
+    jimeng_conn: JiMengEmulator, make_hook: Callable[..., JiMengHook], label: str
+) -> None:
+    """Regression: a gateway's stream labelled ``application/json`` was read as JSON, found malformed and
+    sent again (each prompt paid twice, nothing kept). The body tells a stream from JSON."""
+    jimeng_conn.stream_content_type = label
+    hook = make_hook()
+    result = hook.generate_images(
+        "a comic in 3 images", sequential_image_generation="auto", max_images=3, stream=True, size="1K"
+    )
+    assert [image.ok for image in result.images] == [True, True, True]
+    assert jimeng_conn.request_count == 1
+    assert jimeng_conn.billed_images == 3
+    assert (hook.stats["billed"], hook.stats["possibly_billed"], hook.stats["retries"]) == (3, 0, 0)
+
+
+def test_a_json_answer_to_a_stream_request_is_still_read_as_json(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    """A gateway that ignores ``stream`` answers JSON, whatever its label: the body decides both ways."""
+    answer = {"model": MODEL, "created": 1, "data": [{"url": URL.format(0, 0), "size": "1024x1024"}]}
+    server = scripted_server(json_answer(answer, headers={"Content-Type": "text/event-stream"}))
+    hook = make_hook()
+    result = hook.send(hook.build_body(PROMPT, stream=True))
+    assert server.request_count == 1
+    assert [image.ok for image in result.images] == [True]
+
+
 def test_an_error_event_before_any_image_is_raised_and_retried_when_retryable(
     scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
 ) -> None:
