@@ -987,7 +987,11 @@ class JiMengHook(BaseHook):
                 self._give_back(grant, 0 if result.truncated else images - result.billed_images)
             return result
 
-        return self._with_retries(attempt, subject="JiMeng", counter="retries")
+        # A set is never sent again blind: with no idempotency key, a set that timed out or broke off
+        # may have billed every image, and a repeat pays for all of them again.
+        return self._with_retries(
+            attempt, subject="JiMeng", counter="retries", max_billed_retries=0 if images > 1 else None
+        )
 
     def _give_back(self, grant: Grant, images: int) -> None:
         """Return unused images to the shared bucket; if Redis fails, they stay spent (never overspent)."""
@@ -1003,15 +1007,18 @@ class JiMengHook(BaseHook):
         reservations.append(self._tally.reserve(images))
         return _Charge(images, reservations)
 
-    def _with_retries(self, attempt: Callable[[int], _T], *, subject: str, counter: str) -> _T:
+    def _with_retries(
+        self, attempt: Callable[[int], _T], *, subject: str, counter: str, max_billed_retries: int | None = None
+    ) -> _T:
         """The hook's one retry loop: ``attempt(n)`` until it succeeds or its error may not be retried.
 
         Rate limits and server errors are retried ``max_retries`` times with backoff. An attempt that
         may have been billed (timed out, broke off, malformed 200) is retried at most
-        ``max_billed_retries`` times in all, each time with a warning: there is no idempotency key,
-        so every such retry may pay again.
+        ``max_billed_retries`` times in all (the connection's extra unless given), each time with a
+        warning: there is no idempotency key, so every such retry may pay again.
         """
         policy = self.retry_policy
+        billed_limit = self.config.max_billed_retries if max_billed_retries is None else max_billed_retries
         billed_retries = 0
         number = 0
         while True:
@@ -1026,17 +1033,17 @@ class JiMengHook(BaseHook):
                 reason = error.code or type(error).__name__
                 request_id = error.request_id or "n/a"
                 if error.possibly_billed:
-                    limit = self.config.max_billed_retries
-                    if billed_retries >= limit:
+                    if billed_retries >= billed_limit:
                         self.log.warning(
-                            "%s attempt %d failed (%s, request id %s) and may have been billed; not retried: "
-                            "%d retry(ies) of possibly billed attempts already made (extra max_billed_retries=%d)",
+                            "%s attempt %d failed (%s, request id %s) and may have been billed; not retried: %s",
                             subject,
                             number,
                             reason,
                             request_id,
-                            billed_retries,
-                            limit,
+                            f"{billed_retries} retry(ies) of possibly billed attempts already made "
+                            f"(extra max_billed_retries={billed_limit})"
+                            if max_billed_retries is None
+                            else "a set of images is never sent again blind (each image may be billed again)",
                         )
                         raise
                     billed_retries += 1
@@ -1053,7 +1060,7 @@ class JiMengHook(BaseHook):
                         request_id,
                         wait,
                         billed_retries,
-                        self.config.max_billed_retries,
+                        billed_limit,
                     )
                 else:
                     self.log.warning(
@@ -1095,13 +1102,14 @@ class JiMengHook(BaseHook):
             stream,
             client_request_id,
         )
+        read_timeout = self._read_timeout(charge.images, stream)
         started = time.monotonic()
         try:
             response = self.get_conn().post(
                 config.generations_url,
                 data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers={"X-Client-Request-Id": client_request_id},
-                timeout=(config.connect_timeout, config.timeout),
+                timeout=(config.connect_timeout, read_timeout),
                 # Headers first, body after: if the body breaks off, the server's request id is known.
                 stream=True,
                 # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE / HTTPS_PROXY
@@ -1110,7 +1118,7 @@ class JiMengHook(BaseHook):
                 proxies=config.proxies,
             )
         except OSError as exc:  # requests' exceptions are OSErrors, and so is a CA bundle that is not there
-            failure = self._request_failure(exc, client_request_id)
+            failure = self._request_failure(exc, client_request_id, read_timeout)
             if isinstance(failure, JiMengAPIError) and failure.possibly_billed:
                 charge.keep_as_possible()
             else:
@@ -1148,6 +1156,15 @@ class JiMengHook(BaseHook):
         self._log_result(result, time.monotonic() - started)
         return result
 
+    def _read_timeout(self, images: int, stream: bool) -> float:
+        """How long to wait for an answer's first byte: the ``timeout`` per image for a set not streamed.
+
+        A non-streamed set answers only once every image is made (tens of seconds per 2K image): a
+        15-image set would outlast one read timeout after it was billed. A stream sends each image as
+        it is ready, so one ``timeout`` bounds each wait.
+        """
+        return self.config.timeout * (1 if stream else max(1, images))
+
     def _log_result(self, result: GenerationResult, seconds: float) -> None:
         self.log.info(
             "JiMeng request %s: %d image(s) ok, %d failed, billed %d, %.1fs",
@@ -1174,7 +1191,7 @@ class JiMengHook(BaseHook):
                 len(result.succeeded),
             )
 
-    def _request_failure(self, exc: OSError, request_id: str) -> Exception:
+    def _request_failure(self, exc: OSError, request_id: str, read_timeout: float) -> Exception:
         """What a request that got no answer raises; ``possibly_billed`` when it may have reached the service."""
         config = self.config
         host = urlsplit(config.base_url).netloc
@@ -1187,7 +1204,7 @@ class JiMengHook(BaseHook):
             )
         if isinstance(exc, requests.Timeout):
             return JiMengTimeoutError(
-                f"no answer within {config.timeout:g}s ({name}); the request may still be billed",
+                f"no answer within {read_timeout:g}s ({name}); the request may still be billed",
                 code="Timeout",
                 request_id=request_id,
                 possibly_billed=True,
