@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -79,6 +80,13 @@ def check_prompt(prompt: Any, parameter: str = "prompt") -> str:
         raise _fail(parameter, f"must be a non-empty string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise _fail(parameter, "must be a non-empty string, got an empty or whitespace-only prompt")
+    if not any(unicodedata.category(char)[0] in "LNPS" for char in prompt):
+        # A BOM, NULs, zero-width or control characters, combining marks alone: nothing to draw, still paid for.
+        raise _fail(
+            parameter,
+            "must be a non-empty string with a visible character, got only control characters, format "
+            "characters (a BOM, zero-width spaces) or combining marks",
+        )
     cjk_chars = len(_CJK.findall(prompt))
     words = len(prompt.split())
     if cjk_chars > SOFT_PROMPT_MAX_CJK_CHARS or words > SOFT_PROMPT_MAX_WORDS:

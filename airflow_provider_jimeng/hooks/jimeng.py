@@ -9,6 +9,7 @@ import math
 import re
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +179,24 @@ def _as_verify(value: Any) -> bool | str:
         raise JiMengConfigurationError(
             "verify", f"{_shown(value)} is not allowed; allowed: true, false, or the path of a CA bundle"
         ) from None
+
+
+def _check_api_key(api_key: str) -> None:
+    """Refuse a key that cannot go into an ``Authorization`` header, naming the problem, never the key.
+
+    A key pasted with a zero-width space, a look-alike Cyrillic letter or a line break would fail in
+    the HTTP client (or, a line break, be taken for a request that may have been billed and retried).
+    """
+    for position, char in enumerate(api_key):
+        if " " < char < "\x7f":
+            continue
+        what = f"U+{ord(char):04X} ({unicodedata.name(char, 'a control character')})"
+        raise JiMengConfigurationError(
+            "password",
+            f"the API key has {what} at position {position + 1} of {len(api_key)} (the key is not shown); "
+            "allowed: printable ASCII without spaces, as the console shows the key (check for a pasted "
+            "line break, zero-width space or look-alike letter)",
+        )
 
 
 def _first(override: Any, extra: Any) -> Any:
@@ -686,6 +705,7 @@ class JiMengHook(BaseHook):
             )
         mask_secret(api_key)
         register_secret(api_key)
+        _check_api_key(api_key)
         extras = conn.extra_dejson if conn.extra else {}
         if not isinstance(extras, Mapping):
             raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"timeout": 300}')
