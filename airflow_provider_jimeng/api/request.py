@@ -286,6 +286,15 @@ def build_request_body(
     if size is not None:
         body["size"] = normalize_size(size) if isinstance(size, str) else size
     if seed is not None:
+        family = family_for_model(model)
+        if not family.seed:
+            # Not sent where the API does not document it: a fixed seed the service ignores would
+            # promise reproducible images that are not (and gateways may refuse the field).
+            raise _fail(
+                "seed",
+                f"is not a parameter of {family.name}; allowed: a seed with Seedream 3.0 text-to-image or "
+                "SeedEdit 3.0 (the families the API documents it for), or an endpoint id; else leave it unset",
+            )
         body["seed"] = seed
     if max_images is not None and sequential_image_generation != "auto":
         raise _fail(
