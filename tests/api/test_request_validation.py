@@ -116,7 +116,9 @@ BAD_ARGUMENTS = [
         ("not supported by Seedream 4.5", "Seedream 5.0 only"),
         id="web-search-on-4.5",
     ),
-    pytest.param({"model": MODEL_3_0, "seed": -2}, "seed", ("-2", "an integer in [-1, 2147483647]"), id="seed-below-minus-1"),
+    pytest.param(
+        {"model": MODEL_3_0, "seed": -2}, "seed", ("-2", "an integer in [-1, 2147483647]"), id="seed-below-minus-1"
+    ),
     pytest.param({"model": MODEL_3_0, "seed": 2**31}, "seed", ("2147483648", "[-1, 2147483647]"), id="seed-over-int32"),
     pytest.param({"model": MODEL_3_0, "seed": True}, "seed", ("True", "an integer"), id="seed-bool"),
     pytest.param({"model": MODEL_3_0, "seed": "7"}, "seed", ("'7'", "an integer"), id="seed-str"),

@@ -72,7 +72,9 @@ def test_decorator_refuses_returned_values(
     ("returned", "requests"),
     [
         pytest.param({"prompt": "a fox", "dry_run": "true"}, 0, id="dry-run-true-text"),
-        pytest.param({"prompt": "a fox", "dry_run": "False", "seed": "7", "model": MODEL_3_0}, 1, id="dry-run-False-text"),
+        pytest.param(
+            {"prompt": "a fox", "dry_run": "False", "seed": "7", "model": MODEL_3_0}, 1, id="dry-run-False-text"
+        ),
     ],
 )
 def test_decorator_coerces_returned_text(
