@@ -321,6 +321,9 @@ FIELDS: dict[str, Field] = {
     "optimize_prompt_mode": Field(
         lambda value: as_choice("optimize_prompt_mode", value, OPTIMIZE_PROMPT_MODES, optional=True)
     ),
+    "optimize_prompt_thinking": _optional_text(
+        "optimize_prompt_thinking", "the official SDK's optimize_prompt_options.thinking value, as text"
+    ),
     "guidance_scale": Field(lambda value: as_number("guidance_scale", value, minimum=1, maximum=10, optional=True)),
     "stream": Field(lambda value: bool(as_bool("stream", value, optional=True))),
     "output_format": Field(lambda value: as_choice("output_format", value, OUTPUT_FORMATS, optional=True)),
@@ -409,6 +412,8 @@ class GenerationOptions:
     sequential_image_generation: str | None = None
     max_images: int | None = None
     optimize_prompt_mode: str | None = None
+    #: ``optimize_prompt_options.thinking``, known to the official SDK; sent as given.
+    optimize_prompt_thinking: str | None = None
     guidance_scale: float | None = None
     stream: bool = False
     output_format: str | None = None

@@ -166,9 +166,13 @@ def validate_body(body: Mapping[str, Any]) -> ModelFamily:
     options = body.get("optimize_prompt_options")
     if options is not None:
         mode = options.get("mode") if isinstance(options, Mapping) else None
+        thinking = options.get("thinking") if isinstance(options, Mapping) else None
         if not family.optimize_prompt_modes:
-            raise _fail("optimize_prompt_mode", f"is not supported by {family.name}")
-        if mode not in family.optimize_prompt_modes:
+            name = "optimize_prompt_mode" if mode is not None or thinking is None else "optimize_prompt_thinking"
+            raise _fail(name, f"is not supported by {family.name}")
+        if thinking is not None and (not isinstance(thinking, str) or not thinking.strip()):
+            raise _fail("optimize_prompt_thinking", f"{thinking!r} is not allowed; allowed: a non-empty string")
+        if (mode is not None or thinking is None) and mode not in family.optimize_prompt_modes:
             raise _fail(
                 "optimize_prompt_mode",
                 f"{mode!r} is not allowed for {family.name}; allowed: "
@@ -263,6 +267,7 @@ def build_request_body(
     sequential_image_generation: str | None = None,
     max_images: int | None = None,
     optimize_prompt_mode: str | None = None,
+    optimize_prompt_thinking: str | None = None,
     guidance_scale: float | None = None,
     stream: bool = False,
     output_format: str | None = None,
@@ -312,8 +317,9 @@ def build_request_body(
     body["watermark"] = watermark
     if stream:
         body["stream"] = True
-    if optimize_prompt_mode is not None:
-        body["optimize_prompt_options"] = {"mode": optimize_prompt_mode}
+    if optimize_prompt_mode is not None or optimize_prompt_thinking is not None:
+        options = {"mode": optimize_prompt_mode, "thinking": optimize_prompt_thinking}
+        body["optimize_prompt_options"] = {key: value for key, value in options.items() if value is not None}
     if guidance_scale is not None:
         body["guidance_scale"] = guidance_scale
     if output_format is not None:

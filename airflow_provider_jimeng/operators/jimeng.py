@@ -78,6 +78,8 @@ class JiMengGenerateOperator(BaseOperator):
     :param optimize_prompt_mode: let the service rewrite the prompt before generating: ``standard``
         (better prompts, slower) or ``fast``, as the model allows (Seedream 4.5 and 5.0: ``standard``
         only); ``None`` sends no option. (templated)
+    :param optimize_prompt_thinking: ``optimize_prompt_options.thinking`` as the official SDK knows it,
+        sent as given, with or without a mode (not for Seedream 3.0). (templated)
     :param guidance_scale: how closely Seedream 3.0 follows the prompt, in [1, 10]. (templated)
     :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. (templated)
     :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see the
@@ -151,6 +153,7 @@ class JiMengGenerateOperator(BaseOperator):
         sequential_image_generation: str | None = None,
         max_images: int | str | None = None,
         optimize_prompt_mode: str | None = None,
+        optimize_prompt_thinking: str | None = None,
         guidance_scale: float | str | None = None,
         output_format: str | None = None,
         web_search: bool | str = False,
@@ -185,6 +188,7 @@ class JiMengGenerateOperator(BaseOperator):
         self.sequential_image_generation = sequential_image_generation
         self.max_images = max_images
         self.optimize_prompt_mode = optimize_prompt_mode
+        self.optimize_prompt_thinking = optimize_prompt_thinking
         self.guidance_scale = guidance_scale
         self.output_format = output_format
         self.web_search = web_search

@@ -607,6 +607,16 @@ def test_seed_is_refused_where_the_api_does_not_document_it(model: str) -> None:
     _assert_refused(caught.value, "seed", ("is not a parameter of Seedream", "Seedream 3.0 text-to-image"))
 
 
+def test_optimize_prompt_thinking_is_sent_as_the_sdk_knows_it() -> None:
+    """Regression: ``optimize_prompt_options.thinking`` (official SDK) could not be sent at all."""
+    assert _build(optimize_prompt_thinking="enabled")["optimize_prompt_options"] == {"thinking": "enabled"}
+    body = _build(model=MODEL_4_5, optimize_prompt_mode="standard", optimize_prompt_thinking="auto")
+    assert body["optimize_prompt_options"] == {"mode": "standard", "thinking": "auto"}
+    with pytest.raises(JiMengConfigurationError) as caught:
+        _build(model=MODEL_3_0, optimize_prompt_thinking="enabled")
+    _assert_refused(caught.value, "optimize_prompt_thinking", ("is not supported by Seedream 3.0",))
+
+
 @pytest.mark.parametrize("model", [MODEL_3_0, "doubao-seededit-3-0-i2i-250628", "ep-20240101123456-abcde"])
 def test_seed_is_sent_to_the_families_that_take_it(model: str) -> None:
     assert _build(model=model, seed=7)["seed"] == 7

@@ -59,6 +59,14 @@ def test_minimal_call_sends_model_prompt_format_and_explicit_watermark(
         pytest.param({"size": "1280x720"}, {"size": "1280x720"}, id="size-WxH"),
         pytest.param({"model": MODEL_3_0, "seed": 1234}, {"model": MODEL_3_0, "seed": 1234}, id="seed-on-3.0"),
         pytest.param({"watermark": False}, {"watermark": False}, id="watermark"),
+        pytest.param(
+            {"optimize_prompt_thinking": "enabled"}, {"optimize_prompt_options": {"thinking": "enabled"}}, id="thinking"
+        ),
+        pytest.param(
+            {"optimize_prompt_mode": "fast", "optimize_prompt_thinking": "disabled"},
+            {"optimize_prompt_options": {"mode": "fast", "thinking": "disabled"}},
+            id="thinking-with-a-mode",
+        ),
         pytest.param({"response_format": "b64_json"}, {"response_format": "b64_json"}, id="b64_json"),
         pytest.param(
             {"sequential_image_generation": "auto", "max_images": 2},
