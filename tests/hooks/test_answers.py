@@ -307,3 +307,53 @@ def test_reading_an_answer_is_stopped_by_close(
     assert isinstance(error, JiMengTimeoutError)
     assert error.code == "Stopped"
     assert server.request_count == 1
+
+
+# ----------------------------------------------------------------- per-image fields the SDK knows
+LAYER = {
+    "output_format": "png",
+    "z_index": 2,
+    "bounding_box": {"absolute": [0, 0, 512, 256], "normalized": [0, 0, 500, 250]},
+    "name": "sky",
+    "description": "the sky behind the kite",
+}
+
+
+def test_per_image_fields_the_sdk_knows_reach_the_result_the_journal_and_the_records(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    """Regression: ``output_format``, ``z_index``, ``bounding_box``, ``name`` and ``description`` of an
+    answer's image (the official SDK's ``Image``; layer decomposition answers) were dropped."""
+    from airflow_provider_jimeng.storage.records import DeliveredImage, JournalEntry, StoredImage
+
+    item = {"url": URL.format(0, 0), "size": "1024x1024", **LAYER, "z_index_typo": 1}
+    answer = {"model": MODEL, "created": 1, "data": [item], "usage": {"generated_images": 1}}
+    scripted_server(json_answer(answer))
+    hook = make_hook()
+    result = hook.send(hook.build_body(PROMPT))
+    [image] = result.images
+    assert image.details == LAYER
+
+    # A journal written for the retry keeps them, and gives them back.
+    entry = JournalEntry.from_result(0, "fp", result, now=1.0)
+    again = JournalEntry.from_json(json.loads(json.dumps(entry.to_json())), prompt_index=0)
+    assert again is not None
+    assert again.images[0].details == LAYER
+    assert again.images[0].as_generated().details == LAYER
+
+    # The per-image records (XCom "images", records.json) carry them beside size and key.
+    stored = StoredImage(0, 0, image.size, "rid", MODEL, "b", "k.jpg", "s3://b/k.jpg", 10, "0", details=image.details)
+    assert {name: stored.to_json()[name] for name in LAYER} == LAYER
+    assert StoredImage.from_json(json.loads(json.dumps(stored.to_json()))) == stored
+    delivered = DeliveredImage(0, 0, image.size, "rid", MODEL, str(image.url), details=image.details)
+    assert {name: delivered.to_json()[name] for name in LAYER} == LAYER
+
+
+def test_a_stream_keeps_the_per_image_fields_too(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    completed = {"type": "image_generation.completed", "usage": {"generated_images": 1}}
+    scripted_server(sse_answer({**_partial(0), "output_format": "png"}, completed))
+    hook = make_hook()
+    [image] = hook.send(hook.build_body(PROMPT, stream=True)).images
+    assert image.details == {"output_format": "png"}
