@@ -257,9 +257,15 @@ def as_extra_body(value: Any) -> dict[str, Any] | None:
     clashes = sorted(KNOWN_FIELDS.intersection(value))
     if clashes:
         raise _fail("extra_body", f"sets {', '.join(clashes)}: pass them as named parameters instead")
+    if nested_deeper_than(value, MAX_EXTRA_BODY_DEPTH):
+        raise _fail(
+            "extra_body",
+            f"is nested deeper than {MAX_EXTRA_BODY_DEPTH} levels; allowed: {allowed}, at most "
+            f"{MAX_EXTRA_BODY_DEPTH} levels of objects and lists",
+        )
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise _fail(
             "extra_body", f"is not JSON ({type(error).__name__}: {str(error)[:80]}); allowed: {allowed}"
         ) from None
@@ -268,6 +274,23 @@ def as_extra_body(value: Any) -> dict[str, Any] | None:
         # Gateways read ``n`` as images per request: it must be countable for the budget guard.
         body["n"] = as_int("extra_body.n", body["n"], minimum=1, maximum=15)
     return body
+
+
+#: How deep ``extra_body`` (or any parameter) may nest: gateways' fields are flat; thousands of levels
+#: crash encoders and Airflow's own walks over a task's attributes.
+MAX_EXTRA_BODY_DEPTH = 32
+
+
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether objects and lists in ``value`` nest deeper than ``limit``; iterative, so any depth is safe."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, Mapping) else item if isinstance(item, (list, tuple)) else ()
+        if children and depth > limit:
+            return True
+        pending.extend((child, depth + 1) for child in children)
+    return False
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -297,6 +320,9 @@ FIELDS: dict[str, Field] = {
     "max_images": Field(lambda value: as_int("max_images", value, minimum=1, maximum=15, optional=True)),
     "optimize_prompt_mode": Field(
         lambda value: as_choice("optimize_prompt_mode", value, OPTIMIZE_PROMPT_MODES, optional=True)
+    ),
+    "optimize_prompt_thinking": _optional_text(
+        "optimize_prompt_thinking", "the official SDK's optimize_prompt_options.thinking value, as text"
     ),
     "guidance_scale": Field(lambda value: as_number("guidance_scale", value, minimum=1, maximum=10, optional=True)),
     "stream": Field(lambda value: bool(as_bool("stream", value, optional=True))),
@@ -386,6 +412,8 @@ class GenerationOptions:
     sequential_image_generation: str | None = None
     max_images: int | None = None
     optimize_prompt_mode: str | None = None
+    #: ``optimize_prompt_options.thinking``, known to the official SDK; sent as given.
+    optimize_prompt_thinking: str | None = None
     guidance_scale: float | None = None
     stream: bool = False
     output_format: str | None = None
@@ -394,11 +422,16 @@ class GenerationOptions:
 
     @classmethod
     def parse(cls, **values: Any) -> GenerationOptions:
-        """Coerce and check rendered values (unknown names are a programming error: TypeError)."""
-        unknown = set(values) - {item.name for item in fields(cls)}
+        """Coerce and check rendered values; an unknown name (a typo in a keyword) is refused by name."""
+        names = [item.name for item in fields(cls)]
+        unknown = sorted(set(values) - set(names))
         if unknown:
-            raise TypeError(f"unknown generation option(s): {sorted(unknown)}")
-        options = cls(**_coerce_all([item.name for item in fields(cls)], values))
+            raise _fail(
+                unknown[0],
+                f"is not a generation parameter{f' (nor {unknown[1:]})' if unknown[1:] else ''}; "
+                f"allowed: {', '.join(names)}",
+            )
+        options = cls(**_coerce_all(names, values))
         if options.max_images is not None and options.sequential_image_generation != "auto":
             raise _fail(
                 "max_images", "only applies to sets of images: set sequential_image_generation='auto' to use it"

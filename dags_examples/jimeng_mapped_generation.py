@@ -81,11 +81,10 @@ def jimeng_mapped_generation() -> None:
         max_images_per_task=10,
     )
     def generate_banners(scene_prompts: list[str], params: dict[str, Any]) -> dict[str, Any]:
-        """Wide banners for the first three scenes, with a fixed seed for repeatable looks."""
+        """Wide banners for the first three scenes, three at a time."""
         return {
             "prompt": [f"web banner, {prompt}" for prompt in scene_prompts[:3]],
             "size": "1280x720" if params["size"] == "1K" else "2848x1600",
-            "seed": 42,
             "max_concurrency": 3,
         }
 

@@ -230,10 +230,12 @@ def test_mapped_generation(jimeng_conn: JiMengEmulator, s3_bucket: str, s3_clien
         assert uri.startswith(f"s3://{s3_bucket}/mapped/")
         assert f"/map_{index}/" in uri
     assert all(pixel_size(data) == ONE_K for data in scenes.values())
-    # @task.jimeng: the function's dict set prompts, size and seed.
+    # @task.jimeng: the function's dict set prompts and size (no seed: Seedream 4.0 takes none).
     assert len(banners) == 3
     assert all(pixel_size(data) == (1280, 720) for data in banners.values())
-    assert {record["body"]["seed"] for record in jimeng_conn.requests if "banner" in record["body"]["prompt"]} == {42}
+    banners = [record["body"] for record in jimeng_conn.requests if "banner" in record["body"]["prompt"]]
+    assert {body["size"] for body in banners} == {"1280x720"}
+    assert not any("seed" in body for body in banners)
 
     assert xcom(dag_run, "summarize") == {"scenes": 6, "banners": 3}
     assert jimeng_conn.billed_images == len(images) == 9

@@ -104,6 +104,8 @@ class ModelFamily:
     output_formats: tuple[str, ...] = ("jpeg",)
     #: Whether ``tools: [{"type": "web_search"}]`` is accepted.
     web_search: bool = False
+    #: Whether ``seed`` is documented: for 3.0 text-to-image and SeedEdit 3.0 only.
+    seed: bool = False
 
     def describe_sizes(self) -> str:
         """Say in words which sizes are allowed, for error messages."""
@@ -176,6 +178,7 @@ SEEDREAM_3_0 = ModelFamily(
     optimize_prompt_modes=(),
     guidance_scale=True,
     default_size=(1024, 1024),
+    seed=True,
 )
 #: Endpoint ids (``ep-...``) and ids this provider does not know (Seedream 5.0 pro among them): only
 #: the shape of values is checked, the service has the last word.
@@ -193,6 +196,7 @@ PERMISSIVE = ModelFamily(
     guidance_scale=True,
     output_formats=OUTPUT_FORMATS,
     web_search=True,
+    seed=True,
 )
 
 _FAMILY_PATTERNS: tuple[tuple[re.Pattern[str], ModelFamily], ...] = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -79,6 +80,13 @@ def check_prompt(prompt: Any, parameter: str = "prompt") -> str:
         raise _fail(parameter, f"must be a non-empty string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise _fail(parameter, "must be a non-empty string, got an empty or whitespace-only prompt")
+    if not any(unicodedata.category(char)[0] in "LNPS" for char in prompt):
+        # A BOM, NULs, zero-width or control characters, combining marks alone: nothing to draw, still paid for.
+        raise _fail(
+            parameter,
+            "must be a non-empty string with a visible character, got only control characters, format "
+            "characters (a BOM, zero-width spaces) or combining marks",
+        )
     cjk_chars = len(_CJK.findall(prompt))
     words = len(prompt.split())
     if cjk_chars > SOFT_PROMPT_MAX_CJK_CHARS or words > SOFT_PROMPT_MAX_WORDS:
@@ -158,9 +166,13 @@ def validate_body(body: Mapping[str, Any]) -> ModelFamily:
     options = body.get("optimize_prompt_options")
     if options is not None:
         mode = options.get("mode") if isinstance(options, Mapping) else None
+        thinking = options.get("thinking") if isinstance(options, Mapping) else None
         if not family.optimize_prompt_modes:
-            raise _fail("optimize_prompt_mode", f"is not supported by {family.name}")
-        if mode not in family.optimize_prompt_modes:
+            name = "optimize_prompt_mode" if mode is not None or thinking is None else "optimize_prompt_thinking"
+            raise _fail(name, f"is not supported by {family.name}")
+        if thinking is not None and (not isinstance(thinking, str) or not thinking.strip()):
+            raise _fail("optimize_prompt_thinking", f"{thinking!r} is not allowed; allowed: a non-empty string")
+        if (mode is not None or thinking is None) and mode not in family.optimize_prompt_modes:
             raise _fail(
                 "optimize_prompt_mode",
                 f"{mode!r} is not allowed for {family.name}; allowed: "
@@ -255,6 +267,7 @@ def build_request_body(
     sequential_image_generation: str | None = None,
     max_images: int | None = None,
     optimize_prompt_mode: str | None = None,
+    optimize_prompt_thinking: str | None = None,
     guidance_scale: float | None = None,
     stream: bool = False,
     output_format: str | None = None,
@@ -278,6 +291,15 @@ def build_request_body(
     if size is not None:
         body["size"] = normalize_size(size) if isinstance(size, str) else size
     if seed is not None:
+        family = family_for_model(model)
+        if not family.seed:
+            # Not sent where the API does not document it: a fixed seed the service ignores would
+            # promise reproducible images that are not (and gateways may refuse the field).
+            raise _fail(
+                "seed",
+                f"is not a parameter of {family.name}; allowed: a seed with Seedream 3.0 text-to-image or "
+                "SeedEdit 3.0 (the families the API documents it for), or an endpoint id; else leave it unset",
+            )
         body["seed"] = seed
     if max_images is not None and sequential_image_generation != "auto":
         raise _fail(
@@ -295,8 +317,9 @@ def build_request_body(
     body["watermark"] = watermark
     if stream:
         body["stream"] = True
-    if optimize_prompt_mode is not None:
-        body["optimize_prompt_options"] = {"mode": optimize_prompt_mode}
+    if optimize_prompt_mode is not None or optimize_prompt_thinking is not None:
+        options = {"mode": optimize_prompt_mode, "thinking": optimize_prompt_thinking}
+        body["optimize_prompt_options"] = {key: value for key, value in options.items() if value is not None}
     if guidance_scale is not None:
         body["guidance_scale"] = guidance_scale
     if output_format is not None:

@@ -29,7 +29,12 @@ __all__ = [
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """One image of a response: a URL or base64 data when it succeeded, an error code when not."""
+    """One image of a response: a URL or base64 data when it succeeded, an error code when not.
+
+    ``details`` keeps the other per-image fields the official SDK knows (:data:`IMAGE_DETAIL_FIELDS`:
+    the output format, and a layer decomposition's ``z_index``, ``bounding_box``, ``name`` and
+    ``description``), those the answer has.
+    """
 
     index: int
     url: str | None = field(default=None, repr=False)
@@ -37,6 +42,7 @@ class GeneratedImage:
     size: str | None = None
     error_code: str | None = None
     error_message: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -133,6 +139,27 @@ def _is_error(error: Any) -> bool:
     return isinstance(error, Mapping) and bool(error.get("code") or error.get("message"))
 
 
+#: Per-image answer fields besides ``url``/``b64_json``/``size`` that the official SDK's ``Image`` knows.
+IMAGE_DETAIL_FIELDS = ("output_format", "z_index", "bounding_box", "name", "description")
+_DETAIL_TYPES: dict[str, tuple[type, ...]] = {
+    "output_format": (str,),
+    "z_index": (int,),
+    "bounding_box": (dict,),
+    "name": (str,),
+    "description": (str,),
+}
+
+
+def image_details(item: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`IMAGE_DETAIL_FIELDS` of an answer's image (or a record of one), of the SDK's types."""
+    details = {}
+    for name in IMAGE_DETAIL_FIELDS:
+        value = item.get(name)
+        if isinstance(value, _DETAIL_TYPES[name]) and not isinstance(value, bool):
+            details[name] = value
+    return details
+
+
 def _image_from_json(index: int, item: Mapping[str, Any]) -> GeneratedImage:
     error = item.get("error")
     if _is_error(error):
@@ -147,7 +174,9 @@ def _image_from_json(index: int, item: Mapping[str, Any]) -> GeneratedImage:
     b64 = item.get("b64_json") if isinstance(item.get("b64_json"), str) else None
     if not url and not b64:
         return GeneratedImage(index=index, error_code="MissingImage", error_message="no url or b64_json in response")
-    return GeneratedImage(index=index, url=url, b64_json=b64, size=_normalise_size(item.get("size")))
+    return GeneratedImage(
+        index=index, url=url, b64_json=b64, size=_normalise_size(item.get("size")), details=image_details(item)
+    )
 
 
 def parse_generation(payload: Any, request_id: str | None) -> GenerationResult:

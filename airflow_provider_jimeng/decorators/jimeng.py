@@ -16,6 +16,7 @@ from airflow.providers.common.compat.sdk import (
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
 from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+from airflow_provider_jimeng.options import MAX_EXTRA_BODY_DEPTH, nested_deeper_than
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -81,7 +82,17 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
             if "prompt" not in returned:
                 raise JiMengConfigurationError("return value", "the dict must include 'prompt'")
             for name, value in returned.items():
-                setattr(self, name, value)
+                if nested_deeper_than(value, MAX_EXTRA_BODY_DEPTH):
+                    # Checked before it is set: Airflow walks a task attribute's value (RecursionError).
+                    raise JiMengConfigurationError(
+                        name,
+                        f"is nested deeper than {MAX_EXTRA_BODY_DEPTH} levels; allowed: a JSON object "
+                        f"(or value) of at most {MAX_EXTRA_BODY_DEPTH} levels of objects and lists",
+                    )
+                # None means "as the task was declared" (its default when not given): a function that
+                # returns {"max_images_per_task": None} must not lift the cap the task was given.
+                if value is not None:
+                    setattr(self, name, value)
             if "s3_bucket" in returned:
                 # Naming a bucket asks for storage, even when the value is empty: never URLs instead.
                 self.storage_requested = True

@@ -24,6 +24,7 @@ from airflow_provider_jimeng.emulator.images import RenderCache, require_pillow
 from airflow_provider_jimeng.emulator.ledger import LedgerEntry
 from airflow_provider_jimeng.emulator.routes import GENERATION_PATHS, MODELS_PATHS, Handler
 from airflow_provider_jimeng.emulator.runtime import MAX_REQUEST_RECORDS, TOS_BUCKET, TOS_PREFIX, Runtime
+from airflow_provider_jimeng.emulator.wire import EVENT_STREAM_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,9 @@ class JiMengEmulator:
 
     ``latency`` (seconds per generated image), ``images_per_minute`` (``None`` = unlimited),
     ``rate_limit_burst`` (``None``: the limit is a sliding 60 s window; a number: a token bucket of
-    that many images, refilled evenly over the minute), ``url_ttl`` and ``moderation_marker`` may be
-    changed while it runs. A prompt containing
+    that many images, refilled evenly over the minute), ``url_ttl``, ``moderation_marker`` and
+    ``stream_content_type`` (the label of event streams: ``"application/json"`` plays a gateway that
+    mislabels them) may be changed while it runs. A prompt containing
     ``moderation_marker`` is refused as sensitive (400); ``FAIL_IMAGE_<k>`` in a prompt makes image
     ``k`` (0-based) of the answer fail moderation while the others succeed (and are billed).
 
@@ -104,6 +106,8 @@ class JiMengEmulator:
         self.rate_limit_burst = rate_limit_burst
         self.url_ttl = url_ttl
         self.moderation_marker = moderation_marker
+        #: The label of event streams; some gateways send ``application/json`` (clients must read the body).
+        self.stream_content_type = EVENT_STREAM_CONTENT_TYPE
         #: What the requests share (faults, ledger, rate limiter, images, URL signing, counters).
         self.runtime = Runtime()
         self._server: _Server | None = None

@@ -27,7 +27,7 @@ def answer_stream(
     kind = fault.kind if fault else None
     record["status"] = 200
     emulator.runtime.stats.add_record(record)
-    alive = exchange.start_events()
+    alive = exchange.start_events(emulator.stream_content_type)
     # Faults that cut the stream stop writing after half of the images (at least one).
     cut_after = max(1, len(plan.slots) // 2) if kind in ("truncated", "reset_mid_body") else len(plan.slots)
     billed = 0

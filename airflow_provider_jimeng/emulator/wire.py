@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 CLIENT_REQUEST_ID_HEADER = "X-Client-Request-Id"
 MAX_BODY_BYTES = 256 * 1024 * 1024
 _WRITE_CHUNK = 256 * 1024
+#: How the service labels an event stream (some gateways say ``application/json``).
+EVENT_STREAM_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 _HOST_HEADER = re.compile(r"^(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$")
 _CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
 
@@ -157,8 +159,8 @@ class Exchange:
 
     # -- server-sent events ----------------------------------------------------------------------
 
-    def start_events(self) -> bool:
-        """Send the headers of an event stream; ``False`` when the client is already gone.
+    def start_events(self, content_type: str = EVENT_STREAM_CONTENT_TYPE) -> bool:
+        """Send the headers of an event stream (labelled ``content_type``); ``False`` when the client is gone.
 
         HTTP/1.1 clients get chunked encoding (the connection stays usable); HTTP/1.0 ones an
         unframed body ended by closing the connection.
@@ -169,7 +171,7 @@ class Exchange:
             if self.peer_gone():
                 raise ConnectionAbortedError("the client hung up before the stream started")
             handler.send_response(200)
-            handler.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            handler.send_header("Content-Type", content_type)
             handler.send_header("Cache-Control", "no-cache")
             if self._chunked:
                 handler.send_header("Transfer-Encoding", "chunked")

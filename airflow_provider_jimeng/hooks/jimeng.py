@@ -9,6 +9,7 @@ import math
 import re
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -178,6 +179,24 @@ def _as_verify(value: Any) -> bool | str:
         raise JiMengConfigurationError(
             "verify", f"{_shown(value)} is not allowed; allowed: true, false, or the path of a CA bundle"
         ) from None
+
+
+def _check_api_key(api_key: str) -> None:
+    """Refuse a key that cannot go into an ``Authorization`` header, naming the problem, never the key.
+
+    A key pasted with a zero-width space, a look-alike Cyrillic letter or a line break would fail in
+    the HTTP client (or, a line break, be taken for a request that may have been billed and retried).
+    """
+    for position, char in enumerate(api_key):
+        if " " < char < "\x7f":
+            continue
+        what = f"U+{ord(char):04X} ({unicodedata.name(char, 'a control character')})"
+        raise JiMengConfigurationError(
+            "password",
+            f"the API key has {what} at position {position + 1} of {len(api_key)} (the key is not shown); "
+            "allowed: printable ASCII without spaces, as the console shows the key (check for a pasted "
+            "line break, zero-width space or look-alike letter)",
+        )
 
 
 def _first(override: Any, extra: Any) -> Any:
@@ -453,6 +472,7 @@ class _AnswerBody(_BoundedBody):
         stop: threading.Event | None = None,
     ) -> None:
         self._request_id = request_id
+        self._peeked = b""
         super().__init__(response, max_bytes=max_bytes, label="answer", deadline_seconds=deadline_seconds, stop=stop)
 
     def _broken(self, exc: BaseException, received: int) -> Exception:
@@ -498,6 +518,31 @@ class _AnswerBody(_BoundedBody):
             code="MalformedResponse",
             request_id=self._request_id,
         )
+
+    def read(self, size: int = -1) -> bytes:
+        if self._peeked:  # what is_event_stream() looked at comes first
+            chunk, self._peeked = self._peeked, b""
+            return chunk
+        return super().read(size)
+
+    def is_event_stream(self) -> bool:
+        """Whether the body is server-sent events, told by its first bytes rather than its label.
+
+        Some gateways label a stream ``application/json``: read as JSON, a paid answer would look
+        malformed and be sent again. A JSON answer starts with ``{``; an event stream with a field
+        (``data:``, ``event:``, ``id:``, ``retry:``) or a comment (``:``). The bytes looked at are kept.
+        """
+        head = b""
+        while len(head) < 64:
+            chunk = super().read(64 - len(head))
+            if not chunk:
+                break
+            head += chunk
+            if head.lstrip(b"\xef\xbb\xbf \t\r\n"):
+                break
+        self._peeked = head
+        start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        return start.startswith((b"data:", b"event:", b"id:", b"retry:", b":"))
 
     def read_all(self) -> bytes:
         return b"".join(iter(lambda: self.read(DOWNLOAD_CHUNK_BYTES), b""))
@@ -680,6 +725,7 @@ class JiMengHook(BaseHook):
             )
         mask_secret(api_key)
         register_secret(api_key)
+        _check_api_key(api_key)
         extras = conn.extra_dejson if conn.extra else {}
         if not isinstance(extras, Mapping):
             raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"timeout": 300}')
@@ -981,7 +1027,11 @@ class JiMengHook(BaseHook):
                 self._give_back(grant, 0 if result.truncated else images - result.billed_images)
             return result
 
-        return self._with_retries(attempt, subject="JiMeng", counter="retries")
+        # A set is never sent again blind: with no idempotency key, a set that timed out or broke off
+        # may have billed every image, and a repeat pays for all of them again.
+        return self._with_retries(
+            attempt, subject="JiMeng", counter="retries", max_billed_retries=0 if images > 1 else None
+        )
 
     def _give_back(self, grant: Grant, images: int) -> None:
         """Return unused images to the shared bucket; if Redis fails, they stay spent (never overspent)."""
@@ -997,15 +1047,18 @@ class JiMengHook(BaseHook):
         reservations.append(self._tally.reserve(images))
         return _Charge(images, reservations)
 
-    def _with_retries(self, attempt: Callable[[int], _T], *, subject: str, counter: str) -> _T:
+    def _with_retries(
+        self, attempt: Callable[[int], _T], *, subject: str, counter: str, max_billed_retries: int | None = None
+    ) -> _T:
         """The hook's one retry loop: ``attempt(n)`` until it succeeds or its error may not be retried.
 
         Rate limits and server errors are retried ``max_retries`` times with backoff. An attempt that
         may have been billed (timed out, broke off, malformed 200) is retried at most
-        ``max_billed_retries`` times in all, each time with a warning: there is no idempotency key,
-        so every such retry may pay again.
+        ``max_billed_retries`` times in all (the connection's extra unless given), each time with a
+        warning: there is no idempotency key, so every such retry may pay again.
         """
         policy = self.retry_policy
+        billed_limit = self.config.max_billed_retries if max_billed_retries is None else max_billed_retries
         billed_retries = 0
         number = 0
         while True:
@@ -1020,17 +1073,17 @@ class JiMengHook(BaseHook):
                 reason = error.code or type(error).__name__
                 request_id = error.request_id or "n/a"
                 if error.possibly_billed:
-                    limit = self.config.max_billed_retries
-                    if billed_retries >= limit:
+                    if billed_retries >= billed_limit:
                         self.log.warning(
-                            "%s attempt %d failed (%s, request id %s) and may have been billed; not retried: "
-                            "%d retry(ies) of possibly billed attempts already made (extra max_billed_retries=%d)",
+                            "%s attempt %d failed (%s, request id %s) and may have been billed; not retried: %s",
                             subject,
                             number,
                             reason,
                             request_id,
-                            billed_retries,
-                            limit,
+                            f"{billed_retries} retry(ies) of possibly billed attempts already made "
+                            f"(extra max_billed_retries={billed_limit})"
+                            if max_billed_retries is None
+                            else "a set of images is never sent again blind (each image may be billed again)",
                         )
                         raise
                     billed_retries += 1
@@ -1047,7 +1100,7 @@ class JiMengHook(BaseHook):
                         request_id,
                         wait,
                         billed_retries,
-                        self.config.max_billed_retries,
+                        billed_limit,
                     )
                 else:
                     self.log.warning(
@@ -1089,13 +1142,14 @@ class JiMengHook(BaseHook):
             stream,
             client_request_id,
         )
+        read_timeout = self._read_timeout(charge.images, stream)
         started = time.monotonic()
         try:
             response = self.get_conn().post(
                 config.generations_url,
                 data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers={"X-Client-Request-Id": client_request_id},
-                timeout=(config.connect_timeout, config.timeout),
+                timeout=(config.connect_timeout, read_timeout),
                 # Headers first, body after: if the body breaks off, the server's request id is known.
                 stream=True,
                 # Per request, not only on the session: requests lets REQUESTS_CA_BUNDLE / HTTPS_PROXY
@@ -1104,7 +1158,7 @@ class JiMengHook(BaseHook):
                 proxies=config.proxies,
             )
         except OSError as exc:  # requests' exceptions are OSErrors, and so is a CA bundle that is not there
-            failure = self._request_failure(exc, client_request_id)
+            failure = self._request_failure(exc, client_request_id, read_timeout)
             if isinstance(failure, JiMengAPIError) and failure.possibly_billed:
                 charge.keep_as_possible()
             else:
@@ -1121,7 +1175,8 @@ class JiMengHook(BaseHook):
                 request_id=request_id,
                 stop=self._stop,
             )
-            if stream and response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            # The body says which it is, not its label: some gateways label a stream application/json.
+            if answer.is_event_stream():
                 result = parse_event_stream(answer.lines(), request_id, expected_images=charge.images)
             else:
                 if before_body is not None:
@@ -1140,6 +1195,15 @@ class JiMengHook(BaseHook):
         charge.settle(billed, max(0, charge.images - billed) if result.truncated else 0)
         self._log_result(result, time.monotonic() - started)
         return result
+
+    def _read_timeout(self, images: int, stream: bool) -> float:
+        """How long to wait for an answer's first byte: the ``timeout`` per image for a set not streamed.
+
+        A non-streamed set answers only once every image is made (tens of seconds per 2K image): a
+        15-image set would outlast one read timeout after it was billed. A stream sends each image as
+        it is ready, so one ``timeout`` bounds each wait.
+        """
+        return self.config.timeout * (1 if stream else max(1, images))
 
     def _log_result(self, result: GenerationResult, seconds: float) -> None:
         self.log.info(
@@ -1167,7 +1231,7 @@ class JiMengHook(BaseHook):
                 len(result.succeeded),
             )
 
-    def _request_failure(self, exc: OSError, request_id: str) -> Exception:
+    def _request_failure(self, exc: OSError, request_id: str, read_timeout: float) -> Exception:
         """What a request that got no answer raises; ``possibly_billed`` when it may have reached the service."""
         config = self.config
         host = urlsplit(config.base_url).netloc
@@ -1180,7 +1244,7 @@ class JiMengHook(BaseHook):
             )
         if isinstance(exc, requests.Timeout):
             return JiMengTimeoutError(
-                f"no answer within {config.timeout:g}s ({name}); the request may still be billed",
+                f"no answer within {read_timeout:g}s ({name}); the request may still be billed",
                 code="Timeout",
                 request_id=request_id,
                 possibly_billed=True,

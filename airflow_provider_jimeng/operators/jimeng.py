@@ -10,11 +10,14 @@ without storage, the image URLs) and per-image records.
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+import jinja2.nativetypes
 from airflow.sdk import BaseOperator, XComArg
 
 from airflow_provider_jimeng.api.request import max_images_billed
@@ -48,6 +51,9 @@ from airflow_provider_jimeng.storage.objstore import ObjectImageStore
 from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
 from airflow_provider_jimeng.storage.s3 import S3ImageStore
 
+#: What native rendering may turn into a number: decimal digits, a sign, a point (no 0x, e, _).
+_PLAIN_DECIMAL = re.compile(r"^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$", re.ASCII)
+
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
@@ -73,6 +79,8 @@ class JiMengGenerateOperator(BaseOperator):
     :param optimize_prompt_mode: let the service rewrite the prompt before generating: ``standard``
         (better prompts, slower) or ``fast``, as the model allows (Seedream 4.5 and 5.0: ``standard``
         only); ``None`` sends no option. (templated)
+    :param optimize_prompt_thinking: ``optimize_prompt_options.thinking`` as the official SDK knows it,
+        sent as given, with or without a mode (not for Seedream 3.0). (templated)
     :param guidance_scale: how closely Seedream 3.0 follows the prompt, in [1, 10]. (templated)
     :param output_format: ``jpeg`` or ``png`` (Seedream 5.0); PNG images are stored as ``.png``. (templated)
     :param web_search: let Seedream 5.0 search the web for the prompt (billed per search, see the
@@ -146,6 +154,7 @@ class JiMengGenerateOperator(BaseOperator):
         sequential_image_generation: str | None = None,
         max_images: int | str | None = None,
         optimize_prompt_mode: str | None = None,
+        optimize_prompt_thinking: str | None = None,
         guidance_scale: float | str | None = None,
         output_format: str | None = None,
         web_search: bool | str = False,
@@ -180,6 +189,7 @@ class JiMengGenerateOperator(BaseOperator):
         self.sequential_image_generation = sequential_image_generation
         self.max_images = max_images
         self.optimize_prompt_mode = optimize_prompt_mode
+        self.optimize_prompt_thinking = optimize_prompt_thinking
         self.guidance_scale = guidance_scale
         self.output_format = output_format
         self.web_search = web_search
@@ -234,6 +244,36 @@ class JiMengGenerateOperator(BaseOperator):
                     "a valid template over the task's context, e.g. {{ params.topic }}, {{ ds }} or "
                     "{{ ti.xcom_pull(task_ids='...') }}, or a prompt file (.txt, .j2, .jinja) next to the DAG",
                 ) from None
+
+    def _render(self, template: jinja2.Template, context: Any, dag: Any = None) -> Any:
+        """Airflow's rendering, except that native rendering makes numbers of plain decimals only.
+
+        Jinja's native rendering ``literal_eval``s the text: ``'0x10'``, ``'1e3'`` or ``'1_000'`` (a
+        prompt, an id, a typo) would become 16, 1000.0 and 1000. Such text stays text, to be checked as
+        written; a real number (``{{ params.seed }}`` holding 7) and ``'7'`` or ``'2.5'`` stay numbers.
+        Rendered as Airflow's ``render_template(native=True)`` does, with that one difference.
+        """
+        if dag is None:
+            dag = self.get_dag()
+        if not self._should_render_native(dag):
+            return super()._render(template, context, dag)
+        context = copy.copy(context)
+        env = template.environment
+        if template.globals:
+            context.update((k, v) for k, v in template.globals.items() if k not in context)
+        try:
+            nodes = list(template.root_render_func(env.context_class(env, context, template.name, template.blocks)))
+        except Exception:
+            env.handle_exception()  # the traceback points at the template
+        if not nodes:
+            return None
+        if len(nodes) == 1 and not isinstance(nodes[0], str):
+            return nodes[0]  # a value itself (a param, an XCom), not text
+        text = "".join(str(node) for node in nodes)
+        rendered = jinja2.nativetypes.native_concat([text])
+        if isinstance(rendered, (int, float, complex)) and not isinstance(rendered, bool):
+            return rendered if _PLAIN_DECIMAL.match(text) else text
+        return rendered
 
     # ---------------------------------------------------------------------------------- validation
     def checked_parameters(self) -> tuple[list[str], GenerationOptions, RunOptions]:

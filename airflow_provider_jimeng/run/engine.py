@@ -484,6 +484,7 @@ class GenerationRun:
                         request_id=result.request_id,
                         model=result.model,
                         url=image.url,
+                        details=image.details,
                     )
                 )
             else:
@@ -578,6 +579,7 @@ class GenerationRun:
                     uri=keyspace.uri(key),
                     bytes=size_bytes,
                     sha256=sha256,
+                    details=image.details,
                 )
             )
         outcome.stored = kept

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, redact_url
+from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, image_details, redact_url
 
 #: Version 2: typed entries (version 1 was written before the run engine; its records read as absent).
 SCHEMA_VERSION = 2
@@ -46,9 +46,11 @@ class JournaledImage:
     size: str | None = None
     url: str | None = field(default=None, repr=False)
     b64_json: str | None = field(default=None, repr=False)
+    #: The answer's other per-image fields (``GeneratedImage.details``).
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, *, with_data: bool) -> dict[str, Any]:
-        item: dict[str, Any] = {"index": self.index, "size": self.size, "url": self.url}
+        item: dict[str, Any] = {"index": self.index, "size": self.size, "url": self.url, **self.details}
         if with_data and self.b64_json:
             item["b64_json"] = self.b64_json
         return item
@@ -62,6 +64,7 @@ class JournaledImage:
             size=_text(data.get("size")),
             url=_text(data.get("url")),
             b64_json=_text(data.get("b64_json")),
+            details=image_details(data),
         )
 
     def fetchable(self, *, fresh: bool) -> bool:
@@ -69,7 +72,9 @@ class JournaledImage:
         return bool(self.b64_json) or (fresh and bool(self.url))
 
     def as_generated(self) -> GeneratedImage:
-        return GeneratedImage(index=self.index, url=self.url, b64_json=self.b64_json, size=self.size)
+        return GeneratedImage(
+            index=self.index, url=self.url, b64_json=self.b64_json, size=self.size, details=dict(self.details)
+        )
 
 
 @dataclass(frozen=True)
@@ -115,7 +120,9 @@ class JournalEntry:
             created=result.created,
             usage=result.usage.as_dict(),
             images=tuple(
-                JournaledImage(index=image.index, size=image.size, url=image.url, b64_json=image.b64_json)
+                JournaledImage(
+                    index=image.index, size=image.size, url=image.url, b64_json=image.b64_json, details=image.details
+                )
                 for image in result.succeeded
             ),
             failed=tuple(FailedImage(image.index, image.error_code, image.error_message) for image in result.failed),
@@ -268,6 +275,8 @@ class StoredImage:
     uri: str
     bytes: int | None
     sha256: str | None
+    #: The answer's other per-image fields (``GeneratedImage.details``), written only when there are some.
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -281,6 +290,7 @@ class StoredImage:
             "key": self.key,
             "bytes": self.bytes,
             "sha256": self.sha256,
+            **self.details,
         }
 
     @classmethod
@@ -302,6 +312,7 @@ class StoredImage:
             uri=uri,
             bytes=_int(data.get("bytes")),
             sha256=_text(data.get("sha256")),
+            details=image_details(data),
         )
 
 
@@ -315,6 +326,7 @@ class DeliveredImage:
     request_id: str | None
     model: str | None
     url: str = field(repr=False)
+    details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -324,6 +336,7 @@ class DeliveredImage:
             "request_id": self.request_id,
             "model": self.model,
             "url": redact_url(self.url),
+            **self.details,
         }
 
 

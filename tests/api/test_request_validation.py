@@ -116,10 +116,12 @@ BAD_ARGUMENTS = [
         ("not supported by Seedream 4.5", "Seedream 5.0 only"),
         id="web-search-on-4.5",
     ),
-    pytest.param({"seed": -2}, "seed", ("-2", "an integer in [-1, 2147483647]"), id="seed-below-minus-1"),
-    pytest.param({"seed": 2**31}, "seed", ("2147483648", "[-1, 2147483647]"), id="seed-over-int32"),
-    pytest.param({"seed": True}, "seed", ("True", "an integer"), id="seed-bool"),
-    pytest.param({"seed": "7"}, "seed", ("'7'", "an integer"), id="seed-str"),
+    pytest.param(
+        {"model": MODEL_3_0, "seed": -2}, "seed", ("-2", "an integer in [-1, 2147483647]"), id="seed-below-minus-1"
+    ),
+    pytest.param({"model": MODEL_3_0, "seed": 2**31}, "seed", ("2147483648", "[-1, 2147483647]"), id="seed-over-int32"),
+    pytest.param({"model": MODEL_3_0, "seed": True}, "seed", ("True", "an integer"), id="seed-bool"),
+    pytest.param({"model": MODEL_3_0, "seed": "7"}, "seed", ("'7'", "an integer"), id="seed-str"),
     pytest.param({"response_format": "png"}, "response_format", ("'png'", "'url' or 'b64_json'"), id="format-png"),
     pytest.param({"watermark": "yes"}, "watermark", ("'yes'", "true or false"), id="watermark-str"),
     pytest.param(
@@ -569,7 +571,6 @@ def test_watermark_and_response_format_are_always_explicit(watermark: bool) -> N
 def test_all_named_parameters_land_in_the_body() -> None:
     body = _build(
         size="2048x2048",
-        seed=42,
         response_format="b64_json",
         watermark=False,
         sequential_image_generation="auto",
@@ -582,7 +583,6 @@ def test_all_named_parameters_land_in_the_body() -> None:
         "model": MODEL_4_0,
         "prompt": "a red fox in the snow",
         "size": "2048x2048",
-        "seed": 42,
         "sequential_image_generation": "auto",
         "sequential_image_generation_options": {"max_images": 2},
         "response_format": "b64_json",
@@ -595,8 +595,31 @@ def test_all_named_parameters_land_in_the_body() -> None:
 
 
 def test_seed_bounds_are_inclusive() -> None:
-    assert _build(seed=-1)["seed"] == -1
-    assert _build(seed=2**31 - 1)["seed"] == 2**31 - 1
+    assert _build(model=MODEL_3_0, seed=-1)["seed"] == -1
+    assert _build(model=MODEL_3_0, seed=2**31 - 1)["seed"] == 2**31 - 1
+
+
+@pytest.mark.parametrize("model", [MODEL_4_0, MODEL_4_5, MODEL_5_0])
+def test_seed_is_refused_where_the_api_does_not_document_it(model: str) -> None:
+    """Regression: ``seed`` was sent to every family; the API documents it for 3.0 t2i and SeedEdit only."""
+    with pytest.raises(JiMengConfigurationError) as caught:
+        _build(model=model, seed=7)
+    _assert_refused(caught.value, "seed", ("is not a parameter of Seedream", "Seedream 3.0 text-to-image"))
+
+
+def test_optimize_prompt_thinking_is_sent_as_the_sdk_knows_it() -> None:
+    """Regression: ``optimize_prompt_options.thinking`` (official SDK) could not be sent at all."""
+    assert _build(optimize_prompt_thinking="enabled")["optimize_prompt_options"] == {"thinking": "enabled"}
+    body = _build(model=MODEL_4_5, optimize_prompt_mode="standard", optimize_prompt_thinking="auto")
+    assert body["optimize_prompt_options"] == {"mode": "standard", "thinking": "auto"}
+    with pytest.raises(JiMengConfigurationError) as caught:
+        _build(model=MODEL_3_0, optimize_prompt_thinking="enabled")
+    _assert_refused(caught.value, "optimize_prompt_thinking", ("is not supported by Seedream 3.0",))
+
+
+@pytest.mark.parametrize("model", [MODEL_3_0, "doubao-seededit-3-0-i2i-250628", "ep-20240101123456-abcde"])
+def test_seed_is_sent_to_the_families_that_take_it(model: str) -> None:
+    assert _build(model=model, seed=7)["seed"] == 7
 
 
 def test_guidance_scale_is_accepted_on_3_0() -> None:

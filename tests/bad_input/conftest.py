@@ -95,6 +95,10 @@ def bad_connections(jimeng_conn: JiMengEmulator, monkeypatch: pytest.MonkeyPatch
         "bad_timeout": {"host": base, "password": key, "extra": {"allow_http": True, "timeout": "soon"}},
         "bad_retries": {"host": base, "password": key, "extra": {"allow_http": True, "max_retries": -1}},
         "bad_watermark": {"host": base, "password": key, "extra": {"allow_http": True, "watermark": "maybe"}},
+        # Pasted keys: a zero-width space, a Cyrillic "а" for the Latin one, a line break inside.
+        "key_zero_width": {"host": base, "password": "sk-valid\u200b-looking", "extra": {"allow_http": True}},
+        "key_cyrillic": {"host": base, "password": "sk-v\u0430lid-looking", "extra": {"allow_http": True}},
+        "key_newline": {"host": base, "password": "sk-valid\n-looking", "extra": {"allow_http": True}},
     }
     for name, fields in connections.items():
         monkeypatch.setenv(f"AIRFLOW_CONN_JIMENG_{name.upper()}", json.dumps({"conn_type": "jimeng", **fields}))

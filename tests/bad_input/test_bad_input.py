@@ -24,6 +24,17 @@ SIZES_4_0 = "allowed: '1K' / '2K' / '4K' or 'WxH' with W*H >= 921600, W*H <= 167
 IMAGE_FORMATS = "allowed: image/jpeg, image/png, image/webp, image/bmp, image/tiff, image/gif"
 MODEL_4_5 = "doubao-seedream-4-5-251128"
 AUTO = {"sequential_image_generation": "auto"}
+VISIBLE = "must be a non-empty string with a visible character"
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+NESTED_5000 = _nested(5000)
 
 HOOK_CASES = [
     pytest.param({"prompt": ""}, "prompt", "must be a non-empty string", id="empty-prompt"),
@@ -64,6 +75,13 @@ HOOK_CASES = [
     ),
     pytest.param({"guidance_scale": 5.0}, "guidance_scale", "Seedream 3.0 only", id="guidance-scale-on-4.0"),
     pytest.param({"extra_body": {"model": "x"}}, "extra_body", "pass them as named parameters", id="extra-body-clash"),
+    # Tracebacks and prompts paid for, before (issue 20, break 15).
+    pytest.param({"prompt": "\ufeff"}, "prompt", VISIBLE, id="prompt-only-a-BOM"),
+    pytest.param({"prompt": "\x00\x00\x00"}, "prompt", VISIBLE, id="prompt-only-NULs"),
+    pytest.param({"prompt": "\u0301\u0308\u20dd"}, "prompt", VISIBLE, id="prompt-only-combining-marks"),
+    pytest.param({"prompt": "\x07\x1b\x7f"}, "prompt", VISIBLE, id="prompt-only-control-characters"),
+    pytest.param({"prompt": "\u200b\u2060 \ufeff"}, "prompt", VISIBLE, id="prompt-only-zero-width"),
+    pytest.param({"sizes": "2K"}, "sizes", "is not a generation parameter; allowed: model, size", id="unknown-keyword"),
 ]
 
 
@@ -90,6 +108,9 @@ CONNECTION_CASES = [
     pytest.param("bad_timeout", "timeout", "allowed: a number >= 1", id="timeout-not-a-number"),
     pytest.param("bad_retries", "max_retries", "below the minimum of 0", id="max-retries-negative"),
     pytest.param("bad_watermark", "watermark", "allowed: true or false", id="watermark-not-boolean"),
+    pytest.param("key_zero_width", "password", "U+200B (ZERO WIDTH SPACE) at position 9", id="key-zero-width-space"),
+    pytest.param("key_cyrillic", "password", "U+0430 (CYRILLIC SMALL LETTER A)", id="key-cyrillic-letter"),
+    pytest.param("key_newline", "password", "U+000A (a control character)", id="key-with-a-line-break"),
 ]
 
 
@@ -99,6 +120,7 @@ def test_connection_refused(bad_connections: JiMengEmulator, conn_id: str, param
         JiMengHook(f"jimeng_{conn_id}").generate_images("a red fox")
     assert_refused(raised.value, parameter, allowed, bad_connections)
     assert "sk-valid-looking" not in str(raised.value)
+    assert "valid" not in str(raised.value)  # not even a part of the key
 
 
 OPERATOR_CASES = [
@@ -195,3 +217,45 @@ def test_decorator_refuses(
     with pytest.raises(JiMengConfigurationError) as raised:
         output.operator.execute(context)
     assert_refused(raised.value, parameter, allowed, jimeng_conn)
+
+
+def test_extra_body_nested_5000_levels_is_refused_by_the_hook_and_the_decorator(
+    jimeng_conn: JiMengEmulator, context: dict[str, Any]
+) -> None:
+    """Regression: 5,000 levels of ``extra_body`` crashed the JSON encoder (RecursionError)."""
+    from airflow.sdk import DAG
+
+    allowed = "is nested deeper than 32 levels; allowed: a JSON object"
+    with pytest.raises(JiMengConfigurationError) as raised:
+        JiMengHook().generate_images("a red fox", extra_body=NESTED_5000)
+    assert_refused(raised.value, "extra_body", allowed, jimeng_conn)
+
+    with DAG("bad_decorated_nested", schedule=None, start_date=datetime.datetime(2024, 1, 1)):
+
+        @jimeng_task(task_id="generate")
+        def build_prompt() -> Any:
+            return {"prompt": "a red fox", "extra_body": NESTED_5000}
+
+        output = build_prompt()
+    with pytest.raises(JiMengConfigurationError) as raised:
+        output.operator.execute(context)
+    assert_refused(raised.value, "extra_body", allowed, jimeng_conn)
+
+
+def test_a_decorated_task_returning_max_images_per_task_none_keeps_its_cap(
+    jimeng_conn: JiMengEmulator, context: dict[str, Any]
+) -> None:
+    """Regression: ``{"max_images_per_task": None}`` from the function removed the task's cap.
+    None in the returned dict means the parameter as the task was declared."""
+    from airflow.sdk import DAG
+
+    with DAG("bad_decorated_cap", schedule=None, start_date=datetime.datetime(2024, 1, 1)):
+
+        @jimeng_task(task_id="generate", max_images_per_task=1)
+        def build_prompt() -> Any:
+            return {"prompt": ["a red fox", "a blue whale"], "max_images_per_task": None}
+
+        output = build_prompt()
+    with pytest.raises(JiMengConfigurationError) as raised:
+        output.operator.execute(context)
+    assert_refused(raised.value, "max_images_per_task", "above the limit of 1", jimeng_conn)

@@ -13,8 +13,8 @@ and says what is allowed, and that the emulator received zero requests.
 
 Counts (``test_the_tables_are_as_large_as_documented`` keeps them honest):
 
-* refused, operator in-process: 428 (native 198, text 208, direct 22)
-* accepted coercions, operator in-process: 26 (native 12, text 12, direct 2)
+* refused, operator in-process: 434 (native 201, text 211, direct 22)
+* accepted coercions, operator in-process: 30 (native 14, text 14, direct 2)
 * the other front ends and whole DAGs are in ``test_rendered_types_front_ends.py``.
 """
 
@@ -55,6 +55,8 @@ NOT_BLANK = "must be a non-empty string"
 AUTO = {"sequential_image_generation": "auto"}
 STORE = {"s3_bucket": "good-bucket"}
 MODEL_5_0 = "doubao-seedream-5-0-260128"
+#: A family the API documents ``seed`` for (3.0 text-to-image; 4.x and 5.0 refuse it).
+SEEDED = {"model": "doubao-seedream-3-0-t2i-250415", "size": None}
 BOTH = ("native", "text")
 NATIVE = ("native",)
 TEXT = ("text",)
@@ -160,6 +162,11 @@ _REFUSED: list[Case | None] = [
     *ints("max_images", MAX_IMAGES, low=0, high=16, static=AUTO),
     Case("max-images-without-a-set", {"max_images": 3}, "max_images", "set sequential_image_generation='auto'"),
     *ints("max_images_per_task", PER_TASK, low=0, high=None),
+    # Text native rendering would literal_eval into 16, 1000.0 and 1000: it stays the text written.
+    *[
+        Case(f"max_images_per_task-{label}", {"max_images_per_task": text}, "max_images_per_task", PER_TASK)
+        for label, text in [("hex", "0x10"), ("exponent", "1e3"), ("underscores", "1_000")]
+    ],
     *direct_ints("max_concurrency", CONCURRENCY, low=0, high=65),
     # ---------------------------------------------------------------- numbers (not templated)
     *[
@@ -478,10 +485,13 @@ ACCEPTED = [
     Accepted("dry_run-false", {"dry_run": False}, _one_request_with(prompt="a red fox")),
     Accepted("dry_run-true", {"dry_run": "true"}, _nothing_sent),
     Accepted("dry_run-yes", {"dry_run": " YES "}, _nothing_sent),
-    Accepted("seed-7", {"seed": "7"}, _one_request_with(seed=7)),
-    Accepted("seed-padded", {"seed": " 7 "}, _one_request_with(seed=7)),
-    Accepted("seed-4.0", {"seed": 4.0}, _one_request_with(seed=4)),
-    Accepted("seed-minus-1", {"seed": "-1"}, _one_request_with(seed=-1)),
+    # Native rendering keeps what only looks like a number as the text written.
+    Accepted("prompt-hex", {"prompt": "0x10"}, _one_request_with(prompt="0x10")),
+    Accepted("prompt-underscores", {"prompt": "1_000"}, _one_request_with(prompt="1_000")),
+    Accepted("seed-7", {"seed": "7"}, _one_request_with(seed=7), static=SEEDED),
+    Accepted("seed-padded", {"seed": " 7 "}, _one_request_with(seed=7), static=SEEDED),
+    Accepted("seed-4.0", {"seed": 4.0}, _one_request_with(seed=4), static=SEEDED),
+    Accepted("seed-minus-1", {"seed": "-1"}, _one_request_with(seed=-1), static=SEEDED),
     Accepted("watermark-off", {"watermark": "off"}, _one_request_with(watermark=False)),
     Accepted("watermark-unset", {"watermark": ""}, _one_request_with(watermark=True)),
     Accepted(

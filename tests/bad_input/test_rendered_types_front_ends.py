@@ -26,6 +26,7 @@ from tests.bad_input.test_rendered_types import BOOL, EXTRA, PROMPT, SEED, UTF8,
 from tests.dags import jimeng_test_rendered_types as dags
 
 NAN = float("nan")
+MODEL_3_0 = "doubao-seedream-3-0-t2i-250415"
 
 # ------------------------------------------------------------------------------------- @task.jimeng
 DECORATOR_CASES = [
@@ -71,7 +72,9 @@ def test_decorator_refuses_returned_values(
     ("returned", "requests"),
     [
         pytest.param({"prompt": "a fox", "dry_run": "true"}, 0, id="dry-run-true-text"),
-        pytest.param({"prompt": "a fox", "dry_run": "False", "seed": "7"}, 1, id="dry-run-False-text"),
+        pytest.param(
+            {"prompt": "a fox", "dry_run": "False", "seed": "7", "model": MODEL_3_0}, 1, id="dry-run-False-text"
+        ),
     ],
 )
 def test_decorator_coerces_returned_text(
@@ -117,7 +120,7 @@ def test_hook_refuses_keyword_fields(
 @pytest.mark.parametrize(
     ("arguments", "field", "value"),
     [
-        pytest.param({"seed": "7"}, "seed", 7, id="seed-text"),
+        pytest.param({"seed": "7", "model": MODEL_3_0}, "seed", 7, id="seed-text"),
         pytest.param({"watermark": "False"}, "watermark", False, id="watermark-False-text"),
         pytest.param({"extra_body": '{"n": 2}'}, "n", 2, id="extra-body-json"),
     ],

@@ -30,7 +30,12 @@ with DAG(
     @task.jimeng(s3_bucket="{{ params.bucket }}")
     def as_dict(subject: str) -> dict[str, Any]:
         # Braces in returned prompts are data, never Jinja: they must reach the API unchanged.
-        return {"prompt": f"{subject} {{{{ not a template }}}}", "size": "1280x720", "seed": 7}
+        return {
+            "prompt": f"{subject} {{{{ not a template }}}}",
+            "size": "1280x720",
+            "seed": 7,
+            "model": "doubao-seedream-3-0-t2i-250415",
+        }
 
     @task.jimeng(s3_bucket="{{ params.bucket }}", size="1K")
     def unknown_keys(subject: str) -> dict[str, Any]:

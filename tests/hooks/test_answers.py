@@ -111,6 +111,35 @@ def test_a_stream_the_emulator_cuts_after_some_images_is_not_sent_again(
     assert wait_for(lambda: jimeng_conn.billed_images == 4)  # the service did finish (and bill) the set
 
 
+@pytest.mark.parametrize("label", ["application/json", "application/json; charset=utf-8", "text/plain", ""])
+def test_a_stream_labelled_as_json_is_read_as_a_stream_and_not_sent_again(
+    jimeng_conn: JiMengEmulator, make_hook: Callable[..., JiMengHook], label: str
+) -> None:
+    """Regression: a gateway's stream labelled ``application/json`` was read as JSON, found malformed and
+    sent again (each prompt paid twice, nothing kept). The body tells a stream from JSON."""
+    jimeng_conn.stream_content_type = label
+    hook = make_hook()
+    result = hook.generate_images(
+        "a comic in 3 images", sequential_image_generation="auto", max_images=3, stream=True, size="1K"
+    )
+    assert [image.ok for image in result.images] == [True, True, True]
+    assert jimeng_conn.request_count == 1
+    assert jimeng_conn.billed_images == 3
+    assert (hook.stats["billed"], hook.stats["possibly_billed"], hook.stats["retries"]) == (3, 0, 0)
+
+
+def test_a_json_answer_to_a_stream_request_is_still_read_as_json(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    """A gateway that ignores ``stream`` answers JSON, whatever its label: the body decides both ways."""
+    answer = {"model": MODEL, "created": 1, "data": [{"url": URL.format(0, 0), "size": "1024x1024"}]}
+    server = scripted_server(json_answer(answer, headers={"Content-Type": "text/event-stream"}))
+    hook = make_hook()
+    result = hook.send(hook.build_body(PROMPT, stream=True))
+    assert server.request_count == 1
+    assert [image.ok for image in result.images] == [True]
+
+
 def test_an_error_event_before_any_image_is_raised_and_retried_when_retryable(
     scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
 ) -> None:
@@ -278,3 +307,53 @@ def test_reading_an_answer_is_stopped_by_close(
     assert isinstance(error, JiMengTimeoutError)
     assert error.code == "Stopped"
     assert server.request_count == 1
+
+
+# ----------------------------------------------------------------- per-image fields the SDK knows
+LAYER = {
+    "output_format": "png",
+    "z_index": 2,
+    "bounding_box": {"absolute": [0, 0, 512, 256], "normalized": [0, 0, 500, 250]},
+    "name": "sky",
+    "description": "the sky behind the kite",
+}
+
+
+def test_per_image_fields_the_sdk_knows_reach_the_result_the_journal_and_the_records(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    """Regression: ``output_format``, ``z_index``, ``bounding_box``, ``name`` and ``description`` of an
+    answer's image (the official SDK's ``Image``; layer decomposition answers) were dropped."""
+    from airflow_provider_jimeng.storage.records import DeliveredImage, JournalEntry, StoredImage
+
+    item = {"url": URL.format(0, 0), "size": "1024x1024", **LAYER, "z_index_typo": 1}
+    answer = {"model": MODEL, "created": 1, "data": [item], "usage": {"generated_images": 1}}
+    scripted_server(json_answer(answer))
+    hook = make_hook()
+    result = hook.send(hook.build_body(PROMPT))
+    [image] = result.images
+    assert image.details == LAYER
+
+    # A journal written for the retry keeps them, and gives them back.
+    entry = JournalEntry.from_result(0, "fp", result, now=1.0)
+    again = JournalEntry.from_json(json.loads(json.dumps(entry.to_json())), prompt_index=0)
+    assert again is not None
+    assert again.images[0].details == LAYER
+    assert again.images[0].as_generated().details == LAYER
+
+    # The per-image records (XCom "images", records.json) carry them beside size and key.
+    stored = StoredImage(0, 0, image.size, "rid", MODEL, "b", "k.jpg", "s3://b/k.jpg", 10, "0", details=image.details)
+    assert {name: stored.to_json()[name] for name in LAYER} == LAYER
+    assert StoredImage.from_json(json.loads(json.dumps(stored.to_json()))) == stored
+    delivered = DeliveredImage(0, 0, image.size, "rid", MODEL, str(image.url), details=image.details)
+    assert {name: delivered.to_json()[name] for name in LAYER} == LAYER
+
+
+def test_a_stream_keeps_the_per_image_fields_too(
+    scripted_server: Callable[..., ScriptedServer], make_hook: Callable[..., JiMengHook]
+) -> None:
+    completed = {"type": "image_generation.completed", "usage": {"generated_images": 1}}
+    scripted_server(sse_answer({**_partial(0), "output_format": "png"}, completed))
+    hook = make_hook()
+    [image] = hook.send(hook.build_body(PROMPT, stream=True)).images
+    assert image.details == {"output_format": "png"}

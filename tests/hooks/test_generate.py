@@ -23,6 +23,7 @@ from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 
 PROMPT = "a red fox in the snow"
 MODEL_4_5 = "doubao-seedream-4-5-251128"
+MODEL_3_0 = "doubao-seedream-3-0-t2i-250415"
 
 
 def _wire_body(emulator: JiMengEmulator) -> dict[str, Any]:
@@ -56,8 +57,16 @@ def test_minimal_call_sends_model_prompt_format_and_explicit_watermark(
     [
         pytest.param({"model": MODEL_4_5, "size": "2K"}, {"model": MODEL_4_5, "size": "2K"}, id="model-and-size"),
         pytest.param({"size": "1280x720"}, {"size": "1280x720"}, id="size-WxH"),
-        pytest.param({"seed": 1234}, {"seed": 1234}, id="seed"),
+        pytest.param({"model": MODEL_3_0, "seed": 1234}, {"model": MODEL_3_0, "seed": 1234}, id="seed-on-3.0"),
         pytest.param({"watermark": False}, {"watermark": False}, id="watermark"),
+        pytest.param(
+            {"optimize_prompt_thinking": "enabled"}, {"optimize_prompt_options": {"thinking": "enabled"}}, id="thinking"
+        ),
+        pytest.param(
+            {"optimize_prompt_mode": "fast", "optimize_prompt_thinking": "disabled"},
+            {"optimize_prompt_options": {"mode": "fast", "thinking": "disabled"}},
+            id="thinking-with-a-mode",
+        ),
         pytest.param({"response_format": "b64_json"}, {"response_format": "b64_json"}, id="b64_json"),
         pytest.param(
             {"sequential_image_generation": "auto", "max_images": 2},

@@ -259,3 +259,85 @@ def test_close_from_another_thread_stops_a_retry_wait_promptly(
     with pytest.raises(JiMengTimeoutError, match="stopped"):
         hook.generate_images(PROMPT)
     assert jimeng_conn.request_count == 1
+
+
+# The thread method: Airflow's execution_timeout takes SIGALRM, which pytest-timeout's signal method uses.
+@pytest.mark.timeout(60, method="thread")
+def test_an_execution_timeout_during_a_retry_after_wait_sends_nothing_more(
+    jimeng_conn: JiMengEmulator, connect: Callable[..., None], wait_for: Callable[..., bool]
+) -> None:
+    """The task's ``execution_timeout`` lands while a generation thread waits out a 429's ``Retry-After``.
+
+    Regression (a mutation the suite let through): the run stopped, but the thread went on waiting
+    and then sent the retry, which was billed after the task had timed out.
+    """
+    import signal
+
+    from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+    from tests.operators.conftest import RecordingTaskInstance
+
+    try:
+        from airflow.sdk.exceptions import AirflowTaskTimeout
+        from airflow.sdk.execution_time.timeout import timeout
+    except ImportError:  # Airflow 3.0
+        from airflow.exceptions import AirflowTaskTimeout  # type: ignore[no-redef]
+        from airflow.utils.timeout import timeout  # type: ignore[no-redef]
+
+    connect(jimeng_conn.base_url, max_retries=2, retry_max_wait=30)
+    jimeng_conn.inject(Fault("rate_limit", retry_after=20))
+    operator = JiMengGenerateOperator(task_id="gen", prompt=PROMPT, size="1K")
+
+    def in_backoff() -> bool:
+        run = operator._active_run
+        return run is not None and run.hook.stats["retries"] == 1
+
+    def land_the_timeout() -> None:
+        # The 429 was answered and the hook counted its retry: it is now in the 20 s wait.
+        if wait_for(in_backoff, timeout=30):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)  # the task's alarm goes off now
+
+    timer = threading.Thread(target=land_the_timeout, daemon=True)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(AirflowTaskTimeout), timeout(45):
+        operator.execute({"ti": RecordingTaskInstance()})  # type: ignore[arg-type]
+    timer.join(timeout=5)
+    assert time.monotonic() - started < 10, "the Retry-After wait ended with the timeout"
+    assert jimeng_conn.request_count == 1, "the retry was not sent after the timeout"
+    assert jimeng_conn.billed_images == 0
+
+
+def test_a_set_slower_than_the_read_timeout_is_waited_for_and_paid_once(
+    jimeng_conn: JiMengEmulator, connect: Callable[..., None], make_hook: Callable[..., JiMengHook]
+) -> None:
+    """Regression: a non-streamed set answers only when every image is made; slower than one read
+    timeout, it was abandoned after it was billed and sent again (4 paid twice, nothing kept)."""
+    connect(jimeng_conn.base_url, timeout=1)
+    jimeng_conn.latency = 0.4  # 1.6 s for the set: more than one read timeout, within one per image
+    hook = make_hook()
+    result = hook.generate_images("a comic in 4 images", size="1K", sequential_image_generation="auto", max_images=4)
+    assert [image.ok for image in result.images] == [True] * 4
+    assert jimeng_conn.request_count == 1
+    assert jimeng_conn.billed_images == 4
+    assert (hook.stats["billed"], hook.stats["possibly_billed"], hook.stats["retries"]) == (4, 0, 0)
+
+
+def test_a_set_that_times_out_all_the_same_is_not_sent_again_blind(
+    jimeng_conn: JiMengEmulator,
+    connect: Callable[..., None],
+    make_hook: Callable[..., JiMengHook],
+    logs: Any,
+    wait_for: Callable[..., bool],
+) -> None:
+    """Beyond a read timeout per image the set is given up, and not sent again: it may have billed
+    every image, and a repeat would pay for all of them again (a single image keeps max_billed_retries)."""
+    connect(jimeng_conn.base_url, timeout=1, max_billed_retries=3)
+    jimeng_conn.latency = 1.3  # 2.6 s for the set, against 2 s (1 s per image)
+    hook = make_hook()
+    with pytest.raises(JiMengTimeoutError, match=r"no answer within 2s") as caught:
+        hook.generate_images("a comic in 2 images", size="1K", sequential_image_generation="auto", max_images=2)
+    assert caught.value.possibly_billed
+    assert jimeng_conn.request_count == 1
+    assert (hook.stats["possibly_billed"], hook.stats["retries"]) == (2, 0)
+    assert any("never sent again blind" in line for line in _warnings(logs))
+    assert wait_for(lambda: jimeng_conn.billed_images == 2)  # the service finished (and billed) it once
