@@ -440,6 +440,11 @@ def _poll(call: _Call, raw: bytes) -> None:
         call.error("50500")
         return
     call.record["images"] = task.images
-    if call.answer(200, "10000", "Success", data, fault) and not task.delivered:
+    # Marked before the answer is written, so nobody who read it sees it undelivered; undone if it broke.
+    first = not task.delivered and not call.exchange.peer_gone()
+    if first:
         task.delivered = True
         runtime.ledger.mark_delivered(task.request_id)
+    if not call.answer(200, "10000", "Success", data, fault) and first:
+        task.delivered = False
+        runtime.ledger.mark_undelivered(task.request_id)
