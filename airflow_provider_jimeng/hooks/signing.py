@@ -7,8 +7,8 @@ region and the service signs. :func:`sign_request` gives the headers to send; th
 the same :func:`canonical_request` and :func:`signature`, so both ends share one definition (and
 ``tests/hooks/test_signing.py`` checks it against the official ``volcengine`` SDK's ``SignerV4``).
 
-The secret never leaves :class:`VisualCredentials`: its repr hides it, and constructing one registers it
-with the provider's redaction, so no log line or exception message can carry it.
+The secret never leaves :class:`VisualCredentials`: its repr hides it, and constructing one hands it to
+Airflow's secrets masker and the provider's redaction, so no log line or exception message can carry it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
 from airflow_provider_jimeng.redaction import register_secret
+from airflow_provider_jimeng.version_compat import mask_secret
 
 __all__ = [
     "ALGORITHM",
@@ -61,6 +62,9 @@ class VisualCredentials:
             if not isinstance(value, str) or not value.strip():
                 # Never the value: for the secret it is what must not be shown.
                 raise JiMengConfigurationError(name, "must be a non-empty string")
+        # Both maskers, as the hook does with the API key: Airflow's (task logs) and the provider's own
+        # (messages of its exceptions, third-party loggers).
+        mask_secret(self.secret_access_key)
         register_secret(self.secret_access_key)
 
 

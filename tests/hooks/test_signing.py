@@ -74,8 +74,11 @@ def test_default_ports_are_not_signed_and_naive_times_are_utc() -> None:
     assert with_port == without
 
 
-def test_the_secret_never_shows() -> None:
+def test_the_secret_never_shows(monkeypatch: pytest.MonkeyPatch) -> None:
+    handed: list[str] = []
+    monkeypatch.setattr("airflow_provider_jimeng.hooks.signing.mask_secret", handed.append)
     credentials = VisualCredentials(AK, SK)
+    assert handed == [SK]  # Airflow's masker, for task logs
     assert SK not in repr(credentials)
     assert SK not in str(credentials)
     assert redact_text(f"failed with {SK}") == "failed with ***"
