@@ -413,3 +413,26 @@ def test_images_per_minute_limits_submits_with_50429(make_jimeng_emulator: Calla
 def test_visual_error_faults_need_a_known_code() -> None:
     with pytest.raises(ValueError, match="visual_error needs a code"):
         Fault("visual_error", code="12345")
+
+
+def test_a_submit_the_client_gave_up_on_is_billed(emulator: JiMengEmulator, wait_for: Callable[..., bool]) -> None:
+    emulator.inject(Fault("slow", delay=0.5, path=SUBMIT_FAULT_PATH))
+    url = f"{emulator.root_url}/?Action={SUBMIT}&Version=2022-08-31"
+    raw = json.dumps({"req_key": REQ_KEY, "prompt": "a fox", **SMALL}).encode()
+    credentials = VisualCredentials(DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY)
+    headers = sign_request(credentials, "POST", url, headers={"Content-Type": "application/json"}, body=raw)
+    with pytest.raises(requests.Timeout):
+        requests.post(url, data=raw, headers=headers, timeout=0.1)
+    assert wait_for(lambda: emulator.billed_images == 1)
+    assert ledger_payload(emulator)["undelivered_images"] == 1
+
+
+def test_a_broken_poll_answer_leaves_the_task_undelivered_until_a_poll_gets_through(emulator: JiMengEmulator) -> None:
+    task_id = submitted(emulator)
+    emulator.inject(Fault("reset_mid_body", path=POLL_FAULT_PATH))
+    with pytest.raises(requests.RequestException):
+        poll(emulator, task_id)
+    assert ledger_payload(emulator)["undelivered_images"] == 1
+    assert len(state(emulator, task_id)["binary_data_base64"]) == 1
+    assert ledger_payload(emulator)["undelivered_images"] == 0
+    assert emulator.billed_images == 1
