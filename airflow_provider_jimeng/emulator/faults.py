@@ -7,6 +7,9 @@ Four families: error answers instead of generating (:data:`ERROR_FAULTS`), broke
 billed answer (:data:`DELIVERY_FAULTS`), image URLs that fail at download (:data:`URL_FAULTS`), and
 documented answer shapes a client must understand (:data:`SHAPE_FAULTS`, applied by
 :func:`shape_answer`: each is one branch there).
+
+The Visual API (:mod:`.visual`) takes ``visual_error`` (a body code of :data:`VISUAL_ERROR_FAULTS`) and
+the connection and delivery faults, matched through its pseudo-paths (``/?Action=...``).
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ MAX_IMAGES = 15
 MAX_REFERENCES = 10
 DEFAULT_AREA = 2048 * 2048
 MIN_AREA, MAX_AREA = 1024 * 1024, 4096 * 4096
+#: Submit faults whose task starts all the same (billed, id never told), and those that fail it once made.
+_STARTED_ANYWAY = frozenset({"50500", "50501"})
+_FAILED_AFTER = frozenset({"50511", "50512"})
 #: The body code of an invalid request (the spec is silent on it; the gateway's own codes are not used).
 INVALID_PARAMETER = "50400"
 _AUTHORIZATION = re.compile(
@@ -302,13 +305,14 @@ def _submit(call: _Call, raw: bytes) -> None:
         call.error(INVALID_PARAMETER, f"Invalid Parameter: {exc}")
         return
     fault = _take_fault(call, SUBMIT_FAULT_PATH)
-    kind, code = (fault.kind, fault.code) if fault else (None, None)
+    kind = fault.kind if fault else None
+    code = fault.code if fault and kind == "visual_error" else None
     if kind == "reset":
         runtime.stats.add_record(call.record)
         call.exchange.reset()
         return
-    if kind == "visual_error" and code is not None and code not in ("50500", "50501", "50511", "50512"):
-        call.error(code, fault=None)
+    if code is not None and code not in _STARTED_ANYWAY | _FAILED_AFTER:
+        call.error(code)
         return
     if emulator.moderation_marker and emulator.moderation_marker in prompt:
         call.error("50412")
@@ -338,7 +342,7 @@ def _submit(call: _Call, raw: bytes) -> None:
         started_at=started_at,
         done_at=started_at + emulator.latency * images,
         expires_at=now + emulator.visual_task_ttl,
-        failure=code if code in ("50511", "50512") else None,
+        failure=code if code in _FAILED_AFTER else None,
     )
     runtime.visual_tasks.add(task)
     billed = 0 if task.failure else images
@@ -352,7 +356,7 @@ def _submit(call: _Call, raw: bytes) -> None:
     call.record["task_id"] = task.task_id
     call.record["images"] = billed
     log.debug("JiMeng emulator: Visual API task %s submitted, %d image(s) billed", task.task_id, billed)
-    if code in ("50500", "50501"):
+    if code in _STARTED_ANYWAY:
         call.error(code)  # the task runs (and is billed) but its id is never told
         return
     call.answer(200, "10000", "Success", {"task_id": task.task_id}, fault)
