@@ -53,7 +53,7 @@ def test_provider_info_matches_airflows_schema(info: dict[str, Any]) -> None:
     jsonschema.validate(info, json.loads(schema_path.read_text()))
 
 
-@pytest.mark.parametrize("section", ["hooks", "operators"])
+@pytest.mark.parametrize("section", ["hooks", "operators", "triggers"])
 def test_listed_modules_import(info: dict[str, Any], section: str) -> None:
     modules = [module for entry in info[section] for module in entry["python-modules"]]
     assert modules

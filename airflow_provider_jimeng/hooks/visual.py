@@ -194,7 +194,9 @@ def validate_submit_body(body: Mapping[str, Any]) -> dict[str, Any]:
         checked["image_urls"] = list(references)
     width, height = _number(checked, "width", integer=True), _number(checked, "height", integer=True)
     if (width is None) != (height is None):
-        raise JiMengConfigurationError("width" if height is None else "height", "width and height go together")
+        raise JiMengConfigurationError(
+            "height" if height is None else "width", "is missing: width and height go together, give both or neither"
+        )
     if width is not None and height is not None:
         if width <= 0 or height <= 0:
             raise JiMengConfigurationError("width", "width and height must be positive")
