@@ -593,6 +593,16 @@ class VisualClient:
     def _request_failure(self, exc: OSError, request_id: str) -> JiMengAPIError:
         host = self.config.host
         name = type(exc).__name__
+        if isinstance(exc, requests.exceptions.SSLError):
+            # The handshake comes before the request: nothing was sent.
+            hint = (
+                "; set the extra verify=<CA bundle> for a private CA" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else ""
+            )
+            return JiMengTimeoutError(
+                f"TLS connection to {host} failed ({name}){hint}; nothing was sent",
+                code="ConnectionError",
+                request_id=request_id,
+            )
         if isinstance(exc, requests.exceptions.ConnectTimeout) or (
             isinstance(exc, requests.ConnectionError) and _never_connected(exc)
         ):

@@ -228,6 +228,32 @@ def test_a_broken_submit_answer_is_possibly_billed_and_never_re_sent(
     assert client.stats["possibly_billed_submits"] == 1
 
 
+def test_a_submit_whose_connection_dropped_is_counted_possibly_billed_though_the_server_did_nothing(
+    client: VisualClient, emulator: JiMengEmulator
+) -> None:
+    # The client cannot tell a drop before the work from one after it: it counts the worst and does not re-send.
+    emulator.inject(Fault("reset", path=SUBMIT_FAULT_PATH))
+    with pytest.raises(JiMengTimeoutError) as caught:
+        client.submit(ONE)
+    assert caught.value.possibly_billed
+    assert client.stats["possibly_billed_submits"] == 1
+    assert submits(emulator) == 1
+    assert emulator.billed_images == 0
+
+
+def test_a_submit_to_a_closed_port_is_retried_nothing_having_left(
+    emulator: JiMengEmulator, connect_visual: Callable[..., None], make_client: Callable[..., VisualClient]
+) -> None:
+    connect_visual(emulator, max_retries=2)
+    client = make_client()
+    emulator.stop()
+    with pytest.raises(JiMengTimeoutError) as caught:
+        client.submit(ONE)
+    assert not caught.value.possibly_billed
+    assert client.stats["submit_attempts"] == 3
+    assert client.stats["possibly_billed_submits"] == 0
+
+
 @pytest.mark.parametrize(("code", "retryable"), [("50511", True), ("50512", False)])
 def test_a_task_done_with_an_error_code_is_a_failed_outcome(
     client: VisualClient, emulator: JiMengEmulator, code: str, retryable: bool
