@@ -62,7 +62,7 @@ def trigger_for(task_ids: list[str], deadlines: Any = None, **kwargs: Any) -> Ji
 
 def test_the_trigger_fires_once_every_task_is_done(client: VisualClient, emulator: JiMengEmulator) -> None:
     task_ids = [client.submit(ONE), client.submit({"prompt": "a set of 3 kites", **SMALL})]
-    event = first_event(trigger_for(task_ids))
+    event = first_event(trigger_for(task_ids, req_json={"logo_info": {"add_logo": False, "position": 2}}))
     payload = event.payload
     assert payload["status"] == "success"
     assert list(payload["tasks"]) == task_ids
@@ -72,6 +72,13 @@ def test_the_trigger_fires_once_every_task_is_done(client: VisualClient, emulato
     assert "http" not in json.dumps(payload)
     assert submits(emulator) == 2
     assert emulator.billed_images == 4
+    # Every poll carried the run's logo choice, asking for URLs it never fetches (no image data held).
+    choices = [
+        json.loads(record["body"]["req_json"]) for record in emulator.requests if record["path"] == POLL_FAULT_PATH
+    ]
+    assert choices
+    assert all(choice == {"logo_info": {"add_logo": False, "position": 2}, "return_url": True} for choice in choices)
+    assert emulator.downloads == 0
 
 
 def test_every_way_a_task_ends_is_in_the_one_event(
@@ -234,6 +241,11 @@ def test_serialize_round_trips_and_holds_no_secret(client: VisualClient) -> None
     }
     assert SECRET not in json.dumps(kwargs)
     assert SECRET not in repr(trigger)
+    # As the scheduler stores it (the trigger row's encrypted kwargs) and the triggerer reads it back.
+    from airflow.models.trigger import Trigger
+
+    stored = Trigger.from_object(trigger)
+    assert JiMengVisualTrigger(**stored.kwargs).serialize() == (classpath, kwargs)
 
 
 def test_the_trigger_runs_with_a_logged_run_and_no_secret_in_its_logs(
