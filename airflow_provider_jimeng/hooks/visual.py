@@ -324,7 +324,8 @@ def visual_config(
     retry_backoff: float | None = None,
     retry_max_wait: float | None = None,
 ) -> VisualConnectionConfig:
-    """Read a ``jimeng`` connection for the Visual API: access key id in ``login``, secret in ``password``.
+    """Read a ``jimeng`` connection for the Visual API (extra ``api: visual``): access key id in ``login``,
+    secret in ``password``.
 
     ``host`` defaults to :data:`VISUAL_BASE_URL`; the ``region`` extra to ``cn-north-1``. Plain http is
     refused unless the ``allow_http`` extra is set. The extras shared with the Ark API (timeouts, retries,
@@ -334,6 +335,12 @@ def visual_config(
     extras = conn.extra_dejson if getattr(conn, "extra", None) else {}
     if not isinstance(extras, Mapping):
         raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"api": "visual"}')
+    if connection_api(extras) != VISUAL_API:
+        raise JiMengConfigurationError(
+            API_EXTRA,
+            f"connection {conn_id!r} speaks the Ark API; allowed here: {VISUAL_API!r} "
+            '(set the extra {"api": "visual"} on a connection holding an access key pair)',
+        )
     access_key_id = (conn.login or "").strip()
     secret = (conn.password or "").strip()
     if not access_key_id:

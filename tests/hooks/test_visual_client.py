@@ -420,7 +420,8 @@ def test_a_bad_req_json_is_refused_before_any_request(client: VisualClient, emul
 
 
 def _conn(**fields: Any) -> SimpleNamespace:
-    base = {"conn_id": "c", "host": None, "schema": None, "port": None, "login": "AK", "password": "SK", "extra": None}
+    base = {"conn_id": "c", "host": None, "schema": None, "port": None, "login": "AK", "password": "SK"}
+    base["extra"] = '{"api": "visual"}'
     base.update(fields)
     extra = base["extra"]
     return SimpleNamespace(**base, extra_dejson=json.loads(extra) if extra else {})
@@ -434,7 +435,7 @@ def test_the_connection_defaults_to_the_official_host_and_region() -> None:
         "https://visual.volcengineapi.com/?Action=CVSync2AsyncGetResult&Version=2022-08-31"
     )
     assert visual_config(_conn(host="visual.volcengineapi.com")).endpoint == VISUAL_BASE_URL
-    assert visual_config(_conn(extra='{"region": "cn-beijing"}')).credentials.region == "cn-beijing"
+    assert visual_config(_conn(extra='{"api": "visual", "region": "cn-beijing"}')).credentials.region == "cn-beijing"
 
 
 @pytest.mark.parametrize(
@@ -444,9 +445,11 @@ def test_the_connection_defaults_to_the_official_host_and_region() -> None:
         ({"password": " "}, "password"),
         ({"host": "http://127.0.0.1:8765"}, "host"),
         ({"host": "https://visual.volcengineapi.com/api/v3"}, "host"),
-        ({"extra": '{"timeout": 0}'}, "timeout"),
-        ({"extra": '{"max_retries": "many"}'}, "max_retries"),
-        ({"extra": '{"allow_http": "perhaps"}'}, "allow_http"),
+        ({"extra": '{"api": "visual", "timeout": 0}'}, "timeout"),
+        ({"extra": '{"api": "visual", "max_retries": "many"}'}, "max_retries"),
+        ({"extra": '{"api": "visual", "allow_http": "perhaps"}'}, "allow_http"),
+        ({"extra": None}, "api"),
+        ({"extra": '{"api": "ark"}'}, "api"),
     ],
 )
 def test_a_bad_connection_names_its_field(fields: dict[str, Any], parameter: str) -> None:
