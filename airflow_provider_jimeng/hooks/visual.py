@@ -558,8 +558,9 @@ class VisualClient:
         url = config.action_url(action)
         raw = json.dumps(dict(body), ensure_ascii=False).encode("utf-8")
         client_request_id = uuid.uuid4().hex
-        headers = sign_request(config.credentials, "POST", url, headers={"Content-Type": "application/json"}, body=raw)
-        headers["X-Client-Request-Id"] = client_request_id
+        # Every x-* header is signed: the request id goes in before signing, not after.
+        unsigned = {"Content-Type": "application/json", "X-Client-Request-Id": client_request_id}
+        headers = sign_request(config.credentials, "POST", url, headers=unsigned, body=raw)
         try:
             response = self._session_for_requests().post(
                 url,
