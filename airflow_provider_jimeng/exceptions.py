@@ -165,6 +165,14 @@ class JiMengServerError(JiMengAPIError):
     retryable = True
 
 
+class JiMengSubmitUncertainError(JiMengServerError):
+    """A Visual API submit failed in a way that may have started (and billed) a task whose id never came
+    (``50500``/``50501``): never re-sent blindly, since a second submit may pay a second time."""
+
+    retryable = False
+    possibly_billed_by_default = True
+
+
 class JiMengTimeoutError(JiMengAPIError):
     """The connection failed or timed out; retried, but a timed-out request may still have been billed."""
 

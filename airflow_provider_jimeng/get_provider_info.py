@@ -51,6 +51,7 @@ def get_provider_info() -> dict[str, Any]:
                 "conn-fields": _conn_fields(),
             }
         ],
+        "triggers": [{"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.triggers.visual"]}],
         "extra-links": ["airflow_provider_jimeng.links.jimeng.JiMengImagesLink"],
         "config": {
             "jimeng": {

@@ -60,7 +60,7 @@ def test_the_gallery_storage_setting_is_declared(info: dict[str, Any]) -> None:
     assert option["type"] == "string"
 
 
-@pytest.mark.parametrize("section", ["hooks", "operators"])
+@pytest.mark.parametrize("section", ["hooks", "operators", "triggers"])
 def test_listed_modules_import(info: dict[str, Any], section: str) -> None:
     modules = [module for entry in info[section] for module in entry["python-modules"]]
     assert modules

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from airflow_provider_jimeng.emulator.images import require_pillow
 from airflow_provider_jimeng.emulator.server import DEFAULT_API_KEY, JiMengEmulator
+from airflow_provider_jimeng.emulator.visual import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +24,14 @@ def _parser() -> argparse.ArgumentParser:
     auth = parser.add_mutually_exclusive_group()
     auth.add_argument("--api-key", default=DEFAULT_API_KEY, help="bearer key to accept (default: %(default)s)")
     auth.add_argument("--no-auth", action="store_true", help="accept any key or none")
+    parser.add_argument(
+        "--access-key-id", default=DEFAULT_ACCESS_KEY_ID, help="Visual API access key id (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--secret-access-key",
+        default=DEFAULT_SECRET_ACCESS_KEY,
+        help="Visual API secret access key (default: %(default)s)",
+    )
     parser.add_argument("--latency", type=float, default=0.0, help="seconds per generated image (default: 0)")
     parser.add_argument("--images-per-minute", type=int, default=None, help="rate limit (default: unlimited)")
     parser.add_argument(
@@ -51,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         api_key=None if args.no_auth else args.api_key,
+        access_key_id=None if args.no_auth else args.access_key_id,
+        secret_access_key=args.secret_access_key,
         latency=args.latency,
         images_per_minute=args.images_per_minute,
         rate_limit_burst=args.rate_limit_burst,
@@ -64,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  official base URL: {emulator.base_url}")
         print(f"  OpenAI-style base URL: {emulator.openai_base_url}")
         print(f"  API key: {emulator.api_key if emulator.api_key is not None else '(any)'}")
+        if emulator.access_key_id is not None:
+            print(f"  Visual API (POST {emulator.root_url}/?Action=...): access key {emulator.access_key_id}")
         print(
             f"  ledger and counters (no key): {emulator.root_url}/_emulator/ledger, {emulator.root_url}/_emulator/stats"
         )

@@ -7,6 +7,9 @@ Four families: error answers instead of generating (:data:`ERROR_FAULTS`), broke
 billed answer (:data:`DELIVERY_FAULTS`), image URLs that fail at download (:data:`URL_FAULTS`), and
 documented answer shapes a client must understand (:data:`SHAPE_FAULTS`, applied by
 :func:`shape_answer`: each is one branch there).
+
+The Visual API (:mod:`.visual`) takes ``visual_error`` (a body code of :data:`VISUAL_ERROR_FAULTS`) and
+the connection and delivery faults, matched through its pseudo-paths (``/?Action=...``).
 """
 
 from __future__ import annotations
@@ -62,7 +65,21 @@ SHAPE_FAULTS = frozenset(
         "gateway_usage",
     }
 )
-FAULT_KINDS = frozenset(ERROR_FAULTS) | DELIVERY_FAULTS | URL_FAULTS | SHAPE_FAULTS | {"slow", "reset"}
+#: The Visual API's body error codes (``Fault("visual_error", code="50429", path=...)``): code -> (HTTP
+#: status, message). ``50411``-``50430`` are refused before any work; ``50500``/``50501`` may have started
+#: a task; ``50511``/``50512`` fail a task after it was made (see :mod:`.visual`).
+VISUAL_ERROR_FAULTS: dict[str, tuple[int, str]] = {
+    "50411": (400, "Pre Img Risk Not Pass"),
+    "50412": (400, "Pre Text Risk Not Pass"),
+    "50413": (400, "Post Text Risk Not Pass"),
+    "50429": (429, "Request Has Reached API Limit, Please Try Later"),
+    "50430": (429, "Request Has Reached API Concurrent Limit, Please Try Later"),
+    "50500": (500, "Internal Error"),
+    "50501": (500, "Internal RPC Error"),
+    "50511": (400, "Post Process Failed"),
+    "50512": (400, "Post Img Risk Not Pass"),
+}
+FAULT_KINDS = frozenset(ERROR_FAULTS) | DELIVERY_FAULTS | URL_FAULTS | SHAPE_FAULTS | {"slow", "reset", "visual_error"}
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,8 @@ class Fault:
     how many consecutive matching requests it applies to; ``path`` restricts it to requests whose path
     matches this glob (``fnmatch``, e.g. ``"/v1/*"`` or ``"/tos/*"``); ``None`` means every generation
     request. ``code`` is the error code of ``stream_error``, ``error_envelope`` and
-    ``error_envelope_empty_data`` (default ``InternalServiceError``); ``after`` is how many images
+    ``error_envelope_empty_data`` (default ``InternalServiceError``) and the Visual API body code of
+    ``visual_error`` (required, a key of :data:`VISUAL_ERROR_FAULTS`); ``after`` is how many images
     of the set come before ``stream_error`` or ``image_internal_error`` (default: half, at least one).
     """
 
@@ -93,6 +111,8 @@ class Fault:
             raise ValueError(f"times must be >= 1, got {self.times}")
         if self.delay < 0 or (self.retry_after is not None and self.retry_after < 0):
             raise ValueError("delay and retry_after must not be negative")
+        if self.kind == "visual_error" and self.code not in VISUAL_ERROR_FAULTS:
+            raise ValueError(f"visual_error needs a code, one of: {', '.join(VISUAL_ERROR_FAULTS)}; got {self.code!r}")
         if self.after is not None and self.after < 0:
             raise ValueError(f"after must be >= 0, got {self.after}")
 

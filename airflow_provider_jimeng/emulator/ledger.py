@@ -13,6 +13,7 @@ class LedgerEntry:
 
     ``delivered`` is ``False`` when the answer could not be written completely (the client hung up,
     timed out or the connection broke): the real service bills those images all the same.
+    A Visual API task is billed when it is submitted and stays undelivered until a poll fetched its images.
     ``web_searches`` is what Seedream 5.0's web-search tool ran (billed apart from the images).
     ``billed_at`` is the wall-clock time (``time.time()``) it was billed, finer than ``created``:
     a rate measured across processes (``GET /_emulator/ledger``) needs sub-second stamps.
@@ -46,6 +47,14 @@ class Ledger:
             for position in range(len(self._entries) - 1, -1, -1):
                 if self._entries[position].request_id == request_id:
                     self._entries[position] = dataclasses.replace(self._entries[position], delivered=False)
+                    return
+
+    def mark_delivered(self, request_id: str) -> None:
+        """A Visual API task's images were fetched (its entry is billed at submit, undelivered until then)."""
+        with self._lock:
+            for position in range(len(self._entries) - 1, -1, -1):
+                if self._entries[position].request_id == request_id:
+                    self._entries[position] = dataclasses.replace(self._entries[position], delivered=True)
                     return
 
     def entries(self) -> list[LedgerEntry]:

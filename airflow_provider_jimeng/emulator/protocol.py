@@ -57,9 +57,9 @@ def error_body(code: str, message: str, request_id: str, *, error_type: str, par
     return json.dumps({"error": error}).encode()
 
 
-def set_size(prompt: str, max_images: int) -> int:
-    """How many images an ``auto`` request produces: the number the prompt asks for, else 3, capped."""
-    wanted = DEFAULT_SET_SIZE
+def set_size(prompt: str, max_images: int, default: int = DEFAULT_SET_SIZE) -> int:
+    """How many images a set request produces: the number the prompt asks for, else ``default``, capped."""
+    wanted = default
     for pattern in _COUNT_PATTERNS:
         match = pattern.search(prompt)
         if match:

@@ -1,9 +1,10 @@
 """Routing and auth: which path gets which answer, and who may ask.
 
-``POST .../images/generations`` goes to :mod:`.generation`, ``GET /tos/...`` to :mod:`.tos`,
-``GET .../models`` and ``/healthz`` are answered here, ``/_emulator/...`` (ledger, counters, reset) by
-:mod:`.inspection`. Path-matched faults (``Fault(path=...)``) on routes other than generation are
-applied here too; never on ``/_emulator/...``, which must tell the truth while faults play.
+``POST .../images/generations`` goes to :mod:`.generation`, ``POST /?Action=...`` (the Visual API)
+to :mod:`.visual`, ``GET /tos/...`` to :mod:`.tos`, ``GET .../models`` and ``/healthz`` are answered
+here, ``/_emulator/...`` (ledger, counters, reset) by :mod:`.inspection`. Path-matched faults
+(``Fault(path=...)``) on routes other than generation are applied here too; never on
+``/_emulator/...``, which must tell the truth while faults play.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from airflow_provider_jimeng.emulator.inspection import (
 from airflow_provider_jimeng.emulator.protocol import KNOWN_MODELS, new_request_id
 from airflow_provider_jimeng.emulator.runtime import TOS_PREFIX
 from airflow_provider_jimeng.emulator.tos import serve_download, tos_error
+from airflow_provider_jimeng.emulator.visual import VISUAL_PATH, answer_visual
 from airflow_provider_jimeng.emulator.wire import BadRequestBody, Exchange
 
 if TYPE_CHECKING:
@@ -140,6 +142,9 @@ class Handler(BaseHTTPRequestHandler):
         if path == RESET_PATH:
             self.emulator.reset()
             exchange.send_json(200, {"status": "reset"})
+            return
+        if path == VISUAL_PATH:
+            answer_visual(exchange, self.emulator, self.headers, self.path, raw, received_at)
             return
         if not generation:
             self._not_found(exchange, path)

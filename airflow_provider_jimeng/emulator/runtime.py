@@ -21,6 +21,7 @@ from airflow_provider_jimeng.emulator.faults import FaultQueue
 from airflow_provider_jimeng.emulator.images import ImageKey, ImageStore, RenderCache
 from airflow_provider_jimeng.emulator.ledger import Ledger
 from airflow_provider_jimeng.emulator.ratelimit import ImageRateLimiter
+from airflow_provider_jimeng.emulator.tasks import VisualTaskTable
 
 TOS_PREFIX = "/tos/"
 TOS_BUCKET = "ark-content-generation-emulator"
@@ -129,6 +130,7 @@ class Runtime:
         self.store = ImageStore()
         self.signer = UrlSigner(self.store)
         self.stats = Stats()
+        self.visual_tasks = VisualTaskTable()
         self.stopping = threading.Event()
 
     def reset(self) -> None:
@@ -136,3 +138,4 @@ class Runtime:
         self.ledger.clear()
         self.limiter.clear()
         self.stats.reset()
+        self.visual_tasks.clear()

@@ -14,7 +14,9 @@ import logging
 import socket
 import sys
 import threading
+import time
 import traceback
+from collections.abc import Callable
 from http.server import ThreadingHTTPServer
 from socketserver import TCPServer
 from typing import Any
@@ -25,6 +27,7 @@ from airflow_provider_jimeng.emulator.ledger import LedgerEntry
 from airflow_provider_jimeng.emulator.routes import GENERATION_PATHS, MODELS_PATHS, Handler
 from airflow_provider_jimeng.emulator.runtime import MAX_REQUEST_RECORDS, TOS_BUCKET, TOS_PREFIX, Runtime
 from airflow_provider_jimeng.emulator.wire import EVENT_STREAM_CONTENT_TYPE
+from airflow_provider_jimeng.emulator.visual import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, TASK_TTL
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,14 @@ class JiMengEmulator:
     ``GET {base_url}/models`` lists the known models and requires the key, so a connection test can
     check the key without paying for an image. That route is an emulator convenience: the real
     Ark endpoint is not guaranteed to offer it, so the hook must probe the real service differently.
+
+    The Visual API (``POST {root_url}/?Action=CVSync2AsyncSubmitTask&Version=2022-08-31`` and
+    ``...GetResult...``, :mod:`.visual`) takes requests signed with ``access_key_id`` and
+    ``secret_access_key`` (``access_key_id=None``: any signature, or none). A task waits in the queue
+    ``visual_queue_delay`` seconds, generates ``latency`` seconds per image, and expires
+    ``visual_task_ttl`` seconds after its submit, all on ``clock`` (``time.time`` unless a test
+    injects one); ``visual_max_concurrent_tasks`` unfinished tasks at most (``None`` = unlimited),
+    more answer ``50430``. ``images_per_minute`` limits its submits too (``50429``).
     """
 
     def __init__(
@@ -97,6 +108,12 @@ class JiMengEmulator:
         url_ttl: float = 86400.0,
         moderation_marker: str = "FORBIDDEN",
         rate_limit_burst: int | None = None,
+        access_key_id: str | None = DEFAULT_ACCESS_KEY_ID,
+        secret_access_key: str | None = DEFAULT_SECRET_ACCESS_KEY,
+        clock: Callable[[], float] = time.time,
+        visual_queue_delay: float = 0.0,
+        visual_task_ttl: float = TASK_TTL,
+        visual_max_concurrent_tasks: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -108,6 +125,12 @@ class JiMengEmulator:
         self.moderation_marker = moderation_marker
         #: The label of event streams; some gateways send ``application/json`` (clients must read the body).
         self.stream_content_type = EVENT_STREAM_CONTENT_TYPE
+        self.access_key_id = access_key_id
+        self.secret_access_key = secret_access_key
+        self.clock = clock
+        self.visual_queue_delay = visual_queue_delay
+        self.visual_task_ttl = visual_task_ttl
+        self.visual_max_concurrent_tasks = visual_max_concurrent_tasks
         #: What the requests share (faults, ledger, rate limiter, images, URL signing, counters).
         self.runtime = Runtime()
         self._server: _Server | None = None
@@ -182,6 +205,11 @@ class JiMengEmulator:
     def base_url(self) -> str:
         """Base URL in the official style (``.../api/v3``)."""
         return f"{self.root_url}/api/v3"
+
+    @property
+    def visual_host(self) -> str:
+        """``host:port`` for the official ``volcengine`` SDK's ``VisualService.set_host`` (with scheme ``http``)."""
+        return self.root_url.removeprefix("http://")
 
     @property
     def openai_base_url(self) -> str:
