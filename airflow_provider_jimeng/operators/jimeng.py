@@ -20,6 +20,8 @@ from airflow.sdk import BaseOperator, XComArg
 from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
+from airflow_provider_jimeng.connections import get_connection
+from airflow_provider_jimeng.coordination.redis_client import interrupt_shared_redis
 from airflow_provider_jimeng.exceptions import (
     JiMengConfigurationError,
     JiMengContentPolicyError,
@@ -45,7 +47,7 @@ from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
 from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
-from airflow_provider_jimeng.storage.s3 import S3ImageStore
+from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_client_config
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -373,12 +375,31 @@ class JiMengGenerateOperator(BaseOperator):
             return options.output_conn_id
         return self.aws_conn_id
 
+    def _storage_conn_parameter(self, options: RunOptions) -> str:
+        """The parameter that names the storage connection, for errors."""
+        return (
+            "output_conn_id" if options.output_path is not None or options.output_conn_id is not None else "aws_conn_id"
+        )
+
     def _s3_hook(self, options: RunOptions) -> Any:
-        """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow."""
+        """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow.
+
+        A named connection that does not exist is a configuration error (``aws_default`` excepted): the
+        amazon provider would fall back to the worker's ambient credentials and store elsewhere. The
+        client's timeouts and retries are bounded (:func:`~airflow_provider_jimeng.storage.s3.bounded_client_config`)
+        under the connection's own ``config_kwargs``.
+        """
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        s3_hook = S3Hook(aws_conn_id=self._storage_conn_id(options))
-        s3_hook.conn_config  # noqa: B018  # cached; the client is built from it on the set-up thread
+        conn_id = self._storage_conn_id(options)
+        parameter = self._storage_conn_parameter(options)
+        if conn_id is not None and not (parameter == "aws_conn_id" and conn_id == S3Hook.default_conn_name):
+            # An undefined aws_default keeps meaning boto3's own credential chain (an instance role), as
+            # in the amazon provider; a connection named on purpose must exist.
+            get_connection(parameter, conn_id)
+        s3_hook = S3Hook(aws_conn_id=conn_id)
+        wrapper = s3_hook.conn_config  # cached; the client is built from it on the set-up thread
+        wrapper.botocore_config = bounded_client_config(wrapper.botocore_config)
         return s3_hook
 
     def _filesystem(self, options: RunOptions) -> Any:
@@ -389,6 +410,8 @@ class JiMengGenerateOperator(BaseOperator):
         """
         from airflow.sdk import ObjectStoragePath
 
+        if options.output_conn_id is not None:
+            get_connection("output_conn_id", options.output_conn_id)
         try:
             return ObjectStoragePath(str(options.output_path), conn_id=options.output_conn_id).fs
         except Exception as error:
@@ -550,10 +573,15 @@ class JiMengGenerateOperator(BaseOperator):
                 outlet_events[outlet].extra = extra
 
     def on_kill(self) -> None:
-        """Stop sending at once; requests in flight are paid for, so their answers are still journaled."""
+        """Stop sending at once; requests in flight are paid for, so their answers are still journaled.
+
+        A command waiting on a shared Redis that stopped answering ends at once too; S3 calls end within
+        their bounds (docs/faults.md).
+        """
         run = self._active_run
         if run is not None:
             run.stop("on_kill")
+            interrupt_shared_redis()
 
 
 def _prompt_source(prompt: Any, template_ext: Sequence[str]) -> str:

@@ -56,6 +56,33 @@ def image_content_type(head: bytes | bytearray | mmap.mmap, fallback: str = IMAG
     return next((kind for signature, kind in _SIGNATURES if start.startswith(signature)), fallback)
 
 
+#: Bounds of every S3 call, so that an S3 that accepts connections and never answers costs a call at
+#: most about ``S3_MAX_ATTEMPTS * (S3_CONNECT_TIMEOUT + S3_READ_TIMEOUT)`` plus backoff (~32 s), not
+#: botocore's 60 s timeouts times 5 attempts. ``config_kwargs`` in the connection's extra wins, option
+#: by option (see :func:`bounded_client_config`).
+S3_CONNECT_TIMEOUT = 5.0
+#: Seconds without a byte from S3 (per socket read, not per object): S3 answers in milliseconds.
+S3_READ_TIMEOUT = 10.0
+#: Attempts of one call, the first included (botocore's "standard" retry mode: throttling and 5xx too).
+S3_MAX_ATTEMPTS = 2
+
+
+def bounded_client_config(user_config: Any = None) -> Any:
+    """The botocore ``Config`` of the provider's S3 client: bounded timeouts and attempts, under the user's own.
+
+    ``user_config`` is what the connection's extra ``config_kwargs`` (or the hook) set; each option it
+    sets explicitly (``read_timeout``, ``retries``...) wins over the bound.
+    """
+    from botocore.config import Config
+
+    bounded = Config(
+        connect_timeout=S3_CONNECT_TIMEOUT,
+        read_timeout=S3_READ_TIMEOUT,
+        retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS},
+    )
+    return bounded.merge(user_config) if user_config is not None else bounded
+
+
 #: boto3's default: objects up to this size are uploaded with one PutObject.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 #: Downloads are read in pieces this small, for the same reason.
