@@ -10,6 +10,7 @@ without storage, the image URLs) and per-image records.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from airflow.sdk import BaseOperator, XComArg
 
+from airflow_provider_jimeng.api.reference_images import normalize_reference_images
 from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
@@ -263,6 +265,9 @@ class JiMengGenerateOperator(BaseOperator):
         return prompts, generation, run
 
     def _build_bodies(self, hook: JiMengHook, options: GenerationOptions, prompts: list[str]) -> list[dict[str, Any]]:
+        """One body per prompt; reference images are read, encoded and checked once, and shared by all."""
+        if options.image is not None:
+            options = dataclasses.replace(options, image=normalize_reference_images(options.image))
         bodies = []
         for position, prompt in enumerate(prompts):
             try:
