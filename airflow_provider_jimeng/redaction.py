@@ -147,6 +147,28 @@ def redact_text(text: str) -> str:
     return _BASE64_RUN.sub(lambda match: f"<{len(match.group())} base64 chars>", text)
 
 
+def redact_value(value: Any, depth: int = 0) -> Any:
+    """``value`` with :func:`redact_text` applied to every string inside it, and bytes shown by their size.
+
+    For what Airflow stores and shows of a task (its rendered template fields): lists, tuples and dicts
+    are rebuilt only where something changed, so an unchanged value comes back as the very same object.
+    """
+    if isinstance(value, str):
+        shown = redact_text(value)
+        return value if shown == value else shown
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if depth >= 20:
+        return value
+    if type(value) in (list, tuple):
+        items = [redact_value(item, depth + 1) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+    if isinstance(value, dict):
+        pairs = {key: redact_value(item, depth + 1) for key, item in value.items()}
+        return value if all(pairs[key] is item for key, item in value.items()) else pairs
+    return value
+
+
 def _scrub(value: Any, depth: int = 0) -> Any:
     """Replace binary bodies inside log arguments by their size, before they are formatted at all."""
     if isinstance(value, (bytes, bytearray, memoryview)):

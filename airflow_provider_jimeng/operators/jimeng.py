@@ -44,6 +44,7 @@ from airflow_provider_jimeng.options import (
     as_text,
     parse_output_path,
 )
+from airflow_provider_jimeng.redaction import redact_value
 from airflow_provider_jimeng.run.engine import GenerationRun
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
@@ -134,6 +135,8 @@ class JiMengGenerateOperator(BaseOperator):
     shallow_copy_attrs: Sequence[str] = ("_active_run",)
     # Not shown in the UI: what the try wrote, kept for the OpenLineage methods (docs/lineage.md).
     _lineage: RunLineage | None = None
+    #: Template fields shown redacted between rendering and execute: name -> (real value, shown value).
+    _hidden_rendered: dict[str, tuple[Any, Any]] = {}  # always replaced, never mutated
 
     def __init__(
         self,
@@ -237,6 +240,31 @@ class JiMengGenerateOperator(BaseOperator):
                     "a valid template over the task's context, e.g. {{ params.topic }}, {{ ds }} or "
                     "{{ ti.xcom_pull(task_ids='...') }}, or a prompt file (.txt, .j2, .jinja) next to the DAG",
                 ) from None
+        self._hide_rendered_secrets()
+
+    def _hide_rendered_secrets(self) -> None:
+        """Show the template fields redacted until ``execute``: signed URLs, credentials, image data.
+
+        Airflow stores the rendered fields (the UI's Rendered Template tab) by reading these attributes
+        right after rendering, through a secrets masker that knows registered secrets only: a signed
+        reference-image URL (``X-Tos-Signature``) was kept verbatim. Each field whose redacted form
+        differs holds that form until :meth:`execute`, which takes the real value back.
+        """
+        hidden: dict[str, tuple[Any, Any]] = {}
+        for name in self.template_fields:
+            value = getattr(self, name, None)
+            shown = redact_value(value)
+            if shown is not value:
+                hidden[name] = (value, shown)
+                setattr(self, name, shown)
+        self._hidden_rendered = hidden
+
+    def _reveal_rendered_secrets(self) -> None:
+        """The real values back, for the task's own use (a field set anew since, by ``@task.jimeng``, stays)."""
+        for name, (value, shown) in self._hidden_rendered.items():
+            if getattr(self, name, None) is shown:
+                setattr(self, name, value)
+        self._hidden_rendered = {}
 
     # ---------------------------------------------------------------------------------- validation
     def checked_parameters(self) -> tuple[list[str], GenerationOptions, RunOptions]:
@@ -280,6 +308,14 @@ class JiMengGenerateOperator(BaseOperator):
 
     # ------------------------------------------------------------------------------------- execute
     def execute(self, context: Context) -> list[str]:
+        self._reveal_rendered_secrets()
+        try:
+            return self._execute(context)
+        finally:
+            # What Airflow stores after the task (``@task.jimeng`` stores the fields it set) stays redacted.
+            self._hide_rendered_secrets()
+
+    def _execute(self, context: Context) -> list[str]:
         self._lineage = None
         prompts, generation, options = self.checked_parameters()
         if generation.response_format == "b64_json":
