@@ -7,11 +7,13 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from airflow_provider_jimeng.coordination.redis_client import interrupt_shared_redis, shared_redis
+from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 from airflow_provider_jimeng.testing import RedisServer
 
 
@@ -158,7 +160,11 @@ def test_on_kill_ends_a_command_waiting_on_a_silent_redis_at_once(silent_redis: 
     threading.Thread(target=command, daemon=True).start()
     assert silent_redis.wait(10), "the command reached the listener"
     interrupted = time.monotonic()
-    interrupt_shared_redis()
+    operator = JiMengGenerateOperator(task_id="generate", prompt="a fox")
+    stopped: list[str] = []
+    operator._active_run = SimpleNamespace(stop=stopped.append)  # type: ignore[assignment]  # the try in progress
+    operator.on_kill()
+    assert stopped == ["on_kill"]
     assert finished.wait(10)
     assert time.monotonic() - interrupted < 1.0, "well under one socket timeout: not waited out"
     assert isinstance(outcome.get("error"), RedisError), outcome  # what the limiter and journals catch

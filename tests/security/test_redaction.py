@@ -21,6 +21,7 @@ from airflow_provider_jimeng.redaction import (
     install_log_redaction,
     redact_text,
     redact_url,
+    redact_value,
     register_secret,
 )
 
@@ -184,3 +185,18 @@ def test_install_puts_one_filter_on_each_logger_that_prints_requests_or_bodies()
     ):
         filters = [item for item in logging.getLogger(name).filters if isinstance(item, RedactingLogFilter)]
         assert len(filters) == 1, name
+
+
+def test_redact_value_rebuilds_only_what_it_changes() -> None:
+    """Rendered fields: an unchanged value comes back as the very object (the operator keeps it as is)."""
+    clean = {"n": 2, "tags": ["a", "b"], "size": "2K"}
+    assert redact_value(clean) is clean
+    signed = "https://h.example/a.png?X-Tos-Signature=s3cr3t"
+    value = {"refs": [signed, "https://h.example/b.png"], "raw": b"\x89PNG", "n": 2}
+    assert redact_value(value) == {
+        "refs": ["https://h.example/a.png?<redacted>", "https://h.example/b.png"],
+        "raw": "<4 bytes>",
+        "n": 2,
+    }
+    assert value["refs"][0] == signed, "the original is left untouched"
+    assert redact_value(("redis://:pw@r.example/0",)) == ("redis://<redacted>@r.example/0",)
