@@ -616,13 +616,16 @@ class JiMengGenerateOperator(BaseOperator):
     def on_kill(self) -> None:
         """Stop sending at once; requests in flight are paid for, so their answers are still journaled.
 
-        A command waiting on a shared Redis that stopped answering ends at once too; S3 calls end within
-        their bounds (docs/faults.md).
+        A command waiting on a shared Redis that stopped answering ends at once too; S3 calls under way
+        end within their bounds, and later ones get one short attempt each (docs/faults.md).
         """
         run = self._active_run
         if run is not None:
             run.stop("on_kill")
             interrupt_shared_redis()
+            hurry = getattr(run.store, "hurry", None)
+            if callable(hurry):
+                hurry()
 
 
 def _prompt_source(prompt: Any, template_ext: Sequence[str]) -> str:

@@ -65,6 +65,9 @@ S3_CONNECT_TIMEOUT = 5.0
 S3_READ_TIMEOUT = 10.0
 #: Attempts of one call, the first included (botocore's "standard" retry mode: throttling and 5xx too).
 S3_MAX_ATTEMPTS = 2
+#: After ``on_kill``: one attempt, this many seconds to connect and without a byte, for each later call
+#: (a journal batch, ``records.json``): the whole stop then fits Airflow's 60 s before SIGKILL.
+S3_STOPPING_TIMEOUT = 3.0
 
 
 def bounded_client_config(user_config: Any = None) -> Any:
@@ -295,6 +298,26 @@ class S3ImageStore(RecordsAndJournals):
     @property
     def bucket(self) -> str:
         return self.keyspace.bucket
+
+    def hurry(self) -> None:
+        """The try was stopped (``on_kill``): later calls get one short attempt each (:data:`S3_STOPPING_TIMEOUT`).
+
+        Calls under way keep their bounds. What a stopped try still writes is small (a journal batch,
+        ``records.json``, the images of ``b64_json`` answers in flight); if S3 does not take it in time,
+        it goes to the fallback journal like any failed write.
+        """
+        from botocore.config import Config
+
+        short = Config(
+            connect_timeout=S3_STOPPING_TIMEOUT,
+            read_timeout=S3_STOPPING_TIMEOUT,
+            retries={"mode": "standard", "total_max_attempts": 1},
+        )
+        try:
+            config = bounded_client_config(self._hook.conn_config.botocore_config).merge(short)
+            self._client = self._hook.get_client_type(region_name=self._hook.region_name, config=config)
+        except Exception as error:  # the stop goes on with the bounded client
+            log.warning("Could not shorten the S3 timeouts after the stop: %s", type(error).__name__)
 
     def _fail(self, action: str, key: str, error: Exception) -> JiMengStorageError:
         return JiMengStorageError(f"{action} s3://{self.bucket}/{key} failed: {_describe(error)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -73,3 +74,25 @@ def test_an_s3_that_never_answers_fails_the_call_within_its_bound(monkeypatch: p
         elapsed = time.monotonic() - started
     # Two attempts of 0.25 s and standard mode's backoff (at most 1 s): generous, still far from botocore's 360 s.
     assert elapsed < 6, elapsed
+
+
+def test_after_on_kill_each_later_call_gets_one_short_attempt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After on_kill the try still writes a journal batch and records.json: against a silent S3 each
+    took the whole bound in turn (about 22 s apiece), past Airflow's 60 s before SIGKILL."""
+    monkeypatch.setattr(s3, "S3_STOPPING_TIMEOUT", 0.3)
+    with silent_server() as url:
+        store = S3ImageStore(
+            s3_hook(monkeypatch, url), TaskKeyspace("bounds", "jimeng", "dag", "manual__1", "generate", -1)
+        )
+        operator = JiMengGenerateOperator(task_id="generate", prompt="a fox")
+        stopped: list[str] = []
+        operator._active_run = SimpleNamespace(stop=stopped.append, store=store)  # type: ignore[assignment]
+        operator.on_kill()
+        assert stopped == ["on_kill"]
+        config = store._client.meta.config
+        assert (config.read_timeout, config.connect_timeout) == (0.3, 0.3)
+        assert config.retries["total_max_attempts"] == 1
+        started = time.monotonic()
+        with pytest.raises(JiMengStorageError, match="writing s3://bounds/"):
+            store.write_json("jimeng/records.json", {"a": 1})
+        assert time.monotonic() - started < 3
