@@ -67,7 +67,7 @@ S3_READ_TIMEOUT = 10.0
 S3_MAX_ATTEMPTS = 2
 #: After ``on_kill``: one attempt, this many seconds to connect and without a byte, for each later call
 #: (a journal batch, ``records.json``): the whole stop then fits Airflow's 60 s before SIGKILL.
-S3_STOPPING_TIMEOUT = 3.0
+S3_STOPPING_TIMEOUT = 8.0
 
 
 def bounded_client_config(user_config: Any = None) -> Any:
