@@ -60,6 +60,8 @@ _DATA_URI = re.compile(r"data:[\w/+.-]*;base64,[A-Za-z0-9+/=]*", re.IGNORECASE)
 _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>\\]+(?:<redacted>)?")
 #: A path with a query, as urllib3 and requests print it without scheme and host ("/x.jpeg?sig=...").
 _PATH_QUERY = re.compile(r"(?<![\w?])(/[^\s?#'\"<>\\]*)\?[^\s'\"<>\\]+")
+#: What follows the ``:`` of ``host:8080/...``: a port, then a path, query or fragment (no password).
+_PORT_THEN_PATH = re.compile(r"\d*(?:[/?#].*)?", re.DOTALL)
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]+")
 _API_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
 #: AWS and TOS signing material in headers and canonical requests.
@@ -90,6 +92,7 @@ def redact_url(url: str | None, *, shorten: bool = True) -> str:
     """
     if not url:
         return ""
+    url, credentials = _cut_userinfo(url)
     try:
         parts = urlsplit(url)
         host = parts.netloc.rpartition("@")[2]
@@ -98,8 +101,34 @@ def redact_url(url: str | None, *, shorten: bool = True) -> str:
     if parts.scheme == "data":
         return "data:<redacted>"
     path = parts.path if len(parts.path) <= 80 or not shorten else parts.path[:77] + "..."
-    shown = f"{parts.scheme}://{'<redacted>@' if '@' in parts.netloc else ''}{host}{path}"
+    shown = f"{parts.scheme}://{'<redacted>@' if credentials or '@' in parts.netloc else ''}{host}{path}"
     return shown + ("?<redacted>" if parts.query else "")
+
+
+def _cut_userinfo(url: str) -> tuple[str, bool]:
+    """``url`` without its user and password, and whether it had them, whatever the scheme.
+
+    A password in a connection URL is often not percent-encoded (``redis://:pa/ss@host``,
+    ``socks5h://user:p#w@proxy``): :func:`urlsplit` would end the netloc at its ``/``, ``?`` or ``#``
+    and show the rest as path, query or fragment. The userinfo ends at the last ``@`` before the host
+    when what precedes that ``@`` holds a ``:`` not followed by a port (digits up to the first ``/``).
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or "@" not in rest:
+        return url, False
+    authority_end = len(rest)
+    for delimiter in "/?#":
+        position = rest.find(delimiter)
+        if position != -1:
+            authority_end = min(authority_end, position)
+    if "@" in rest[:authority_end]:
+        at = rest.rfind("@", 0, authority_end)  # an unencoded "@" in the password: the last one ends it
+    else:
+        at = rest.rfind("@")
+        user, colon, after = rest[:at].partition(":")
+        if not colon or "/" in user or _PORT_THEN_PATH.fullmatch(after):
+            return url, False  # "https://host/@user" or "https://host:8080/@user": an "@" in the path
+    return f"{scheme}://{rest[at + 1 :]}", True
 
 
 def redact_text(text: str) -> str:
@@ -116,6 +145,28 @@ def redact_text(text: str) -> str:
     text = _PATH_QUERY.sub(r"\1?<redacted>", text)
     text = _SIGNING.sub(r"\1\2<redacted>", text)
     return _BASE64_RUN.sub(lambda match: f"<{len(match.group())} base64 chars>", text)
+
+
+def redact_value(value: Any, depth: int = 0) -> Any:
+    """``value`` with :func:`redact_text` applied to every string inside it, and bytes shown by their size.
+
+    For what Airflow stores and shows of a task (its rendered template fields): lists, tuples and dicts
+    are rebuilt only where something changed, so an unchanged value comes back as the very same object.
+    """
+    if isinstance(value, str):
+        shown = redact_text(value)
+        return value if shown == value else shown
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    if depth >= 20:
+        return value
+    if type(value) in (list, tuple):
+        items = [redact_value(item, depth + 1) for item in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else type(value)(items)
+    if isinstance(value, dict):
+        pairs = {key: redact_value(item, depth + 1) for key, item in value.items()}
+        return value if all(pairs[key] is item for key, item in value.items()) else pairs
+    return value
 
 
 def _scrub(value: Any, depth: int = 0) -> Any:

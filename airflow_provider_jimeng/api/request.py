@@ -11,7 +11,7 @@ import logging
 import re
 import unicodedata
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 from airflow_provider_jimeng.api.capabilities import (
     MAX_IMAGES_PER_REQUEST,
@@ -29,8 +29,9 @@ from airflow_provider_jimeng.api.capabilities import (
     size_error,
 )
 from airflow_provider_jimeng.api.reference_images import (
+    CheckedDataUri,
     ImageInput,
-    normalize_reference_image,
+    normalize_reference_images,
     validate_data_uri,
 )
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
@@ -227,6 +228,8 @@ def _validate_images(body: Mapping[str, Any], family: ModelFamily) -> None:
     for position, item in enumerate(images):
         parameter = f"image[{position}]"
         lowered = item[:8].lower()
+        if isinstance(item, CheckedDataUri):
+            continue  # checked when it was made, once for every prompt of the run
         if lowered.startswith("data:"):
             validate_data_uri(parameter, item)
         elif not lowered.startswith(("http://", "https://")):
@@ -280,14 +283,9 @@ def build_request_body(
     are Seedream 5.0 fields; other families refuse them.
     """
     body: dict[str, Any] = {"model": model, "prompt": prompt}
-    if image is not None:
-        if isinstance(image, (str, bytes, bytearray)) or not isinstance(image, Sequence):
-            body["image"] = normalize_reference_image("image", image)
-        else:
-            references = cast("Sequence[ImageInput]", image)  # bytes were handled above
-            images = [normalize_reference_image(f"image[{pos}]", item) for pos, item in enumerate(references)]
-            if images:
-                body["image"] = images
+    images = normalize_reference_images(image)
+    if images:
+        body["image"] = images
     if size is not None:
         body["size"] = normalize_size(size) if isinstance(size, str) else size
     if seed is not None:

@@ -32,6 +32,7 @@ from airflow_provider_jimeng.api.response import (
     parse_generation,
 )
 from airflow_provider_jimeng.budget import Reservation, SpendingCap
+from airflow_provider_jimeng.connections import missing_connection
 from airflow_provider_jimeng.exceptions import (
     JiMengAPIError,
     JiMengConfigurationError,
@@ -51,7 +52,7 @@ from airflow_provider_jimeng.hooks.connection_form import (
 from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
 from airflow_provider_jimeng.options import GenerationOptions, as_int, as_text
 from airflow_provider_jimeng.redaction import install_log_redaction, redact_url, register_secret
-from airflow_provider_jimeng.version_compat import BaseHook, mask_secret
+from airflow_provider_jimeng.version_compat import AirflowNotFoundException, BaseHook, mask_secret
 
 if TYPE_CHECKING:
     from airflow_provider_jimeng.coordination.ratelimit import AccountRateLimiter, Grant
@@ -716,7 +717,10 @@ class JiMengHook(BaseHook):
         :class:`JiMengConfigurationError` naming the extra and what it allows. An empty string,
         ``"None"`` or ``"null"`` (what a template renders for nothing) means the default.
         """
-        conn = self.get_connection(self.jimeng_conn_id)
+        try:
+            conn = self.get_connection(self.jimeng_conn_id)
+        except AirflowNotFoundException:  # Airflow would retry it: every try would look in vain
+            raise missing_connection("jimeng_conn_id", self.jimeng_conn_id) from None
         api_key = (conn.password or "").strip()
         if not api_key:
             raise JiMengConfigurationError(

@@ -11,6 +11,7 @@ without storage, the image URLs) and per-image records.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +21,12 @@ import jinja2
 import jinja2.nativetypes
 from airflow.sdk import BaseOperator, XComArg
 
+from airflow_provider_jimeng.api.reference_images import normalize_reference_images
 from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
+from airflow_provider_jimeng.connections import get_connection
+from airflow_provider_jimeng.coordination.redis_client import interrupt_shared_redis
 from airflow_provider_jimeng.exceptions import (
     JiMengAuthenticationError,
     JiMengConfigurationError,
@@ -44,12 +48,13 @@ from airflow_provider_jimeng.options import (
     as_text,
     parse_output_path,
 )
+from airflow_provider_jimeng.redaction import redact_value
 from airflow_provider_jimeng.run.engine import GenerationRun
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
 from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
-from airflow_provider_jimeng.storage.s3 import S3ImageStore
+from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_client_config
 
 #: What native rendering may turn into a number: decimal digits, a sign, a point (no 0x, e, _).
 _PLAIN_DECIMAL = re.compile(r"^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$", re.ASCII)
@@ -139,6 +144,8 @@ class JiMengGenerateOperator(BaseOperator):
     shallow_copy_attrs: Sequence[str] = ("_active_run",)
     # Not shown in the UI: what the try wrote, kept for the OpenLineage methods (docs/lineage.md).
     _lineage: RunLineage | None = None
+    #: Template fields shown redacted between rendering and execute: name -> (real value, shown value).
+    _hidden_rendered: dict[str, tuple[Any, Any]] = {}  # always replaced, never mutated
 
     def __init__(
         self,
@@ -244,6 +251,31 @@ class JiMengGenerateOperator(BaseOperator):
                     "a valid template over the task's context, e.g. {{ params.topic }}, {{ ds }} or "
                     "{{ ti.xcom_pull(task_ids='...') }}, or a prompt file (.txt, .j2, .jinja) next to the DAG",
                 ) from None
+        self._hide_rendered_secrets()
+
+    def _hide_rendered_secrets(self) -> None:
+        """Show the template fields redacted until ``execute``: signed URLs, credentials, image data.
+
+        Airflow stores the rendered fields (the UI's Rendered Template tab) by reading these attributes
+        right after rendering, through a secrets masker that knows registered secrets only: a signed
+        reference-image URL (``X-Tos-Signature``) was kept verbatim. Each field whose redacted form
+        differs holds that form until :meth:`execute`, which takes the real value back.
+        """
+        hidden: dict[str, tuple[Any, Any]] = {}
+        for name in self.template_fields:
+            value = getattr(self, name, None)
+            shown = redact_value(value)
+            if shown is not value:
+                hidden[name] = (value, shown)
+                setattr(self, name, shown)
+        self._hidden_rendered = hidden
+
+    def _reveal_rendered_secrets(self) -> None:
+        """The real values back, for the task's own use (a field set anew since, by ``@task.jimeng``, stays)."""
+        for name, (value, shown) in self._hidden_rendered.items():
+            if getattr(self, name, None) is shown:
+                setattr(self, name, value)
+        self._hidden_rendered = {}
 
     def _render(self, template: jinja2.Template, context: Any, dag: Any = None) -> Any:
         """Airflow's rendering, except that native rendering makes numbers of plain decimals only.
@@ -302,6 +334,9 @@ class JiMengGenerateOperator(BaseOperator):
         return prompts, generation, run
 
     def _build_bodies(self, hook: JiMengHook, options: GenerationOptions, prompts: list[str]) -> list[dict[str, Any]]:
+        """One body per prompt; reference images are read, encoded and checked once, and shared by all."""
+        if options.image is not None:
+            options = dataclasses.replace(options, image=normalize_reference_images(options.image))
         bodies = []
         for position, prompt in enumerate(prompts):
             try:
@@ -314,6 +349,14 @@ class JiMengGenerateOperator(BaseOperator):
 
     # ------------------------------------------------------------------------------------- execute
     def execute(self, context: Context) -> list[str]:
+        self._reveal_rendered_secrets()
+        try:
+            return self._execute(context)
+        finally:
+            # What Airflow stores after the task (``@task.jimeng`` stores the fields it set) stays redacted.
+            self._hide_rendered_secrets()
+
+    def _execute(self, context: Context) -> list[str]:
         self._lineage = None
         prompts, generation, options = self.checked_parameters()
         if generation.response_format == "b64_json":
@@ -414,12 +457,31 @@ class JiMengGenerateOperator(BaseOperator):
             return options.output_conn_id
         return self.aws_conn_id
 
+    def _storage_conn_parameter(self, options: RunOptions) -> str:
+        """The parameter that names the storage connection, for errors."""
+        return (
+            "output_conn_id" if options.output_path is not None or options.output_conn_id is not None else "aws_conn_id"
+        )
+
     def _s3_hook(self, options: RunOptions) -> Any:
-        """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow."""
+        """The amazon provider's hook, its connection looked up here: only this thread talks to Airflow.
+
+        A named connection that does not exist is a configuration error (``aws_default`` excepted): the
+        amazon provider would fall back to the worker's ambient credentials and store elsewhere. The
+        client's timeouts and retries are bounded (:func:`~airflow_provider_jimeng.storage.s3.bounded_client_config`)
+        under the connection's own ``config_kwargs``.
+        """
         from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-        s3_hook = S3Hook(aws_conn_id=self._storage_conn_id(options))
-        s3_hook.conn_config  # noqa: B018  # cached; the client is built from it on the set-up thread
+        conn_id = self._storage_conn_id(options)
+        parameter = self._storage_conn_parameter(options)
+        if conn_id is not None and not (parameter == "aws_conn_id" and conn_id == S3Hook.default_conn_name):
+            # An undefined aws_default keeps meaning boto3's own credential chain (an instance role), as
+            # in the amazon provider; a connection named on purpose must exist.
+            get_connection(parameter, conn_id)
+        s3_hook = S3Hook(aws_conn_id=conn_id)
+        wrapper = s3_hook.conn_config  # cached; the client is built from it on the set-up thread
+        wrapper.botocore_config = bounded_client_config(wrapper.botocore_config)
         return s3_hook
 
     def _filesystem(self, options: RunOptions) -> Any:
@@ -430,6 +492,8 @@ class JiMengGenerateOperator(BaseOperator):
         """
         from airflow.sdk import ObjectStoragePath
 
+        if options.output_conn_id is not None:
+            get_connection("output_conn_id", options.output_conn_id)
         try:
             return ObjectStoragePath(str(options.output_path), conn_id=options.output_conn_id).fs
         except Exception as error:
@@ -599,10 +663,18 @@ class JiMengGenerateOperator(BaseOperator):
                 outlet_events[outlet].extra = extra
 
     def on_kill(self) -> None:
-        """Stop sending at once; requests in flight are paid for, so their answers are still journaled."""
+        """Stop sending at once; requests in flight are paid for, so their answers are still journaled.
+
+        A command waiting on a shared Redis that stopped answering ends at once too; S3 calls under way
+        end within their bounds, and later ones get one short attempt each (docs/faults.md).
+        """
         run = self._active_run
         if run is not None:
             run.stop("on_kill")
+            interrupt_shared_redis()
+            hurry = getattr(run.store, "hurry", None)
+            if callable(hurry):
+                hurry()
 
 
 def _prompt_source(prompt: Any, template_ext: Sequence[str]) -> str:

@@ -56,6 +56,36 @@ def image_content_type(head: bytes | bytearray | mmap.mmap, fallback: str = IMAG
     return next((kind for signature, kind in _SIGNATURES if start.startswith(signature)), fallback)
 
 
+#: Bounds of every S3 call, so that an S3 that accepts connections and never answers costs a call at
+#: most about ``S3_MAX_ATTEMPTS * (S3_CONNECT_TIMEOUT + S3_READ_TIMEOUT)`` plus backoff (~32 s), not
+#: botocore's 60 s timeouts times 5 attempts. ``config_kwargs`` in the connection's extra wins, option
+#: by option (see :func:`bounded_client_config`).
+S3_CONNECT_TIMEOUT = 5.0
+#: Seconds without a byte from S3 (per socket read, not per object): S3 answers in milliseconds.
+S3_READ_TIMEOUT = 10.0
+#: Attempts of one call, the first included (botocore's "standard" retry mode: throttling and 5xx too).
+S3_MAX_ATTEMPTS = 2
+#: After ``on_kill``: one attempt, this many seconds to connect and without a byte, for each later call
+#: (a journal batch, ``records.json``): the whole stop then fits Airflow's 60 s before SIGKILL.
+S3_STOPPING_TIMEOUT = 8.0
+
+
+def bounded_client_config(user_config: Any = None) -> Any:
+    """The botocore ``Config`` of the provider's S3 client: bounded timeouts and attempts, under the user's own.
+
+    ``user_config`` is what the connection's extra ``config_kwargs`` (or the hook) set; each option it
+    sets explicitly (``read_timeout``, ``retries``...) wins over the bound.
+    """
+    from botocore.config import Config
+
+    bounded = Config(
+        connect_timeout=S3_CONNECT_TIMEOUT,
+        read_timeout=S3_READ_TIMEOUT,
+        retries={"mode": "standard", "total_max_attempts": S3_MAX_ATTEMPTS},
+    )
+    return bounded.merge(user_config) if user_config is not None else bounded
+
+
 #: boto3's default: objects up to this size are uploaded with one PutObject.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 #: Downloads are read in pieces this small, for the same reason.
@@ -268,6 +298,26 @@ class S3ImageStore(RecordsAndJournals):
     @property
     def bucket(self) -> str:
         return self.keyspace.bucket
+
+    def hurry(self) -> None:
+        """The try was stopped (``on_kill``): later calls get one short attempt each (:data:`S3_STOPPING_TIMEOUT`).
+
+        Calls under way keep their bounds. What a stopped try still writes is small (a journal batch,
+        ``records.json``, the images of ``b64_json`` answers in flight); if S3 does not take it in time,
+        it goes to the fallback journal like any failed write.
+        """
+        from botocore.config import Config
+
+        short = Config(
+            connect_timeout=S3_STOPPING_TIMEOUT,
+            read_timeout=S3_STOPPING_TIMEOUT,
+            retries={"mode": "standard", "total_max_attempts": 1},
+        )
+        try:
+            config = bounded_client_config(self._hook.conn_config.botocore_config).merge(short)
+            self._client = self._hook.get_client_type(region_name=self._hook.region_name, config=config)
+        except Exception as error:  # the stop goes on with the bounded client
+            log.warning("Could not shorten the S3 timeouts after the stop: %s", type(error).__name__)
 
     def _fail(self, action: str, key: str, error: Exception) -> JiMengStorageError:
         return JiMengStorageError(f"{action} s3://{self.bucket}/{key} failed: {_describe(error)}")

@@ -21,6 +21,7 @@ from airflow_provider_jimeng.redaction import (
     install_log_redaction,
     redact_text,
     redact_url,
+    redact_value,
     register_secret,
 )
 
@@ -69,6 +70,34 @@ B64 = base64.b64encode(bytes(range(256)) * 4).decode()
         pytest.param(f"body {B64}", f"body <{len(B64)} base64 chars>", id="bare-base64"),
         pytest.param("is Pillow installed? pip install x", "is Pillow installed? pip install x", id="prose-untouched"),
         pytest.param("https://gw.example.com/v1", "https://gw.example.com/v1", id="plain-url-untouched"),
+        # Any scheme's credentials and query, not only http(s): proxies and the shared Redis (issue 20, 17c).
+        pytest.param(
+            "proxy socks5h://user:pw@proxy.example:1080 refused",
+            "proxy socks5h://<redacted>@proxy.example:1080 refused",
+            id="socks5h-userinfo",
+        ),
+        pytest.param("redis://:s3cr3t@redis.example:6379/0", "redis://<redacted>@redis.example:6379/0", id="redis"),
+        pytest.param(
+            "rediss://default:s3cr3t@r.example:6380/0?ssl_cert_reqs=none&password=x",
+            "rediss://<redacted>@r.example:6380/0?<redacted>",
+            id="rediss-query",
+        ),
+        pytest.param("amqp://guest:guest@mq.example//", "amqp://<redacted>@mq.example//", id="amqp"),
+        pytest.param(
+            "postgresql+psycopg2://u:p@db.example/airflow?sslmode=require",
+            "postgresql+psycopg2://<redacted>@db.example/airflow?<redacted>",
+            id="sqlalchemy",
+        ),
+        pytest.param("redis://:pa/ss@r.example:6379/0", "redis://<redacted>@r.example:6379/0", id="unencoded-slash"),
+        pytest.param(
+            "socks5h://user:p#w@proxy.example:1080", "socks5h://<redacted>@proxy.example:1080", id="unencoded-hash"
+        ),
+        pytest.param("redis://:p?w@r.example/0", "redis://<redacted>@r.example/0", id="unencoded-question-mark"),
+        pytest.param("redis://:p@ss@r.example/0", "redis://<redacted>@r.example/0", id="unencoded-at"),
+        pytest.param(
+            "{'https': 'socks5://u:p@h.example:1'}", "{'https': 'socks5://<redacted>@h.example:1'}", id="dict"
+        ),
+        pytest.param("https://h.example:8080/@user/x", "https://h.example:8080/@user/x", id="at-in-path-untouched"),
     ],
 )
 def test_redact_text(text: str, expected: str) -> None:
@@ -156,3 +185,18 @@ def test_install_puts_one_filter_on_each_logger_that_prints_requests_or_bodies()
     ):
         filters = [item for item in logging.getLogger(name).filters if isinstance(item, RedactingLogFilter)]
         assert len(filters) == 1, name
+
+
+def test_redact_value_rebuilds_only_what_it_changes() -> None:
+    """Rendered fields: an unchanged value comes back as the very object (the operator keeps it as is)."""
+    clean = {"n": 2, "tags": ["a", "b"], "size": "2K"}
+    assert redact_value(clean) is clean
+    signed = "https://h.example/a.png?X-Tos-Signature=s3cr3t"
+    value = {"refs": [signed, "https://h.example/b.png"], "raw": b"\x89PNG", "n": 2}
+    assert redact_value(value) == {
+        "refs": ["https://h.example/a.png?<redacted>", "https://h.example/b.png"],
+        "raw": "<4 bytes>",
+        "n": 2,
+    }
+    assert value["refs"][0] == signed, "the original is left untouched"
+    assert redact_value(("redis://:pw@r.example/0",)) == ("redis://<redacted>@r.example/0",)
