@@ -203,6 +203,26 @@ def test_a_set_that_billed_fewer_images_than_reserved_gives_the_rest_back(
     assert refunds == [3], "the set's 3 unbilled images; a single image billed what it reserved"
 
 
+def test_a_set_that_broke_off_keeps_every_slot(
+    jimeng_conn: JiMengEmulator,
+    redis_conn: RedisServer,
+    make_hook: Callable[..., JiMengHook],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    refunds: list[int],
+) -> None:
+    """The images a broken-off stream did not deliver may have been generated (the emulator bills the
+    whole set): nothing goes back to the shared bucket. Regression (issue 20, mutation 17): refunding
+    ``images - billed`` for a broken set passed the suite."""
+    connect(monkeypatch, jimeng_conn, **SHARED)
+    jimeng_conn.inject(Fault("truncated"))  # half the set streamed, then the stream ends early
+    result = make_hook().generate_images(
+        "a comic in 4 images", sequential_image_generation="auto", max_images=4, stream=True, size="1K"
+    )
+    assert result.truncated and result.billed_images == 2
+    assert wait_for(lambda: jimeng_conn.billed_images == 4)  # the service billed the whole set
+    assert refunds == [], "a set that broke off keeps its slots: its undelivered images were billed"
+
+
 def test_an_error_answer_keeps_its_slots(
     jimeng_conn: JiMengEmulator,
     redis_conn: RedisServer,
