@@ -328,6 +328,7 @@ class JiMengGenerateOperator(BaseOperator):
             spending_cap=SpendingCap(options.max_images_per_task),
             log=self.log,
             try_number=getattr(context["ti"], "try_number", None),
+            budget_first_try=self._budget_first_try(context),
         )
         self._active_run = run
         try:
@@ -336,6 +337,19 @@ class JiMengGenerateOperator(BaseOperator):
             self._active_run = None
             hook.close()
         return self._finish(context, run, options)
+
+    def _budget_first_try(self, context: Context) -> int | None:
+        """The first try whose spending counts against ``max_images_per_task``: Airflow's own reckoning.
+
+        A clear raises ``max_tries`` to the last try plus ``retries``, so ``max_tries - retries + 1``
+        is the first try since the last clear (as Airflow computes it for reschedules): automatic
+        retries share one budget, a cleared task starts a new one. ``None`` (every try counts) when
+        the task instance does not say.
+        """
+        max_tries = getattr(context["ti"], "max_tries", None)
+        if not isinstance(max_tries, int) or isinstance(max_tries, bool):
+            return None
+        return max(1, max_tries - int(self.retries or 0) + 1)
 
     def _keyspace(self, context: Context, options: RunOptions, generation: GenerationOptions) -> TaskKeyspace:
         ti = context["ti"]

@@ -55,6 +55,7 @@ from airflow_provider_jimeng.storage.records import (
     StoredImage,
     answer_from_stored_objects,
     answer_metadata,
+    committed_images,
     resume_plan,
     sum_usage,
     try_usage,
@@ -95,6 +96,9 @@ class GenerationRun:
     :param options: how to spend, store and fail.
     :param spending_cap: the images this try may bill, retries of possibly-billed requests included.
     :param try_number: Airflow's try number, written beside this try's counters in ``records.json``.
+    :param budget_first_try: the first try of the series that shares ``spending_cap`` (Airflow's
+        automatic retries; a cleared task starts a new series). What those earlier tries billed or
+        possibly billed counts against the cap. ``None``: every earlier try counts.
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class GenerationRun:
         spending_cap: SpendingCap,
         log: Any,
         try_number: int | None = None,
+        budget_first_try: int | None = None,
     ) -> None:
         self.hook = hook
         self.bodies = list(bodies)
@@ -130,6 +135,7 @@ class GenerationRun:
         self._journal_writer: JournalWriter | None = None
         self._b64 = any(body.get("response_format") == "b64_json" for body in self.bodies)
         self.try_number = try_number
+        self.budget_first_try = budget_first_try
         #: Tells this try's journal objects and counters apart from every other try's.
         self.try_token = uuid.uuid4().hex[:12]
         #: Earlier tries' counters by try token, read before the first request (``usage`` sums them).
@@ -163,6 +169,7 @@ class GenerationRun:
             # Earlier tries count in this one's usage, replace=True or not: what they billed was billed.
             self.earlier_tries = earlier.tries
             self._earlier_from_fallback = earlier.fallback_usage
+            self._carry_earlier_spending()
             if self.options.replace:
                 # Nothing earlier is reused; earlier tries' journals go once records.json is written.
                 earlier_journals = {key: set() for key in earlier.journal_objects}
@@ -213,6 +220,19 @@ class GenerationRun:
             raise interrupted
         if self._stopped_by is not None and self.fatal is None:
             self.fatal = JiMengRunStoppedError(self._stopped_by)
+
+    def _carry_earlier_spending(self) -> None:
+        """Charge the spending cap with what earlier tries of this budget committed, before any request."""
+        spent = committed_images(self.earlier_tries.values(), self.budget_first_try)
+        if not spent:
+            return
+        self.spending_cap.carry(spent)
+        limit = self.spending_cap.limit
+        self.log.info(
+            "Earlier tries of this task instance billed or possibly billed %d image(s)%s",
+            spent,
+            f"; max_images_per_task={limit} leaves {max(0, limit - spent)}" if limit is not None else "",
+        )
 
     def _recognise_stored_answer(
         self, store: ImageStore, index: int, existing: Mapping[str, int]

@@ -244,6 +244,19 @@ def merge_try_usage(*sources: Iterable[Mapping[str, Any]]) -> dict[str, dict[str
     return merged
 
 
+def committed_images(docs: Iterable[Mapping[str, Any]], first_try: int | None = None) -> int:
+    """Images billed or possibly billed by the tries that share a budget: from Airflow try ``first_try`` on.
+
+    ``first_try=None`` counts every try; a try whose number is not known counts too (never less).
+    """
+    total = 0
+    for doc in docs:
+        number = _int(doc.get("try_number"))
+        if first_try is None or number is None or number >= first_try:
+            total += (_int(doc.get("generated_images")) or 0) + (_int(doc.get("possibly_billed_images")) or 0)
+    return total
+
+
 def sum_usage(docs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """The counters of several tries, added up."""
     totals = dict.fromkeys(USAGE_COUNTERS, 0)

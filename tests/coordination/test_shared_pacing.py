@@ -218,7 +218,8 @@ def test_a_set_that_broke_off_keeps_every_slot(
     result = make_hook().generate_images(
         "a comic in 4 images", sequential_image_generation="auto", max_images=4, stream=True, size="1K"
     )
-    assert result.truncated and result.billed_images == 2
+    assert result.truncated
+    assert result.billed_images == 2
     assert wait_for(lambda: jimeng_conn.billed_images == 4)  # the service billed the whole set
     assert refunds == [], "a set that broke off keeps its slots: its undelivered images were billed"
 
