@@ -74,8 +74,9 @@ class JiMengEmulator:
 
     ``latency`` (seconds per generated image), ``images_per_minute`` (``None`` = unlimited),
     ``rate_limit_burst`` (``None``: the limit is a sliding 60 s window; a number: a token bucket of
-    that many images, refilled evenly over the minute), ``url_ttl`` and ``moderation_marker`` may be
-    changed while it runs. A prompt containing
+    that many images, refilled evenly over the minute), ``url_ttl``, ``moderation_marker`` and
+    ``images_per_request`` (answer every request with at least that many images, all billed, as some
+    gateways do) may be changed while it runs. A prompt containing
     ``moderation_marker`` is refused as sensitive (400); ``FAIL_IMAGE_<k>`` in a prompt makes image
     ``k`` (0-based) of the answer fail moderation while the others succeed (and are billed).
 
@@ -95,6 +96,7 @@ class JiMengEmulator:
         url_ttl: float = 86400.0,
         moderation_marker: str = "FORBIDDEN",
         rate_limit_burst: int | None = None,
+        images_per_request: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -104,6 +106,8 @@ class JiMengEmulator:
         self.rate_limit_burst = rate_limit_burst
         self.url_ttl = url_ttl
         self.moderation_marker = moderation_marker
+        #: Behave as a gateway that answers (and bills) at least this many images per request.
+        self.images_per_request = images_per_request
         #: What the requests share (faults, ledger, rate limiter, images, URL signing, counters).
         self.runtime = Runtime()
         self._server: _Server | None = None

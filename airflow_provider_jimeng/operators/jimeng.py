@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 from airflow.sdk import BaseOperator, XComArg
 
-from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
 from airflow_provider_jimeng.exceptions import (
@@ -296,7 +295,7 @@ class JiMengGenerateOperator(BaseOperator):
                 pool_maxsize=max(8, options.max_concurrency * 2),
             )
             bodies = self._build_bodies(hook, generation, prompts)
-            per_prompt = [max_images_billed(body) for body in bodies]
+            per_prompt = [hook.images_billed(body) for body in bodies]
             planned = sum(per_prompt)
             if options.max_images_per_task is not None and planned > options.max_images_per_task:
                 raise JiMengConfigurationError(

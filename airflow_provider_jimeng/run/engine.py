@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
-from airflow_provider_jimeng.api.request import max_images_billed, reference_image_count
+from airflow_provider_jimeng.api.request import reference_image_count
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
 from airflow_provider_jimeng.budget import ByteBudget, SpendingCap
 from airflow_provider_jimeng.exceptions import (
@@ -243,7 +243,9 @@ class GenerationRun:
         crash), so the ``HEAD`` requests cost nothing on a first try.
         """
         keyspace = store.keyspace
-        candidates = {image: keyspace.image_key(index, image) for image in range(max_images_billed(self.bodies[index]))}
+        candidates = {
+            image: keyspace.image_key(index, image) for image in range(self.hook.images_billed(self.bodies[index]))
+        }
         found = {image: key for image, key in candidates.items() if key in existing}
         if not found:
             return None

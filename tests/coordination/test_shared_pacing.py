@@ -224,6 +224,30 @@ def test_a_set_that_broke_off_keeps_every_slot(
     assert refunds == [], "a set that broke off keeps its slots: its undelivered images were billed"
 
 
+def test_a_gateway_of_four_images_reserves_four_slots_per_request(
+    jimeng_conn: JiMengEmulator,
+    redis_conn: RedisServer,
+    make_hook: Callable[..., JiMengHook],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    refunds: list[int],
+) -> None:
+    """Regression (issue 20, break 6): the limiter took 1 slot for the 4 images such a gateway bills."""
+    reserved: list[int] = []
+    original = AccountRateLimiter.try_acquire
+
+    def spy(self: AccountRateLimiter, images: int, **kwargs: Any) -> Any:
+        reserved.append(images)
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(AccountRateLimiter, "try_acquire", spy)
+    jimeng_conn.images_per_request = 4
+    connect(monkeypatch, jimeng_conn, images_per_request=4, **SHARED)
+    result = make_hook().generate_images("a lighthouse")
+    assert len(result.succeeded) == jimeng_conn.billed_images == 4
+    assert reserved == [4]
+    assert refunds == []
+
+
 def test_an_error_answer_keeps_its_slots(
     jimeng_conn: JiMengEmulator,
     redis_conn: RedisServer,

@@ -81,6 +81,25 @@ def test_extra_body_n_counts_in_the_guard_before_any_request(emulator: TrackingE
     assert emulator.request_count == 0
 
 
+def test_images_per_request_counts_in_the_guard_before_any_request(
+    emulator: TrackingEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway that answers every request with 4 images: 2 prompts could bill 8, above a cap of 4."""
+    from airflow_provider_jimeng.testing import jimeng_connection_json
+
+    emulator.images_per_request = 4
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_JIMENG_DEFAULT",
+        jimeng_connection_json(emulator.base_url, emulator.api_key, max_retries=0, images_per_request=4),
+    )
+    operator = JiMengGenerateOperator(task_id="gen", prompt=["a", "b"], max_images_per_task=4)
+    with pytest.raises(JiMengConfigurationError) as raised:
+        operator.execute({"ti": RecordingTaskInstance()})  # type: ignore[typeddict-item]
+    assert raised.value.parameter == "max_images_per_task"
+    assert "up to 8 images" in str(raised.value)
+    assert emulator.request_count == 0
+
+
 def test_retries_of_possibly_billed_requests_stop_at_the_cap(
     emulator: TrackingEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
