@@ -432,6 +432,8 @@ class JiMengGenerateOperator(BaseOperator):
         outputs = [output for outcome in outcomes for output in outcome.outputs]
         records = [record for outcome in outcomes for record in outcome.image_records]
         failures = [failure for outcome in outcomes for failure in outcome.failures]
+        # Kept images whose record is not written: the error lists them, the count of failures does not.
+        notes = [note for outcome in outcomes for note in outcome.notes]
         usage = run.usage()
         ti = context["ti"]
         ti.xcom_push(key="images", value=records)
@@ -477,9 +479,9 @@ class JiMengGenerateOperator(BaseOperator):
             # The service called the request itself invalid (unknown model, bad parameter), or the
             # spending cap is reached: every try would do the same, so do not retry. A bad key or a
             # spending cap of the account can be fixed between tries, so those keep the task's retries.
-            raise JiMengRunAbortedError(failures, stored=len(outputs)) from None
+            raise JiMengRunAbortedError(failures + notes, stored=len(outputs)) from None
         if fatal is not None or unstored:
-            raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
+            raise JiMengGenerationIncompleteError(failures + notes, stored=len(outputs)) from None
         if failures:
             if options.on_partial_failure == "fail":
                 raise JiMengGenerationIncompleteError(failures, stored=len(outputs))

@@ -27,6 +27,7 @@ from airflow_provider_jimeng.api.request import reference_image_count
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
 from airflow_provider_jimeng.budget import ByteBudget, SpendingCap
 from airflow_provider_jimeng.exceptions import (
+    JiMengAPIError,
     JiMengAuthenticationError,
     JiMengConfigurationError,
     JiMengContentPolicyError,
@@ -79,6 +80,21 @@ def is_fatal(error: BaseException) -> bool:
     return isinstance(error, _FATAL_ERRORS) or (
         isinstance(error, JiMengInvalidRequestError) and not isinstance(error, JiMengContentPolicyError)
     )
+
+
+#: Codes of the hook's errors raised before a request left: stopped while waiting, the limiter's Redis down.
+_NOT_SENT_CODES = frozenset({"Stopped", "RateLimiterUnavailable"})
+
+
+def never_sent(error: BaseException) -> bool:
+    """Whether the prompt's request never left: it is no request in ``usage`` (it cost nothing).
+
+    The run stopped before it was sent, the spending cap or a configuration check refused it, or the
+    hook was stopped while it waited for its turn. Such an error carries no request id.
+    """
+    if isinstance(error, (CancelledError, JiMengConfigurationError)):
+        return True
+    return isinstance(error, JiMengAPIError) and error.code in _NOT_SENT_CODES and error.request_id is None
 
 
 def _web_searches(usage: Mapping[str, Any]) -> int:
@@ -432,7 +448,8 @@ class GenerationRun:
             self._budget.release(charge)
             if writer is not None:
                 writer.release()
-            self._count(requests=1)
+            if not never_sent(error):
+                self._count(requests=1)
             if is_fatal(error):
                 self._halted = self._halted or error
             raise
@@ -485,7 +502,8 @@ class GenerationRun:
         if isinstance(error, CancelledError):
             outcome.failures.append(f"prompt {outcome.prompt_index}: not sent (the run stopped)")
             return None
-        outcome.requests += 1
+        if not never_sent(error):
+            outcome.requests += 1
         outcome.failures.append(f"prompt {outcome.prompt_index}: {describe_error(error)}")
         self.log.error("Prompt %d failed: %s", outcome.prompt_index, describe_error(error))
         if is_fatal(error):
@@ -691,7 +709,7 @@ class GenerationRun:
             store.save_fallback_usage(self.try_token, this_try)
             for outcome in self.outcomes:
                 if outcome.record is not None and not (outcome.reused and not outcome.stored):
-                    outcome.failures.append(
+                    outcome.notes.append(
                         f"prompt {outcome.prompt_index}: {len(outcome.stored)} image(s) stored but not its record "
                         f"(kept for a retry, which needs no new request): {error}"
                     )

@@ -18,6 +18,9 @@ class PromptOutcome:
     stored: list[StoredImage] = field(default_factory=list)
     delivered: list[DeliveredImage] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Why a prompt whose images are all kept is not finished (its record not written): not failures of
+    #: an image, so the task's count leaves them out, but its error message lists them.
+    notes: list[str] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)
     requests: int = 0
     reused: bool = False
