@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_jimeng.api.response import GeneratedImage
+from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
 from airflow_provider_jimeng.exceptions import JiMengAPIError
-from airflow_provider_jimeng.storage.records import DeliveredImage, PromptRecord, StoredImage
+from airflow_provider_jimeng.storage.records import DeliveredImage, JournalEntry, PromptRecord, StoredImage
 
 
 @dataclass
@@ -37,6 +37,17 @@ class PromptOutcome:
     @property
     def image_records(self) -> list[dict[str, Any]]:
         return [image.to_json() for image in self.stored] + [image.to_json() for image in self.delivered]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a generation thread hands the engine's loop: nothing else changes a prompt's outcome there."""
+
+    result: GenerationResult
+    #: The answer as journaled (image indexes those of the prompt: a top-up fills an earlier answer's gaps).
+    entry: JournalEntry
+    #: Images that failed transiently, for the record: a retry asks for them again.
+    retry_images: tuple[int, ...] = ()
 
 
 def describe_error(error: BaseException) -> str:
