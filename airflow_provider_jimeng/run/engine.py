@@ -42,7 +42,7 @@ from airflow_provider_jimeng.exceptions import (
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.options import RunOptions
-from airflow_provider_jimeng.run.outcome import Answer, PromptOutcome, describe_error, image_failure
+from airflow_provider_jimeng.run.outcome import Answer, PromptOutcome, Stored, describe_error, image_failure
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.journal import JournalWriter
 from airflow_provider_jimeng.storage.keys import prompt_fingerprint
@@ -363,7 +363,7 @@ class GenerationRun:
                     self._retry_images[index] = images_to_retry(plan.entry, self.hook.images_billed(self.bodies[index]))
                     track(
                         storing,
-                        store_pool.submit(self._store_entry, outcome, plan.entry, plan.stored, plan.missing),
+                        store_pool.submit(self._store, index, plan.entry, plan.stored, plan.missing),
                         index,
                     )
                     continue
@@ -552,7 +552,7 @@ class GenerationRun:
             self._keep_urls(outcome, result)
             return
         self._retry_images[index] = answer.retry_images
-        track(storing, store_pool.submit(self._store_entry, outcome, entry, (), entry.images), index)
+        track(storing, store_pool.submit(self._store, index, entry, (), entry.images), index)
 
     def _record_request_failure(
         self, outcome: PromptOutcome, error: BaseException, pending: Mapping[Future[Any], int]
@@ -596,6 +596,18 @@ class GenerationRun:
         self.log.info(
             "Prompt %d: reusing %d image(s) stored by an earlier try", outcome.prompt_index, len(outcome.stored)
         )
+
+    def _store(
+        self, index: int, entry: JournalEntry, stored: Sequence[JournaledImage], missing: Sequence[JournaledImage]
+    ) -> Stored:
+        """On a storage thread: store an answer into an outcome of its own, returned to the loop as a value.
+
+        The prompt's outcome is only ever changed by the engine's loop (:meth:`_on_stored`), never by
+        a worker thread while the loop reads it.
+        """
+        scratch = PromptOutcome(prompt_index=index)
+        self._store_entry(scratch, entry, stored, missing)
+        return Stored(tuple(scratch.stored), tuple(scratch.failures), scratch.incomplete, scratch.record)
 
     def _store_entry(
         self,
@@ -731,12 +743,18 @@ class GenerationRun:
             )
             return
         try:
-            future.result()
+            done: Stored = future.result()
         except BaseException as error:
             self.outcomes[index].incomplete = True
             self.outcomes[index].failures.append(f"prompt {index}: not stored: {describe_error(error)}")
             return
-        self._settle_record(self.outcomes[index])
+        outcome = self.outcomes[index]
+        outcome.stored = list(done.stored)
+        outcome.failures.extend(done.failures)
+        outcome.incomplete = outcome.incomplete or done.incomplete
+        if done.record is not None:
+            outcome.record = done.record
+        self._settle_record(outcome)
 
     def _settle_record(self, outcome: PromptOutcome) -> None:
         """Give a stored answer's record the images to ask for again; join a top-up to the record it completes.

@@ -50,6 +50,18 @@ class Answer:
     retry_images: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What a storage thread hands the engine's loop for one answer: the loop applies it to the outcome."""
+
+    stored: tuple[StoredImage, ...]
+    failures: tuple[str, ...]
+    #: Paid images not stored (kept for a retry).
+    incomplete: bool
+    #: The prompt's record, when every image of the answer is stored.
+    record: PromptRecord | None
+
+
 def describe_error(error: BaseException) -> str:
     if isinstance(error, JiMengAPIError):
         code = error.code or type(error).__name__

@@ -78,7 +78,8 @@ def test_a_run_stores_every_image_and_a_second_try_reuses_them_without_a_request
     assert (usage["tries"], usage["generated_images"], usage["this_try"]["requests"]) == (2, 4, 0)
 
 
-def test_workers_hand_the_loop_an_immutable_answer() -> None:
+def test_workers_hand_the_loop_immutable_values() -> None:
+    """Generation returns an ``Answer``, storage a ``Stored``: the prompt's outcome is the loop's alone."""
     hook, store = FakeHook(), MemoryStore()
     generation = GenerationRun(
         hook=hook,  # type: ignore[arg-type]
@@ -93,7 +94,20 @@ def test_workers_hand_the_loop_an_immutable_answer() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         answer.retry_images = (1,)  # type: ignore[misc]
     assert generation.outcomes[0].requests == 0, "only the engine's loop updates an outcome"
-    assert not store.objects
+    stored_by_a_worker = GenerationRun(
+        hook=hook,  # type: ignore[arg-type]
+        bodies=[body("a red fox")],
+        store=store,
+        options=RunOptions(s3_bucket="bucket"),
+        spending_cap=SpendingCap(),
+        log=log,
+    )
+    done = stored_by_a_worker._store(0, answer.entry, (), answer.entry.images)
+    assert [image.key for image in done.stored] == store.images()
+    assert done.record is not None
+    assert stored_by_a_worker.outcomes[0].stored == [], "the worker's result is applied by the loop, not by it"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        done.incomplete = True  # type: ignore[misc]
 
 
 def test_the_budget_holds_over_tries() -> None:
