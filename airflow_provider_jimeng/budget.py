@@ -115,9 +115,12 @@ class SpendingCap:
     * :meth:`Reservation.release` when the service answered with an error (nothing generated);
     * :meth:`Reservation.keep_as_possible` when nobody can tell: it counts as possibly billed.
 
-    A reservation that would take ``billed + possibly billed + reserved`` above ``limit`` raises
-    :class:`~airflow_provider_jimeng.exceptions.JiMengSpendingCapError` and the attempt is not sent.
-    Thread-safe; one cap serves every thread of a run. ``limit=None`` counts without refusing.
+    A reservation that would take ``earlier + billed + possibly billed + reserved`` above ``limit``
+    raises :class:`~airflow_provider_jimeng.exceptions.JiMengSpendingCapError` and the attempt is not
+    sent. ``earlier`` is what earlier tries of the task instance committed (:meth:`carry`, read before
+    the first request), so the limit holds for the task instance, not for each try. ``billed`` and
+    ``possibly_billed`` are this try's own. Thread-safe; one cap serves every thread of a run.
+    ``limit=None`` counts without refusing.
     """
 
     def __init__(self, limit: int | None = None) -> None:
@@ -125,7 +128,14 @@ class SpendingCap:
         self.billed = 0
         self.possibly_billed = 0
         self.reserved = 0
+        #: Images earlier tries of the same budget billed or possibly billed.
+        self.earlier = 0
         self._lock = threading.Lock()
+
+    def carry(self, images: int) -> None:
+        """Count what earlier tries committed against the limit (before this try's first request)."""
+        with self._lock:
+            self.earlier += max(0, int(images))
 
     @property
     def committed(self) -> int:
@@ -135,13 +145,15 @@ class SpendingCap:
     def reserve(self, images: int) -> Reservation:
         images = max(0, int(images))
         with self._lock:
-            if self.limit is not None and self.billed + self.possibly_billed + self.reserved + images > self.limit:
+            committed = self.earlier + self.billed + self.possibly_billed + self.reserved
+            if self.limit is not None and committed + images > self.limit:
                 raise JiMengSpendingCapError(
                     limit=self.limit,
                     billed=self.billed,
                     possibly_billed=self.possibly_billed,
                     in_flight=self.reserved,
                     requested=images,
+                    earlier=self.earlier,
                 )
             self.reserved += images
         return Reservation(self, images)

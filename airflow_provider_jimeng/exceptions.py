@@ -42,16 +42,25 @@ class JiMengSpendingCapError(JiMengConfigurationError):
     """The next attempt could bill more than ``max_images_per_task`` allows: it is not sent, never retried."""
 
     def __init__(
-        self, *, limit: int, billed: int = 0, possibly_billed: int = 0, in_flight: int = 0, requested: int = 0
+        self,
+        *,
+        limit: int,
+        billed: int = 0,
+        possibly_billed: int = 0,
+        in_flight: int = 0,
+        requested: int = 0,
+        earlier: int = 0,
     ) -> None:
         self.limit = limit
         self.billed = billed
         self.possibly_billed = possibly_billed
         self.in_flight = in_flight
         self.requested = requested
+        self.earlier = earlier
+        tries = f"{earlier} billed or possibly billed by earlier tries of this task instance, " if earlier else ""
         super().__init__(
             "max_images_per_task",
-            f"an attempt that could bill {requested} more image(s) was not sent: {billed} billed, "
+            f"an attempt that could bill {requested} more image(s) was not sent: {tries}{billed} billed, "
             f"{possibly_billed} possibly billed (timed out or broken answers) and {in_flight} in flight "
             f"already reach the limit of {limit}",
         )
@@ -59,15 +68,20 @@ class JiMengSpendingCapError(JiMengConfigurationError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             _rebuild_spending_cap_error,
-            (self.limit, self.billed, self.possibly_billed, self.in_flight, self.requested),
+            (self.limit, self.billed, self.possibly_billed, self.in_flight, self.requested, self.earlier),
         )
 
 
 def _rebuild_spending_cap_error(
-    limit: int, billed: int, possibly_billed: int, in_flight: int, requested: int
+    limit: int, billed: int, possibly_billed: int, in_flight: int, requested: int, earlier: int = 0
 ) -> JiMengSpendingCapError:
     return JiMengSpendingCapError(
-        limit=limit, billed=billed, possibly_billed=possibly_billed, in_flight=in_flight, requested=requested
+        limit=limit,
+        billed=billed,
+        possibly_billed=possibly_billed,
+        in_flight=in_flight,
+        requested=requested,
+        earlier=earlier,
     )
 
 

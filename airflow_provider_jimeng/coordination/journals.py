@@ -8,9 +8,10 @@ same entries are also written here, where any worker's retry reads them.
 
 Keys hold no secret: ``jimeng:journal:<sha256 of the task's prefix URI and the prompt index>``, as
 the local file's name. Values hold what the local file holds, base64 image data included (in
-``b64_json`` mode it is the only copy) and signed URLs: they live :data:`SHARED_JOURNAL_TTL_SECONDS`,
-less than the signed URLs' 24 h, and are deleted once ``records.json`` covers their prompt. Plain
-commands only (``SET EX``, ``MGET``, ``DEL``, ``HSET``, ``HGETALL``, ``EXPIRE``).
+``b64_json`` mode the file on the first worker is the only other copy) and signed URLs: they live
+:data:`SHARED_JOURNAL_TTL_SECONDS`, less than the signed URLs' 24 h, and are deleted once
+``records.json`` covers their prompt. Plain commands only (``SET EX``, ``MGET``, ``DEL``, ``HSET``,
+``HGETALL``, ``EXPIRE``).
 """
 
 from __future__ import annotations

@@ -99,8 +99,11 @@ class Plan:
         return item
 
 
-def plan_for(body: Mapping[str, Any], request_id: str, created: int) -> Plan:
-    """The images a valid request generates; ``FAIL_IMAGE_<k>`` in the prompt fails image ``k``."""
+def plan_for(body: Mapping[str, Any], request_id: str, created: int, *, at_least: int = 1) -> Plan:
+    """The images a valid request generates; ``FAIL_IMAGE_<k>`` in the prompt fails image ``k``.
+
+    ``at_least``: a gateway that answers every request with that many images, whatever was asked.
+    """
     prompt = str(body["prompt"])
     family = family_for_model(str(body["model"]))
     width, height = rendered_dimensions(body.get("size"), family, prompt)
@@ -108,7 +111,7 @@ def plan_for(body: Mapping[str, Any], request_id: str, created: int) -> Plan:
     image_format = "png" if body.get("output_format") == "png" else "jpeg"
     watermark = body.get("watermark") is not False
     slots = []
-    for index in range(images_for(body)):
+    for index in range(max(images_for(body), at_least)):
         if FAIL_IMAGE_MARKER.format(index=index) in prompt:
             error = error_object(
                 "OutputImageSensitiveContentDetected",

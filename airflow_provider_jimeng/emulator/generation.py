@@ -117,7 +117,7 @@ def generate(exchange: Exchange, emulator: JiMengEmulator, path: str, raw: bytes
         fail(exchange, record, emulator, 400, "InputTextSensitiveContentDetected", message, error_type="BadRequest")
         return
     try:
-        reservation_size = max_images_billed(body)
+        reservation_size = max(max_images_billed(body), emulator.images_per_request or 1)
     except (TypeError, ValueError):
         reservation_size = MAX_IMAGES_PER_REQUEST
     reservation = runtime.limiter.reserve(reservation_size, emulator.images_per_minute, emulator.rate_limit_burst)
@@ -126,7 +126,7 @@ def generate(exchange: Exchange, emulator: JiMengEmulator, path: str, raw: bytes
         _, code, error_type, message = ERROR_FAULTS["rate_limit"]
         fail(exchange, record, emulator, 429, code, message, error_type=error_type)
         return
-    plan = plan_for(body, exchange.request_id, int(time.time()))
+    plan = plan_for(body, exchange.request_id, int(time.time()), at_least=emulator.images_per_request or 1)
     shape_answer(plan, fault)
     billed = 0
     try:

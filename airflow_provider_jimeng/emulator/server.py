@@ -26,8 +26,8 @@ from airflow_provider_jimeng.emulator.images import RenderCache, require_pillow
 from airflow_provider_jimeng.emulator.ledger import LedgerEntry
 from airflow_provider_jimeng.emulator.routes import GENERATION_PATHS, MODELS_PATHS, Handler
 from airflow_provider_jimeng.emulator.runtime import MAX_REQUEST_RECORDS, TOS_BUCKET, TOS_PREFIX, Runtime
-from airflow_provider_jimeng.emulator.wire import EVENT_STREAM_CONTENT_TYPE
 from airflow_provider_jimeng.emulator.visual import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY, TASK_TTL
+from airflow_provider_jimeng.emulator.wire import EVENT_STREAM_CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class JiMengEmulator:
     ``rate_limit_burst`` (``None``: the limit is a sliding 60 s window; a number: a token bucket of
     that many images, refilled evenly over the minute), ``url_ttl``, ``moderation_marker`` and
     ``stream_content_type`` (the label of event streams: ``"application/json"`` plays a gateway that
-    mislabels them) may be changed while it runs. A prompt containing
+    mislabels them) and ``images_per_request`` (answer every request with at least that many images,
+    all billed, as some gateways do) may be changed while it runs. A prompt containing
     ``moderation_marker`` is refused as sensitive (400); ``FAIL_IMAGE_<k>`` in a prompt makes image
     ``k`` (0-based) of the answer fail moderation while the others succeed (and are billed).
 
@@ -114,6 +115,7 @@ class JiMengEmulator:
         visual_queue_delay: float = 0.0,
         visual_task_ttl: float = TASK_TTL,
         visual_max_concurrent_tasks: int | None = None,
+        images_per_request: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -131,6 +133,8 @@ class JiMengEmulator:
         self.visual_queue_delay = visual_queue_delay
         self.visual_task_ttl = visual_task_ttl
         self.visual_max_concurrent_tasks = visual_max_concurrent_tasks
+        #: Behave as a gateway that answers (and bills) at least this many images per request.
+        self.images_per_request = images_per_request
         #: What the requests share (faults, ledger, rate limiter, images, URL signing, counters).
         self.runtime = Runtime()
         self._server: _Server | None = None

@@ -84,6 +84,15 @@ CONNECTION_EXTRAS: dict[str, dict[str, Any]] = {
         "description": "Client-side pacing per task, below the account's rate limit (500 by default).",
         "schema": {"type": ["integer", "null"], "minimum": 1},
     },
+    "images_per_request": {
+        "label": "Images billed per request",
+        "description": (
+            "For a gateway that answers every request with N images, whatever was asked (all billed): the "
+            "spending cap and the account limiter then reserve at least N per request. Empty: what the "
+            "request asks (1, or a set's max_images)."
+        ),
+        "schema": {"type": ["integer", "null"], "minimum": 1, "maximum": 100},
+    },
     "redis_conn_id": {
         "label": "Shared Redis connection",
         "description": (

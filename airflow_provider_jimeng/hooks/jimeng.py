@@ -138,6 +138,24 @@ def _as_int(parameter: str, value: Any, default: int, *, minimum: int) -> int:
     return int(_as_number(parameter, value, default, minimum=minimum, whole=True) or 0)
 
 
+#: The most images a gateway's ``images_per_request`` may say: above, it is a typo, not a gateway.
+MAX_IMAGES_PER_REQUEST_EXTRA = 100
+
+
+def _as_images_per_request(value: Any) -> int | None:
+    """The ``images_per_request`` extra: a whole number from 1 to 100, or unset."""
+    if _is_unset(value):
+        return None
+    number = _as_int("images_per_request", value, 1, minimum=1)
+    if number > MAX_IMAGES_PER_REQUEST_EXTRA:
+        raise JiMengConfigurationError(
+            "images_per_request",
+            f"{_shown(value)} is above the maximum of {MAX_IMAGES_PER_REQUEST_EXTRA}; allowed: a whole number "
+            f"from 1 to {MAX_IMAGES_PER_REQUEST_EXTRA}, the images the endpoint answers (and bills) per request",
+        )
+    return number
+
+
 #: The characters Airflow allows in a connection id (``airflow.models.connection.RE_SANITIZE_CONN_ID``).
 _CONN_ID = re.compile(r"^[\w#!()\-.:/\\]{1,250}$")
 
@@ -252,6 +270,8 @@ class JiMengConnectionConfig:
     redis_conn_id: str | None = None
     #: The account's images per minute, kept by the shared limiter across every task using the key.
     account_images_per_minute: float | None = None
+    #: What every request bills at least, on a gateway that always answers with this many images.
+    images_per_request: int | None = None
 
     @property
     def generations_url(self) -> str:
@@ -810,6 +830,7 @@ class JiMengHook(BaseHook):
             ),
             redis_conn_id=redis_conn_id,
             account_images_per_minute=account_images_per_minute,
+            images_per_request=_as_images_per_request(extras.get("images_per_request")),
         )
 
     @cached_property
@@ -1004,7 +1025,7 @@ class JiMengHook(BaseHook):
         :class:`~airflow_provider_jimeng.exceptions.JiMengSpendingCapError` and nothing is sent. The
         hook counts on its own uncapped tally as well (``stats["billed"]``, ``stats["possibly_billed"]``).
         """
-        images = max_images_billed(body)
+        images = self.images_billed(body)
 
         def attempt(number: int) -> GenerationResult:
             charge = self._reserve(images, spending_cap)
@@ -1036,6 +1057,14 @@ class JiMengHook(BaseHook):
         return self._with_retries(
             attempt, subject="JiMeng", counter="retries", max_billed_retries=0 if images > 1 else None
         )
+
+    def images_billed(self, body: Mapping[str, Any]) -> int:
+        """The most images one request with ``body`` can bill on this connection: what reservations take.
+
+        What the body asks (:func:`~airflow_provider_jimeng.api.request.max_images_billed`), or the
+        connection's ``images_per_request`` when a gateway answers (and bills) more than asked.
+        """
+        return max(max_images_billed(body), self.config.images_per_request or 1)
 
     def _give_back(self, grant: Grant, images: int) -> None:
         """Return unused images to the shared bucket; if Redis fails, they stay spent (never overspent)."""

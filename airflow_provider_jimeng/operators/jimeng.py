@@ -22,7 +22,6 @@ import jinja2.nativetypes
 from airflow.sdk import BaseOperator, XComArg
 
 from airflow_provider_jimeng.api.reference_images import normalize_reference_images
-from airflow_provider_jimeng.api.request import max_images_billed
 from airflow_provider_jimeng.api.response import redact_url
 from airflow_provider_jimeng.budget import SpendingCap, return_image_blocks_to_the_os
 from airflow_provider_jimeng.connections import get_connection
@@ -380,7 +379,7 @@ class JiMengGenerateOperator(BaseOperator):
                 pool_maxsize=max(8, options.max_concurrency * 2),
             )
             bodies = self._build_bodies(hook, generation, prompts)
-            per_prompt = [max_images_billed(body) for body in bodies]
+            per_prompt = [hook.images_billed(body) for body in bodies]
             planned = sum(per_prompt)
             if options.max_images_per_task is not None and planned > options.max_images_per_task:
                 raise JiMengConfigurationError(
@@ -412,6 +411,7 @@ class JiMengGenerateOperator(BaseOperator):
             spending_cap=SpendingCap(options.max_images_per_task),
             log=self.log,
             try_number=getattr(context["ti"], "try_number", None),
+            budget_first_try=self._budget_first_try(context),
         )
         self._active_run = run
         try:
@@ -420,6 +420,19 @@ class JiMengGenerateOperator(BaseOperator):
             self._active_run = None
             hook.close()
         return self._finish(context, run, options)
+
+    def _budget_first_try(self, context: Context) -> int | None:
+        """The first try whose spending counts against ``max_images_per_task``: Airflow's own reckoning.
+
+        A clear raises ``max_tries`` to the last try plus ``retries``, so ``max_tries - retries + 1``
+        is the first try since the last clear (as Airflow computes it for reschedules): automatic
+        retries share one budget, a cleared task starts a new one. ``None`` (every try counts) when
+        the task instance does not say.
+        """
+        max_tries = getattr(context["ti"], "max_tries", None)
+        if not isinstance(max_tries, int) or isinstance(max_tries, bool):
+            return None
+        return max(1, max_tries - int(self.retries or 0) + 1)
 
     def _keyspace(self, context: Context, options: RunOptions, generation: GenerationOptions) -> TaskKeyspace:
         ti = context["ti"]
@@ -524,6 +537,8 @@ class JiMengGenerateOperator(BaseOperator):
         outputs = [output for outcome in outcomes for output in outcome.outputs]
         records = [record for outcome in outcomes for record in outcome.image_records]
         failures = [failure for outcome in outcomes for failure in outcome.failures]
+        # Kept images whose record is not written: the error lists them, the count of failures does not.
+        notes = [note for outcome in outcomes for note in outcome.notes]
         usage = run.usage()
         ti = context["ti"]
         ti.xcom_push(key="images", value=records)
@@ -577,9 +592,9 @@ class JiMengGenerateOperator(BaseOperator):
         ):
             # The service called the request itself invalid (unknown model, bad parameter), or the
             # spending cap is reached: every try would do the same, so do not retry.
-            raise JiMengRunAbortedError(failures, stored=len(outputs), hint=hint) from None
+            raise JiMengRunAbortedError(failures + notes, stored=len(outputs), hint=hint) from None
         if fatal is not None or unstored:
-            raise JiMengGenerationIncompleteError(failures, stored=len(outputs)) from None
+            raise JiMengGenerationIncompleteError(failures + notes, stored=len(outputs)) from None
         if failures:
             if options.on_partial_failure == "fail":
                 raise JiMengGenerationIncompleteError(failures, stored=len(outputs))

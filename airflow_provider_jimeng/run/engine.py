@@ -16,6 +16,7 @@ import binascii
 import dataclasses
 import functools
 import queue
+import re
 import threading
 import time
 import uuid
@@ -23,10 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
-from airflow_provider_jimeng.api.request import max_images_billed, reference_image_count
+from airflow_provider_jimeng.api.request import reference_image_count
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
 from airflow_provider_jimeng.budget import ByteBudget, SpendingCap
 from airflow_provider_jimeng.exceptions import (
+    JiMengAPIError,
     JiMengAuthenticationError,
     JiMengConfigurationError,
     JiMengContentPolicyError,
@@ -40,7 +42,7 @@ from airflow_provider_jimeng.exceptions import (
 )
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.options import RunOptions
-from airflow_provider_jimeng.run.outcome import PromptOutcome, describe_error, image_failure
+from airflow_provider_jimeng.run.outcome import Answer, PromptOutcome, Stored, describe_error, image_failure
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.journal import JournalWriter
 from airflow_provider_jimeng.storage.keys import prompt_fingerprint
@@ -51,10 +53,15 @@ from airflow_provider_jimeng.storage.records import (
     JournaledImage,
     JournalEntry,
     PromptRecord,
+    ResumePlan,
     Reuse,
     StoredImage,
+    TopUp,
     answer_from_stored_objects,
     answer_metadata,
+    committed_images,
+    gap_index,
+    images_to_retry,
     resume_plan,
     sum_usage,
     try_usage,
@@ -71,6 +78,29 @@ DOWNLOAD_READ_OVERHEAD = 2 * 1024 * 1024
 _FATAL_ERRORS = (JiMengAuthenticationError, JiMengQuotaExceededError, JiMengConfigurationError)
 
 
+#: The image a failure line is about (``prompt 3 image 2: ...``, :func:`~.outcome.image_failure`).
+_IMAGE_FAILURE = re.compile(r"^prompt \d+ image (\d+):")
+
+
+def failed_image(line: str) -> int | None:
+    """The image index a failure line names, or ``None`` for a line about the whole prompt."""
+    match = _IMAGE_FAILURE.match(line)
+    return int(match.group(1)) if match else None
+
+
+def topup_body(body: Mapping[str, Any], images: int) -> dict[str, Any]:
+    """The request for ``images`` more images of ``body``'s prompt: a set of at most that many (or ``n``)."""
+    topup = dict(body)
+    if topup.get("sequential_image_generation") == "auto":
+        topup["sequential_image_generation_options"] = {
+            **(topup.get("sequential_image_generation_options") or {}),
+            "max_images": images,
+        }
+    elif isinstance(topup.get("n"), int) and not isinstance(topup.get("n"), bool) and topup["n"] > 1:
+        topup["n"] = images
+    return topup
+
+
 def is_fatal(error: BaseException) -> bool:
     """Whether no other prompt of the run could escape this error (bad key, spending cap, bad request)."""
     if not isinstance(error, JiMengError):
@@ -78,6 +108,21 @@ def is_fatal(error: BaseException) -> bool:
     return isinstance(error, _FATAL_ERRORS) or (
         isinstance(error, JiMengInvalidRequestError) and not isinstance(error, JiMengContentPolicyError)
     )
+
+
+#: Codes of the hook's errors raised before a request left: stopped while waiting, the limiter's Redis down.
+_NOT_SENT_CODES = frozenset({"Stopped", "RateLimiterUnavailable"})
+
+
+def never_sent(error: BaseException) -> bool:
+    """Whether the prompt's request never left: it is no request in ``usage`` (it cost nothing).
+
+    The run stopped before it was sent, the spending cap or a configuration check refused it, or the
+    hook was stopped while it waited for its turn. Such an error carries no request id.
+    """
+    if isinstance(error, (CancelledError, JiMengConfigurationError)):
+        return True
+    return isinstance(error, JiMengAPIError) and error.code in _NOT_SENT_CODES and error.request_id is None
 
 
 def _web_searches(usage: Mapping[str, Any]) -> int:
@@ -95,6 +140,9 @@ class GenerationRun:
     :param options: how to spend, store and fail.
     :param spending_cap: the images this try may bill, retries of possibly-billed requests included.
     :param try_number: Airflow's try number, written beside this try's counters in ``records.json``.
+    :param budget_first_try: the first try of the series that shares ``spending_cap`` (Airflow's
+        automatic retries; a cleared task starts a new series). What those earlier tries billed or
+        possibly billed counts against the cap. ``None``: every earlier try counts.
     """
 
     def __init__(
@@ -107,6 +155,7 @@ class GenerationRun:
         spending_cap: SpendingCap,
         log: Any,
         try_number: int | None = None,
+        budget_first_try: int | None = None,
     ) -> None:
         self.hook = hook
         self.bodies = list(bodies)
@@ -130,11 +179,16 @@ class GenerationRun:
         self._journal_writer: JournalWriter | None = None
         self._b64 = any(body.get("response_format") == "b64_json" for body in self.bodies)
         self.try_number = try_number
+        self.budget_first_try = budget_first_try
         #: Tells this try's journal objects and counters apart from every other try's.
         self.try_token = uuid.uuid4().hex[:12]
         #: Earlier tries' counters by try token, read before the first request (``usage`` sums them).
         self.earlier_tries: dict[str, dict[str, Any]] = {}
         self._earlier_from_fallback = False
+        #: Earlier records whose transiently failed images this try asks for again, by prompt.
+        self._topups: dict[int, PromptRecord] = {}
+        #: The images of each prompt's stored answer to ask for again (written to its record).
+        self._retry_images: dict[int, tuple[int, ...]] = {}
         #: This try's own counts, kept on the generation threads as answers arrive (journal snapshots read them).
         self._counts_lock = threading.Lock()
         self._counts = {"requests": 0, "output_tokens": 0, "total_tokens": 0, "web_searches": 0}
@@ -155,7 +209,7 @@ class GenerationRun:
         """Run the try to its end; ``fatal`` and the outcomes say how it went. Re-raises interruptions."""
         store = self.store
         existing: dict[str, int] = {}
-        plans: dict[int, Reuse | FinishStoring | Generate] = {}
+        plans: dict[int, ResumePlan] = {}
         earlier_journals: dict[str, set[int]] = {}
         if store is not None:
             existing = store.existing_keys(first=True)
@@ -163,6 +217,7 @@ class GenerationRun:
             # Earlier tries count in this one's usage, replace=True or not: what they billed was billed.
             self.earlier_tries = earlier.tries
             self._earlier_from_fallback = earlier.fallback_usage
+            self._carry_earlier_spending()
             if self.options.replace:
                 # Nothing earlier is reused; earlier tries' journals go once records.json is written.
                 earlier_journals = {key: set() for key in earlier.journal_objects}
@@ -214,6 +269,19 @@ class GenerationRun:
         if self._stopped_by is not None and self.fatal is None:
             self.fatal = JiMengRunStoppedError(self._stopped_by)
 
+    def _carry_earlier_spending(self) -> None:
+        """Charge the spending cap with what earlier tries of this budget committed, before any request."""
+        spent = committed_images(self.earlier_tries.values(), self.budget_first_try)
+        if not spent:
+            return
+        self.spending_cap.carry(spent)
+        limit = self.spending_cap.limit
+        self.log.info(
+            "Earlier tries of this task instance billed or possibly billed %d image(s)%s",
+            spent,
+            f"; max_images_per_task={limit} leaves {max(0, limit - spent)}" if limit is not None else "",
+        )
+
     def _recognise_stored_answer(
         self, store: ImageStore, index: int, existing: Mapping[str, int]
     ) -> FinishStoring | None:
@@ -223,7 +291,9 @@ class GenerationRun:
         crash), so the ``HEAD`` requests cost nothing on a first try.
         """
         keyspace = store.keyspace
-        candidates = {image: keyspace.image_key(index, image) for image in range(max_images_billed(self.bodies[index]))}
+        candidates = {
+            image: keyspace.image_key(index, image) for image in range(self.hook.images_billed(self.bodies[index]))
+        }
         found = {image: key for image, key in candidates.items() if key in existing}
         if not found:
             return None
@@ -242,7 +312,7 @@ class GenerationRun:
         entry = dataclasses.replace(answer, prompt_index=index)
         return FinishStoring(entry, stored=entry.images, missing=())
 
-    def _run(self, plans: Mapping[int, Reuse | FinishStoring | Generate], existing: Mapping[str, int]) -> None:
+    def _run(self, plans: Mapping[int, ResumePlan], existing: Mapping[str, int]) -> None:
         store = self.store
         generate_pool = ThreadPoolExecutor(self.options.max_concurrency, thread_name_prefix="jimeng-generate")
         store_pool = ThreadPoolExecutor(
@@ -266,6 +336,22 @@ class GenerationRun:
                 if isinstance(plan, Reuse):
                     self._reuse(outcome, plan)
                     continue
+                if isinstance(plan, TopUp):
+                    self._reuse(outcome, Reuse(plan.record))
+                    lost = set(plan.record.retry_images)
+                    # The lost images' failures are asked about again; the others (moderation) stay.
+                    outcome.failures = [line for line in outcome.failures if failed_image(line) not in lost]
+                    self._topups[index] = plan.record
+                    self.log.info(
+                        "Prompt %d: asking again for the %d image(s) an earlier try lost to a transient failure "
+                        "(images %s), in a request of their own; the %d it kept are not paid again",
+                        index,
+                        len(lost),
+                        sorted(lost),
+                        len(plan.record.images),
+                    )
+                    track(generation, generate_pool.submit(self._generate, index), index)
+                    continue
                 if isinstance(plan, FinishStoring) and store is not None:
                     self.log.info(
                         "Prompt %d: finishing the storage of an earlier try's images (no new request): %d to download",
@@ -274,9 +360,10 @@ class GenerationRun:
                     )
                     outcome.reused = True
                     outcome.usage = {"generated_images": 0, "resumed_images": len(plan.entry.images)}
+                    self._retry_images[index] = images_to_retry(plan.entry, self.hook.images_billed(self.bodies[index]))
                     track(
                         storing,
-                        store_pool.submit(self._store_entry, outcome, plan.entry, plan.stored, plan.missing),
+                        store_pool.submit(self._store, index, plan.entry, plan.stored, plan.missing),
                         index,
                     )
                     continue
@@ -359,10 +446,10 @@ class GenerationRun:
                 answered = not future.cancelled() and future.exception() is None
                 # A failure, an answer without storage, or one that carries its images (b64_json:
                 # its data is nowhere else, the S3 journal never holds it) is handled as in a run.
-                if not answered or self.store is None or future.result()[1].holds_data:
+                if not answered or self.store is None or future.result().entry.holds_data:
                     self._on_generated(index, future, generation, storing, store_pool, track)
                     continue
-                result, _entry = future.result()
+                result = future.result().result
                 outcome = self.outcomes[index]
                 outcome.requests += 1
                 outcome.usage = result.usage.as_dict()
@@ -379,7 +466,7 @@ class GenerationRun:
         return sum(future.cancel() for future in generation)
 
     # ---------------------------------------------------------------------------------- generation
-    def _generate(self, index: int) -> tuple[GenerationResult, JournalEntry]:
+    def _generate(self, index: int) -> Answer:
         """Send one prompt and hand its journal entry to the writer, before storage even starts.
 
         The journal is what lets a retry finish images this try paid for if the process dies now; the
@@ -400,9 +487,11 @@ class GenerationRun:
             self._budget.release(charge)  # an earlier attempt's, if it broke off
             charge = self._budget.acquire(B64_MEMORY_FACTOR * (length or UNKNOWN_BODY_BYTES))
 
+        topup = self._topups.get(index)
+        body = self.bodies[index] if topup is None else topup_body(self.bodies[index], len(topup.retry_images))
         try:
             result = self.hook.send(
-                self.bodies[index],
+                body,
                 before_body=before_body if self._b64 else None,
                 spending_cap=self.spending_cap,
             )
@@ -410,7 +499,8 @@ class GenerationRun:
             self._budget.release(charge)
             if writer is not None:
                 writer.release()
-            self._count(requests=1)
+            if not never_sent(error):
+                self._count(requests=1)
             if is_fatal(error):
                 self._halted = self._halted or error
             raise
@@ -423,12 +513,17 @@ class GenerationRun:
         )
         self._charges[index] = charge
         entry = JournalEntry.from_result(index, self.fingerprints[index], result, now=time.time())
+        retry_images = images_to_retry(entry, self.hook.images_billed(body)) if self.store is not None else ()
+        if topup is not None:
+            # The top-up's images fill the gaps of the earlier answer: the keys of the images it lost.
+            entry = entry.at_indexes(topup.retry_images)
+            retry_images = tuple(gap_index(topup.retry_images, image) for image in retry_images)
         if writer is not None:
             if entry.images:
                 writer.add(index, entry)
             else:
                 writer.release()
-        return result, entry
+        return Answer(result, entry, retry_images)
 
     def _must_not_send(self) -> bool:
         return self._stop.is_set() or self._halted is not None or self._storage_error is not None
@@ -444,18 +539,20 @@ class GenerationRun:
     ) -> None:
         outcome = self.outcomes[index]
         try:
-            result, entry = future.result()
+            answer: Answer = future.result()
         except BaseException as error:
             # Record every failure, also those after the first fatal one (no short-circuit).
             stops_run = self._record_request_failure(outcome, error, generation)
             self.fatal = self.fatal or stops_run
             return
+        result, entry = answer.result, answer.entry
         outcome.requests += 1
         outcome.usage = result.usage.as_dict()
         if self.store is None:
             self._keep_urls(outcome, result)
             return
-        track(storing, store_pool.submit(self._store_entry, outcome, entry, (), entry.images), index)
+        self._retry_images[index] = answer.retry_images
+        track(storing, store_pool.submit(self._store, index, entry, (), entry.images), index)
 
     def _record_request_failure(
         self, outcome: PromptOutcome, error: BaseException, pending: Mapping[Future[Any], int]
@@ -463,7 +560,8 @@ class GenerationRun:
         if isinstance(error, CancelledError):
             outcome.failures.append(f"prompt {outcome.prompt_index}: not sent (the run stopped)")
             return None
-        outcome.requests += 1
+        if not never_sent(error):
+            outcome.requests += 1
         outcome.failures.append(f"prompt {outcome.prompt_index}: {describe_error(error)}")
         self.log.error("Prompt %d failed: %s", outcome.prompt_index, describe_error(error))
         if is_fatal(error):
@@ -499,6 +597,18 @@ class GenerationRun:
         self.log.info(
             "Prompt %d: reusing %d image(s) stored by an earlier try", outcome.prompt_index, len(outcome.stored)
         )
+
+    def _store(
+        self, index: int, entry: JournalEntry, stored: Sequence[JournaledImage], missing: Sequence[JournaledImage]
+    ) -> Stored:
+        """On a storage thread: store an answer into an outcome of its own, returned to the loop as a value.
+
+        The prompt's outcome is only ever changed by the engine's loop (:meth:`_on_stored`), never by
+        a worker thread while the loop reads it.
+        """
+        scratch = PromptOutcome(prompt_index=index)
+        self._store_entry(scratch, entry, stored, missing)
+        return Stored(tuple(scratch.stored), tuple(scratch.failures), scratch.incomplete, scratch.record)
 
     def _store_entry(
         self,
@@ -635,10 +745,41 @@ class GenerationRun:
             )
             return
         try:
-            future.result()
+            done: Stored = future.result()
         except BaseException as error:
             self.outcomes[index].incomplete = True
             self.outcomes[index].failures.append(f"prompt {index}: not stored: {describe_error(error)}")
+            return
+        outcome = self.outcomes[index]
+        outcome.stored = list(done.stored)
+        outcome.failures.extend(done.failures)
+        outcome.incomplete = outcome.incomplete or done.incomplete
+        if done.record is not None:
+            outcome.record = done.record
+        self._settle_record(outcome)
+
+    def _settle_record(self, outcome: PromptOutcome) -> None:
+        """Give a stored answer's record the images to ask for again; join a top-up to the record it completes.
+
+        On the engine's loop, once the prompt's images are stored: a top-up's record holds the earlier
+        record's images and its own, the earlier failures that were final and its own.
+        """
+        index = outcome.prompt_index
+        retry = self._retry_images.get(index, ())
+        earlier = self._topups.get(index)
+        if earlier is not None:
+            outcome.stored = [*earlier.images, *(image for image in outcome.stored if image not in earlier.images)]
+        record = outcome.record
+        if record is None or record is earlier:
+            return  # not all stored (a retry finishes it), or the top-up's request failed
+        if earlier is not None:
+            lost = set(earlier.retry_images)
+            record = dataclasses.replace(
+                earlier,
+                images=tuple(outcome.stored),
+                failures=(*(line for line in earlier.failures if failed_image(line) not in lost), *record.failures),
+            )
+        outcome.record = dataclasses.replace(record, retry_images=retry)
 
     def _on_storage_failure(self, error: JiMengStorageError) -> None:
         """Stop paying for prompts S3 cannot take (also called by the journal writer), at once.
@@ -672,7 +813,7 @@ class GenerationRun:
             store.save_fallback_usage(self.try_token, this_try)
             for outcome in self.outcomes:
                 if outcome.record is not None and not (outcome.reused and not outcome.stored):
-                    outcome.failures.append(
+                    outcome.notes.append(
                         f"prompt {outcome.prompt_index}: {len(outcome.stored)} image(s) stored but not its record "
                         f"(kept for a retry, which needs no new request): {error}"
                     )

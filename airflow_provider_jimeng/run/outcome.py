@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_provider_jimeng.api.response import GeneratedImage
+from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult
 from airflow_provider_jimeng.exceptions import JiMengAPIError
-from airflow_provider_jimeng.storage.records import DeliveredImage, PromptRecord, StoredImage
+from airflow_provider_jimeng.storage.records import DeliveredImage, JournalEntry, PromptRecord, StoredImage
 
 
 @dataclass
@@ -18,6 +18,9 @@ class PromptOutcome:
     stored: list[StoredImage] = field(default_factory=list)
     delivered: list[DeliveredImage] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    #: Why a prompt whose images are all kept is not finished (its record not written): not failures of
+    #: an image, so the task's count leaves them out, but its error message lists them.
+    notes: list[str] = field(default_factory=list)
     usage: dict[str, Any] = field(default_factory=dict)
     requests: int = 0
     reused: bool = False
@@ -34,6 +37,29 @@ class PromptOutcome:
     @property
     def image_records(self) -> list[dict[str, Any]]:
         return [image.to_json() for image in self.stored] + [image.to_json() for image in self.delivered]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a generation thread hands the engine's loop: nothing else changes a prompt's outcome there."""
+
+    result: GenerationResult
+    #: The answer as journaled (image indexes those of the prompt: a top-up fills an earlier answer's gaps).
+    entry: JournalEntry
+    #: Images that failed transiently, for the record: a retry asks for them again.
+    retry_images: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a storage thread hands the engine's loop for one answer: the loop applies it to the outcome."""
+
+    stored: tuple[StoredImage, ...]
+    failures: tuple[str, ...]
+    #: Paid images not stored (kept for a retry).
+    incomplete: bool
+    #: The prompt's record, when every image of the answer is stored.
+    record: PromptRecord | None
 
 
 def describe_error(error: BaseException) -> str:

@@ -236,38 +236,33 @@ class RecordsAndJournals:
         return entries, objects, snapshots
 
     def save_local_journal(self, entry: JournalEntry) -> None:
-        """Keep a paid answer S3 refused where a retry reads it: the shared Redis, else this worker's disk.
+        """Keep a paid answer S3 refused where a retry reads it: this worker's disk, and the shared Redis.
 
-        With a shared store the entry goes there, for a retry on any worker, and no copy (signed URLs,
-        image data) is left on a disk that another worker's retry never reads. When Redis fails too,
-        or none is configured, it goes to a file here, which serves a retry on this worker.
+        Both, never one: the Redis copy serves a retry on any worker, the file a retry here when that
+        Redis restarts without persistence (or fails) before the retry reads it. A cache is never the
+        only copy of a paid answer. The file (mode 0600) goes once ``records.json`` covers its prompt,
+        or after 24 h (its signed URLs' life) whichever run lists the directory.
         """
-        if self.shared_journal is not None and self.shared_journal.write(entry):
-            log.warning(
-                "Prompt %d: %s failed; its generated image(s) are journaled in the shared Redis for a retry "
-                "on any worker",
-                entry.prompt_index,
-                self.storage_name,
-            )
-            return
+        shared = self.shared_journal is not None and self.shared_journal.write(entry)
         current = self.local_journal.read(entry.prompt_index)
         if current is not None and current.same_answer(entry) and current.holds_data:
-            return  # the same answer is kept here already, with its image data
-        where = self.local_journal.write(entry)
-        if where is not None:
-            log.warning(
-                "Prompt %d: %s failed; its generated image(s) are journaled on this machine (%s) for a retry "
-                "that runs here",
-                entry.prompt_index,
-                self.storage_name,
-                where,
-            )
+            where: Any = self.local_journal.path(entry.prompt_index)  # kept here already, with its image data
         else:
+            where = self.local_journal.write(entry)
+        if where is None and not shared:
             log.error(
                 "Prompt %d: %s failed and no journal could be kept; a retry pays for it again",
                 entry.prompt_index,
                 self.storage_name,
             )
+            return
+        places = [("in the shared Redis (any worker)", shared), (f"on this machine ({where})", where is not None)]
+        log.warning(
+            "Prompt %d: %s failed; its generated image(s) are journaled %s for a retry",
+            entry.prompt_index,
+            self.storage_name,
+            " and ".join(place for place, kept in places if kept),
+        )
 
     def _discard_fallback_journals(self, prompt_indexes: Sequence[int]) -> None:
         for index in prompt_indexes:
@@ -276,9 +271,14 @@ class RecordsAndJournals:
             self.shared_journal.delete(prompt_indexes)
 
     def save_fallback_usage(self, token: str, usage: Mapping[str, Any]) -> None:
-        """Keep a try's counters where the next try reads them, when ``records.json`` could not hold them."""
-        if self.shared_journal is None or not self.shared_journal.write_usage(token, usage):
-            self.local_journal.write_usage(token, usage)
+        """Keep a try's counters where the next try reads them, when ``records.json`` could not hold them.
+
+        In the shared Redis and on this worker's disk both, as the journals: a Redis that restarts
+        without persistence would otherwise take the try's counts (and its share of the budget) along.
+        """
+        if self.shared_journal is not None:
+            self.shared_journal.write_usage(token, usage)
+        self.local_journal.write_usage(token, usage)
 
     def discard_fallback_usage(self) -> None:
         """``records.json`` now carries every earlier try's counters: drop the fallback copies."""

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, image_details, redact_url
+from airflow_provider_jimeng.exceptions import JiMengContentPolicyError, error_class_for
 
 #: Version 2: typed entries (version 1 was written before the run engine; its records read as absent).
 SCHEMA_VERSION = 2
@@ -31,6 +32,13 @@ def _int(value: Any) -> int | None:
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _indexes(value: Any) -> tuple[int, ...]:
+    """A list of image indexes, or none (an older record, or anything malformed)."""
+    if not isinstance(value, list) or not all(_int(item) is not None and item >= 0 for item in value):
+        return ()
+    return tuple(value)
 
 
 def _time(value: Any) -> float:
@@ -183,6 +191,44 @@ class JournalEntry:
     def same_answer(self, other: JournalEntry) -> bool:
         return self.request_id == other.request_id and self.fingerprint == other.fingerprint
 
+    def at_indexes(self, indexes: Sequence[int]) -> JournalEntry:
+        """This answer with its image ``j`` renumbered ``indexes[j]`` (a top-up fills an earlier answer's gaps)."""
+        return replace(
+            self,
+            images=tuple(replace(image, index=gap_index(indexes, image.index)) for image in self.images),
+            failed=tuple(replace(image, index=gap_index(indexes, image.index)) for image in self.failed),
+        )
+
+
+def gap_index(gaps: Sequence[int], index: int) -> int:
+    """Where image ``index`` of a top-up answer goes: the ``index``-th gap, or after the last one."""
+    return gaps[index] if index < len(gaps) else max(gaps, default=-1) + 1 + index - len(gaps)
+
+
+#: Per-image failure codes no retry can change: refused content. Any other is the service failing
+#: (``InternalServiceError`` in a set, a stream that broke off): a retry may produce the image.
+def transient_failure(code: str | None) -> bool:
+    """Whether an image that failed with ``code`` may be produced by a new request."""
+    if code in TRANSIENT_IMAGE_CODES:
+        return True
+    kind = error_class_for(None, code)
+    return kind.retryable and not issubclass(kind, JiMengContentPolicyError)
+
+
+#: Codes the client gives images an answer did not deliver (a broken stream, a broken-off set).
+TRANSIENT_IMAGE_CODES = frozenset({"StreamInterrupted", "TruncatedStream", "MalformedResponse", "ConnectionError"})
+
+
+def images_to_retry(entry: JournalEntry, most: int) -> tuple[int, ...]:
+    """The images of an answer a retry should ask for again: those that failed transiently, and (the set
+    stopped there) every later one up to ``most``, the images the request could produce."""
+    failed = sorted(image.index for image in entry.failed if transient_failure(image.error_code))
+    if not failed:
+        return ()
+    present = {image.index for image in entry.images} | {image.index for image in entry.failed}
+    later = [index for index in range(failed[0] + 1, most) if index not in present]
+    return tuple(sorted({*failed, *later}))
+
 
 def newer(entries: Sequence[JournalEntry]) -> JournalEntry | None:
     """The entry that wins for one prompt: the newest; a copy holding the image data beats its data-less twin."""
@@ -249,6 +295,19 @@ def merge_try_usage(*sources: Iterable[Mapping[str, Any]]) -> dict[str, dict[str
                     **{name: max(0, _int(doc.get(name)) or 0) for name in USAGE_COUNTERS},
                 }
     return merged
+
+
+def committed_images(docs: Iterable[Mapping[str, Any]], first_try: int | None = None) -> int:
+    """Images billed or possibly billed by the tries that share a budget: from Airflow try ``first_try`` on.
+
+    ``first_try=None`` counts every try; a try whose number is not known counts too (never less).
+    """
+    total = 0
+    for doc in docs:
+        number = _int(doc.get("try_number"))
+        if first_try is None or number is None or number >= first_try:
+            total += (_int(doc.get("generated_images")) or 0) + (_int(doc.get("possibly_billed_images")) or 0)
+    return total
 
 
 def sum_usage(docs: Iterable[Mapping[str, Any]]) -> dict[str, int]:
@@ -355,6 +414,9 @@ class PromptRecord:
     usage: dict[str, Any]
     images: tuple[StoredImage, ...]
     failures: tuple[str, ...] = ()
+    #: Images that failed transiently (the service failed, the stream broke off): a retry asks for them
+    #: again in a request of their own, and reuses the images kept here without paying for them.
+    retry_images: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -370,6 +432,7 @@ class PromptRecord:
             "usage": self.usage,
             "images": [image.to_json() for image in self.images],
             "failures": list(self.failures),
+            "retry_images": list(self.retry_images),
         }
 
     @classmethod
@@ -396,6 +459,7 @@ class PromptRecord:
             usage=dict(usage) if isinstance(usage, Mapping) else {},
             images=tuple(image for image in images if image is not None),
             failures=tuple(failures),
+            retry_images=_indexes(data.get("retry_images")),
         )
 
 
@@ -419,13 +483,21 @@ class FinishStoring:
 
 
 @dataclass(frozen=True)
+class TopUp:
+    """Reuse the record's images, and ask again, in a request of their own, for those it lost to a
+    transient failure (:attr:`PromptRecord.retry_images`)."""
+
+    record: PromptRecord
+
+
+@dataclass(frozen=True)
 class Generate:
     """Nothing reusable: send the request (``reason`` says why, for the log)."""
 
     reason: str
 
 
-ResumePlan = Reuse | FinishStoring | Generate
+ResumePlan = Reuse | TopUp | FinishStoring | Generate
 
 
 def resume_plan(
@@ -447,6 +519,8 @@ def resume_plan(
     :data:`JOURNAL_MAX_AGE_SECONDS`) or decoded (base64 data kept locally). Anything less generates.
     """
     if record is not None and record.fingerprint == fingerprint:
+        if record.images and record.retry_images:
+            return TopUp(record)
         if record.images or not record.failures:
             return Reuse(record)
         # Nothing of it was kept (refused by moderation, which is not billed, or lost at download):

@@ -13,10 +13,11 @@ client CPU than the rest of an image's handling):
   parameters, model, request id, usage, stored images, failures, Airflow ids): the audit trail, and
   what the next try reuses without a request.
 
-When S3 itself fails, a journal falls back to the deployment's shared Redis when the ``jimeng``
-connection names one (:class:`~airflow_provider_jimeng.coordination.journals.SharedJournal`: a retry on
-any worker reads it), else to a file on the worker (:class:`LocalJournal`, mode 0600) so a retry that
-runs on the same machine can still store what was paid for.
+When S3 itself fails, a journal falls back to a file on the worker (:class:`LocalJournal`, mode 0600),
+so a retry that runs on the same machine can still store what was paid for, and also to the
+deployment's shared Redis when the ``jimeng`` connection names one
+(:class:`~airflow_provider_jimeng.coordination.journals.SharedJournal`: a retry on any worker reads it).
+Both: a Redis without persistence is a cache, never the only copy of a paid answer.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ The hook branch hardened these checks (merged from main): the cases it fixed (Na
 numbers passed ``number < minimum``, ``true`` passed as 1, ``max_retries`` "2.5" was truncated and
 "inf"/"nan" crashed in ``int()``) were strict xfails here until then, and are plain cases now.
 
-Counts: 48 cases, 0 of them strict xfail.
+Counts: 53 cases, 0 of them strict xfail.
 """
 
 from __future__ import annotations
@@ -62,6 +62,17 @@ CASES = [
     pytest.param("proxies", [1], "proxies", "must be a JSON object", id="proxies-list"),
     pytest.param("proxies", "[1]", "proxies", "must be a JSON object", id="proxies-list-text"),
     pytest.param("verify", 42, "verify", "allowed: true, false, or the path of a CA bundle", id="verify-42"),
+    pytest.param("images_per_request", "0", "images_per_request", BELOW, id="images_per_request-0"),
+    pytest.param(
+        "images_per_request", "2.5", "images_per_request", "allowed: a whole number", id="images_per_request-2.5"
+    ),
+    pytest.param(
+        "images_per_request", True, "images_per_request", "allowed: a whole number", id="images_per_request-true"
+    ),
+    pytest.param("images_per_request", "101", "images_per_request", "from 1 to 100", id="images_per_request-101"),
+    pytest.param(
+        "images_per_request", "four", "images_per_request", "allowed: a whole number", id="images_per_request-words"
+    ),
 ]
 
 

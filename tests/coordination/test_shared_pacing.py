@@ -203,6 +203,51 @@ def test_a_set_that_billed_fewer_images_than_reserved_gives_the_rest_back(
     assert refunds == [3], "the set's 3 unbilled images; a single image billed what it reserved"
 
 
+def test_a_set_that_broke_off_keeps_every_slot(
+    jimeng_conn: JiMengEmulator,
+    redis_conn: RedisServer,
+    make_hook: Callable[..., JiMengHook],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    refunds: list[int],
+) -> None:
+    """The images a broken-off stream did not deliver may have been generated (the emulator bills the
+    whole set): nothing goes back to the shared bucket. Regression (issue 20, mutation 17): refunding
+    ``images - billed`` for a broken set passed the suite."""
+    connect(monkeypatch, jimeng_conn, **SHARED)
+    jimeng_conn.inject(Fault("truncated"))  # half the set streamed, then the stream ends early
+    result = make_hook().generate_images(
+        "a comic in 4 images", sequential_image_generation="auto", max_images=4, stream=True, size="1K"
+    )
+    assert result.truncated
+    assert result.billed_images == 2
+    assert wait_for(lambda: jimeng_conn.billed_images == 4)  # the service billed the whole set
+    assert refunds == [], "a set that broke off keeps its slots: its undelivered images were billed"
+
+
+def test_a_gateway_of_four_images_reserves_four_slots_per_request(
+    jimeng_conn: JiMengEmulator,
+    redis_conn: RedisServer,
+    make_hook: Callable[..., JiMengHook],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    refunds: list[int],
+) -> None:
+    """Regression (issue 20, break 6): the limiter took 1 slot for the 4 images such a gateway bills."""
+    reserved: list[int] = []
+    original = AccountRateLimiter.try_acquire
+
+    def spy(self: AccountRateLimiter, images: int, **kwargs: Any) -> Any:
+        reserved.append(images)
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(AccountRateLimiter, "try_acquire", spy)
+    jimeng_conn.images_per_request = 4
+    connect(monkeypatch, jimeng_conn, images_per_request=4, **SHARED)
+    result = make_hook().generate_images("a lighthouse")
+    assert len(result.succeeded) == jimeng_conn.billed_images == 4
+    assert reserved == [4]
+    assert refunds == []
+
+
 def test_an_error_answer_keeps_its_slots(
     jimeng_conn: JiMengEmulator,
     redis_conn: RedisServer,

@@ -150,8 +150,8 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     assert all(0 < ttl <= SHARED_JOURNAL_TTL_SECONDS < 24 * 3600 for ttl in after_try_1["ttls"])
     entry = after_try_1["shared"][1]
     assert entry.images[0].b64_json if fmt == "b64_json" else entry.images[0].url
-    # Redis took it: no copy of the paid answer on worker a's disk, which another worker never reads.
-    assert not after_try_1["local_a"]
+    # Worker a's disk keeps a copy too: Redis is a cache, never the only copy of a paid answer.
+    assert 1 in after_try_1["local_a"]
     # The retry, on worker b, stored prompt 1 from the shared journal: nothing paid twice.
     accounting = pipeline.account()
     assert accounting.requests == 2
@@ -160,6 +160,48 @@ def test_with_a_shared_store_a_retry_on_another_worker_pays_nothing_again(
     # Try 1's counts too (its records.json was refused: they were kept in Redis).
     assert run.xcom["usage"]["generated_images"] == 2
     assert _journal_keys(redis_conn) == [], "the shared journal goes once records.json covers its prompt"
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_redis_that_restarts_empty_before_the_retry_costs_nothing(
+    pipeline: Pipeline,
+    emulator: JiMengEmulator,
+    gate: S3Gate,
+    bucket: str,
+    redis_conn: RedisServer,
+    workers: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+) -> None:
+    """Regression (issue 20, break 8): a paid answer S3 refused went to the shared Redis only; a Redis
+    without persistence that restarted before the retry lost it (url: paid again; b64_json: the image
+    data gone) and with it try 1's counters (``usage`` summed fewer images than were billed)."""
+    _shared_store(monkeypatch, emulator)
+    dag_id = dag_for(fmt, "serial")
+    space = TaskKeyspace(bucket, "jimeng", dag_id, RUN_ID, "generate", -1)
+    outage = stop_s3_while_prompt_1_is_generated(pipeline, emulator, gate, space.image_key(0, 0), monkeypatch)
+    after_try_1: dict[str, Any] = {}
+
+    def redis_restarts_empty() -> None:
+        client = redis.Redis.from_url(redis_conn.url)
+        after_try_1.update(billed=emulator.billed_images, keys=len(_journal_keys(redis_conn)))
+        client.flushall()  # what a restart without persistence leaves
+        outage.repair()
+
+    pipeline.before_retry(redis_restarts_empty)
+    run = pipeline.run(dag_id, prompts=["a red fox", "a grey owl"])
+
+    assert run.state == "success", run.errors
+    assert run.try_number == 2
+    assert after_try_1["billed"] == 2
+    assert after_try_1["keys"] >= 1, "try 1 journaled prompt 1 in Redis, which then forgot it"
+    accounting = pipeline.account()
+    assert accounting.requests == 2, "the retry stored prompt 1 from this worker's copy: no new request"
+    assert accounting.billed == accounting.stored == 2
+    usage = run.xcom["usage"]
+    assert usage["this_try"]["requests"] == 0
+    assert usage["generated_images"] == accounting.billed, "try 1's counters survived the restart"
+    assert not LocalJournal(space).read_many(range(2)), "the local copy goes once records.json covers it"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

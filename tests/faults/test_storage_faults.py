@@ -223,7 +223,12 @@ def test_access_denied_mid_run(
 
 @both_formats
 def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
-    pipeline: Pipeline, emulator: JiMengEmulator, gate: S3Gate, bucket: str, fmt: str
+    pipeline: Pipeline,
+    emulator: JiMengEmulator,
+    gate: S3Gate,
+    bucket: str,
+    fmt: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     # Every image is stored, but records.json (written once, at the end) is refused: the journals stay.
     gate.mode = "deny_records"
@@ -253,6 +258,8 @@ def test_records_refused_at_the_end_are_rebuilt_from_the_journals(
     assert emulator.downloads == after_try_1["downloads"] == (3 if fmt == "url" else 0)
     assert run.xcom["usage"]["reused_prompts"] == 3
     assert run.xcom["usage"]["this_try"]["requests"] == 0
+    # Regression (issue 20, break 8): try 1 counted its 3 kept images, whose records S3 refused, as failures.
+    assert capsys.readouterr().out.count("JiMeng: 3 image(s) kept, 0 failure(s)") == 2, "both tries"
     # Try 1's counts survived its refused records.json (kept on this worker's disk): both tries are summed.
     assert run.xcom["usage"]["tries"] == 2
     assert run.xcom["usage"]["requests"] == run.xcom["usage"]["generated_images"] == accounting.billed == 3

@@ -188,3 +188,43 @@ def test_downloads_are_retried_by_the_same_loop_and_counted_apart(
         assert download.read()
     assert (hook.stats["download_retries"], hook.stats["retries"]) == (2, 0)
     assert sum("Download of" in line and "retrying" in line for line in _warnings(logs)) == 2
+
+
+# ---------------------------------------------------------- a gateway that answers more than asked
+def _gateway_of_four(jimeng_conn: JiMengEmulator, monkeypatch: pytest.MonkeyPatch, **extras: Any) -> None:
+    from airflow_provider_jimeng.testing import jimeng_connection_json
+
+    jimeng_conn.images_per_request = 4  # every answer carries (and bills) 4 images
+    monkeypatch.setenv("AIRFLOW_CONN_JIMENG_DEFAULT", jimeng_connection_json(jimeng_conn.base_url, **extras))
+
+
+def test_images_per_request_makes_the_reservation_match_what_the_gateway_bills(
+    jimeng_conn: JiMengEmulator, make_hook: Callable[..., JiMengHook], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 20, break 6): the cap reserved 1 per request, so a cap of 2 let 4 be billed."""
+    _gateway_of_four(jimeng_conn, monkeypatch, images_per_request=4)
+    hook = make_hook()
+    cap = SpendingCap(2)
+    with pytest.raises(JiMengSpendingCapError) as caught:
+        hook.send(hook.build_body(PROMPT), spending_cap=cap)
+    assert caught.value.requested == 4
+    assert jimeng_conn.request_count == jimeng_conn.billed_images == 0
+
+    cap = SpendingCap(4)
+    result = hook.send(hook.build_body(PROMPT), spending_cap=cap)
+    assert len(result.succeeded) == jimeng_conn.billed_images == 4, "every image the gateway sent is kept"
+    assert _cap_state(cap) == (4, 0, 0)
+    with pytest.raises(JiMengSpendingCapError):
+        hook.send(hook.build_body(PROMPT), spending_cap=cap)
+    assert jimeng_conn.billed_images == 4
+
+
+def test_without_images_per_request_such_a_gateway_is_found_out_after_paying(
+    jimeng_conn: JiMengEmulator, make_hook: Callable[..., JiMengHook], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the extra is for: without it the cap learns the gateway's habit from the first answer."""
+    _gateway_of_four(jimeng_conn, monkeypatch)
+    hook = make_hook()
+    cap = SpendingCap(2)
+    hook.send(hook.build_body(PROMPT), spending_cap=cap)
+    assert (jimeng_conn.billed_images, cap.billed) == (4, 4)

@@ -7,6 +7,7 @@ answer has neither URL nor data in S3, and its images must count as stored, not 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -23,8 +24,10 @@ from airflow_provider_jimeng.storage.records import (
     PromptRecord,
     Reuse,
     StoredImage,
+    TopUp,
     answer_from_stored_objects,
     answer_metadata,
+    images_to_retry,
     newer,
     resume_plan,
 )
@@ -103,6 +106,27 @@ def test_a_record_of_the_same_request_is_reused() -> None:
     decided = plan(record=record(images=2))
     assert isinstance(decided, Reuse)
     assert [image.key for image in decided.record.images] == [key(0), key(1)]
+
+
+def test_a_record_with_images_lost_to_a_transient_failure_is_topped_up() -> None:
+    """Issue 20, break 10: such a record is not final; a record without kept images is generated again."""
+    lost = dataclasses.replace(record(images=2), retry_images=(2, 3))
+    assert isinstance(plan(record=lost), TopUp)
+    assert PromptRecord.from_json(json.loads(json.dumps(lost.to_json()))) == lost
+    assert isinstance(plan(record=dataclasses.replace(lost, images=(), failures=("lost",))), Generate)
+
+
+@pytest.mark.parametrize(
+    ("failed", "expected"),
+    [
+        pytest.param([FailedImage(2, "InternalServiceError")], (2, 3), id="a-set-stopped-by-a-500"),
+        pytest.param([FailedImage(2, "StreamInterrupted"), FailedImage(3, "StreamInterrupted")], (2, 3), id="broken"),
+        pytest.param([FailedImage(2, "OutputImageSensitiveContentDetected")], (), id="moderation-is-final"),
+    ],
+)
+def test_images_to_retry(failed: list[FailedImage], expected: tuple[int, ...]) -> None:
+    answer = entry(url=True, images=2, failed=tuple(failed))
+    assert images_to_retry(answer, 4) == expected
 
 
 def test_a_record_of_another_request_is_not_reused() -> None:
