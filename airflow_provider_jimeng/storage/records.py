@@ -103,9 +103,13 @@ class JournalEntry:
     usage: dict[str, Any]
     images: tuple[JournaledImage, ...]
     failed: tuple[FailedImage, ...] = ()
+    #: Airflow's try number of the try that paid for the answer (``None``: unknown, an older journal).
+    try_number: int | None = None
 
     @classmethod
-    def from_result(cls, prompt_index: int, fingerprint: str, result: GenerationResult, *, now: float) -> JournalEntry:
+    def from_result(
+        cls, prompt_index: int, fingerprint: str, result: GenerationResult, *, now: float, try_number: int | None = None
+    ) -> JournalEntry:
         return cls(
             prompt_index=prompt_index,
             fingerprint=fingerprint,
@@ -119,6 +123,7 @@ class JournalEntry:
                 for image in result.succeeded
             ),
             failed=tuple(FailedImage(image.index, image.error_code, image.error_message) for image in result.failed),
+            try_number=try_number,
         )
 
     @property
@@ -138,6 +143,7 @@ class JournalEntry:
             "usage": self.usage,
             "images": [image.to_json(with_data=with_data) for image in self.images],
             "failed": [image.to_json() for image in self.failed],
+            "try_number": self.try_number,
         }
 
     @classmethod
@@ -171,6 +177,7 @@ class JournalEntry:
             usage=dict(usage) if isinstance(usage, Mapping) else {},
             images=tuple(item for item in images if item is not None),
             failed=tuple(item for item in failed if item is not None),
+            try_number=_int(data.get("try_number")),
         )
 
     def same_answer(self, other: JournalEntry) -> bool:
@@ -268,6 +275,9 @@ class StoredImage:
     uri: str
     bytes: int | None
     sha256: str | None
+    #: Where ``s3_key`` published a copy (``None``: no template, or the publication was refused).
+    published_key: str | None = None
+    published_uri: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -281,6 +291,8 @@ class StoredImage:
             "key": self.key,
             "bytes": self.bytes,
             "sha256": self.sha256,
+            "published_uri": self.published_uri,
+            "published_key": self.published_key,
         }
 
     @classmethod
@@ -302,6 +314,8 @@ class StoredImage:
             uri=uri,
             bytes=_int(data.get("bytes")),
             sha256=_text(data.get("sha256")),
+            published_key=_text(data.get("published_key")),
+            published_uri=_text(data.get("published_uri")),
         )
 
 
@@ -342,6 +356,8 @@ class PromptRecord:
     usage: dict[str, Any]
     images: tuple[StoredImage, ...]
     failures: tuple[str, ...] = ()
+    #: Airflow's try number of the try that paid for the answer (``None``: unknown, an older record).
+    try_number: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -357,6 +373,7 @@ class PromptRecord:
             "usage": self.usage,
             "images": [image.to_json() for image in self.images],
             "failures": list(self.failures),
+            "try_number": self.try_number,
         }
 
     @classmethod
@@ -383,6 +400,7 @@ class PromptRecord:
             usage=dict(usage) if isinstance(usage, Mapping) else {},
             images=tuple(image for image in images if image is not None),
             failures=tuple(failures),
+            try_number=_int(data.get("try_number")),
         )
 
 
@@ -456,6 +474,8 @@ def resume_plan(
 FINGERPRINT_METADATA = "jimeng-fingerprint"
 DELIVERED_METADATA = "jimeng-delivered"
 FAILED_METADATA = "jimeng-failed"
+#: The try that paid for the answer (``replace=True`` reuses only what its own run of tries paid for).
+TRY_NUMBER_METADATA = "airflow-try-number"
 
 
 def answer_metadata(fingerprint: str, entry: JournalEntry) -> dict[str, str]:
@@ -466,11 +486,14 @@ def answer_metadata(fingerprint: str, entry: JournalEntry) -> dict[str, str]:
     images on each of them, the retry can tell that the answer is complete, and not pay for it again.
     """
     failed = ";".join(f"{image.index}:{image.error_code or 'Failed'}" for image in entry.failed)
-    return {
+    metadata = {
         FINGERPRINT_METADATA: fingerprint,
         DELIVERED_METADATA: ",".join(str(image.index) for image in entry.images),
         FAILED_METADATA: failed[:1000],
     }
+    if entry.try_number is not None:
+        metadata[TRY_NUMBER_METADATA] = str(entry.try_number)
+    return metadata
 
 
 def answer_from_stored_objects(fingerprint: str, heads: Mapping[int, Mapping[str, Any]]) -> JournalEntry | None:
@@ -510,5 +533,6 @@ def answer_from_stored_objects(fingerprint: str, heads: Mapping[int, Mapping[str
                 JournaledImage(index=index, size=found[index].get("jimeng-size") or None) for index in sorted(delivered)
             ),
             failed=tuple(failed),
+            try_number=int(text) if (text := metadata.get(TRY_NUMBER_METADATA, "")).isdigit() else None,
         )
     return None
