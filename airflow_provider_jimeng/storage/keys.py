@@ -241,8 +241,8 @@ class TaskKeyspace:
         if key.startswith(self.task_prefix + "/"):
             raise JiMengConfigurationError(
                 parameter,
-                f"renders {key!r}, inside the task's own keyspace ({self.task_prefix}/), which holds its canonical "
-                "images, records and journals; allowed: a key outside it",
+                f"renders {key!r}, inside the task's own keyspace ({self.task_prefix}/), which it keeps for its "
+                "records, journals and canonical images; allowed: a key outside it",
             )
         if self.scheme in LOCAL_SCHEMES:
             self._check_local_path(parameter, key)
