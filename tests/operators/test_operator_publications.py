@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from airflow.sdk import DAG
 
 from airflow_provider_jimeng.emulator import Fault
-from airflow_provider_jimeng.exceptions import JiMengError
+from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengError
 from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 from airflow_provider_jimeng.storage.keys import safe_key_part
 from tests.operators.conftest import Bucket, RecordingTaskInstance, TrackingEmulator
@@ -36,9 +37,7 @@ def _request_id(bucket: Bucket, key: str) -> str:
     return str(bucket.head(key)["Metadata"]["jimeng-request-id"])
 
 
-def test_two_tasks_publishing_to_one_key_keep_both_canonical_images(
-    emulator: TrackingEmulator, bucket: Bucket
-) -> None:
+def test_two_tasks_publishing_to_one_key_keep_both_canonical_images(emulator: TrackingEmulator, bucket: Bucket) -> None:
     """Break 1: two task instances whose templates render one key (both name {task_id}: "x" + "_y" is "x_y").
 
     Before: the second task's images overwrote the first's, its ``images`` XCom named objects whose
@@ -51,7 +50,7 @@ def test_two_tasks_publishing_to_one_key_keep_both_canonical_images(
     second = _operator("x_y", bucket, prompt=PROMPTS[1:], s3_key="pub/{task_id}/" + tail)
 
     first.execute({"ti": first_ti})  # type: ignore[typeddict-item]
-    with pytest.raises(JiMengError, match="not published to .* another task instance's image"):
+    with pytest.raises(JiMengError, match=r"not published to .* another task instance's image"):
         second.execute({"ti": second_ti})  # type: ignore[typeddict-item]
 
     assert emulator.billed_images == 4
@@ -135,3 +134,44 @@ def test_replace_is_once_per_run_not_once_per_try(emulator: TrackingEmulator, bu
     assert emulator.prompts_billed()[-1] == PROMPTS[1]
     assert [_request_id(bucket, f"{_prefix(ti)}/p{index:04d}_i00.jpeg") for index in (0, 2)] == replaced
     assert ti.pushed["usage"]["reused_prompts"] == 2
+
+
+def test_a_250_character_run_id_with_colons_is_stored_on_a_local_filesystem(
+    emulator: TrackingEmulator, tmp_path: Path
+) -> None:
+    """Break 3: Airflow allows run ids of 250 characters; the default layout made a 261-byte directory
+    name, so every try paid and then failed to store. Long ids are now cut with a digest."""
+    ti = RecordingTaskInstance(run_id="manual__" + "2025-01-01T00:00:00+00:00:" * 9 + "x" * 8)
+    with DAG("jimeng_publications", schedule=None, start_date=datetime(2025, 1, 1)):
+        operator = JiMengGenerateOperator(task_id="gen", prompt=PROMPTS[:1], output_path=f"file://{tmp_path}")
+
+    (uri,) = operator.execute({"ti": ti})  # type: ignore[typeddict-item]
+
+    assert emulator.billed_images == 1
+    path = Path(uri.removeprefix("file://"))
+    assert path.is_file()
+    assert max(len(part) for part in path.relative_to(tmp_path).parts) <= 200
+
+
+@pytest.mark.parametrize(
+    ("template", "fragment"),
+    [
+        ("{dag_id}/{task_id}/{run_id}/" + "n" * 231 + "-{prompt_index}-{image_index}.{ext}", "at most 236 bytes"),
+        ("{dag_id}/{task_id}/{run_id}/a\x00b/{prompt_index}-{image_index}.{ext}", "NUL"),
+    ],
+)
+def test_a_local_publication_the_filesystem_would_refuse_is_refused_before_any_request(
+    emulator: TrackingEmulator, tmp_path: Path, template: str, fragment: str
+) -> None:
+    """Break 3: a 240-byte name (255 with its temporary name's 19 more fails) or a NUL failed after payment."""
+    with DAG("jimeng_publications", schedule=None, start_date=datetime(2025, 1, 1)):
+        operator = JiMengGenerateOperator(
+            task_id="gen", prompt=PROMPTS[:1], output_path=f"file://{tmp_path}", s3_key=template
+        )
+
+    with pytest.raises(JiMengConfigurationError) as raised:
+        operator.execute({"ti": RecordingTaskInstance()})  # type: ignore[typeddict-item]
+
+    assert raised.value.parameter == "s3_key"
+    assert fragment in str(raised.value)
+    assert emulator.request_count == 0
