@@ -593,7 +593,10 @@ class GenerationRun:
                 )
             )
         if keyspace.key_template:
-            kept = [self._publish(store, image, metadata, failures, unstored) for image in kept]
+            kept = [
+                self._publish(store, image, {**metadata, "jimeng-size": image.size or ""}, failures, unstored)
+                for image in kept
+            ]
         outcome.stored = kept
         outcome.failures.extend(failures + unstored)
         if unstored:

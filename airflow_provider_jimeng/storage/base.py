@@ -99,8 +99,8 @@ class ImageStore(Protocol):
         """:meth:`head` of ``key``, or ``None`` when nothing is there (a publication's destination)."""
         ...
 
-    def copy_object(self, source_key: str, key: str) -> None:
-        """Copy a stored image, with its metadata, to ``key`` (a publication)."""
+    def copy_object(self, source_key: str, key: str, metadata: Mapping[str, str]) -> None:
+        """Copy a stored image to ``key`` (a publication), with ``metadata`` (the source's own)."""
         ...
 
 

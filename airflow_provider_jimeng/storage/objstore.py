@@ -232,16 +232,15 @@ class ObjectImageStore(RecordsAndJournals):
                 head["Metadata"] = {}
         return head
 
-    def copy_object(self, source_key: str, key: str) -> None:
+    def copy_object(self, source_key: str, key: str, metadata: Mapping[str, str]) -> None:
         """Copy a stored image through this worker (fsspec has no portable server-side copy with a
-        sidecar), in bounded memory, whole or not at all; the sidecar comes along."""
-        head = self.head(source_key)
+        sidecar), in bounded memory, whole or not at all, with a sidecar of its own."""
         try:
             source = self._fs.open(self._path(source_key), "rb")
         except Exception as error:
             raise self._fail("reading", source_key, error) from None
         with source:
-            self.upload_stream(key, source, head["Metadata"], head.get("ContentType") or IMAGE_CONTENT_TYPE)
+            self.upload_stream(key, source, metadata)
 
     def upload_stream(
         self, key: str, stream: Any, metadata: Mapping[str, str], content_type: str = IMAGE_CONTENT_TYPE

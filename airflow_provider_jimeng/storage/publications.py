@@ -59,5 +59,5 @@ def publish(store: ImageStore, image: StoredImage, key: str, metadata: Mapping[s
         )
         if same_image:
             return published
-    store.copy_object(image.key, key)
+    store.copy_object(image.key, key, metadata)
     return published

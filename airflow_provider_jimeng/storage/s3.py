@@ -360,8 +360,9 @@ class S3ImageStore(RecordsAndJournals):
                 return None
             raise self._fail("inspecting", key, error) from None
 
-    def copy_object(self, source_key: str, key: str) -> None:
-        """A server-side copy (no download), metadata and content type included."""
+    def copy_object(self, source_key: str, key: str, metadata: Mapping[str, str]) -> None:
+        """A server-side copy (no download); the source's metadata and content type come along (they are
+        ``metadata``: the engine wrote them, or checked them, before publishing)."""
         try:
             self._client.copy_object(
                 Bucket=self.bucket,

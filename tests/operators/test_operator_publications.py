@@ -30,24 +30,44 @@ def _operator(task_id: str, bucket: Bucket, **kwargs: Any) -> JiMengGenerateOper
 
 
 def _prefix(ti: RecordingTaskInstance) -> str:
-    return f"jimeng/{safe_key_part(ti.dag_id)}/{safe_key_part(ti.run_id)}/{ti.task_id}"
+    mapped = f"/map_{ti.map_index}" if ti.map_index >= 0 else ""
+    return f"jimeng/{safe_key_part(ti.dag_id)}/{safe_key_part(ti.run_id)}/{ti.task_id}{mapped}"
 
 
 def _request_id(bucket: Bucket, key: str) -> str:
     return str(bucket.head(key)["Metadata"]["jimeng-request-id"])
 
 
-def test_two_tasks_publishing_to_one_key_keep_both_canonical_images(emulator: TrackingEmulator, bucket: Bucket) -> None:
-    """Break 1: two task instances whose templates render one key (both name {task_id}: "x" + "_y" is "x_y").
+TAIL = "{dag_id}/{run_id}/{prompt_index}-{image_index}.{ext}"
 
-    Before: the second task's images overwrote the first's, its ``images`` XCom named objects whose
-    sha256 no longer matched, and both runs were green. Now each task's canonical copy is its own,
+
+@pytest.mark.parametrize(
+    ("task_ids", "map_indexes", "templates"),
+    [
+        # Two tasks of one DAG: both templates name {task_id}, yet "x" + "_y" is "x_y".
+        (("x", "x_y"), (-1, -1), ("pub/{task_id}_y/" + TAIL, "pub/{task_id}/" + TAIL)),
+        # expand_kwargs entries with different templates: map index 0 + "1" is "0" + map index 1.
+        (("gen", "gen"), (0, 1), ("pub/{task_id}/{map_index}1/" + TAIL, "pub/{task_id}/0{map_index}/" + TAIL)),
+    ],
+    ids=["two-tasks", "expand_kwargs"],
+)
+def test_two_task_instances_publishing_to_one_key_keep_both_canonical_images(
+    emulator: TrackingEmulator,
+    bucket: Bucket,
+    task_ids: tuple[str, str],
+    map_indexes: tuple[int, int],
+    templates: tuple[str, str],
+) -> None:
+    """Break 1: two task instances whose templates pass the proof and still render one key.
+
+    Before: the second's images overwrote the first's, its ``images`` XCom named objects whose sha256
+    no longer matched, and both runs were green. Now each canonical copy is its own task instance's,
     the first publication stays, and the second is refused and reported (nothing lost, nothing paid again).
     """
-    first_ti, second_ti = RecordingTaskInstance(task_id="x"), RecordingTaskInstance(task_id="x_y")
-    tail = "{dag_id}/{run_id}/{prompt_index}-{image_index}.{ext}"
-    first = _operator("x", bucket, prompt=PROMPTS[:2], s3_key="pub/{task_id}_y/" + tail)
-    second = _operator("x_y", bucket, prompt=PROMPTS[1:], s3_key="pub/{task_id}/" + tail)
+    first_ti, second_ti = RecordingTaskInstance(task_id=task_ids[0]), RecordingTaskInstance(task_id=task_ids[1])
+    first_ti.map_index, second_ti.map_index = map_indexes
+    first = _operator(task_ids[0], bucket, prompt=PROMPTS[:2], s3_key=templates[0])
+    second = _operator(task_ids[1], bucket, prompt=PROMPTS[1:], s3_key=templates[1])
 
     first.execute({"ti": first_ti})  # type: ignore[typeddict-item]
     with pytest.raises(JiMengError, match=r"not published to .* another task instance's image"):

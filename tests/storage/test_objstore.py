@@ -133,7 +133,7 @@ def test_a_publication_outside_the_prefix_keeps_its_sidecar_under_the_task(store
     assert other.head_if_exists(key) is None
     other.upload_bytes(canonical, JPEG, {"jimeng-request-id": "req-3"})
 
-    other.copy_object(canonical, key)
+    other.copy_object(canonical, key, {"jimeng-request-id": "req-3"})
 
     assert other.meta_key(key).startswith(custom.meta_prefix + "ext-")
     assert store._fs.cat_file(other._path(key)) == JPEG
