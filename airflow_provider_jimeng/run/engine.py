@@ -255,8 +255,12 @@ class GenerationRun:
     def _run(self, plans: Mapping[int, Reuse | FinishStoring | Generate], existing: Mapping[str, int]) -> None:
         store = self.store
         generate_pool = ThreadPoolExecutor(self.options.max_concurrency, thread_name_prefix="jimeng-generate")
+        # A publication (s3_key) adds a HEAD and a copy to each image's store: twice the threads keep the
+        # canonical uploads, which a b64_json answer waits for in memory only, as quick as without one.
+        publishing = 2 if store is not None and store.keyspace.key_template else 1
         store_pool = ThreadPoolExecutor(
-            max(2, self.options.max_concurrency) if store is not None else 1, thread_name_prefix="jimeng-store"
+            publishing * max(2, self.options.max_concurrency) if store is not None else 1,
+            thread_name_prefix="jimeng-store",
         )
         generation: dict[Future[Any], int] = {}
         storing: dict[Future[Any], int] = {}
