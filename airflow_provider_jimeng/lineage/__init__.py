@@ -91,13 +91,14 @@ class RunLineage:
 def group_images(prefix_uri: str, images: Iterable[Any]) -> tuple[StoredLocation, ...]:
     """Group stored images by folder: everything under the task's prefix is one location.
 
-    A key template (``s3_key``) can put images outside the task's prefix; each folder they land in is
-    then a location of its own, so that lineage never claims a folder the run did not write to.
+    A key template (``s3_key``) publishes images outside the task's prefix; each folder they are
+    published in is then a location of its own (what downstream readers use), so that lineage never
+    claims a folder the run did not write to.
     """
     prefix = prefix_uri if prefix_uri.endswith("/") else prefix_uri + "/"
     groups: dict[str, list[Any]] = {prefix: []}
     for image in images:
-        uri = str(image.uri)
+        uri = str(getattr(image, "published_uri", None) or image.uri)
         folder = prefix if uri.startswith(prefix) else uri.rpartition("/")[0] + "/"
         groups.setdefault(folder, []).append(image)
     locations = []

@@ -107,11 +107,14 @@ class JiMengGenerateOperator(BaseOperator):
         fast S3 path. (templated)
     :param output_conn_id: the connection of ``output_path`` (for an ``s3://`` URL, in place of
         ``aws_conn_id``); ``None``: the backend's default credentials. (templated)
-    :param s3_key: key template with ``{dag_id}``, ``{run_id}``, ``{task_id}``, ``{map_index}``,
+    :param s3_key: where to publish a copy of each image (the canonical copy stays under the default
+        keys): a template with ``{dag_id}``, ``{run_id}``, ``{task_id}``, ``{map_index}``,
         ``{prompt_index}``, ``{image_index}``, ``{ext}``; Jinja renders first, then these fields are filled
-        with key-safe values. Every key the run can bill is rendered and proved unique, across runs and
-        map indexes too, before the first request. (templated)
-    :param replace: regenerate and overwrite even what an earlier try already stored. (templated)
+        with key-safe values. Every key the run can bill is rendered and proved unique, across runs, map
+        indexes, tasks and DAGs too, before the first request. (templated)
+    :param replace: regenerate and overwrite what an earlier run of the task stored: once per run (the
+        first try, or the first after a clear); an automatic retry reuses what its failed try paid for.
+        (templated)
     :param on_partial_failure: ``fail`` (default: store what succeeded, then fail listing each failed
         image's code and request id) or ``continue`` (store what succeeded and succeed with a warning).
         (templated)
@@ -411,7 +414,8 @@ class JiMengGenerateOperator(BaseOperator):
             spending_cap=SpendingCap(options.max_images_per_task),
             log=self.log,
             try_number=getattr(context["ti"], "try_number", None),
-            budget_first_try=self._budget_first_try(context),
+            budget_first_try=self._first_try_of_run(context),
+            replace_from=self._first_try_of_run(context) if options.replace else None,
         )
         self._active_run = run
         try:
@@ -421,18 +425,17 @@ class JiMengGenerateOperator(BaseOperator):
             hook.close()
         return self._finish(context, run, options)
 
-    def _budget_first_try(self, context: Context) -> int | None:
-        """The first try whose spending counts against ``max_images_per_task``: Airflow's own reckoning.
+    def _first_try_of_run(self, context: Context) -> int | None:
+        """The try number that began this run of tries: 1, or the first try after the task was cleared.
 
-        A clear raises ``max_tries`` to the last try plus ``retries``, so ``max_tries - retries + 1``
-        is the first try since the last clear (as Airflow computes it for reschedules): automatic
-        retries share one budget, a cleared task starts a new one. ``None`` (every try counts) when
-        the task instance does not say.
+        Clearing sets ``max_tries`` to the last try number plus ``retries`` (Airflow's own reckoning
+        of a reschedule's first try); ``None`` when the task instance does not say.
         """
         max_tries = getattr(context["ti"], "max_tries", None)
-        if not isinstance(max_tries, int) or isinstance(max_tries, bool):
+        retries = self.retries or 0
+        if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < retries:
             return None
-        return max(1, max_tries - int(self.retries or 0) + 1)
+        return max_tries - retries + 1
 
     def _keyspace(self, context: Context, options: RunOptions, generation: GenerationOptions) -> TaskKeyspace:
         ti = context["ti"]
@@ -528,6 +531,8 @@ class JiMengGenerateOperator(BaseOperator):
                 self.log.info(
                     "Dry run, prompt %d would store under %s", index, keyspace.uri(keyspace.image_key(index, 0))
                 )
+                if (published := keyspace.publication_key(index, 0)) is not None:
+                    self.log.info("Dry run, prompt %d would publish to %s", index, keyspace.uri(published))
         self.log.info("Dry run: nothing was sent and nothing was billed")
         return []
 

@@ -46,6 +46,7 @@ from airflow_provider_jimeng.run.outcome import Answer, PromptOutcome, Stored, d
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.journal import JournalWriter
 from airflow_provider_jimeng.storage.keys import prompt_fingerprint
+from airflow_provider_jimeng.storage.publications import publish
 from airflow_provider_jimeng.storage.records import (
     DeliveredImage,
     FinishStoring,
@@ -143,6 +144,9 @@ class GenerationRun:
     :param budget_first_try: the first try of the series that shares ``spending_cap`` (Airflow's
         automatic retries; a cleared task starts a new series). What those earlier tries billed or
         possibly billed counts against the cap. ``None``: every earlier try counts.
+    :param replace_from: with ``replace=True``, the try number that began this run of tries (the
+        first try, or the first after the task was cleared): a later try (an automatic retry) reuses
+        what tries from that one on paid for, as ``replace`` means once per run, not once per try.
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class GenerationRun:
         log: Any,
         try_number: int | None = None,
         budget_first_try: int | None = None,
+        replace_from: int | None = None,
     ) -> None:
         self.hook = hook
         self.bodies = list(bodies)
@@ -180,6 +185,12 @@ class GenerationRun:
         self._b64 = any(body.get("response_format") == "b64_json" for body in self.bodies)
         self.try_number = try_number
         self.budget_first_try = budget_first_try
+        #: What earlier tries paid for is reused only from this try number on (``None``: from any try).
+        self.reuse_from: int | None = None
+        #: replace=True and this try begins the run of tries: nothing earlier is reused.
+        self.replacing = options.replace
+        if options.replace and try_number is not None and replace_from is not None and try_number > replace_from:
+            self.replacing, self.reuse_from = False, replace_from
         #: Tells this try's journal objects and counters apart from every other try's.
         self.try_token = uuid.uuid4().hex[:12]
         #: Earlier tries' counters by try token, read before the first request (``usage`` sums them).
@@ -218,22 +229,17 @@ class GenerationRun:
             self.earlier_tries = earlier.tries
             self._earlier_from_fallback = earlier.fallback_usage
             self._carry_earlier_spending()
-            if self.options.replace:
+            if self.replacing:
                 # Nothing earlier is reused; earlier tries' journals go once records.json is written.
                 earlier_journals = {key: set() for key in earlier.journal_objects}
             else:
                 records, journals, earlier_journals = earlier.records, earlier.journals, earlier.journal_objects
+                if self.reuse_from is not None:
+                    # A retry of a replacing try: reuse what this run of tries paid for, not what it replaces.
+                    records = {i: r for i, r in records.items() if self._paid_since_replace(r.try_number)}
+                    journals = {i: e for i, e in journals.items() if self._paid_since_replace(e.try_number)}
                 now = time.time()
                 keyspace = store.keyspace
-                if keyspace.key_template:
-                    # Custom keys may lie outside the listed prefix: ask for the journaled ones by name.
-                    existing.update(
-                        store.find_keys(
-                            keyspace.image_key(index, image.index)
-                            for index, entry in journals.items()
-                            for image in entry.images
-                        )
-                    )
                 for index in range(len(self.bodies)):
                     plans[index] = resume_plan(
                         fingerprint=self.fingerprints[index],
@@ -300,7 +306,7 @@ class GenerationRun:
         answer = answer_from_stored_objects(
             self.fingerprints[index], {image: store.head(key) for image, key in found.items()}
         )
-        if answer is None:
+        if answer is None or not self._paid_since_replace(answer.try_number):
             return None
         self.log.info(
             "Prompt %d: %d image(s) an earlier try stored before its journal reached %s vouch for their answer; "
@@ -312,11 +318,19 @@ class GenerationRun:
         entry = dataclasses.replace(answer, prompt_index=index)
         return FinishStoring(entry, stored=entry.images, missing=())
 
+    def _paid_since_replace(self, try_number: int | None) -> bool:
+        """Whether an earlier try's answer may be reused: always, unless this try retries a replacing one."""
+        return self.reuse_from is None or (try_number is not None and try_number >= self.reuse_from)
+
     def _run(self, plans: Mapping[int, ResumePlan], existing: Mapping[str, int]) -> None:
         store = self.store
         generate_pool = ThreadPoolExecutor(self.options.max_concurrency, thread_name_prefix="jimeng-generate")
+        # A publication (s3_key) adds a HEAD and a copy to each image's store: twice the threads keep the
+        # canonical uploads, which a b64_json answer waits for in memory only, as quick as without one.
+        publishing = 2 if store is not None and store.keyspace.key_template else 1
         store_pool = ThreadPoolExecutor(
-            max(2, self.options.max_concurrency) if store is not None else 1, thread_name_prefix="jimeng-store"
+            publishing * max(2, self.options.max_concurrency) if store is not None else 1,
+            thread_name_prefix="jimeng-store",
         )
         generation: dict[Future[Any], int] = {}
         storing: dict[Future[Any], int] = {}
@@ -512,7 +526,9 @@ class GenerationRun:
             web_searches=_web_searches(usage),
         )
         self._charges[index] = charge
-        entry = JournalEntry.from_result(index, self.fingerprints[index], result, now=time.time())
+        entry = JournalEntry.from_result(
+            index, self.fingerprints[index], result, now=time.time(), try_number=self.try_number
+        )
         retry_images = images_to_retry(entry, self.hook.images_billed(body)) if self.store is not None else ()
         if topup is not None:
             # The top-up's images fill the gaps of the earlier answer: the keys of the images it lost.
@@ -692,6 +708,11 @@ class GenerationRun:
                     details=image.details,
                 )
             )
+        if keyspace.key_template:
+            kept = [
+                self._publish(store, image, {**metadata, "jimeng-size": image.size or ""}, failures, unstored)
+                for image in kept
+            ]
         outcome.stored = kept
         outcome.failures.extend(failures + unstored)
         if unstored:
@@ -714,7 +735,43 @@ class GenerationRun:
             usage=entry.usage,
             images=tuple(kept),
             failures=tuple(failures),
+            try_number=entry.try_number,
         )
+
+    def _publish(
+        self,
+        store: ImageStore,
+        image: StoredImage,
+        metadata: Mapping[str, str],
+        failures: list[str],
+        unstored: list[str],
+    ) -> StoredImage:
+        """Copy a stored image to its ``s3_key`` (:mod:`..storage.publications`); the image, published or not.
+
+        A publication refused (its key holds another task instance's image) is a failure of the
+        prompt, recorded; one that storage failed to make keeps the journal, for a retry to copy.
+        """
+        key = store.keyspace.publication_key(image.prompt_index, image.image_index)
+        if key is None:
+            return image
+        not_published = (
+            f"prompt {image.prompt_index} image {image.image_index}: stored at {image.uri} but not published to "
+            f"{store.keyspace.uri(key)} (kept for a retry, which needs no new request)"
+        )
+        if self._storage_error is not None:
+            unstored.append(f"{not_published}: not attempted after an earlier {store.storage_name} failure")
+            return image
+        try:
+            result = publish(store, image, key, metadata)
+        except JiMengStorageError as error:
+            self._on_storage_failure(error)
+            unstored.append(f"{not_published}: {error}")
+            return image
+        if isinstance(result, str):
+            self.log.error("%s", result)
+            failures.append(result)
+            return image
+        return result
 
     def _store_image(
         self, store: ImageStore, key: str, image: JournaledImage, metadata: dict[str, str]

@@ -32,7 +32,7 @@ class PromptOutcome:
     @property
     def outputs(self) -> list[str]:
         """What goes downstream: ``s3://`` URIs, or the signed URLs when nothing is stored."""
-        return [image.uri for image in self.stored] or [image.url for image in self.delivered]
+        return [image.published_uri or image.uri for image in self.stored] or [image.url for image in self.delivered]
 
     @property
     def image_records(self) -> list[dict[str, Any]]:

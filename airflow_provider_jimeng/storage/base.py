@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -59,10 +59,6 @@ class ImageStore(Protocol):
         """Objects under the task's prefix (key -> size). ``first``: refuse a wrong destination without retries."""
         ...
 
-    def find_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        """Which of ``keys`` exist (key -> size), for custom keys outside the listed prefix."""
-        ...
-
     def read_json(self, key: str) -> dict[str, Any] | None: ...
 
     def write_json(self, key: str, data: Mapping[str, Any]) -> None: ...
@@ -101,6 +97,14 @@ class ImageStore(Protocol):
 
     def upload_bytes(self, key: str, data: bytes, metadata: Mapping[str, str]) -> tuple[int, str]: ...
 
+    def head_if_exists(self, key: str) -> dict[str, Any] | None:
+        """:meth:`head` of ``key``, or ``None`` when nothing is there (a publication's destination)."""
+        ...
+
+    def copy_object(self, source_key: str, key: str, metadata: Mapping[str, str]) -> None:
+        """Copy a stored image to ``key`` (a publication), with ``metadata`` (the source's own)."""
+        ...
+
 
 class RecordsAndJournals:
     """``records.json`` and journals, written the same way on every backend through ``read_json``/``write_json``.
@@ -126,17 +130,6 @@ class RecordsAndJournals:
     def size_of(self, key: str) -> int | None:
         """The size of the object at ``key``, or ``None`` when there is none (one request)."""
         raise NotImplementedError
-
-    def find_keys(self, keys: Iterable[str]) -> dict[str, int]:
-        """Which of ``keys`` exist (key -> size), by name: for custom keys outside the listed prefix."""
-        found: dict[str, int] = {}
-        prefix = self.keyspace.task_prefix + "/"
-        for key in dict.fromkeys(keys):
-            if key.startswith(prefix):
-                continue  # the listing already said
-            if (size := self.size_of(key)) is not None:
-                found[key] = size
-        return found
 
     def read_records(self, existing: Mapping[str, int]) -> dict[int, PromptRecord]:
         """The records an earlier try wrote, by prompt index (empty if it wrote none)."""

@@ -1,10 +1,13 @@
 """Where object keys are decided: one task instance's keyspace, proved collision-free before paying.
 
 Keys depend only on the DAG, run, task, map index, prompt index and image index, so a retried or
-cleared task finds what an earlier try stored. Two images that share a key lose one of them after
-both were paid for, so :meth:`TaskKeyspace.check_image_keys` renders the key of every image a run can
-bill, before the first request, and proves that no two of them (nor the same image of another run or
-another map index) can land on the same key.
+cleared task finds what an earlier try stored. Every image's canonical copy lives in that keyspace
+(:meth:`TaskKeyspace.image_key`), where no other task instance writes. A custom key template
+(``s3_key``) names a *publication*, a copy made after the canonical object is stored
+(:meth:`TaskKeyspace.publication_key`, :mod:`.publications`). :meth:`TaskKeyspace.check_image_keys`
+renders every key a run can write, before the first request, and proves that no two publications
+(nor the same image of another run, map index, task or DAG) can land on the same key, and that every
+key fits the destination (S3's 1,024 bytes; a local filesystem's 255 bytes per name, no NUL).
 """
 
 from __future__ import annotations
@@ -28,6 +31,15 @@ _TRUNCATING_SPEC = re.compile(r"\.\d|\{")
 KEY_TEMPLATE_FIELDS = ("dag_id", "run_id", "task_id", "map_index", "prompt_index", "image_index", "ext")
 #: S3's limit on a key, in UTF-8 bytes.
 MAX_KEY_BYTES = 1024
+#: A local filesystem's limit on one name, in bytes (ext4, XFS, APFS, NTFS...), and on a whole path.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4095
+#: What a local write adds to a file's name while it is written: ``.{name}.{12 hex}.part``.
+PARTIAL_NAME_OVERHEAD = len("..0123456789ab.part")
+#: Schemes whose keys become paths on a local filesystem.
+LOCAL_SCHEMES = frozenset({"file", "local"})
+#: The longest id :func:`safe_key_part` keeps whole: one path segment, with room to spare under 255 bytes.
+MAX_SAFE_PART = 200
 DEFAULT_IMAGE_EXT = "jpeg"
 
 
@@ -50,12 +62,15 @@ def safe_key_part(value: object) -> str:
     Characters outside ``A-Za-z0-9._=-`` become ``_``. Where that changed the id, a short hash of
     the original follows, so ``scheduled__2025-01-01T00:00:00+00:00`` and
     ``scheduled__2025-01-01T00_00_00_00_00`` (already safe, kept as is) stay apart.
+    An id longer than :data:`MAX_SAFE_PART` characters (Airflow allows 250) is cut, and the hash
+    follows too, so that it fits one name of a local filesystem (255 bytes) whatever the backend.
     """
     text = str(value)
     safe = _UNSAFE_KEY_CHARS.sub("_", text).strip("_") or "_"
-    if safe == text:
+    if safe == text and len(safe) <= MAX_SAFE_PART:
         return safe
-    return f"{safe}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:10]}"
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{safe[: MAX_SAFE_PART - len(digest) - 1].rstrip('_')}-{digest}"
 
 
 def template_fields(template: str) -> set[str]:
@@ -115,6 +130,11 @@ class TaskKeyspace:
         return "/".join(parts)
 
     def image_key(self, prompt_index: int, image_index: int) -> str:
+        """The canonical key of an image: in the task's keyspace, whatever ``s3_key`` says."""
+        return f"{self.task_prefix}/p{prompt_index:04d}_i{image_index:02d}.{self.image_ext}"
+
+    def publication_key(self, prompt_index: int, image_index: int) -> str | None:
+        """Where ``s3_key`` publishes a copy of the image (``None`` without a template)."""
         if self.key_template:
             key = self.key_template.format(
                 dag_id=safe_key_part(self.dag_id),
@@ -127,7 +147,7 @@ class TaskKeyspace:
             ).lstrip("/")
             root = self.key_root.strip("/")
             return f"{root}/{key}" if root and key else key
-        return f"{self.task_prefix}/p{prompt_index:04d}_i{image_index:02d}.{self.image_ext}"
+        return None
 
     @property
     def records_key(self) -> str:
@@ -156,17 +176,23 @@ class TaskKeyspace:
 
     # --------------------------------------------------------------------------------- the proof
     def check_image_keys(self, images_per_prompt: Sequence[int]) -> None:
-        """Refuse, before anything is paid for, a layout in which two billable images could share a key.
+        """Refuse, before anything is paid for, a layout in which a billable image could not be kept.
 
-        Renders the key of every (prompt, image) the run can bill, and the first one again as if for
-        another run and another map index: each must be a valid key, all must differ, and none may be
-        the task's ``records.json`` or fall among its journals.
+        Renders the canonical key and the publication (``s3_key``) of every (prompt, image) the run
+        can bill: each must fit the destination. Publications must all differ, must stay out of the
+        task's own keyspace, and the first one, rendered as if for another run, map index, task or
+        DAG, must change: otherwise two task instances would publish to one key.
         """
+        local = self.scheme in LOCAL_SCHEMES
         if self.key_template is not None:
             template_fields(self.key_template)
         keys: dict[str, tuple[int, int]] = {}
         for prompt_index, images in enumerate(images_per_prompt):
             for image_index in range(images):
+                if local:
+                    self._check_local_path("output_path", self.image_key(prompt_index, image_index))
+                if self.key_template is None:
+                    continue
                 key = self._render("s3_key", prompt_index, image_index)
                 if key in keys:
                     first = keys[key]
@@ -183,18 +209,20 @@ class TaskKeyspace:
         others = {"run_id": replace(self, run_id=self.run_id + "~another-run")}
         if self.map_index >= 0:
             others["map_index"] = replace(self, map_index=self.map_index + 1)
+        others["task_id"] = replace(self, task_id=self.task_id + "~another-task")
+        others["dag_id"] = replace(self, dag_id=self.dag_id + "~another-dag")
         for field_name, other in others.items():
             if other._render("s3_key", 0, 0) == sample:
                 raise JiMengConfigurationError(
                     "s3_key",
-                    f"would give the same key {sample!r} to another {field_name.replace('_', ' ')} of this task, "
-                    f"which would overwrite images already paid for; allowed: a template with {{{field_name}}} "
+                    f"would give the same key {sample!r} to another {field_name.replace('_', ' ')}'s image, "
+                    f"so one would overwrite the other's copy; allowed: a template with {{{field_name}}} "
                     "(unabridged) in it",
                 )
 
     def _render(self, parameter: str, prompt_index: int, image_index: int) -> str:
         try:
-            key = self.image_key(prompt_index, image_index)
+            key = self.publication_key(prompt_index, image_index) or ""
         except (ValueError, IndexError, KeyError, AttributeError, TypeError) as error:
             raise JiMengConfigurationError(
                 parameter,
@@ -210,11 +238,43 @@ class TaskKeyspace:
             raise JiMengConfigurationError(
                 parameter, f"renders {key!r}; allowed under output_path: keys without '.', '..' or empty segments"
             )
-        if key == self.records_key or key.startswith((self.journal_prefix, self.meta_prefix)):
+        if key.startswith(self.task_prefix + "/"):
             raise JiMengConfigurationError(
-                parameter, f"renders {key!r}, which the task keeps for its records and journals"
+                parameter,
+                f"renders {key!r}, inside the task's own keyspace ({self.task_prefix}/), which it keeps for its "
+                "records, journals and canonical images; allowed: a key outside it",
             )
+        if self.scheme in LOCAL_SCHEMES:
+            self._check_local_path(parameter, key)
         return key
+
+    def _check_local_path(self, parameter: str, key: str) -> None:
+        """A key a local filesystem can hold: no NUL, each name within 255 bytes (the last one while it is
+        written under its temporary name, 19 bytes longer), the whole path within 4,095."""
+        shown = key if len(key) <= 120 else f"{key[:60]}...{key[-40:]}"
+        if "\x00" in key:
+            raise JiMengConfigurationError(
+                parameter, f"renders a path with a NUL character ({shown!r}); allowed: names without NUL"
+            )
+        path = f"/{self.bucket}/{key}" if self.bucket else f"/{key}"
+        if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+            raise JiMengConfigurationError(
+                parameter, f"renders a path longer than {MAX_PATH_BYTES} bytes ({shown!r}); allowed: shorter paths"
+            )
+        names = key.split("/")
+        for position, name in enumerate(names):
+            size = len(name.encode("utf-8", "surrogatepass"))
+            limit = MAX_NAME_BYTES - (PARTIAL_NAME_OVERHEAD if position == len(names) - 1 else 0)
+            if size > limit:
+                raise JiMengConfigurationError(
+                    parameter,
+                    f"renders a path whose name {name[:40]!r}... is {size} bytes; allowed on a local filesystem: "
+                    f"at most {limit} bytes per name ({MAX_NAME_BYTES}, less {PARTIAL_NAME_OVERHEAD} for the "
+                    "temporary name a file is written under)"
+                    if position == len(names) - 1
+                    else f"renders a path whose directory name {name[:40]!r}... is {size} bytes; allowed on a local "
+                    f"filesystem: at most {MAX_NAME_BYTES} bytes per name",
+                )
 
 
 def prompt_fingerprint(body: Mapping[str, Any]) -> str:

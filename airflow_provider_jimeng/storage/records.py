@@ -116,9 +116,13 @@ class JournalEntry:
     usage: dict[str, Any]
     images: tuple[JournaledImage, ...]
     failed: tuple[FailedImage, ...] = ()
+    #: Airflow's try number of the try that paid for the answer (``None``: unknown, an older journal).
+    try_number: int | None = None
 
     @classmethod
-    def from_result(cls, prompt_index: int, fingerprint: str, result: GenerationResult, *, now: float) -> JournalEntry:
+    def from_result(
+        cls, prompt_index: int, fingerprint: str, result: GenerationResult, *, now: float, try_number: int | None = None
+    ) -> JournalEntry:
         return cls(
             prompt_index=prompt_index,
             fingerprint=fingerprint,
@@ -134,6 +138,7 @@ class JournalEntry:
                 for image in result.succeeded
             ),
             failed=tuple(FailedImage(image.index, image.error_code, image.error_message) for image in result.failed),
+            try_number=try_number,
         )
 
     @property
@@ -153,6 +158,7 @@ class JournalEntry:
             "usage": self.usage,
             "images": [image.to_json(with_data=with_data) for image in self.images],
             "failed": [image.to_json() for image in self.failed],
+            "try_number": self.try_number,
         }
 
     @classmethod
@@ -186,6 +192,7 @@ class JournalEntry:
             usage=dict(usage) if isinstance(usage, Mapping) else {},
             images=tuple(item for item in images if item is not None),
             failed=tuple(item for item in failed if item is not None),
+            try_number=_int(data.get("try_number")),
         )
 
     def same_answer(self, other: JournalEntry) -> bool:
@@ -336,6 +343,9 @@ class StoredImage:
     sha256: str | None
     #: The answer's other per-image fields (``GeneratedImage.details``), written only when there are some.
     details: dict[str, Any] = field(default_factory=dict)
+    #: Where ``s3_key`` published a copy (``None``: no template, or the publication was refused).
+    published_key: str | None = None
+    published_uri: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -350,6 +360,8 @@ class StoredImage:
             "bytes": self.bytes,
             "sha256": self.sha256,
             **self.details,
+            "published_uri": self.published_uri,
+            "published_key": self.published_key,
         }
 
     @classmethod
@@ -372,6 +384,8 @@ class StoredImage:
             bytes=_int(data.get("bytes")),
             sha256=_text(data.get("sha256")),
             details=image_details(data),
+            published_key=_text(data.get("published_key")),
+            published_uri=_text(data.get("published_uri")),
         )
 
 
@@ -417,6 +431,8 @@ class PromptRecord:
     #: Images that failed transiently (the service failed, the stream broke off): a retry asks for them
     #: again in a request of their own, and reuses the images kept here without paying for them.
     retry_images: tuple[int, ...] = ()
+    #: Airflow's try number of the try that paid for the answer (``None``: unknown, an older record).
+    try_number: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -433,6 +449,7 @@ class PromptRecord:
             "images": [image.to_json() for image in self.images],
             "failures": list(self.failures),
             "retry_images": list(self.retry_images),
+            "try_number": self.try_number,
         }
 
     @classmethod
@@ -460,6 +477,7 @@ class PromptRecord:
             images=tuple(image for image in images if image is not None),
             failures=tuple(failures),
             retry_images=_indexes(data.get("retry_images")),
+            try_number=_int(data.get("try_number")),
         )
 
 
@@ -543,6 +561,8 @@ def resume_plan(
 FINGERPRINT_METADATA = "jimeng-fingerprint"
 DELIVERED_METADATA = "jimeng-delivered"
 FAILED_METADATA = "jimeng-failed"
+#: The try that paid for the answer (``replace=True`` reuses only what its own run of tries paid for).
+TRY_NUMBER_METADATA = "airflow-try-number"
 
 
 def answer_metadata(fingerprint: str, entry: JournalEntry) -> dict[str, str]:
@@ -553,11 +573,14 @@ def answer_metadata(fingerprint: str, entry: JournalEntry) -> dict[str, str]:
     images on each of them, the retry can tell that the answer is complete, and not pay for it again.
     """
     failed = ";".join(f"{image.index}:{image.error_code or 'Failed'}" for image in entry.failed)
-    return {
+    metadata = {
         FINGERPRINT_METADATA: fingerprint,
         DELIVERED_METADATA: ",".join(str(image.index) for image in entry.images),
         FAILED_METADATA: failed[:1000],
     }
+    if entry.try_number is not None:
+        metadata[TRY_NUMBER_METADATA] = str(entry.try_number)
+    return metadata
 
 
 def answer_from_stored_objects(fingerprint: str, heads: Mapping[int, Mapping[str, Any]]) -> JournalEntry | None:
@@ -597,5 +620,6 @@ def answer_from_stored_objects(fingerprint: str, heads: Mapping[int, Mapping[str
                 JournaledImage(index=index, size=found[index].get("jimeng-size") or None) for index in sorted(delivered)
             ),
             failed=tuple(failed),
+            try_number=int(text) if (text := metadata.get(TRY_NUMBER_METADATA, "")).isdigit() else None,
         )
     return None

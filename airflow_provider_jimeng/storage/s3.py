@@ -403,6 +403,28 @@ class S3ImageStore(RecordsAndJournals):
         except Exception as error:
             raise self._fail("inspecting", key, error) from None
 
+    def head_if_exists(self, key: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._client.head_object(Bucket=self.bucket, Key=key))
+        except Exception as error:
+            if _describe(error).split(" ", 1)[0] in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise self._fail("inspecting", key, error) from None
+
+    def copy_object(self, source_key: str, key: str, metadata: Mapping[str, str]) -> None:
+        """A server-side copy (no download); the source's metadata and content type come along (they are
+        ``metadata``: the engine wrote them, or checked them, before publishing)."""
+        try:
+            self._client.copy_object(
+                Bucket=self.bucket,
+                Key=key,
+                CopySource={"Bucket": self.bucket, "Key": source_key},
+                MetadataDirective="COPY",
+                **self._extra_args,
+            )
+        except Exception as error:
+            raise self._fail("copying to", key, error) from None
+
     def upload_stream(
         self, key: str, stream: Any, metadata: Mapping[str, str], content_type: str = IMAGE_CONTENT_TYPE
     ) -> tuple[int, str]:

@@ -108,6 +108,8 @@ OBJSTORE: dict[str, str] = {
     "faults_pipeline_concurrent_b64": "faults_pipeline_concurrent_b64_objstore",
     "faults_pipeline_serial": "faults_pipeline_serial_objstore",
     "faults_pipeline_b64": "faults_pipeline_b64_objstore",
+    "faults_pipeline_wide": "faults_pipeline_wide_objstore",
+    "faults_pipeline_wide_b64": "faults_pipeline_wide_b64_objstore",
 }
 faults_pipeline_objstore = _pipeline("faults_pipeline_objstore", objstore=True, max_concurrency=2)
 faults_pipeline_concurrent_b64_objstore = _pipeline(
@@ -116,4 +118,8 @@ faults_pipeline_concurrent_b64_objstore = _pipeline(
 faults_pipeline_serial_objstore = _pipeline("faults_pipeline_serial_objstore", objstore=True, max_concurrency=1)
 faults_pipeline_b64_objstore = _pipeline(
     "faults_pipeline_b64_objstore", objstore=True, response_format="b64_json", max_concurrency=1
+)
+faults_pipeline_wide_objstore = _pipeline("faults_pipeline_wide_objstore", objstore=True, max_concurrency=4)
+faults_pipeline_wide_b64_objstore = _pipeline(
+    "faults_pipeline_wide_b64_objstore", objstore=True, response_format="b64_json", max_concurrency=4
 )

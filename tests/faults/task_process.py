@@ -1,9 +1,10 @@
 """The body of a task instance of the faults DAGs, run in its own process so a test can kill it.
 
-``python -m tests.faults.task_process '<json>'`` with ``dag_id``, ``run_id``, ``bucket``, ``prompts``
-and ``size``: it calls the DAG's task's ``execute()`` as Airflow's task runner would (same
-connections from the environment, same task instance identity and hence the same S3 keys as the
-``dag.test()`` run that retries it), minus the Airflow database. Like the task runner, it calls the
+``python -m tests.faults.task_process '<json>'`` with ``dag_id``, ``run_id``, ``bucket`` (or
+``output_path``), ``prompts``, ``size`` and optionally ``s3_key``: it calls the DAG's task's
+``execute()`` as Airflow's task runner would (same connections from the environment, same task
+instance identity and hence the same S3 keys as the ``dag.test()`` run that retries it), minus the
+Airflow database. Like the task runner, it calls the
 operator's ``on_kill()`` on SIGTERM. With ``result`` (a path), it writes there how the try ended:
 ``{"ok": ..., "error_type": ..., "error": ..., "xcom": {...}}``.
 
@@ -74,6 +75,8 @@ def main(arguments: dict[str, Any]) -> int:
     else:
         task.s3_bucket = arguments["bucket"]
     task.size = arguments.get("size", "1K")
+    if arguments.get("s3_key"):
+        task.s3_key = arguments["s3_key"]
     ti = TaskInstanceIdentity(arguments["dag_id"], arguments["run_id"], task.task_id)
     # What Airflow's task runner installs: SIGTERM (from the supervisor, or `airflow tasks` killing it) calls on_kill.
     signal.signal(signal.SIGTERM, lambda signum, frame: task.on_kill())

@@ -185,7 +185,7 @@ def test_a_key_template_outside_the_task_prefix_names_the_folder_it_wrote(
             task_id="gen",
             prompt=["a fox", "a cat"],
             s3_bucket=bucket.name,
-            s3_key="gallery/{dag_id}/{run_id}/{prompt_index}.{ext}",
+            s3_key="gallery/{dag_id}/{task_id}/{run_id}/{prompt_index}.{ext}",
         )
     ti = RecordingTaskInstance(dag_id=DAG_ID)
     operator.execute({"ti": ti})  # type: ignore[typeddict-item]
@@ -193,7 +193,7 @@ def test_a_key_template_outside_the_task_prefix_names_the_folder_it_wrote(
     lineage = _extract(operator, ti, TaskInstanceState.SUCCESS)
 
     counts = {dataset.name: dataset.outputFacets["jimeng_images"].imageCount for dataset in lineage.outputs}
-    assert counts == {_prefix(ti): 0, f"gallery/{DAG_ID}/{ti.run_id}": 2}, "records.json stays under the prefix"
+    assert counts == {_prefix(ti): 0, f"gallery/{DAG_ID}/gen/{ti.run_id}": 2}, "published where s3_key says"
 
 
 def test_a_file_destination_is_named_by_its_path(emulator: TrackingEmulator, tmp_path: Path) -> None:

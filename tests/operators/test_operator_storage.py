@@ -54,6 +54,7 @@ def test_images_are_stored_under_deterministic_keys_with_metadata_and_records(
             "airflow-run-id": run.run_id,
             "airflow-task-id": "gen",
             "airflow-map-index": "-1",
+            "airflow-try-number": "1",
         }
         with Image.open(io.BytesIO(bucket.read(key))) as image:
             assert image.format == "JPEG"
@@ -126,10 +127,14 @@ def test_custom_key_template_is_rendered_with_jinja_then_key_fields(
     safe_run_id = task_prefix(run).split("/")[2]
     expected = [f"renders/{run.dag_id}/{safe_run_id}/gen/{index:03d}-0.jpeg" for index in range(2)]
     assert bucket.images("renders/") == expected
-    assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in expected]
-    # Records stay under the task prefix, where a retry looks for them.
-    assert bucket.keys(task_prefix(run)) == [f"{task_prefix(run)}/records.json"]
-    assert [bucket.record(task_prefix(run), index)["images"][0]["key"] for index in range(2)] == expected
+    assert run.xcom("gen") == [f"s3://{bucket.name}/{key}" for key in expected], "the publications go downstream"
+    # The canonical copies and the records stay under the task prefix, where a retry looks for them.
+    prefix = task_prefix(run)
+    canonical = [f"{prefix}/p{index:04d}_i00.jpeg" for index in range(2)]
+    assert bucket.keys(prefix) == [*canonical, f"{prefix}/records.json"]
+    records = [bucket.record(prefix, index)["images"][0] for index in range(2)]
+    assert [(item["key"], item["published_key"]) for item in records] == list(zip(canonical, expected, strict=True))
+    assert [bucket.read(key) for key in canonical] == [bucket.read(key) for key in expected]
 
 
 def test_key_prefix_is_templated(emulator: TrackingEmulator, bucket: Bucket, run_dag: RunDag) -> None:

@@ -120,20 +120,28 @@ def test_records_journals_and_their_discarding(store: ObjectImageStore) -> None:
     assert store.read_json(keyspace.records_key) is None
 
 
-def test_a_custom_key_outside_the_prefix_keeps_its_sidecar_under_the_task(store: ObjectImageStore) -> None:
+def test_a_publication_outside_the_prefix_keeps_its_sidecar_under_the_task(store: ObjectImageStore) -> None:
     keyspace = store.keyspace
     custom = TaskKeyspace(
         keyspace.bucket, keyspace.prefix, "dag", "run", "task", -1, "flat/{run_id}-{prompt_index}.{ext}",
         scheme=keyspace.scheme, key_root=keyspace.key_root,
     )  # fmt: skip
     other = ObjectImageStore(store._fs, custom, local_journal=store.local_journal)
-    key = custom.image_key(3, 0)
+    canonical, key = custom.image_key(3, 0), custom.publication_key(3, 0)
+    assert canonical.startswith(custom.task_prefix + "/"), "the canonical copy stays in the task's keyspace"
     assert key == f"{keyspace.prefix}/flat/run-3.jpeg", "rendered under output_path"
-    other.upload_bytes(key, JPEG, {"jimeng-request-id": "req-3"})
+    assert other.head_if_exists(key) is None
+    other.upload_bytes(canonical, JPEG, {"jimeng-request-id": "req-3"})
+
+    other.copy_object(canonical, key, {"jimeng-request-id": "req-3"})
 
     assert other.meta_key(key).startswith(custom.meta_prefix + "ext-")
-    assert other.find_keys([key, f"{keyspace.prefix}/flat/missing.jpeg"]) == {key: len(JPEG)}
+    assert store._fs.cat_file(other._path(key)) == JPEG
     assert other.head(key)["Metadata"]["jimeng-request-id"] == "req-3"
+    assert (other.head_if_exists(key) or {})["Metadata"]["jimeng-request-id"] == "req-3"
+    # Another writer replaced the bytes (same length): the sidecar no longer vouches for them.
+    store._fs.pipe_file(other._path(key), JPEG[:-1] + b"\x00")
+    assert (other.head_if_exists(key) or {})["Metadata"] == {}
 
 
 def test_a_missing_local_directory_fails_before_anything_is_paid(tmp_path: Path) -> None:
