@@ -6,6 +6,7 @@ brings two things to the API server:
 * a FastAPI app mounted under :data:`URL_PREFIX`: ``gallery`` (an HTML page of the task instance's
   images, failures and usage) and ``image`` (one image's bytes, read server side through the
   task's own storage connection and streamed: no bucket name, key or credential reaches the page);
+* ``thumbnail``: the grid's small version of one image (:mod:`.thumbnails`), through the same lookup;
 * an external view on the task instance page, named "Images", that shows the gallery.
 
 Both routes require what Airflow's own task instance routes require: ``GET`` on the DAG's task
@@ -27,6 +28,9 @@ from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from airflow_provider_jimeng.plugins.gallery_store import ObjectStream
+    from airflow_provider_jimeng.storage.records import StoredImage
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,12 @@ def create_gallery_app() -> "FastAPI":
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.common.db.common import SessionDep
     from airflow.api_fastapi.core_api.security import requires_access_dag
-    from fastapi import Depends, FastAPI, HTTPException, Query
-    from fastapi.responses import HTMLResponse, StreamingResponse
+    from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+    from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 
     from airflow_provider_jimeng.plugins.gallery_page import CONTENT_SECURITY_POLICY, render_gallery
     from airflow_provider_jimeng.plugins.gallery_store import load_task_images, open_object, read_records
+    from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer, ThumbnailSettings
     from airflow_provider_jimeng.storage.s3 import image_content_type
 
     app = FastAPI(
@@ -69,6 +74,8 @@ def create_gallery_app() -> "FastAPI":
     )
     can_read_task_instances = [Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.TASK_INSTANCE))]
     not_found = HTTPException(status_code=404, detail="Not found")
+    thumbnailer = Thumbnailer(ThumbnailSettings.from_config())
+    app.state.thumbnailer = thumbnailer
 
     @app.get("/gallery", response_class=HTMLResponse, dependencies=can_read_task_instances)
     def gallery(
@@ -83,7 +90,7 @@ def create_gallery_app() -> "FastAPI":
         tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=_index(map_index))
         for task in tasks:
             read_records(task)
-        page = render_gallery(dag_id, run_id, task_id, tasks)
+        page = render_gallery(dag_id, run_id, task_id, tasks, thumbnails=thumbnailer.settings.enabled)
         return HTMLResponse(
             page,
             headers={
@@ -94,6 +101,25 @@ def create_gallery_app() -> "FastAPI":
             },
         )
 
+    def open_image(
+        session: Any, dag_id: str, run_id: str, task_id: str, map_index: str, n: str
+    ) -> tuple["StoredImage", "ObjectStream"]:
+        """The ``n``-th image of the task instance, opened: the one lookup of the image and thumbnail routes."""
+        index, number = _index(map_index), _index(n)
+        if index is None or number is None:
+            raise not_found
+        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index)
+        stored = tasks[0].image(number) if tasks else None
+        if stored is None or tasks[0].storage is None:
+            raise not_found
+        try:
+            return stored, open_object(stored.uri, tasks[0].storage.conn_id)
+        except FileNotFoundError:
+            raise not_found from None
+        except Exception as error:
+            log.warning("JiMeng gallery: image %d of %s not read (%s)", number, task_id, type(error).__name__)
+            raise HTTPException(status_code=502, detail="The image could not be read from storage") from None
+
     @app.get("/image", dependencies=can_read_task_instances)
     def image(
         session: SessionDep,
@@ -103,26 +129,50 @@ def create_gallery_app() -> "FastAPI":
         map_index: Annotated[str, Query()],
         n: Annotated[str, Query()],
     ) -> StreamingResponse:
-        index, number = _index(map_index), _index(n)
-        if index is None or number is None:
-            raise not_found
-        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index)
-        stored = tasks[0].image(number) if tasks else None
-        if stored is None or tasks[0].storage is None:
-            raise not_found
-        try:
-            stream = open_object(stored.uri, tasks[0].storage.conn_id)
-        except FileNotFoundError:
-            raise not_found from None
-        except Exception as error:
-            log.warning("JiMeng gallery: image %d of %s not read (%s)", number, task_id, type(error).__name__)
-            raise HTTPException(status_code=502, detail="The image could not be read from storage") from None
+        _, stream = open_image(session, dag_id, run_id, task_id, map_index, n)
         headers: dict[str, Any] = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
         if stream.size is not None:
             headers["Content-Length"] = str(stream.size)
         return StreamingResponse(
             stream.chunks, media_type=image_content_type(stream.first, "application/octet-stream"), headers=headers
         )
+
+    # Async, unlike the routes above: its blocking parts run on the thumbnailer's own bounded threads,
+    # so a grid of 64 tiles never holds the thread pool that Airflow's own (sync) API routes run on.
+    @app.get("/thumbnail", dependencies=can_read_task_instances)
+    async def thumbnail(
+        request: Request,
+        session: SessionDep,
+        dag_id: Annotated[str, Query(min_length=1)],
+        run_id: Annotated[str, Query(min_length=1)],
+        task_id: Annotated[str, Query(min_length=1)],
+        map_index: Annotated[str, Query()],
+        n: Annotated[str, Query()],
+    ) -> Response:
+        full_image = RedirectResponse(f"image?{request.url.query}", status_code=307)
+        if not thumbnailer.settings.enabled:
+            return full_image
+
+        def lookup() -> tuple["StoredImage", "ObjectStream"]:
+            try:
+                return open_image(session, dag_id, run_id, task_id, map_index, n)
+            finally:
+                session.close()  # its DB connection goes back to the pool before the image is read and decoded
+
+        stored, stream = await thumbnailer.run_io(lookup)
+        # No-cache: the browser asks each time, so a revoked permission applies at once; an unchanged
+        # thumbnail costs a 304 then, not its bytes.
+        headers = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+        validator = thumbnailer.validator(stored.uri, stream)
+        if validator is not None and validator in request.headers.get("if-none-match", ""):
+            stream.close()
+            return Response(status_code=304, headers={**headers, "ETag": validator})
+        made = await thumbnailer.thumbnail(stored.uri, stream)
+        if made.data is None:
+            return full_image
+        if made.etag is not None:
+            headers["ETag"] = made.etag
+        return Response(made.data, media_type="image/jpeg", headers=headers)
 
     return app
 

@@ -40,9 +40,9 @@ def _usage_text(usage: Mapping[str, Any]) -> str:
     )
 
 
-def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int) -> str:
+def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int, route: str = "image") -> str:
     query = urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index, "n": number})
-    return f"image?{query}"
+    return f"{route}?{query}"
 
 
 def _caption(lines: Sequence[tuple[str, str | None]]) -> str:
@@ -65,7 +65,9 @@ def _failure_figure(failure: Failure, prompt: str | None) -> str:
     )
 
 
-def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, mapped: bool) -> str:
+def _task_section(
+    dag_id: str, run_id: str, task_id: str, task: TaskImages, *, mapped: bool, thumbnails: bool = True
+) -> str:
     parts = []
     if mapped:
         parts.append(f"<h2>Map index {task.map_index}</h2>")
@@ -81,6 +83,8 @@ def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, m
             continue
         record = task.records.get(image.prompt_index)
         url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
+        # The tile loads a thumbnail (without Pillow: the full image, lazily); the link opens the full image.
+        src = escape(_image_url(dag_id, run_id, task_id, task.map_index, number, "thumbnail")) if thumbnails else url
         alt = f"prompt {image.prompt_index}, image {image.image_index}"
         caption = _caption(
             [
@@ -92,7 +96,8 @@ def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, m
         )
         figures.append(
             f'<figure class="image"><a href="{url}" title="Open full size">'
-            f'<img src="{url}" alt="{escape(alt)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
+            f'<img src="{src}" alt="{escape(alt)}" loading="lazy" decoding="async"></a>'
+            f"<figcaption>{caption}</figcaption></figure>"
         )
     for failure in task.failures:
         record = task.records.get(failure.prompt_index) if failure.prompt_index is not None else None
@@ -104,12 +109,16 @@ def _task_section(dag_id: str, run_id: str, task_id: str, task: TaskImages, *, m
     return f'<section data-map-index="{task.map_index}">{"".join(parts)}</section>'
 
 
-def render_gallery(dag_id: str, run_id: str, task_id: str, tasks: Sequence[TaskImages]) -> str:
-    """The gallery page of a task instance (or of every map index of a mapped task)."""
+def render_gallery(
+    dag_id: str, run_id: str, task_id: str, tasks: Sequence[TaskImages], *, thumbnails: bool = True
+) -> str:
+    """The gallery page of a task instance (or of every map index of a mapped task); tiles load thumbnails."""
     title = f"JiMeng images · {task_id}"
     mapped = any(task.map_index >= 0 for task in tasks)
     if tasks:
-        body = "".join(_task_section(dag_id, run_id, task_id, task, mapped=mapped) for task in tasks)
+        body = "".join(
+            _task_section(dag_id, run_id, task_id, task, mapped=mapped, thumbnails=thumbnails) for task in tasks
+        )
     else:
         body = '<p class="note">This task instance has no JiMeng images (it has not run, or it stored nothing).</p>'
     return (
