@@ -36,11 +36,12 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --output demo-output
 
-# The bench extra (matplotlib, for the scaling plot) goes into the same venv on demand. P5 (the shared
-# account limit) needs a real Redis: Debian's redis-server, installed when missing (fakeredis stands in
-# only for `python -m bench --quick`).
+# The bench extra (matplotlib, for the scaling plot; Pillow and Playwright for P8) goes into the same venv
+# on demand. P5 (the shared account limit) needs a real Redis: Debian's redis-server, installed when missing
+# (fakeredis stands in only for `python -m bench --quick`). P8 (the gallery) drives Debian's chromium.
 bench: $(STAMP)
 	test -x /usr/bin/redis-server || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+	test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 	$(BIN)/uv pip install --quiet --python $(BIN)/python $(CONSTRAINTS) -e ".[bench]"
 	$(BIN)/python -m bench
 
@@ -61,7 +62,7 @@ format: $(STAMP)
 lock:
 	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/python -m pip install --quiet uv
 	.venv-lock/bin/uv pip compile --quiet --python-version 3.10 --universal -o requirements/constraints.txt \
-		--extra test --extra lint --extra docs --extra e2e --extra redis --extra scale pyproject.toml
+		--extra test --extra lint --extra docs --extra e2e --extra redis --extra scale --extra gallery pyproject.toml
 	rm -rf .venv-lock
 
 # The browser end-to-end test (opt-in, about 2 minutes): a real Airflow on loopback driven in headless

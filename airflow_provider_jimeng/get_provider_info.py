@@ -73,7 +73,28 @@ def get_provider_info() -> dict[str, Any]:
                         "type": "string",
                         "example": '{"s3://images/jimeng/": "aws_gallery"}',
                         "default": "",
-                    }
+                    },
+                    "gallery_thumbnails": {
+                        "description": (
+                            "Whether the gallery's grid loads thumbnails (440 px JPEGs made by the API server on "
+                            "first request, needs Pillow: the 'gallery' extra) instead of the full images. Without "
+                            "Pillow, or False, tiles load the full images lazily.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    },
+                    "gallery_thumbnail_cache_mb": {
+                        "description": (
+                            "The API server's in-memory cache of thumbnails, in MiB (a thumbnail is about 16 KB); "
+                            "least recently used ones leave first.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "128",
+                        "default": "64",
+                    },
                 },
             }
         },

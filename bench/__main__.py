@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SECTION_NAMES = ("p1_throughput", "p2_rate_limit", "p3_memory", "p4_overhead", "scaling", "p5_shared_limit")
+SECTION_NAMES = (
+    "p1_throughput",
+    "p2_rate_limit",
+    "p3_memory",
+    "p4_overhead",
+    "scaling",
+    "p5_shared_limit",
+    "p8_gallery",
+)
 #: ``--only p1`` for ``--only p1_throughput``, and so on.
 SHORT_NAMES = {name.split("_")[0]: name for name in SECTION_NAMES}
 
@@ -32,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=lambda name: SHORT_NAMES.get(name, name),
         choices=SECTION_NAMES,
-        help="run only this section (repeatable; p1, p2, p3, p4, p5 for short)",
+        help="run only this section (repeatable; p1, p2, p3, p4, p5, p8 for short)",
     )
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--docs", type=Path, help="where to write the Markdown report (default: docs/benchmarks.md)")
@@ -66,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = f"sqlite:///{home}/airflow.db"
 
     from bench import report
-    from bench.scenarios import FULL, QUICK, SECTIONS, Harness, new_workdir
+    from bench.scenarios import FULL, NOT_IN_QUICK, QUICK, SECTIONS, Harness, new_workdir
     from bench.services import running_stack
 
     sizes = QUICK if args.quick else FULL
@@ -93,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for name, section in SECTIONS.items():
                 if args.only and name not in args.only:
+                    continue
+                if args.quick and not args.only and name in NOT_IN_QUICK:
                     continue
                 results[name] = section(harness, sizes)
         finally:

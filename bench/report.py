@@ -144,6 +144,33 @@ def _p5_rows(p5: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
     return table
 
 
+def _p8_rows(p8: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]]:
+    params = p8["params"]
+    table = []
+    for name, label in (("before", "full images (thumbnails off)"), ("after", "thumbnails")):
+        variant = p8.get(name)
+        if not variant:
+            continue
+        idle, loaded = variant["dags_idle"], variant["dags_while_loading"]
+        measured = (
+            f"first screen **{variant['first_screen_bytes'] / 1e6:.2f} MB** ({variant['first_screen_tiles']} tiles); "
+            f"all tiles {variant['all_tiles_bytes'] / 1e6:.1f} MB, decoded in **{variant['all_decoded_s']:.2f} s** "
+            f"cold ({variant['all_decoded_warm_s']:.2f} s warm; {variant['tiles_shown']}/{variant['tiles']} shown); "
+            f"`/api/v2/dags` p50/p95 {loaded['p50_ms']:.0f}/{loaded['p95_ms']:.0f} ms while loading vs "
+            f"{idle['p50_ms']:.0f}/{idle['p95_ms']:.0f} ms idle = **{variant['dags_p95_ratio']:.1f}x**"
+        )
+        table.append(
+            (
+                f"P8 gallery, {label}: {params['images']} JPEGs of {params['side_px']}x{params['side_px']} "
+                f"({params['stored_bytes'] / 1e6:.0f} MB) in headless Chromium",
+                "first screen < 1.5 MB, all decoded <= 3 s, p95 <= 2x idle" if name == "after" else "for comparison",
+                measured,
+                verdict(p8["pass"]) if name == "after" else "-",
+            )
+        )
+    return table
+
+
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(benchmark, target, measured, verdict) for every section present."""
     quick = results.get("meta", {}).get("mode") == "quick"
@@ -179,6 +206,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     p5 = results.get("p5_shared_limit")
     if p5:
         table += _p5_rows(p5, _verdict)
+    p8 = results.get("p8_gallery")
+    if p8:
+        table += _p8_rows(p8, _verdict)
     p3 = results.get("p3_memory")
     if p3:
         small, large = p3["params"]["n"]
@@ -383,6 +413,18 @@ ideal `ceil(N/K) x latency`:
   of the same K mapping each prompt to `requests.post` to the API, `requests.get` of the image URL
   and `boto3` `put_object` (P4 runs it with one thread: a loop). Its connection lookup and S3 client
   are part of its task, as they are of the operator's.
+
+* **The gallery (P8).** A real Airflow API server (`airflow api-server`, the plugin loaded through
+  its entry point, SQLite) reads 64 JPEGs of 2048x2048 noise (~1.7 MB each, as heavy as real outputs)
+  from moto's S3 server for one task instance whose `images` and `storage` XComs a `@task` pushed
+  (`airflow dags test`). Headless Debian Chromium opens the gallery page in a fresh profile: *first
+  screen* is what the page as served transfers (tiles below the fold load lazily) until the network
+  is idle (resource timing `transferSize`, the page included); *all tiles* makes every tile eager at
+  once (a user scrolling straight to the end) and times navigation start to the last `img.decode()`,
+  once cold (no thumbnail made yet) and once warm. Meanwhile a client asks `GET /api/v2/dags` in a
+  loop (20 ms apart); its p50/p95 are compared with 60 requests on the same idle server just before.
+  *Before* is the same server with `[jimeng] gallery_thumbnails = False` (full images, lazily: the
+  gallery before thumbnails, and without Pillow); *after* serves thumbnails.
 
 ## Reading the results
 

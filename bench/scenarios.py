@@ -68,6 +68,9 @@ class Sizes:
         "shared_alone",
         "static_alone",
     )
+    #: P8: images in the gallery of one task instance, and their side in pixels.
+    p8_images: int = 64
+    p8_side: int = 2048
 
     def with_repeats(self, repeats: int) -> Sizes:
         return dataclasses.replace(self, repeats=repeats)
@@ -113,6 +116,8 @@ QUICK = Sizes(
     p5_prompts=2,
     p5_latency=0.0,
     p5_variants=("shared_all_busy",),
+    p8_images=4,
+    p8_side=512,
 )
 
 
@@ -667,6 +672,13 @@ def p5_shared_limit(h: Harness, s: Sizes) -> dict[str, Any]:
     }
 
 
+def p8_gallery(h: Harness, s: Sizes) -> dict[str, Any]:
+    """P8: the Images tab with 64 real-size images in headless Chromium (:mod:`bench.gallery`)."""
+    from bench.gallery import p8_gallery as measure
+
+    return measure(h.stack, images=s.p8_images, side=s.p8_side, progress=h.progress)
+
+
 SECTIONS: dict[str, Callable[[Harness, Sizes], dict[str, Any]]] = {
     "p1_throughput": p1_throughput,
     "p2_rate_limit": p2_rate_limit,
@@ -674,7 +686,11 @@ SECTIONS: dict[str, Callable[[Harness, Sizes], dict[str, Any]]] = {
     "p4_overhead": p4_overhead,
     "scaling": scaling,
     "p5_shared_limit": p5_shared_limit,
+    "p8_gallery": p8_gallery,
 }
+#: Sections a ``--quick`` run of every section leaves out: P8 starts Airflow's API server twice and a
+#: browser (``python -m bench --only p8 --quick`` runs it small).
+NOT_IN_QUICK = frozenset({"p8_gallery"})
 
 
 def new_workdir() -> Path:

@@ -6,6 +6,7 @@ brings two things to the API server:
 * a FastAPI app mounted under :data:`URL_PREFIX`: ``gallery`` (an HTML page of the task instance's
   images, failures and usage) and ``image`` (one image's bytes, read server side and streamed: no
   bucket name, key or credential reaches the page);
+* ``thumbnail``: the grid's small version of one image (:mod:`.thumbnails`), through the same lookup;
 * an external view on the task instance page, named "Images", that shows the gallery.
 
 Both routes require what Airflow's own routes require to read what the page shows: ``GET`` on the
@@ -29,6 +30,9 @@ from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from airflow_provider_jimeng.plugins.gallery_store import ObjectStream
+    from airflow_provider_jimeng.storage.records import StoredImage
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ def create_gallery_app() -> "FastAPI":
     from airflow.api_fastapi.core_api.security import requires_access_dag
     from fastapi import Depends, FastAPI, HTTPException, Query, Request
     from fastapi.exception_handlers import http_exception_handler
-    from fastapi.responses import HTMLResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from airflow_provider_jimeng.plugins.gallery_access import ConnectionMissing, allowed_roots
@@ -84,6 +88,7 @@ def create_gallery_app() -> "FastAPI":
         open_object,
         read_records,
     )
+    from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer, ThumbnailSettings
     from airflow_provider_jimeng.storage.s3 import image_content_type
 
     app = FastAPI(
@@ -107,6 +112,8 @@ def create_gallery_app() -> "FastAPI":
         "X-Content-Type-Options": "nosniff",
         "Referrer-Policy": "same-origin",
     }
+    thumbnailer = Thumbnailer(ThumbnailSettings.from_config())
+    app.state.thumbnailer = thumbnailer
 
     @app.exception_handler(StarletteHTTPException)
     async def readable_refusal(request: Request, error: StarletteHTTPException) -> Response:
@@ -132,19 +139,13 @@ def create_gallery_app() -> "FastAPI":
         for task in tasks:
             read_records(task)
             find_missing(task)
-        page = render_gallery(dag_id, run_id, task_id, tasks, storage_configured=bool(roots))
+        page = render_gallery(
+            dag_id, run_id, task_id, tasks, storage_configured=bool(roots), thumbnails=thumbnailer.settings.enabled
+        )
         return HTMLResponse(page, headers=page_headers)
 
-    @app.get("/image", dependencies=can_read)
-    def image(
-        request: Request,
-        session: SessionDep,
-        dag_id: Annotated[str, Query(min_length=1)],
-        run_id: Annotated[str, Query(min_length=1)],
-        task_id: Annotated[str, Query(min_length=1)],
-        map_index: Annotated[str, Query()],
-        n: Annotated[str, Query()],
-    ) -> Response:
+    def find_image(session: Any, dag_id: str, task_id: str, run_id: str, map_index: str, n: str) -> Any:
+        """The ``n``-th image and where it may be read: the one lookup of the image and thumbnail routes."""
         index, number = _index(map_index), _index(n)
         if index is None or number is None:
             raise not_found
@@ -156,6 +157,28 @@ def create_gallery_app() -> "FastAPI":
         stored = tasks[0].image(number) if tasks else None
         if allowed is None or stored is None:
             raise not_found
+        return stored, allowed
+
+    def open_found(allowed: Any, task_id: str) -> "ObjectStream":
+        try:
+            return open_object(*allowed)
+        except (FileNotFoundError, ConnectionMissing):
+            raise not_found from None
+        except Exception as error:
+            log.warning("JiMeng gallery: an image of %s not read (%s)", task_id, type(error).__name__)
+            raise HTTPException(status_code=502, detail="The image could not be read from storage") from None
+
+    @app.get("/image", dependencies=can_read)
+    def image(
+        request: Request,
+        session: SessionDep,
+        dag_id: Annotated[str, Query(min_length=1)],
+        run_id: Annotated[str, Query(min_length=1)],
+        task_id: Annotated[str, Query(min_length=1)],
+        map_index: Annotated[str, Query()],
+        n: Annotated[str, Query()],
+    ) -> Response:
+        stored, allowed = find_image(session, dag_id, task_id, run_id, map_index, n)
         # Browsers keep the image but ask again each time: a revoked permission applies at once, and
         # an unchanged image costs a 304 (the permission is checked first, storage is not read).
         headers: dict[str, Any] = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
@@ -163,18 +186,50 @@ def create_gallery_app() -> "FastAPI":
             headers["ETag"] = f'"{stored.sha256}"'
             if request.headers.get("if-none-match") == headers["ETag"]:
                 return Response(status_code=304, headers=headers)
-        try:
-            stream = open_object(*allowed)
-        except (FileNotFoundError, ConnectionMissing):
-            raise not_found from None
-        except Exception as error:
-            log.warning("JiMeng gallery: image %d of %s not read (%s)", number, task_id, type(error).__name__)
-            raise HTTPException(status_code=502, detail="The image could not be read from storage") from None
+        stream = open_found(allowed, task_id)
         if stream.size is not None:
             headers["Content-Length"] = str(stream.size)
         return StreamingResponse(
             stream.chunks, media_type=image_content_type(stream.first, "application/octet-stream"), headers=headers
         )
+
+    # Async, unlike the routes above: its blocking parts run on the thumbnailer's own bounded threads,
+    # so a grid of 64 tiles never holds the thread pool that Airflow's own (sync) API routes run on.
+    @app.get("/thumbnail", dependencies=can_read)
+    async def thumbnail(
+        request: Request,
+        session: SessionDep,
+        dag_id: Annotated[str, Query(min_length=1)],
+        run_id: Annotated[str, Query(min_length=1)],
+        task_id: Annotated[str, Query(min_length=1)],
+        map_index: Annotated[str, Query()],
+        n: Annotated[str, Query()],
+    ) -> Response:
+        full_image = RedirectResponse(f"image?{request.url.query}", status_code=307)
+        if not thumbnailer.settings.enabled:
+            return full_image
+
+        def lookup() -> tuple["StoredImage", "ObjectStream"]:
+            try:
+                stored, allowed = find_image(session, dag_id, task_id, run_id, map_index, n)
+            finally:
+                session.close()  # its DB connection goes back to the pool before the image is read and decoded
+            return stored, open_found(allowed, task_id)
+
+        stored, stream = await thumbnailer.run_io(lookup)
+        # No-cache: the browser asks each time, so a revoked permission applies at once; an unchanged
+        # thumbnail costs a 304 then, not its bytes.
+        headers = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+        validator = thumbnailer.validator(stored.uri, stream)
+        if validator is not None and validator in request.headers.get("if-none-match", ""):
+            stream.close()
+            return Response(status_code=304, headers={**headers, "ETag": validator})
+        made = await thumbnailer.thumbnail(stored.uri, stream)
+        if made.data is None:
+            return full_image
+        if made.etag is not None:
+            headers["ETag"] = made.etag
+        return Response(made.data, media_type="image/jpeg", headers=headers)
 
     return app
 

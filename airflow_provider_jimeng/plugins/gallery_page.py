@@ -47,9 +47,9 @@ def _usage_text(usage: Mapping[str, Any]) -> str:
     )
 
 
-def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int) -> str:
+def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int, route: str = "image") -> str:
     query = urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index, "n": number})
-    return f"image?{query}"
+    return f"{route}?{query}"
 
 
 def _caption(lines: Sequence[tuple[str, str | None]]) -> str:
@@ -97,7 +97,14 @@ def _failure_figure(failure: Failure, prompt: str | None) -> str:
 
 
 def _task_section(
-    dag_id: str, run_id: str, task_id: str, task: TaskImages, *, mapped: bool, storage_configured: bool
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    task: TaskImages,
+    *,
+    mapped: bool,
+    storage_configured: bool,
+    thumbnails: bool = True,
 ) -> str:
     parts = []
     if mapped:
@@ -140,9 +147,12 @@ def _task_section(
             figures.append(_absent_figure("missing", ABSENT["missing"], caption))
             continue
         url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
+        # The tile loads a thumbnail (without Pillow: the full image, lazily); the link opens the full image.
+        src = escape(_image_url(dag_id, run_id, task_id, task.map_index, number, "thumbnail")) if thumbnails else url
         figures.append(
             f'<figure class="image"><a href="{url}" title="Open full size">'
-            f'<img src="{url}" alt="{escape(alt)}" loading="lazy"></a><figcaption>{caption}</figcaption></figure>'
+            f'<img src="{src}" alt="{escape(alt)}" loading="lazy" decoding="async"></a>'
+            f"<figcaption>{caption}</figcaption></figure>"
         )
     for failure in task.failures:
         record = task.records.get(failure.prompt_index) if failure.prompt_index is not None else None
@@ -163,14 +173,28 @@ def _document(title: str, body: str) -> str:
 
 
 def render_gallery(
-    dag_id: str, run_id: str, task_id: str, tasks: Sequence[TaskImages], *, storage_configured: bool = True
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    tasks: Sequence[TaskImages],
+    *,
+    storage_configured: bool = True,
+    thumbnails: bool = True,
 ) -> str:
-    """The gallery page of a task instance (or of every map index of a mapped task)."""
+    """The gallery page of a task instance (or of every map index of a mapped task); tiles load thumbnails."""
     title = f"JiMeng images · {task_id}"
     mapped = any(task.map_index >= 0 for task in tasks)
     if tasks:
         body = "".join(
-            _task_section(dag_id, run_id, task_id, task, mapped=mapped, storage_configured=storage_configured)
+            _task_section(
+                dag_id,
+                run_id,
+                task_id,
+                task,
+                mapped=mapped,
+                storage_configured=storage_configured,
+                thumbnails=thumbnails,
+            )
             for task in tasks
         )
     else:

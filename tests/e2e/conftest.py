@@ -7,6 +7,7 @@ Playwright; ``playwright install`` (a browser download) is never needed.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,10 +28,14 @@ from tests.e2e.stack import (
     free_port,
     stack_env,
 )
+from tests.gallery.auth import RestrictedAuthManager
 
 HELLO_DAG = "jimeng_hello"
 #: Stores its images in S3 (moto's server): what the gallery shows.
 PIPELINE_DAG = "jimeng_content_pipeline"
+#: The bucket the pipeline stores in, and the one storage root the gallery may read (its default prefix).
+GALLERY_BUCKET = "jimeng-gallery-e2e"
+GALLERY_ROOT = f"s3://{GALLERY_BUCKET}/catalogue/"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -58,6 +63,15 @@ def airflow_stack() -> Iterator[AirflowStack]:
         emulator_port=emulator_port,
         s3_port=s3_port,
         env=stack_env(home, api_port, s3_port),
+    )
+    stack.env.update(
+        {
+            # What the gallery may read: the pipeline's storage root, through aws_default (docs/gallery.md).
+            "AIRFLOW__JIMENG__GALLERY_STORAGE": json.dumps({GALLERY_ROOT: "aws_default"}),
+            # Everyone is an admin but ``outsider``, who may read no jimeng_ DAG (the refused user).
+            "AIRFLOW__CORE__AUTH_MANAGER": f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), stack.env.get("PYTHONPATH")])),
+        }
     )
     started = time.monotonic()
     try:

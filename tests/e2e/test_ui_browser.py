@@ -8,8 +8,11 @@ creates the connection through the REST API if the first test did not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -20,6 +23,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_jimeng.hooks.connection_form import CONNECTION_EXTRAS, UI_FIELD_BEHAVIOUR
+from tests.e2e.conftest import GALLERY_BUCKET, PIPELINE_DAG
 from tests.e2e.stack import EMULATOR_API_KEY, AirflowStack
 
 # Starting Airflow alone takes most of a minute on two cores; the whole path stays well under 5 minutes.
@@ -182,8 +186,7 @@ def test_connection_form_hello_run_and_images_link(
     print("e2e timings (s): " + ", ".join(f"{step} {seconds:.1f}" for step, seconds in timings.items()))
 
 
-PIPELINE_DAG = "jimeng_content_pipeline"
-GALLERY_BUCKET = "jimeng-gallery-e2e"
+OTHER_BUCKET = "jimeng-e2e-not-a-gallery"
 #: Resolves once the image has loaded and can be drawn; its natural width (0: broken).
 IMAGE_SHOWN = "(img) => img.decode().then(() => img.naturalWidth, () => 0)"
 
@@ -250,10 +253,125 @@ def test_the_images_tab_shows_every_stored_image(
     for index in range(len(images)):
         figure = figures.nth(index)
         figure.scroll_into_view_if_needed()
-        assert figure.evaluate(IMAGE_SHOWN) > 0, f"image {index} is not shown"
+        # Each tile is a thumbnail (440 px at most; the stored images are 1K-2K), linking the full image.
+        assert (figure.get_attribute("src") or "").startswith("thumbnail?"), figure.get_attribute("src")
+        assert 0 < figure.evaluate(IMAGE_SHOWN) <= 440, f"image {index} is not shown as a thumbnail"
     text = gallery.locator("body").inner_text()
     for image in images:
         assert image["request_id"] in text
     assert GALLERY_BUCKET not in gallery.locator("html").inner_html()
     figures.first.scroll_into_view_if_needed()
     page.screenshot(path=str(screenshot_dir / "ui-gallery.png"))
+
+    # A refused user (``outsider``: may read no jimeng_ DAG) opening the same tab gets a readable page
+    # that says so, not raw JSON, and no image. Needs the gallery's refusal page (issue 19, section 2).
+    outsider = _token_of(stack, "outsider")
+    refused = browser.new_context(
+        viewport={"width": 1280, "height": 700}, extra_http_headers={"Authorization": f"Bearer {outsider}"}
+    )
+    try:
+        refused_page = refused.new_page()
+        answer = refused_page.goto(gallery_url(stack, PIPELINE_DAG, run_id, "generate_images"))
+        assert answer is not None
+        assert answer.status in (401, 403, 404), answer.status
+        body = refused_page.locator("body").inner_text()
+        refused_page.screenshot(path=str(screenshot_dir / "ui-gallery-refused.png"))
+        assert (answer.headers.get("content-type") or "").startswith("text/html"), answer.headers
+        assert '{"detail"' not in body, body
+        assert re.search(r"permission|not allowed|access", body, re.IGNORECASE), body
+        assert images[0]["request_id"] not in body
+        assert refused_page.locator("img").count() == 0
+    finally:
+        refused.close()
+
+
+def _token_of(stack: AirflowStack, user: str) -> str:
+    """A JWT for ``user``, signed as the API server signs (its auth manager and secret, in a child process)."""
+    code = (
+        "from airflow.api_fastapi.app import create_auth_manager\n"
+        "from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser\n"
+        f"print(create_auth_manager().generate_jwt(SimpleAuthManagerUser(username={user!r}, role='viewer')))"
+    )
+    answer = subprocess.run(
+        [sys.executable, "-c", code], env=stack.env, cwd=stack.home, capture_output=True, text=True, timeout=120
+    )
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    return answer.stdout.strip().splitlines()[-1]
+
+
+def gallery_url(stack: AirflowStack, dag_id: str, run_id: str, task_id: str) -> str:
+    query = urllib.parse.urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": -1})
+    return f"{stack.base_url}/jimeng/gallery?{query}"
+
+
+def _put_xcom(stack: AirflowStack, dag_id: str, run_id: str, task_id: str, key: str, value: Any) -> None:
+    """What a user with XCom edit rights can do through Airflow's REST API."""
+    path = f"dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}/xcomEntries"
+    try:
+        stack.post(path, {"key": key, "value": value, "map_index": -1})
+    except urllib.error.HTTPError as error:
+        if error.code != 409:
+            raise
+        request = urllib.request.Request(
+            f"{stack.base_url}/api/v2/{path}/{key}",
+            data=json.dumps({"value": value, "map_index": -1}).encode(),
+            headers={"Authorization": f"Bearer {stack.token()}", "Content-Type": "application/json"},
+            method="PATCH",
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+
+
+def test_a_forged_xcom_makes_the_gallery_serve_nothing(
+    browser: Any, airflow_stack: AirflowStack, screenshot_dir: Path
+) -> None:
+    # Plain @tasks of a pipeline run get the gallery's XComs written through the REST API: one names
+    # an object of a bucket no JiMeng task stores in, the other a file of the API server (airflow.cfg).
+    # Neither is under a storage root the deployment lists: nothing is served, and the page leaks nothing.
+    # Needs the gallery's trust boundary (issue 19, section 1): on a gallery that trusts the XCom it fails.
+    import boto3
+
+    stack = airflow_stack
+    _ensure_connection(stack)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    for bucket in (GALLERY_BUCKET, OTHER_BUCKET):
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+    secret = json.dumps({"secret": "planted-not-by-a-jimeng-task"}).encode()
+    s3.put_object(Bucket=OTHER_BUCKET, Key="planted/secret.jpeg", Body=secret)
+    run_id = stack.post(f"dags/{PIPELINE_DAG}/dagRuns", {"logical_date": None, "conf": {"bucket": GALLERY_BUCKET}})[
+        "dag_run_id"
+    ]
+    _wait_for_run(stack, run_id, PIPELINE_DAG)
+    config = str(stack.home / "airflow.cfg")
+    forged = {
+        "build_prompts": (f"s3://{OTHER_BUCKET}/", OTHER_BUCKET, "planted/secret.jpeg"),
+        "publish_gallery": ("file:///", "", config.lstrip("/")),
+    }
+    page = browser.new_page(viewport={"width": 1280, "height": 700})
+    page.set_default_timeout(30_000)
+    for task_id, (prefix, bucket, key) in forged.items():
+        uri = f"{prefix}{key}"
+        image = {"prompt_index": 0, "image_index": 0, "bucket": bucket, "key": key, "uri": uri, "size": "2048x2048"}
+        storage = {"prefix": prefix, "records": f"{prefix}records.json", "conn_id": "aws_default"}
+        _put_xcom(stack, PIPELINE_DAG, run_id, task_id, "storage", storage)
+        _put_xcom(stack, PIPELINE_DAG, run_id, task_id, "images", [image])
+        url = gallery_url(stack, PIPELINE_DAG, run_id, task_id)
+        page.goto(url)
+        html = page.content()
+        assert "planted-not-by-a-jimeng-task" not in html
+        assert "jwt_secret" not in html
+        for img in page.locator("img").all():
+            assert img.evaluate(IMAGE_SHOWN) == 0, f"{task_id}: a forged image was shown"
+        for route in ("image", "thumbnail"):
+            direct = page.request.get(url.replace("/gallery?", f"/{route}?") + "&n=0")
+            assert direct.status == 404, f"{task_id}: {route} answered {direct.status}"
+            assert b"planted-not-by-a-jimeng-task" not in direct.body()
+            assert b"jwt_secret" not in direct.body()
+        if task_id == "build_prompts":
+            page.screenshot(path=str(screenshot_dir / "ui-gallery-forged.png"))

@@ -53,7 +53,7 @@ def _ti(run: StoredRun, task_id: str = "gen", map_index: int | str | None = None
 
 
 def _image_links(html: str) -> list[str]:
-    return [link.replace("&amp;", "&") for link in re.findall(r'<img src="([^"]+)"', html)]
+    return [link.replace("&amp;", "&") for link in re.findall(r'<a href="(image\?[^"]+)"', html)]
 
 
 # ------------------------------------------------------------------------------------- what it shows
