@@ -53,7 +53,7 @@ from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
 from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
-from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_client_config
+from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_s3_hook
 
 #: What native rendering may turn into a number: decimal digits, a sign, a point (no 0x, e, _).
 _PLAIN_DECIMAL = re.compile(r"^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$", re.ASCII)
@@ -495,10 +495,7 @@ class JiMengGenerateOperator(BaseOperator):
             # An undefined aws_default keeps meaning boto3's own credential chain (an instance role), as
             # in the amazon provider; a connection named on purpose must exist.
             get_connection(parameter, conn_id)
-        s3_hook = S3Hook(aws_conn_id=conn_id)
-        wrapper = s3_hook.conn_config  # cached; the client is built from it on the set-up thread
-        wrapper.botocore_config = bounded_client_config(wrapper.botocore_config)
-        return s3_hook
+        return bounded_s3_hook(conn_id)  # the client is built from it on the set-up thread
 
     def _filesystem(self, options: RunOptions) -> Any:
         """The fsspec filesystem of ``output_path`` through its connection, or a configuration error.

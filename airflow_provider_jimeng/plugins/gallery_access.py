@@ -175,9 +175,9 @@ def s3_client(conn_id: str) -> Any:
         if not connection_exists(conn_id):
             _clients.pop(conn_id, None)
             raise ConnectionMissing(conn_id)
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow_provider_jimeng.storage.s3 import bounded_s3_hook
 
-        client = S3Hook(aws_conn_id=conn_id).get_conn()
+        client = bounded_s3_hook(conn_id).get_conn()  # a silent S3 holds a request seconds, not minutes
         _clients[conn_id] = (now, client)
         return client
 

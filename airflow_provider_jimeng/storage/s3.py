@@ -87,6 +87,20 @@ def bounded_client_config(user_config: Any = None) -> Any:
     return bounded.merge(user_config) if user_config is not None else bounded
 
 
+def bounded_s3_hook(conn_id: str | None) -> Any:
+    """The amazon provider's ``S3Hook`` whose client is built with :func:`bounded_client_config`.
+
+    Used by the worker (storing) and the API server (the gallery reading), so neither waits on a silent
+    S3 for botocore's minutes.
+    """
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    hook = S3Hook(aws_conn_id=conn_id)
+    wrapper = hook.conn_config  # cached by the hook: the client is built from it
+    wrapper.botocore_config = bounded_client_config(wrapper.botocore_config)
+    return hook
+
+
 #: boto3's default: objects up to this size are uploaded with one PutObject.
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 #: Downloads are read in pieces this small, for the same reason.
