@@ -162,7 +162,7 @@ def test_on_kill_ends_a_command_waiting_on_a_silent_redis_at_once(silent_redis: 
     interrupted = time.monotonic()
     operator = JiMengGenerateOperator(task_id="generate", prompt="a fox")
     stopped: list[str] = []
-    operator._active_run = SimpleNamespace(stop=stopped.append)  # type: ignore[assignment]  # the try in progress
+    operator._active_run = SimpleNamespace(stop=stopped.append, store=None)  # type: ignore[assignment]  # the try in progress
     operator.on_kill()
     assert stopped == ["on_kill"]
     assert finished.wait(10)

@@ -24,25 +24,12 @@ from airflow_provider_jimeng.emulator import (
 )
 from airflow_provider_jimeng.emulator.inspection import ledger_payload
 from airflow_provider_jimeng.hooks.signing import VisualCredentials, sign_request
+from tests.visual_fixtures import SMALL, Clock
 
 SUBMIT = "CVSync2AsyncSubmitTask"
 POLL = "CVSync2AsyncGetResult"
 REQ_KEY = "jimeng_t2i_v40"
 JPEG = b"\xff\xd8\xff"
-SMALL = {"width": 1024, "height": 1024}
-
-
-class Clock:
-    """The emulator's clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

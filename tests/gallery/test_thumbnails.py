@@ -247,6 +247,7 @@ def test_the_page_without_pillow_names_no_thumbnail() -> None:
     image = StoredImage(0, 0, "2048x2048", "r-1", "m", "b", "k/p.jpeg", "s3://b/k/p.jpeg", 10, None)
     task = TaskImages(map_index=-1, images=[image], storage=None, usage={})
     task.image = lambda number: image  # type: ignore[method-assign]
+    task.readable = lambda number: (image.uri, None)  # type: ignore[method-assign,assignment,return-value]
 
     html = render_gallery("d", "r", "t", [task], thumbnails=False)
 

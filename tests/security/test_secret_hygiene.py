@@ -89,7 +89,8 @@ def test_example_dags_leak_nothing(
 
         states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
         assert str(dag_run.state) == "success", (states, logs[-3000:])
-        assert canary_emulator.billed_images > 0  # the example really generated (and paid for) images
+        if dag.dag_id != "jimeng_check_connection":  # the one example that generates nothing
+            assert canary_emulator.billed_images > 0  # the example really generated (and paid for) images
         by_design = dag.dag_id in URL_OUTPUT_DAGS
         _assert_clean(f"{dag.dag_id}: task logs", logs)
         for task_id, map_index, key, value in xcoms_of(dag_run):
