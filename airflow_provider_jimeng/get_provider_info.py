@@ -85,6 +85,19 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "False",
                         "default": "True",
                     },
+                    "store_thumbnails": {
+                        "description": (
+                            "Whether workers store a thumbnail (a 440 px JPEG, ~16-60 KB) next to each image they "
+                            "store in S3, under _thumbnails/ in the image's folder (needs Pillow on the workers: "
+                            "the 'gallery' extra). The gallery then reads that small object for a tile instead of "
+                            "reading and decoding the whole image on the API server. Costs ~20 ms of worker CPU and "
+                            "one PUT per image.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "True",
+                        "default": "False",
+                    },
                     "gallery_thumbnail_cache_mb": {
                         "description": (
                             "The API server's in-memory cache of thumbnails, in MiB (a thumbnail is about 16 KB); "

@@ -13,9 +13,11 @@ the XComs by a ``@task`` run with ``airflow dags test``). Headless Debian Chromi
   load is cold (the API server has made no thumbnail yet), a second one warm.
 
 Meanwhile a client asks Airflow's own ``GET /api/v2/dags`` in a loop; its latency is compared with an
-idle baseline measured just before, on the same server. Both variants run in one bench: *before*
-(``[jimeng] gallery_thumbnails = False``: full images, as the gallery served them before thumbnails)
-and *after* (thumbnails).
+idle baseline measured just before, on the same server. Three variants run in one bench: *before*
+(``[jimeng] gallery_thumbnails = False``: full images, as the gallery served them before thumbnails),
+*after* (thumbnails the API server makes on first request) and *stored* (thumbnails the worker stored
+next to each image, ``[jimeng] store_thumbnails = True``: written here by the same function the worker
+uses). The target is judged on *stored*, the configuration docs/gallery.md recommends at this scale.
 """
 
 from __future__ import annotations
@@ -98,6 +100,18 @@ def noise_jpegs(count: int, side: int) -> list[bytes]:
         Image.merge("RGB", channels).save(out, "JPEG", quality=85)
         images.append(out.getvalue())
     return images
+
+
+def _store_thumbnails(stack: Stack, xcoms: dict[str, Any]) -> None:
+    """What a worker with ``[jimeng] store_thumbnails`` writes: a thumbnail next to each image (the same function)."""
+    from airflow_provider_jimeng.storage.thumbnails import make_thumbnail, thumbnail_key
+
+    client = stack.s3_client()
+    for record in xcoms["images"]:
+        data = client.get_object(Bucket=stack.bucket, Key=record["key"])["Body"].read()
+        client.put_object(
+            Bucket=stack.bucket, Key=thumbnail_key(record["key"]), Body=make_thumbnail(data), ContentType="image/jpeg"
+        )
 
 
 def _store(stack: Stack, count: int, side: int) -> tuple[dict[str, Any], int]:
@@ -260,7 +274,9 @@ def p8_gallery(stack: Stack, *, images: int, side: int, progress: Any) -> dict[s
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            for name, thumbnails in (("before", False), ("after", True)):
+            for name, thumbnails in (("before", False), ("after", True), ("stored", True)):
+                if name == "stored":
+                    _store_thumbnails(stack, xcoms)
                 port = free_port()
                 env = stack_env(home, port)
                 env.update(
@@ -297,7 +313,7 @@ def p8_gallery(stack: Stack, *, images: int, side: int, progress: Any) -> dict[s
                 )
         finally:
             browser.close()
-    after = variants["after"]
+    after = variants["stored"]
     return {
         "params": {"images": images, "side_px": side, "stored_bytes": stored_bytes, "viewport": "1280x1000"},
         "target": "first screen < 1.5 MB, every thumbnail decoded within 3 s, /api/v2/dags p95 <= 2x idle",

@@ -19,6 +19,7 @@ named for that root, and every refusal is the same 404 as an unknown image.
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, which name
 # objects imported inside create_gallery_app (so that only the API server imports them).
+import hashlib
 import logging
 import re
 from typing import TYPE_CHECKING, Annotated, Any
@@ -76,7 +77,7 @@ def create_gallery_app() -> "FastAPI":
     from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from airflow_provider_jimeng.plugins.gallery_access import ConnectionMissing, allowed_roots
+    from airflow_provider_jimeng.plugins.gallery_access import ConnectionMissing, allowed_roots, root_of
     from airflow_provider_jimeng.plugins.gallery_page import (
         CONTENT_SECURITY_POLICY,
         render_gallery,
@@ -90,6 +91,7 @@ def create_gallery_app() -> "FastAPI":
     )
     from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer, ThumbnailSettings
     from airflow_provider_jimeng.storage.s3 import image_content_type
+    from airflow_provider_jimeng.storage.thumbnails import thumbnail_key
 
     app = FastAPI(
         title="JiMeng image gallery",
@@ -157,7 +159,8 @@ def create_gallery_app() -> "FastAPI":
         stored = tasks[0].image(number) if tasks else None
         if allowed is None or stored is None:
             raise not_found
-        return stored, allowed
+        # Where the worker may have stored its thumbnail: derived from the checked URI, read under the roots too.
+        return stored, allowed, root_of(thumbnail_key(allowed[0]), roots)
 
     def open_found(allowed: Any, task_id: str) -> "ObjectStream":
         try:
@@ -178,7 +181,7 @@ def create_gallery_app() -> "FastAPI":
         map_index: Annotated[str, Query()],
         n: Annotated[str, Query()],
     ) -> Response:
-        stored, allowed = find_image(session, dag_id, task_id, run_id, map_index, n)
+        stored, allowed, _ = find_image(session, dag_id, task_id, run_id, map_index, n)
         # Browsers keep the image but ask again each time: a revoked permission applies at once, and
         # an unchanged image costs a 304 (the permission is checked first, storage is not read).
         headers: dict[str, Any] = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
@@ -209,17 +212,32 @@ def create_gallery_app() -> "FastAPI":
         if not thumbnailer.settings.enabled:
             return full_image
 
-        def lookup() -> tuple["StoredImage", "ObjectStream"]:
+        def lookup() -> tuple["StoredImage", "ObjectStream", bool]:
             try:
-                stored, allowed = find_image(session, dag_id, task_id, run_id, map_index, n)
+                stored, allowed, thumb = find_image(session, dag_id, task_id, run_id, map_index, n)
             finally:
                 session.close()  # its DB connection goes back to the pool before the image is read and decoded
-            return stored, open_found(allowed, task_id)
+            if thumb is not None:
+                try:  # the worker's thumbnail ([jimeng] store_thumbnails): ~16 KB read, nothing decoded here
+                    return stored, open_object(*thumb), True
+                except (FileNotFoundError, ConnectionMissing):
+                    pass
+                except Exception as error:
+                    log.warning("JiMeng gallery: a stored thumbnail of %s not read (%s)", task_id, type(error).__name__)
+            return stored, open_found(allowed, task_id), False
 
-        stored, stream = await thumbnailer.run_io(lookup)
+        stored, stream, ready = await thumbnailer.run_io(lookup)
         # No-cache: the browser asks each time, so a revoked permission applies at once; an unchanged
         # thumbnail costs a 304 then, not its bytes.
         headers = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
+        if ready:
+            data = await thumbnailer.read_stored(stream)
+            if data is not None and data.startswith(b"\xff\xd8\xff"):  # a JPEG, or it is not served
+                etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+                if etag in request.headers.get("if-none-match", ""):
+                    return Response(status_code=304, headers={**headers, "ETag": etag})
+                return Response(data, media_type="image/jpeg", headers={**headers, "ETag": etag})
+            return full_image
         validator = thumbnailer.validator(stored.uri, stream)
         if validator is not None and validator in request.headers.get("if-none-match", ""):
             stream.close()

@@ -22,10 +22,7 @@ loaded lazily, and this route redirects to the full image.
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
-import io
 import logging
 import threading
 from collections import OrderedDict
@@ -33,17 +30,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from airflow_provider_jimeng.storage.thumbnails import (
+    THUMBNAIL_PX,
+    NotThumbnailable,
+    make_thumbnail,
+    pillow_available,
+)
+
 if TYPE_CHECKING:
     from airflow_provider_jimeng.plugins.gallery_store import ObjectStream
 
 log = logging.getLogger(__name__)
 
-#: The longest side of a thumbnail: twice the grid's 220-pixel tiles, for HiDPI screens.
-THUMBNAIL_PX = 440
-JPEG_QUALITY = 80
-#: Images bigger than this (bytes, pixels) are not decoded on the API server: the tile shows the full image.
+#: Objects bigger than this are not read for a thumbnail on the API server: the tile shows the full image.
 MAX_SOURCE_BYTES = 48 * 1024 * 1024
-MAX_SOURCE_PIXELS = 64 * 1024 * 1024
+#: A thumbnail the worker stored is read only up to this size (they are ~16-60 KB).
+MAX_STORED_THUMBNAIL_BYTES = 2 * 1024 * 1024
 #: Default bound of the in-memory cache (``[jimeng] gallery_thumbnail_cache_mb``): ~1,500 thumbnails.
 CACHE_BYTES = 64 * 1024 * 1024
 #: Thumbnails decoded at once (CPU), and objects read at once (I/O), per API server process. One decode
@@ -52,12 +54,6 @@ CACHE_BYTES = 64 * 1024 * 1024
 #: with one at 163 ms.
 DECODE_WORKERS = 1
 READ_WORKERS = 8
-
-
-@functools.cache
-def pillow_available() -> bool:
-    """Whether Pillow can be imported (the ``gallery`` extra)."""
-    return importlib.util.find_spec("PIL") is not None
 
 
 @dataclass(frozen=True)
@@ -109,44 +105,15 @@ class ThumbnailCache:
                 self.bytes -= len(evicted)
 
 
-class NotThumbnailable(Exception):
-    """The object is not an image Pillow can decode within the bounds: the tile shows the full image."""
-
-
-def make_thumbnail(data: bytes, px: int = THUMBNAIL_PX) -> bytes:
-    """A JPEG of ``data`` whose longest side is at most ``px`` (never enlarged)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            width, height = opened.size
-            if width * height > MAX_SOURCE_PIXELS:
-                raise NotThumbnailable(f"{width}x{height} pixels")
-            # A JPEG is decoded at 1/2, 1/4 or 1/8 of its size straight from the DCT: a 2048x2048
-            # image at 512x512, several times faster than decoding it whole and shrinking it.
-            opened.draft("RGB", (px, px))
-            image = opened.convert("RGBA") if "A" in opened.getbands() or opened.mode == "P" else opened.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise NotThumbnailable(type(error).__name__) from None
-    if image.mode == "RGBA":  # JPEG has no alpha: transparent areas become white
-        background = Image.new("RGB", image.size, "white")
-        background.paste(image, mask=image.getchannel("A"))
-        image = background
-    image.thumbnail((px, px), Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=JPEG_QUALITY, progressive=True)
-    return out.getvalue()
-
-
-def _read_all(stream: ObjectStream) -> bytes:
-    """The object's bytes, up to :data:`MAX_SOURCE_BYTES` (closed either way)."""
+def _read_all(stream: ObjectStream, limit: int = MAX_SOURCE_BYTES) -> bytes:
+    """The object's bytes, up to ``limit`` (closed either way)."""
     parts: list[bytes] = []
     total = 0
     try:
         for chunk in stream.chunks:
             total += len(chunk)
-            if total > MAX_SOURCE_BYTES:
-                raise NotThumbnailable(f"more than {MAX_SOURCE_BYTES} bytes")
+            if total > limit:
+                raise NotThumbnailable(f"more than {limit} bytes")
             parts.append(chunk)
     finally:
         stream.close()
@@ -189,6 +156,13 @@ class Thumbnailer:
         from anyio import to_thread
 
         return await to_thread.run_sync(function, limiter=self._limiter("read", READ_WORKERS))
+
+    async def read_stored(self, stream: ObjectStream) -> bytes | None:
+        """A thumbnail the worker stored, read whole (``None``: larger than any thumbnail should be)."""
+        try:
+            return await self.run_io(lambda: _read_all(stream, MAX_STORED_THUMBNAIL_BYTES))  # type: ignore[no-any-return]
+        except NotThumbnailable:
+            return None
 
     def validator(self, uri: str, stream: ObjectStream) -> str | None:
         """The ETag the thumbnail of this object has (``None``: the object's size is unknown)."""

@@ -14,14 +14,10 @@ from PIL import Image
 from airflow_provider_jimeng.plugins import thumbnails
 from airflow_provider_jimeng.plugins.gallery_page import render_gallery
 from airflow_provider_jimeng.plugins.gallery_store import TaskImages
-from airflow_provider_jimeng.plugins.thumbnails import (
-    THUMBNAIL_PX,
-    NotThumbnailable,
-    ThumbnailCache,
-    Thumbnailer,
-    make_thumbnail,
-)
+from airflow_provider_jimeng.plugins.thumbnails import ThumbnailCache, Thumbnailer
+from airflow_provider_jimeng.storage import thumbnails as stored_thumbnails
 from airflow_provider_jimeng.storage.records import StoredImage
+from airflow_provider_jimeng.storage.thumbnails import THUMBNAIL_PX, NotThumbnailable, make_thumbnail, thumbnail_key
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dags import jimeng_test_generate
 from tests.gallery.conftest import Gallery, StoredRun
@@ -221,7 +217,7 @@ def test_what_is_not_an_image_raises_not_thumbnailable(data: bytes) -> None:
 
 
 def test_an_image_with_too_many_pixels_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(thumbnails, "MAX_SOURCE_PIXELS", 1000 * 1000)
+    monkeypatch.setattr(stored_thumbnails, "MAX_SOURCE_PIXELS", 1000 * 1000)
 
     with pytest.raises(NotThumbnailable, match="1001x1000"):
         make_thumbnail(_jpeg(1001, 1000, mode="L"))
@@ -253,3 +249,58 @@ def test_the_page_without_pillow_names_no_thumbnail() -> None:
 
     assert '<img src="image?' in html
     assert "thumbnail" not in html
+
+
+# ------------------------------------------------------------------------ thumbnails the worker stored
+def test_a_thumbnail_the_worker_stored_is_served_without_reading_the_image(
+    gallery: Gallery, store_run: Any, thumbnailer: Thumbnailer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__JIMENG__STORE_THUMBNAILS", "True")
+    own = store_run(jimeng_test_generate.set_continue_dag, prompts=["a snow leopard"])
+    image = own.xcom("gen", "images")[0]
+    stored = own.s3.get_object(Bucket=own.bucket, Key=thumbnail_key(image["key"]))["Body"].read()
+
+    answer = gallery.get("thumbnail", **_ti(own, 0))
+
+    assert answer.status_code == 200
+    assert answer.content == stored, "the worker's thumbnail, as stored"
+    assert thumbnailer.cache.made == 0, "nothing was decoded on the API server"
+    with Image.open(io.BytesIO(stored)) as small:
+        assert max(small.size) == THUMBNAIL_PX
+    headers = {"Authorization": f"Bearer {gallery.tokens['reader']}", "If-None-Match": answer.headers["etag"]}
+    assert gallery.client.get("/jimeng/thumbnail", params=_ti(own, 0), headers=headers).status_code == 304
+    assert gallery.get("thumbnail", user="outsider", **_ti(own, 0)).status_code == 403
+
+
+def test_a_stored_thumbnail_that_is_no_jpeg_is_not_served(
+    gallery: Gallery, store_run: Any, thumbnailer: Thumbnailer
+) -> None:
+    own = store_run(jimeng_test_generate.set_continue_dag, prompts=["a grey heron"])
+    image = own.xcom("gen", "images")[0]
+    own.s3.put_object(Bucket=own.bucket, Key=thumbnail_key(image["key"]), Body=b"<script>alert(1)</script>")
+
+    answer = _unfollowed(gallery, "thumbnail", **_ti(own, 0))
+
+    assert answer.status_code == 307, "the tile falls back to the full image"
+    assert b"script" not in answer.content
+
+
+def test_the_worker_stores_no_thumbnail_unless_asked_and_a_bad_image_still_stores(
+    store_run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = store_run(jimeng_test_generate.set_continue_dag, prompts=["a plain run"])
+    image = plain.xcom("gen", "images")[0]
+    keys = [item["Key"] for item in plain.s3.list_objects_v2(Bucket=plain.bucket)["Contents"]]
+    assert thumbnail_key(image["key"]) not in keys, "off by default: one object per image"
+
+    monkeypatch.setenv("AIRFLOW__JIMENG__STORE_THUMBNAILS", "True")
+    monkeypatch.setattr(stored_thumbnails, "MAX_SOURCE_PIXELS", 1)  # every image is "too large" to thumbnail
+    refused = store_run(jimeng_test_generate.set_continue_dag, prompts=["a run whose thumbnails fail"])
+    kept = refused.xcom("gen", "images")[0]
+    assert refused.s3.head_object(Bucket=refused.bucket, Key=kept["key"])["ContentLength"] == kept["bytes"]
+
+
+def test_the_thumbnail_key_sits_next_to_the_image() -> None:
+    assert thumbnail_key("jimeng/d/r/t/p0000_i00.jpeg") == "jimeng/d/r/t/_thumbnails/p0000_i00.jpeg"
+    assert thumbnail_key("s3://b/jimeng/d/r/t/p0001_i02.png") == "s3://b/jimeng/d/r/t/_thumbnails/p0001_i02.jpeg"
+    assert thumbnail_key("p.jpeg") == "_thumbnails/p.jpeg"
