@@ -15,7 +15,7 @@ import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
@@ -273,6 +273,90 @@ def resolve_base_url(host: str | None, schema: str | None = None, port: int | No
     return base
 
 
+class RequestSettings(TypedDict):
+    """The extras both APIs read alike (:func:`request_settings`): timeouts, retries, pace, proxies, TLS."""
+
+    timeout: float
+    connect_timeout: float
+    max_retries: int
+    retry_backoff: float
+    retry_max_wait: float
+    watermark: bool
+    max_images_per_minute: float | None
+    proxies: dict[str, str] | None
+    verify: bool | str
+    allow_http: bool
+    max_response_bytes: int
+
+
+def connection_extras(conn: Any, example: str) -> Mapping[str, Any]:
+    """A connection's extras, refused (showing ``example``) unless they are a JSON object."""
+    extras = conn.extra_dejson if getattr(conn, "extra", None) else {}
+    if not isinstance(extras, Mapping):
+        raise JiMengConfigurationError("extra", f"must be a JSON object of extras, like {example}")
+    return extras
+
+
+def request_settings(
+    extras: Mapping[str, Any],
+    url: str,
+    *,
+    default_timeout: float,
+    default_max_response_bytes: int,
+    timeout: float | None = None,
+    max_retries: int | None = None,
+    retry_backoff: float | None = None,
+    retry_max_wait: float | None = None,
+    max_images_per_minute: float | None = None,
+) -> RequestSettings:
+    """The extras both APIs read alike, checked; plain http to ``url`` is refused unless ``allow_http``.
+
+    The keyword arguments are a hook's overrides: given (``0`` included), they win over the extras.
+    """
+    allow_http = extra_bool("allow_http", extras.get("allow_http"), False)
+    if url.startswith("http://") and not allow_http:
+        raise JiMengConfigurationError(
+            "host",
+            f"base URL {url!r} uses plain http; use https, or set the extra allow_http=true "
+            "(for the offline emulator on loopback)",
+        )
+    return RequestSettings(
+        timeout=extra_number("timeout", first_given(timeout, extras.get("timeout")), default_timeout, minimum=1)
+        or default_timeout,
+        connect_timeout=extra_number(
+            "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
+        )
+        or DEFAULT_CONNECT_TIMEOUT,
+        max_retries=extra_int(
+            "max_retries", first_given(max_retries, extras.get("max_retries")), DEFAULT_MAX_RETRIES, minimum=0
+        ),
+        retry_backoff=extra_number(
+            "retry_backoff", first_given(retry_backoff, extras.get("retry_backoff")), DEFAULT_RETRY_BACKOFF, minimum=0
+        )
+        or 0.0,
+        retry_max_wait=extra_number(
+            "retry_max_wait",
+            first_given(retry_max_wait, extras.get("retry_max_wait")),
+            DEFAULT_RETRY_MAX_WAIT,
+            minimum=0,
+        )
+        or 0.0,
+        watermark=extra_bool("watermark", extras.get("watermark"), True),
+        max_images_per_minute=extra_number(
+            "max_images_per_minute",
+            first_given(max_images_per_minute, extras.get("max_images_per_minute")),
+            None,
+            minimum=1,
+        ),
+        proxies=extra_proxies(extras.get("proxies")),
+        verify=extra_verify(extras.get("verify")),
+        allow_http=allow_http,
+        max_response_bytes=extra_int(
+            "max_response_bytes", extras.get("max_response_bytes"), default_max_response_bytes, minimum=1024
+        ),
+    )
+
+
 def ark_config(
     conn: Any,
     conn_id: str,
@@ -297,23 +381,24 @@ def ark_config(
     mask_secret(api_key)
     register_secret(api_key)
     check_api_key(api_key)
-    extras = conn.extra_dejson if conn.extra else {}
-    if not isinstance(extras, Mapping):
-        raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"timeout": 300}')
+    extras = connection_extras(conn, '{"timeout": 300}')
     base_url = resolve_base_url(conn.host, conn.schema, conn.port)
-    allow_http = extra_bool("allow_http", extras.get("allow_http"), False)
-    if base_url.startswith("http://") and not allow_http:
-        raise JiMengConfigurationError(
-            "host",
-            f"base URL {base_url!r} uses plain http; use https, or set the extra allow_http=true "
-            "(for the offline emulator on loopback)",
-        )
+    settings = request_settings(
+        extras,
+        base_url,
+        default_timeout=DEFAULT_TIMEOUT,
+        default_max_response_bytes=DEFAULT_MAX_RESPONSE_BYTES,
+        timeout=timeout,
+        max_retries=max_retries,
+        retry_backoff=retry_backoff,
+        retry_max_wait=retry_max_wait,
+        max_images_per_minute=max_images_per_minute,
+    )
     model_extra = extras.get("model")
     model = ("" if is_unset(model_extra) else str(model_extra).strip()) or (
         DEFAULT_BYTEPLUS_MODEL if "bytepluses.com" in base_url else DEFAULT_MODEL
     )
-    timeout = extra_number("timeout", first_given(timeout, extras.get("timeout")), DEFAULT_TIMEOUT, minimum=1)
-    assert timeout is not None
+    read_timeout = settings["timeout"]
     redis_conn_id = extra_conn_id("redis_conn_id", extras.get("redis_conn_id"))
     account_images_per_minute = extra_number(
         "account_images_per_minute", extras.get("account_images_per_minute"), None, minimum=1
@@ -328,52 +413,18 @@ def ark_config(
         base_url=base_url,
         api_key=api_key,
         model=model,
-        timeout=timeout,
-        connect_timeout=extra_number(
-            "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
-        )
-        or DEFAULT_CONNECT_TIMEOUT,
-        max_retries=extra_int(
-            "max_retries",
-            first_given(max_retries, extras.get("max_retries")),
-            DEFAULT_MAX_RETRIES,
-            minimum=0,
-        ),
-        retry_backoff=extra_number(
-            "retry_backoff",
-            first_given(retry_backoff, extras.get("retry_backoff")),
-            DEFAULT_RETRY_BACKOFF,
-            minimum=0,
-        )
-        or 0.0,
-        retry_max_wait=extra_number(
-            "retry_max_wait",
-            first_given(retry_max_wait, extras.get("retry_max_wait")),
-            DEFAULT_RETRY_MAX_WAIT,
-            minimum=0,
-        )
-        or 0.0,
-        watermark=extra_bool("watermark", extras.get("watermark"), True),
-        max_images_per_minute=extra_number(
-            "max_images_per_minute",
-            first_given(max_images_per_minute, extras.get("max_images_per_minute")),
-            None,
-            minimum=1,
-        ),
-        proxies=extra_proxies(extras.get("proxies")),
-        verify=extra_verify(extras.get("verify")),
-        allow_http=allow_http,
         max_billed_retries=extra_int(
             "max_billed_retries", extras.get("max_billed_retries"), DEFAULT_MAX_BILLED_RETRIES, minimum=0
         ),
         response_deadline=extra_number(
-            "response_deadline", extras.get("response_deadline"), timeout * RESPONSE_DEADLINE_TIMEOUTS, minimum=1
+            "response_deadline",
+            extras.get("response_deadline"),
+            read_timeout * RESPONSE_DEADLINE_TIMEOUTS,
+            minimum=1,
         )
-        or timeout * RESPONSE_DEADLINE_TIMEOUTS,
-        max_response_bytes=extra_int(
-            "max_response_bytes", extras.get("max_response_bytes"), DEFAULT_MAX_RESPONSE_BYTES, minimum=1024
-        ),
+        or read_timeout * RESPONSE_DEADLINE_TIMEOUTS,
         redis_conn_id=redis_conn_id,
         account_images_per_minute=account_images_per_minute,
         images_per_request=extra_images_per_request(extras.get("images_per_request")),
+        **settings,
     )

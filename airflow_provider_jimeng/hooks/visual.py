@@ -46,13 +46,9 @@ from airflow_provider_jimeng.hooks.connection_config import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_RETRY_BACKOFF,
     DEFAULT_RETRY_MAX_WAIT,
-    extra_bool,
-    extra_int,
-    extra_number,
-    extra_proxies,
-    extra_verify,
-    first_given,
+    connection_extras,
     is_unset,
+    request_settings,
     resolve_base_url,
 )
 from airflow_provider_jimeng.hooks.pacing import Pacing
@@ -331,9 +327,7 @@ def visual_config(
     proxies, verify, ``watermark``, ``max_images_per_minute``) are checked by the same functions.
     """
     conn_id = getattr(conn, "conn_id", None) or "jimeng"
-    extras = conn.extra_dejson if getattr(conn, "extra", None) else {}
-    if not isinstance(extras, Mapping):
-        raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"api": "visual"}')
+    extras = connection_extras(conn, '{"api": "visual"}')
     if connection_api(extras) != VISUAL_API:
         raise JiMengConfigurationError(
             API_EXTRA,
@@ -354,47 +348,18 @@ def visual_config(
     region = DEFAULT_REGION if is_unset(region_extra) else str(region_extra).strip()
     credentials = VisualCredentials(access_key_id, secret, region=region)  # masks the secret
     endpoint = _visual_endpoint(conn.host, conn.schema, conn.port)
-    allow_http = extra_bool("allow_http", extras.get("allow_http"), False)
-    if endpoint.startswith("http://") and not allow_http:
-        raise JiMengConfigurationError(
-            "host",
-            f"{endpoint!r} uses plain http; use https, or set the extra allow_http=true "
-            "(for the offline emulator on loopback)",
-        )
-    read_timeout = extra_number(
-        "timeout", first_given(timeout, extras.get("timeout")), DEFAULT_VISUAL_TIMEOUT, minimum=1
-    )
     return VisualConnectionConfig(
         endpoint=endpoint,
         credentials=credentials,
-        timeout=read_timeout or DEFAULT_VISUAL_TIMEOUT,
-        connect_timeout=extra_number(
-            "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
-        )
-        or DEFAULT_CONNECT_TIMEOUT,
-        max_retries=extra_int(
-            "max_retries", first_given(max_retries, extras.get("max_retries")), DEFAULT_MAX_RETRIES, minimum=0
-        ),
-        retry_backoff=extra_number(
-            "retry_backoff", first_given(retry_backoff, extras.get("retry_backoff")), DEFAULT_RETRY_BACKOFF, minimum=0
-        )
-        or 0.0,
-        retry_max_wait=extra_number(
-            "retry_max_wait",
-            first_given(retry_max_wait, extras.get("retry_max_wait")),
-            DEFAULT_RETRY_MAX_WAIT,
-            minimum=0,
-        )
-        or 0.0,
-        watermark=extra_bool("watermark", extras.get("watermark"), True),
-        max_images_per_minute=extra_number(
-            "max_images_per_minute", extras.get("max_images_per_minute"), None, minimum=1
-        ),
-        proxies=extra_proxies(extras.get("proxies")),
-        verify=extra_verify(extras.get("verify")),
-        allow_http=allow_http,
-        max_response_bytes=extra_int(
-            "max_response_bytes", extras.get("max_response_bytes"), DEFAULT_VISUAL_MAX_RESPONSE_BYTES, minimum=1024
+        **request_settings(
+            extras,
+            endpoint,
+            default_timeout=DEFAULT_VISUAL_TIMEOUT,
+            default_max_response_bytes=DEFAULT_VISUAL_MAX_RESPONSE_BYTES,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_max_wait=retry_max_wait,
         ),
     )
 
