@@ -1,4 +1,11 @@
-"""Where requests are sent: :class:`JiMengHook` holds the ``jimeng`` connection and talks HTTP."""
+"""The Ark API's hook: :class:`JiMengHook` holds the ``jimeng`` connection and generates images.
+
+It is thin: how a connection is read (:mod:`.connection_config`), a request sent (:mod:`.sending`), an
+answer read (:mod:`.answer_body`), retried (:mod:`.retry`), paced (:mod:`.pacing`), charged
+(:mod:`.charges`) and an image downloaded (:mod:`.downloads`) live in their own modules, shared with the
+Visual API's client (:mod:`.visual`). What is the Ark API's own stays here: the body sent, the answer's
+statuses, and ``test_connection``.
+"""
 
 from __future__ import annotations
 

@@ -2,9 +2,10 @@
 
 The Visual API (``visual.volcengineapi.com``, ``req_key: jimeng_t2i_v40``) answers a submit with a task
 id and makes the images meanwhile; a poll answers the task's state and, once ``done``, its images. Requests
-are signed with an access key pair (:mod:`.signing`). :class:`VisualClient` speaks it with the same
-connection checks, retry policy, bounded answer reads and typed errors as the Ark path
-(:mod:`.jimeng`), and turns a finished task into the same
+are signed with an access key pair (:mod:`.signing`). :class:`VisualClient` speaks it through the modules
+the Ark hook (:mod:`.jimeng`) uses: connection checks (:mod:`.connection_config`), sending
+(:mod:`.sending`), bounded answer reads (:mod:`.answer_body`), the retry loop (:mod:`.retry`) and pacing
+(:mod:`.pacing`); only how a request is made and answered is its own. A finished task becomes the same
 :class:`~airflow_provider_jimeng.api.response.GenerationResult`, so downloads and storage are shared.
 
 Money rules: a submit starts paid work, a poll is free. A submit is retried only when it certainly started
