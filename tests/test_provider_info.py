@@ -213,7 +213,7 @@ def test_the_base_url_placeholder_fits_the_input(connection_type: dict[str, Any]
 
 def test_port_0_from_the_ui_means_no_port() -> None:
     # Airflow 3.3's form sends port 0 for the port it hides (apache/airflow#73298): never append ":0".
-    from airflow_provider_jimeng.hooks.jimeng import resolve_base_url
+    from airflow_provider_jimeng.hooks.connection_config import resolve_base_url
 
     assert resolve_base_url("ark.cn-beijing.volces.com", None, 0) == "https://ark.cn-beijing.volces.com/api/v3"
     assert resolve_base_url("https://gateway.example.com/v1", None, 0) == "https://gateway.example.com/v1"

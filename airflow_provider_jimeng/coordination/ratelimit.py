@@ -9,7 +9,7 @@ It is GCRA (virtual scheduling) in one Lua script, timed by the Redis server's c
 the theoretical arrival time (TAT) of the next image. :meth:`AccountRateLimiter.acquire` reserves a
 request's images as consecutive time slots, in arrival order across every worker (FIFO), and the
 caller waits until its slot is due. About one second's worth of images may go at once (the burst),
-like :class:`~airflow_provider_jimeng.hooks.retry.ImageRatePacer`, so throughput reaches the cap
+like :class:`~airflow_provider_jimeng.hooks.pacing.ImageRatePacer`, so throughput reaches the cap
 without tripping the server's own token bucket.
 
 Nobody reserves more than ``horizon`` seconds ahead (or one request's own length, for a set larger

@@ -1,8 +1,9 @@
-"""Where requests are retried and paced.
+"""Where requests are retried: one loop for every request of both APIs and for image downloads.
 
 :class:`RetryPolicy` decides whether and how long to wait after a failed attempt (exponential backoff
-with jitter, ``Retry-After`` honoured). :class:`ImageRatePacer` spaces requests so that a burst of
-concurrent prompts stays under an images-per-minute budget instead of turning into a storm of 429s.
+with jitter, ``Retry-After`` honoured); :func:`call_with_retries` repeats an attempt by it, and refuses
+to repeat blind an attempt that may have been billed beyond what the caller allows. Pacing (waiting
+*before* an attempt) is in :mod:`.pacing`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,23 @@ import email.utils
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
-from airflow_provider_jimeng.exceptions import JiMengAPIError
+from airflow_provider_jimeng.exceptions import JiMengAPIError, JiMengTimeoutError
+
+_T = TypeVar("_T")
+
+
+class Log(Protocol):
+    """What the loops log to: a :class:`logging.Logger`, or a hook's own (Airflow's structured) logger."""
+
+    def debug(self, msg: str, /, *args: Any) -> Any: ...
+
+    def info(self, msg: str, /, *args: Any) -> Any: ...
+
+    def warning(self, msg: str, /, *args: Any) -> Any: ...
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -56,41 +71,81 @@ class RetryPolicy:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-class ImageRatePacer:
-    """A token bucket in images: ``acquire(n)`` blocks until ``n`` images fit in the per-minute budget.
+def call_with_retries(
+    attempt: Callable[[int], _T],
+    *,
+    policy: RetryPolicy,
+    stop: threading.Event,
+    log: Log,
+    subject: str,
+    on_retry: Callable[[], None],
+    max_billed_retries: int | None,
+    billed_refusal: str | None = None,
+    stopped_message: str | None = None,
+) -> _T:
+    """The one retry loop: ``attempt(n)`` until it succeeds or its error may not be retried.
 
-    The bucket holds at most one second's worth of images (and never less than one request's
-    worth), so throughput approaches the budget smoothly instead of bursting past a server-side
-    limit and being answered with 429s. Thread-safe; shared by every request of one hook.
+    Rate limits and server errors are retried ``policy.max_retries`` times with backoff; ``stop`` ends
+    the waits (and, with ``stopped_message``, refuses a new attempt). An attempt that may have been billed
+    (timed out, broke off, malformed 200) is retried at most ``max_billed_retries`` times in all, each
+    time with a warning: there is no idempotency key, so every such retry may pay again. ``None`` means
+    the attempts cost nothing (polls): whether one may have been billed does not matter.
+    ``billed_refusal`` says why one is not retried once the limit is reached (default: the extra
+    ``max_billed_retries``). ``on_retry`` is called before each wait, to count the retries.
     """
-
-    def __init__(self, images_per_minute: float) -> None:
-        if images_per_minute <= 0:
-            raise ValueError("images_per_minute must be positive")
-        self.rate = images_per_minute / 60.0
-        self.capacity = max(1.0, self.rate)
-        self._tokens = self.capacity
-        self._updated = time.monotonic()
-        self._lock = threading.Lock()
-        self.waited_seconds = 0.0
-
-    def acquire(self, images: int = 1, stop: threading.Event | None = None) -> float:
-        """Take ``images`` tokens, waiting as needed; returns the seconds waited."""
-        need = float(images)
-        waited = 0.0
-        with self._lock:
-            # Reserve now, even into debt, so concurrent callers queue in arrival order.
-            now = time.monotonic()
-            self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
-            self._updated = now
-            self._tokens -= need
-            debt = -self._tokens
-        if debt > 0:
-            waited = debt / self.rate
-            if stop is not None:
-                stop.wait(waited)
+    billed_retries = 0
+    number = 0
+    while True:
+        number += 1
+        if stopped_message is not None and stop.is_set():
+            raise JiMengTimeoutError(stopped_message, code="Stopped")
+        try:
+            return attempt(number)
+        except JiMengAPIError as error:
+            if not policy.should_retry(error, number) or stop.is_set():
+                raise
+            reason = error.code or type(error).__name__
+            request_id = error.request_id or "n/a"
+            billed = error.possibly_billed and max_billed_retries is not None
+            if billed:
+                assert max_billed_retries is not None
+                if billed_retries >= max_billed_retries:
+                    log.warning(
+                        "%s attempt %d failed (%s, request id %s) and may have been billed; not retried: %s",
+                        subject,
+                        number,
+                        reason,
+                        request_id,
+                        billed_refusal
+                        or f"{billed_retries} retry(ies) of possibly billed attempts already made "
+                        f"(extra max_billed_retries={max_billed_retries})",
+                    )
+                    raise
+                billed_retries += 1
+            wait = policy.wait_seconds(error, number)
+            on_retry()
+            if billed:
+                log.warning(
+                    "%s attempt %d of %d failed (%s, request id %s) and may have been billed; retrying in "
+                    "%.2fs (retry %d of at most %d after a possibly billed attempt: it may pay again)",
+                    subject,
+                    number,
+                    policy.max_retries + 1,
+                    reason,
+                    request_id,
+                    wait,
+                    billed_retries,
+                    max_billed_retries,
+                )
             else:
-                time.sleep(waited)
-            with self._lock:
-                self.waited_seconds += waited
-        return waited
+                log.warning(
+                    "%s attempt %d of %d failed (%s, request id %s); retrying in %.2fs",
+                    subject,
+                    number,
+                    policy.max_retries + 1,
+                    reason,
+                    request_id,
+                    wait,
+                )
+            if stop.wait(wait):
+                raise

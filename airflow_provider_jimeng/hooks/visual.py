@@ -2,9 +2,10 @@
 
 The Visual API (``visual.volcengineapi.com``, ``req_key: jimeng_t2i_v40``) answers a submit with a task
 id and makes the images meanwhile; a poll answers the task's state and, once ``done``, its images. Requests
-are signed with an access key pair (:mod:`.signing`). :class:`VisualClient` speaks it with the same
-connection checks, retry policy, bounded answer reads and typed errors as the Ark path
-(:mod:`.jimeng`), and turns a finished task into the same
+are signed with an access key pair (:mod:`.signing`). :class:`VisualClient` speaks it through the modules
+the Ark hook (:mod:`.jimeng`) uses: connection checks (:mod:`.connection_config`), sending
+(:mod:`.sending`), bounded answer reads (:mod:`.answer_body`), the retry loop (:mod:`.retry`) and pacing
+(:mod:`.pacing`); only how a request is made and answered is its own. A finished task becomes the same
 :class:`~airflow_provider_jimeng.api.response.GenerationResult`, so downloads and storage are shared.
 
 Money rules: a submit starts paid work, a poll is free. A submit is retried only when it certainly started
@@ -25,7 +26,6 @@ from typing import Any, overload
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from airflow_provider_jimeng.api.response import GeneratedImage, GenerationResult, Usage
 from airflow_provider_jimeng.exceptions import (
@@ -41,24 +41,20 @@ from airflow_provider_jimeng.exceptions import (
     JiMengTimeoutError,
     error_class_for,
 )
-from airflow_provider_jimeng.hooks.jimeng import (
+from airflow_provider_jimeng.hooks.answer_body import ERROR_BODY_MAX_BYTES, AnswerBody
+from airflow_provider_jimeng.hooks.connection_config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_RETRIES,
     DEFAULT_RETRY_BACKOFF,
     DEFAULT_RETRY_MAX_WAIT,
-    ERROR_BODY_MAX_BYTES,
-    _AnswerBody,
-    _as_bool,
-    _as_int,
-    _as_number,
-    _as_proxies,
-    _as_verify,
-    _first,
-    _is_unset,
-    _never_connected,
+    connection_extras,
+    is_unset,
+    request_settings,
     resolve_base_url,
 )
-from airflow_provider_jimeng.hooks.retry import ImageRatePacer, RetryPolicy, parse_retry_after
+from airflow_provider_jimeng.hooks.pacing import Pacing
+from airflow_provider_jimeng.hooks.retry import RetryPolicy, call_with_retries, parse_retry_after
+from airflow_provider_jimeng.hooks.sending import pooled_session, send_attempt
 from airflow_provider_jimeng.hooks.signing import DEFAULT_REGION, VisualCredentials, sign_request
 from airflow_provider_jimeng.version_compat import BaseHook
 
@@ -265,7 +261,7 @@ def _req_json_text(req_json: Mapping[str, Any] | str | None) -> str | None:
 def connection_api(extras: Mapping[str, Any]) -> str:
     """Which API a ``jimeng`` connection speaks: its ``api`` extra, ``ark`` (the default) or ``visual``."""
     value = extras.get(API_EXTRA)
-    if _is_unset(value):
+    if is_unset(value):
         return ARK_API
     text = str(value).strip().lower() if isinstance(value, str) else None
     if text not in (ARK_API, VISUAL_API):
@@ -332,9 +328,7 @@ def visual_config(
     proxies, verify, ``watermark``, ``max_images_per_minute``) are checked by the same functions.
     """
     conn_id = getattr(conn, "conn_id", None) or "jimeng"
-    extras = conn.extra_dejson if getattr(conn, "extra", None) else {}
-    if not isinstance(extras, Mapping):
-        raise JiMengConfigurationError("extra", 'must be a JSON object of extras, like {"api": "visual"}')
+    extras = connection_extras(conn, '{"api": "visual"}')
     if connection_api(extras) != VISUAL_API:
         raise JiMengConfigurationError(
             API_EXTRA,
@@ -352,43 +346,21 @@ def visual_config(
             "password", f"connection {conn_id!r} has no secret access key; put it in the password field"
         )
     region_extra = extras.get("region")
-    region = DEFAULT_REGION if _is_unset(region_extra) else str(region_extra).strip()
+    region = DEFAULT_REGION if is_unset(region_extra) else str(region_extra).strip()
     credentials = VisualCredentials(access_key_id, secret, region=region)  # masks the secret
     endpoint = _visual_endpoint(conn.host, conn.schema, conn.port)
-    allow_http = _as_bool("allow_http", extras.get("allow_http"), False)
-    if endpoint.startswith("http://") and not allow_http:
-        raise JiMengConfigurationError(
-            "host",
-            f"{endpoint!r} uses plain http; use https, or set the extra allow_http=true "
-            "(for the offline emulator on loopback)",
-        )
-    read_timeout = _as_number("timeout", _first(timeout, extras.get("timeout")), DEFAULT_VISUAL_TIMEOUT, minimum=1)
     return VisualConnectionConfig(
         endpoint=endpoint,
         credentials=credentials,
-        timeout=read_timeout or DEFAULT_VISUAL_TIMEOUT,
-        connect_timeout=_as_number(
-            "connect_timeout", extras.get("connect_timeout"), DEFAULT_CONNECT_TIMEOUT, minimum=0.1
-        )
-        or DEFAULT_CONNECT_TIMEOUT,
-        max_retries=_as_int(
-            "max_retries", _first(max_retries, extras.get("max_retries")), DEFAULT_MAX_RETRIES, minimum=0
-        ),
-        retry_backoff=_as_number(
-            "retry_backoff", _first(retry_backoff, extras.get("retry_backoff")), DEFAULT_RETRY_BACKOFF, minimum=0
-        )
-        or 0.0,
-        retry_max_wait=_as_number(
-            "retry_max_wait", _first(retry_max_wait, extras.get("retry_max_wait")), DEFAULT_RETRY_MAX_WAIT, minimum=0
-        )
-        or 0.0,
-        watermark=_as_bool("watermark", extras.get("watermark"), True),
-        max_images_per_minute=_as_number("max_images_per_minute", extras.get("max_images_per_minute"), None, minimum=1),
-        proxies=_as_proxies(extras.get("proxies")),
-        verify=_as_verify(extras.get("verify")),
-        allow_http=allow_http,
-        max_response_bytes=_as_int(
-            "max_response_bytes", extras.get("max_response_bytes"), DEFAULT_VISUAL_MAX_RESPONSE_BYTES, minimum=1024
+        **request_settings(
+            extras,
+            endpoint,
+            default_timeout=DEFAULT_VISUAL_TIMEOUT,
+            default_max_response_bytes=DEFAULT_VISUAL_MAX_RESPONSE_BYTES,
+            timeout=timeout,
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_max_wait=retry_max_wait,
         ),
     )
 
@@ -484,11 +456,11 @@ class VisualClient:
         self.retry_policy = RetryPolicy(
             max_retries=config.max_retries, backoff=config.retry_backoff, max_wait=config.retry_max_wait
         )
-        self._pacer = ImageRatePacer(config.max_images_per_minute) if config.max_images_per_minute else None
         self._pool_maxsize = pool_maxsize
         self._session: requests.Session | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._pacing = Pacing(images_per_minute=config.max_images_per_minute, stop=self._stop, log=log)
         self._counts: dict[str, int] = {
             "submits": 0,
             "submit_attempts": 0,
@@ -522,15 +494,13 @@ class VisualClient:
     def _session_for_requests(self) -> requests.Session:
         with self._lock:
             if self._session is None:
-                session = requests.Session()
-                adapter = HTTPAdapter(pool_connections=2, pool_maxsize=self._pool_maxsize, max_retries=0)
-                session.mount("https://", adapter)
-                session.mount("http://", adapter)
-                session.headers.update({"Accept": "application/json", "User-Agent": "airflow-provider-jimeng"})
-                if self.config.proxies:
-                    session.proxies.update(self.config.proxies)
-                session.verify = self.config.verify
-                self._session = session
+                self._session = pooled_session(
+                    pool_maxsize=self._pool_maxsize,
+                    pool_connections=2,
+                    headers={"Accept": "application/json"},
+                    proxies=self.config.proxies,
+                    verify=self.config.verify,
+                )
             return self._session
 
     def close(self) -> None:
@@ -561,22 +531,19 @@ class VisualClient:
         # Every x-* header is signed: the request id goes in before signing, not after.
         unsigned = {"Content-Type": "application/json", "X-Client-Request-Id": client_request_id}
         headers = sign_request(config.credentials, "POST", url, headers=unsigned, body=raw)
-        try:
-            response = self._session_for_requests().post(
-                url,
-                data=raw,
-                headers=headers,
-                timeout=(config.connect_timeout, config.timeout),
-                stream=True,
-                verify=config.verify,
-                proxies=config.proxies,
-            )
-        except OSError as exc:
-            raise self._request_failure(exc, client_request_id) from None
+        response = send_attempt(
+            self._session_for_requests(),
+            url,
+            data=raw,
+            settings=config,
+            read_timeout=config.timeout,
+            request_id=client_request_id,
+            headers=headers,
+        )
         request_id = response.headers.get("x-request-id") or client_request_id
         try:
             limit = config.max_response_bytes if response.status_code == 200 else ERROR_BODY_MAX_BYTES
-            content = _AnswerBody(
+            content = AnswerBody(
                 response, max_bytes=limit, deadline_seconds=config.timeout * 3, request_id=request_id, stop=self._stop
             ).read_all()
         finally:
@@ -597,39 +564,6 @@ class VisualClient:
             self._count("rate_limited")
         data = payload.get("data") if isinstance(payload, Mapping) else None
         return _Answer(data if isinstance(data, Mapping) else {}, request_id, error)
-
-    def _request_failure(self, exc: OSError, request_id: str) -> JiMengAPIError:
-        host = self.config.host
-        name = type(exc).__name__
-        if isinstance(exc, requests.exceptions.SSLError):
-            # The handshake comes before the request: nothing was sent.
-            hint = (
-                "; set the extra verify=<CA bundle> for a private CA" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else ""
-            )
-            return JiMengTimeoutError(
-                f"TLS connection to {host} failed ({name}){hint}; nothing was sent",
-                code="ConnectionError",
-                request_id=request_id,
-            )
-        if isinstance(exc, requests.exceptions.ConnectTimeout) or (
-            isinstance(exc, requests.ConnectionError) and _never_connected(exc)
-        ):
-            return JiMengTimeoutError(
-                f"could not connect to {host} ({name}); nothing was sent", code="ConnectionError", request_id=request_id
-            )
-        if isinstance(exc, requests.Timeout):
-            return JiMengTimeoutError(
-                f"no answer from {host} within {self.config.timeout:g}s ({name}); the request may have been handled",
-                code="Timeout",
-                request_id=request_id,
-                possibly_billed=True,
-            )
-        return JiMengTimeoutError(
-            f"the request to {host} failed ({name}); it may have been handled",
-            code="ConnectionError",
-            request_id=request_id,
-            possibly_billed=True,
-        )
 
     @staticmethod
     def _error_from_answer(
@@ -668,20 +602,6 @@ class VisualClient:
             return JiMengInvalidRequestError(message, **kwargs)
         return error_class_for(status, code)(message, retry_after=retry_after, **kwargs)
 
-    def _wait(self, error: JiMengAPIError, attempt: int, what: str) -> None:
-        wait = self.retry_policy.wait_seconds(error, attempt)
-        self._count("retries")
-        log.warning(
-            "JiMeng Visual API %s attempt %d failed (%s, request id %s); retrying in %.2fs",
-            what,
-            attempt,
-            error.code or type(error).__name__,
-            error.request_id or "n/a",
-            wait,
-        )
-        if self._stop.wait(wait):
-            raise error
-
     # -- submit -----------------------------------------------------------------------------------------
     def submit(self, body: Mapping[str, Any]) -> str:
         """Validate ``body``, submit it once and return the task id.
@@ -694,26 +614,21 @@ class VisualClient:
         """
         checked = validate_submit_body(body)
         images = max_images_billed_visual(checked)
-        attempt = 0
-        while True:
-            attempt += 1
-            if self._stop.is_set():
-                raise JiMengTimeoutError("the client was closed before the submit was sent", code="Stopped")
-            if self._pacer is not None:
-                self._pacer.acquire(images, stop=self._stop)
+
+        def attempt(number: int) -> str:
+            self._pacing.wait(REQ_KEY, images)
             self._count("submit_attempts")
             try:
                 answer = self._call(SUBMIT_ACTION, checked)
                 if answer.error is not None:
                     raise answer.error
-                request_id = answer.request_id
                 task_id = answer.data.get("task_id")
                 if not isinstance(task_id, str) or not task_id:
                     raise JiMengResponseError(
                         "the submit was accepted but its answer carries no task_id",
                         status_code=200,
                         code="MalformedResponse",
-                        request_id=request_id,
+                        request_id=answer.request_id,
                     )
             except JiMengAPIError as error:
                 if error.code in _INTERNAL_CODES or (error.status_code or 0) >= 500:
@@ -727,20 +642,31 @@ class VisualClient:
                     )
                 if error.possibly_billed:
                     self._count("possibly_billed_submits")
-                    log.warning(
-                        "JiMeng Visual API submit failed (%s, request id %s) and may have started a billed task "
-                        "whose id is unknown; it is not re-sent",
-                        error.code or type(error).__name__,
-                        error.request_id or "n/a",
-                    )
-                    raise error from None
-                if not error.retryable or attempt > self.retry_policy.max_retries:
-                    raise
-                self._wait(error, attempt, "submit")
-                continue
+                    if not self.retry_policy.should_retry(error, number):  # else the retry loop says it
+                        log.warning(
+                            "JiMeng Visual API submit failed (%s, request id %s) and may have started a billed "
+                            "task whose id is unknown; it is not re-sent",
+                            error.code or type(error).__name__,
+                            error.request_id or "n/a",
+                        )
+                raise error from None
             self._count("submits")
-            log.info("JiMeng Visual API task %s submitted (request id %s, images<=%d)", task_id, request_id, images)
+            log.info(
+                "JiMeng Visual API task %s submitted (request id %s, images<=%d)", task_id, answer.request_id, images
+            )
             return task_id
+
+        return call_with_retries(
+            attempt,
+            policy=self.retry_policy,
+            stop=self._stop,
+            log=log,
+            subject="JiMeng Visual API submit",
+            on_retry=lambda: self._count("retries"),
+            max_billed_retries=0,
+            billed_refusal="a submit that may have started a billed task whose id is unknown is never re-sent",
+            stopped_message="the client was closed before the submit was sent",
+        )
 
     # -- poll -------------------------------------------------------------------------------------------
     def default_req_json(self) -> dict[str, Any]:
@@ -811,15 +737,16 @@ class VisualClient:
         return {task_id: self._poll_with_retries(task_id, req_json) for task_id in task_ids}
 
     def _poll_with_retries(self, task_id: str, req_json: Mapping[str, Any] | str | None) -> VisualTaskResult:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return self.poll_once(task_id, req_json)
-            except JiMengAPIError as error:
-                if not error.retryable or attempt > self.retry_policy.max_retries:
-                    raise
-                self._wait(error, attempt, f"poll of task {task_id}")
+        # Polls are free: one that timed out or broke off is retried like any other.
+        return call_with_retries(
+            lambda number: self.poll_once(task_id, req_json),
+            policy=self.retry_policy,
+            stop=self._stop,
+            log=log,
+            subject=f"JiMeng Visual API poll of task {task_id}",
+            on_retry=lambda: self._count("retries"),
+            max_billed_retries=None,
+        )
 
     # -- test connection --------------------------------------------------------------------------------
     def test_connection(self) -> tuple[bool, str]:

@@ -35,7 +35,8 @@ from airflow_provider_jimeng.exceptions import (
     JiMengRunAbortedError,
     JiMengRunStoppedError,
 )
-from airflow_provider_jimeng.hooks.jimeng import JiMengHook, refused_key_message, wrong_path_message
+from airflow_provider_jimeng.hooks.connection_config import refused_key_message, wrong_path_message
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.lineage import RunLineage, find_prompt_file, group_images
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.options import (

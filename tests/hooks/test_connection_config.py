@@ -10,16 +10,16 @@ from airflow.providers.common.compat.sdk import redact  # redact moved between A
 
 from airflow_provider_jimeng.api.capabilities import DEFAULT_BYTEPLUS_MODEL, DEFAULT_MODEL
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
-from airflow_provider_jimeng.hooks.connection_form import BYTEPLUS_BASE_URL, CHINA_BASE_URL
-from airflow_provider_jimeng.hooks.jimeng import (
+from airflow_provider_jimeng.hooks.connection_config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_BILLED_RETRIES,
     DEFAULT_MAX_RESPONSE_BYTES,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     JiMengConnectionConfig,
-    JiMengHook,
 )
+from airflow_provider_jimeng.hooks.connection_form import BYTEPLUS_BASE_URL, CHINA_BASE_URL
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 
 KEY = "sk-config-test-key-0042"
 GATEWAY = "https://gw.example.com/v1"

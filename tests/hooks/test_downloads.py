@@ -14,7 +14,8 @@ from PIL import Image
 
 from airflow_provider_jimeng.emulator import Fault, JiMengEmulator
 from airflow_provider_jimeng.exceptions import JiMengDownloadError
-from airflow_provider_jimeng.hooks.jimeng import ImageDownload, JiMengHook
+from airflow_provider_jimeng.hooks.downloads import ImageDownload
+from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 
 PROMPT = "a paper boat on a pond"
 

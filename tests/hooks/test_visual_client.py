@@ -254,6 +254,26 @@ def test_a_submit_to_a_closed_port_is_retried_nothing_having_left(
     assert client.stats["possibly_billed_submits"] == 0
 
 
+def test_a_ca_bundle_that_is_not_there_fails_the_submit_as_a_setting_not_as_possibly_billed(tmp_path: Any) -> None:
+    # The transport failures are the Ark hook's (hooks/sending.py): nothing left, so nothing may be billed.
+    conn = SimpleNamespace(
+        conn_id="jimeng_visual",
+        host="https://127.0.0.1:9",
+        schema=None,
+        port=None,
+        login=ACCESS_KEY_ID,
+        password=SECRET,
+        extra="{}",
+        extra_dejson={"api": VISUAL_API, "verify": str(tmp_path / "missing-ca.pem")},
+    )
+    with VisualClient.from_connection(conn) as client:
+        with pytest.raises(JiMengConfigurationError) as caught:
+            client.submit(ONE)
+        assert caught.value.parameter == "verify"
+        assert client.stats["submit_attempts"] == 1
+        assert client.stats["possibly_billed_submits"] == 0
+
+
 @pytest.mark.parametrize(("code", "retryable"), [("50511", True), ("50512", False)])
 def test_a_task_done_with_an_error_code_is_a_failed_outcome(
     client: VisualClient, emulator: JiMengEmulator, code: str, retryable: bool

@@ -10,7 +10,7 @@ import pytest
 from airflow.exceptions import AirflowFailException
 
 from airflow_provider_jimeng.exceptions import JiMengRunAbortedError
-from airflow_provider_jimeng.hooks.jimeng import resolve_base_url
+from airflow_provider_jimeng.hooks.connection_config import resolve_base_url
 from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
 from airflow_provider_jimeng.testing import jimeng_connection_json
 from tests.operators.conftest import RecordingTaskInstance, TrackingEmulator
