@@ -98,8 +98,14 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
                 self.storage_requested = True
             if "output_path" in returned:
                 self.output_requested = True
+            carried = {name: value for name, value in returned.items() if value is not None}
+            for flag in ("storage_requested", "output_requested"):
+                carried[flag] = getattr(self, flag)
         else:
             self.prompt = returned
+            carried = {"prompt": returned}
+        # A deferred task resumes in execute_complete without calling the function again: what it set goes along.
+        self._deferred_fields = carried
         return JiMengGenerateOperator.execute(self, context)
 
 

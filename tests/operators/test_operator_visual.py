@@ -1,0 +1,275 @@
+"""``JiMengGenerateOperator`` on a Visual API connection: submit, journal, defer (or poll on the worker), collect
+and store through the Ark path's run; never a second submit for a journaled prompt.
+
+Driven at the operator's level (``execute``, the trigger run with asyncio, ``execute_complete``) against the
+emulator on loopback and moto S3: what a worker and a triggerer do, without a scheduler.
+"""
+
+# ruff: noqa: F811  (fixtures imported from tests.visual_fixtures are parameters here)
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+from airflow.triggers.base import TriggerEvent
+
+from airflow_provider_jimeng.emulator import SUBMIT_FAULT_PATH, Fault, JiMengEmulator
+from airflow_provider_jimeng.exceptions import (
+    JiMengConfigurationError,
+    JiMengGenerationIncompleteError,
+)
+from airflow_provider_jimeng.operators.jimeng import JiMengGenerateOperator
+from airflow_provider_jimeng.run.visual import JOURNAL_NAME
+from airflow_provider_jimeng.triggers.visual import JiMengVisualTrigger
+from tests.operators.conftest import Bucket
+from tests.visual_fixtures import (  # noqa: F401  (fixtures)
+    CONN_ID,
+    SECRET,
+    Clock,
+    clock,
+    connect_visual,
+    emulator,
+    make_jimeng_emulator,
+    make_visual_emulator,
+    submits,
+)
+
+PROMPTS = ["a red fox in the snow", "a lighthouse at dusk", "a teapot on a table"]
+
+
+@dataclass
+class FakeTI:
+    """What the operator reads of a task instance, and the XComs it pushes."""
+
+    dag_id: str = "visual_dag"
+    run_id: str = "manual__1"
+    task_id: str = "gen"
+    map_index: int = -1
+    try_number: int = 1
+    max_tries: int = 0
+    xcoms: dict[str, Any] = field(default_factory=dict)
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.xcoms[key] = value
+
+
+def operator(**kwargs: Any) -> JiMengGenerateOperator:
+    kwargs.setdefault("prompt", PROMPTS)
+    kwargs.setdefault("size", "1024x1024")
+    return JiMengGenerateOperator(task_id="gen", jimeng_conn_id=CONN_ID, poll_interval=0.01, **kwargs)
+
+
+def fire(trigger: JiMengVisualTrigger, timeout: float = 20.0) -> dict[str, Any]:
+    """Run the trigger as the triggerer would (rebuilt from its serialized kwargs): its one event's payload."""
+    classpath, kwargs = trigger.serialize()
+    assert classpath.endswith("JiMengVisualTrigger")
+    rebuilt = JiMengVisualTrigger(**kwargs)
+
+    async def run() -> TriggerEvent:
+        async for event in rebuilt.run():
+            return event
+        raise AssertionError("the trigger ended without an event")
+
+    payload: dict[str, Any] = asyncio.run(asyncio.wait_for(run(), timeout)).payload
+    return payload
+
+
+def defer(op: JiMengGenerateOperator, ti: FakeTI) -> TaskDeferred:
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})  # type: ignore[arg-type]
+    return deferred.value
+
+
+def resume(op: JiMengGenerateOperator, ti: FakeTI, deferred: TaskDeferred) -> list[str]:
+    """What Airflow does with a fired trigger: ``resume_execution`` with the event and the deferral's kwargs."""
+    event = fire(deferred.trigger)  # type: ignore[arg-type]
+    return op.resume_execution(deferred.method_name, {**(deferred.kwargs or {}), "event": event}, {"ti": ti})  # type: ignore[arg-type,no-any-return]
+
+
+@pytest.fixture
+def visual(emulator: JiMengEmulator, connect_visual: Callable[..., None]) -> JiMengEmulator:
+    connect_visual(emulator)
+    return emulator
+
+
+def prefix(ti: FakeTI) -> str:
+    return f"jimeng/{ti.dag_id}/{ti.run_id}/{ti.task_id}"
+
+
+def test_deferrable_submits_journals_defers_then_stores_every_image(visual: JiMengEmulator, bucket: Bucket) -> None:
+    ti = FakeTI()
+    op = operator(deferrable=True, s3_bucket=bucket.name)
+    deferred = defer(op, ti)
+
+    # Submitted once each, journaled before deferring: the journal holds every task id the trigger waits on.
+    assert submits(visual) == 3
+    task_prefix = bucket.keys()[0].rsplit("/_visual/", 1)[0]
+    journal = bucket.json(f"{task_prefix}/{JOURNAL_NAME}")["tasks"]
+    trigger = deferred.trigger
+    assert isinstance(trigger, JiMengVisualTrigger)
+    assert sorted(trigger.task_ids) == sorted(entry["task_id"] for entry in journal.values())
+    assert SECRET not in json.dumps(trigger.serialize()[1])
+
+    uris = resume(op, ti, deferred)
+
+    assert len(uris) == 3
+    assert all(uri.startswith(f"s3://{bucket.name}/{task_prefix}/p000") for uri in uris)
+    assert submits(visual) == 3, "collecting never submits"
+    assert visual.billed_images == 3
+    records = bucket.json(f"{task_prefix}/records.json")
+    assert [record["prompt"] for record in records["prompts"]] == PROMPTS
+    assert ti.xcoms["usage"]["generated_images"] == 3
+    assert ti.xcoms["storage"]["records"] == f"s3://{bucket.name}/{task_prefix}/records.json"
+    assert [image["uri"] for image in ti.xcoms["images"]] == uris
+
+
+@pytest.mark.parametrize("response_format", ["url", "b64_json"])
+def test_polled_on_the_worker_both_answer_kinds_are_stored(
+    visual: JiMengEmulator, bucket: Bucket, response_format: str
+) -> None:
+    ti = FakeTI()
+    uris = operator(deferrable=False, s3_bucket=bucket.name, response_format=response_format).execute({"ti": ti})  # type: ignore[arg-type]
+
+    assert len(uris) == 3
+    assert submits(visual) == 3
+    assert visual.billed_images == 3
+    for uri in uris:
+        assert bucket.read(uri.split("/", 3)[3])[:3] == b"\xff\xd8\xff", "a JPEG"
+
+
+def test_without_storage_the_worker_polls_and_hands_urls_downstream(visual: JiMengEmulator) -> None:
+    urls = operator(prompt="a red fox", deferrable=False, s3_bucket=None).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+
+    assert len(urls) == 1
+    assert urls[0].startswith("http://127.0.0.1")
+    assert visual.billed_images == 1
+
+
+def test_a_retry_after_the_worker_died_between_submit_and_defer_submits_nothing_again(
+    visual: JiMengEmulator, bucket: Bucket
+) -> None:
+    ti = FakeTI()
+    defer(operator(deferrable=True, s3_bucket=bucket.name), ti)  # the try "dies" here: the deferral is lost
+    assert submits(visual) == 3
+
+    retry = FakeTI(try_number=2, max_tries=2)
+    op = operator(deferrable=True, s3_bucket=bucket.name, retries=1)
+    deferred = defer(op, retry)
+    assert submits(visual) == 3, "the retry read the journal and waits on the same task ids"
+    uris = resume(op, retry, deferred)
+
+    assert len(uris) == 3
+    assert submits(visual) == 3
+    assert visual.billed_images == 3
+    assert len({entry.prompt for entry in visual.ledger}) == 3
+
+
+def test_a_task_that_never_finishes_fails_at_its_deadline_and_a_retry_polls_it_again(
+    make_visual_emulator: Callable[..., JiMengEmulator], connect_visual: Callable[..., None], bucket: Bucket
+) -> None:
+    slow = make_visual_emulator(latency=10_000)  # the clock is never moved: generating forever
+    connect_visual(slow)
+    op = operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name, poll_timeout=0.2)
+    with pytest.raises(JiMengGenerationIncompleteError, match="TaskDeadline"):
+        op.execute({"ti": FakeTI()})  # type: ignore[arg-type]
+
+    with pytest.raises(JiMengGenerationIncompleteError, match="TaskDeadline"):
+        operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name, poll_timeout=0.2).execute(
+            {"ti": FakeTI(try_number=2)}  # type: ignore[arg-type]
+        )
+    assert submits(slow) == 1, "never submitted twice"
+
+
+def test_an_expired_task_fails_its_prompt_and_is_not_submitted_again(
+    visual: JiMengEmulator, clock: Clock, bucket: Bucket
+) -> None:
+    ti = FakeTI()
+    op = operator(prompt="a red fox", deferrable=True, s3_bucket=bucket.name)
+    deferred = defer(op, ti)
+    clock.advance(12 * 3600 + 1)  # the triggerer was down for half a day
+
+    with pytest.raises(JiMengGenerationIncompleteError, match="TaskExpired"):
+        resume(op, ti, deferred)
+    assert ti.xcoms["usage"]["possibly_billed_images"] == 1
+    with pytest.raises(JiMengGenerationIncompleteError, match="TaskExpired"):
+        operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name).execute({"ti": FakeTI(try_number=2)})  # type: ignore[arg-type]
+    assert submits(visual) == 1
+
+
+def test_a_burst_of_50429_on_submit_is_absorbed(visual: JiMengEmulator, bucket: Bucket) -> None:
+    visual.inject(Fault("visual_error", code="50429", path=SUBMIT_FAULT_PATH, times=3))
+    ti = FakeTI()
+    uris = operator(deferrable=False, s3_bucket=bucket.name).execute({"ti": ti})  # type: ignore[arg-type]
+
+    assert len(uris) == 3
+    assert visual.billed_images == 3
+    assert ti.xcoms["usage"]["rate_limited"] == 3
+
+
+def test_a_wrong_secret_is_not_retried(
+    emulator: JiMengEmulator, connect_visual: Callable[..., None], bucket: Bucket
+) -> None:
+    connect_visual(emulator, secret="not-the-secret-at-all")
+    with pytest.raises(Exception, match="SignatureDoesNotMatch") as raised:
+        operator(deferrable=True, s3_bucket=bucket.name).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert not isinstance(raised.value, TaskDeferred)
+    assert submits(emulator) == 1, "a refused key pair is not retried, and no other prompt is sent"
+    assert emulator.billed_images == 0
+
+
+def test_deferrable_on_an_ark_connection_is_refused_before_any_request(
+    jimeng_conn: JiMengEmulator, bucket: Bucket
+) -> None:
+    op = JiMengGenerateOperator(task_id="gen", prompt="a red fox", deferrable=True, s3_bucket=bucket.name)
+    with pytest.raises(JiMengConfigurationError, match=r"deferrable.*Ark API.*idempotency"):
+        op.execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert jimeng_conn.requests == []
+
+
+def test_deferrable_without_storage_is_refused_before_any_request(visual: JiMengEmulator) -> None:
+    with pytest.raises(JiMengConfigurationError, match=r"deferrable.*s3_bucket or output_path"):
+        operator(deferrable=True).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert visual.requests == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "parameter"),
+    [
+        ({"guidance_scale": 5}, "guidance_scale"),
+        ({"image": "data:image/png;base64,AAAA"}, "image"),
+        ({"sequential_image_generation": "auto", "max_images": 4}, "max_images"),
+        ({"model": "doubao-seedream-4-0-250828"}, "model"),
+        ({"size": "512x512"}, "size"),
+    ],
+)
+def test_what_the_visual_api_does_not_take_is_refused_by_name(
+    visual: JiMengEmulator, kwargs: dict[str, Any], parameter: str
+) -> None:
+    with pytest.raises(JiMengConfigurationError) as raised:
+        operator(deferrable=False, **kwargs).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert raised.value.parameter == parameter
+    assert visual.requests == []
+
+
+def test_max_images_per_task_reserves_a_set_per_submit(visual: JiMengEmulator, bucket: Bucket) -> None:
+    op = operator(sequential_image_generation="auto", s3_bucket=bucket.name, max_images_per_task=20, deferrable=False)
+    with pytest.raises(JiMengConfigurationError, match="max_images_per_task"):
+        op.execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    assert visual.requests == []
+
+
+def test_the_watermark_choice_goes_in_the_poll(visual: JiMengEmulator, bucket: Bucket, caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    op = operator(prompt="a red fox", deferrable=True, s3_bucket=bucket.name, watermark=False)
+    deferred = defer(op, FakeTI())
+    trigger = deferred.trigger
+    assert isinstance(trigger, JiMengVisualTrigger)
+    assert trigger.req_json == {"return_url": True, "logo_info": {"add_logo": False}}
+    assert SECRET not in caplog.text
