@@ -60,6 +60,11 @@ class FakeTI:
         self.xcoms[key] = value
 
 
+def context(ti: FakeTI) -> Any:
+    """The task's context, as far as the operator reads it."""
+    return {"ti": ti}
+
+
 def operator(**kwargs: Any) -> JiMengGenerateOperator:
     kwargs.setdefault("prompt", PROMPTS)
     kwargs.setdefault("size", "1024x1024")
@@ -83,14 +88,17 @@ def fire(trigger: JiMengVisualTrigger, timeout: float = 20.0) -> dict[str, Any]:
 
 def defer(op: JiMengGenerateOperator, ti: FakeTI) -> TaskDeferred:
     with pytest.raises(TaskDeferred) as deferred:
-        op.execute({"ti": ti})  # type: ignore[arg-type]
+        op.execute(context(ti))
     return deferred.value
 
 
 def resume(op: JiMengGenerateOperator, ti: FakeTI, deferred: TaskDeferred) -> list[str]:
     """What Airflow does with a fired trigger: ``resume_execution`` with the event and the deferral's kwargs."""
-    event = fire(deferred.trigger)  # type: ignore[arg-type]
-    return op.resume_execution(deferred.method_name, {**(deferred.kwargs or {}), "event": event}, {"ti": ti})  # type: ignore[arg-type,no-any-return]
+    event = fire(deferred.trigger)
+    uris: list[str] = op.resume_execution(
+        deferred.method_name, {**(deferred.kwargs or {}), "event": event}, context(ti)
+    )
+    return uris
 
 
 @pytest.fixture
@@ -130,12 +138,14 @@ def test_deferrable_submits_journals_defers_then_stores_every_image(visual: JiMe
     assert [image["uri"] for image in ti.xcoms["images"]] == uris
 
 
+@pytest.mark.parametrize("deferrable", [False, True], ids=["on-the-worker", "deferred"])
 @pytest.mark.parametrize("response_format", ["url", "b64_json"])
-def test_polled_on_the_worker_both_answer_kinds_are_stored(
-    visual: JiMengEmulator, bucket: Bucket, response_format: str
+def test_both_answer_kinds_are_stored_deferred_or_not(
+    visual: JiMengEmulator, bucket: Bucket, response_format: str, deferrable: bool
 ) -> None:
     ti = FakeTI()
-    uris = operator(deferrable=False, s3_bucket=bucket.name, response_format=response_format).execute({"ti": ti})  # type: ignore[arg-type]
+    op = operator(deferrable=deferrable, s3_bucket=bucket.name, response_format=response_format)
+    uris = resume(op, ti, defer(op, ti)) if deferrable else op.execute(context(ti))
 
     assert len(uris) == 3
     assert submits(visual) == 3
@@ -145,7 +155,7 @@ def test_polled_on_the_worker_both_answer_kinds_are_stored(
 
 
 def test_without_storage_the_worker_polls_and_hands_urls_downstream(visual: JiMengEmulator) -> None:
-    urls = operator(prompt="a red fox", deferrable=False, s3_bucket=None).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+    urls = operator(prompt="a red fox", deferrable=False, s3_bucket=None).execute(context(FakeTI()))
 
     assert len(urls) == 1
     assert urls[0].startswith("http://127.0.0.1")
@@ -178,11 +188,11 @@ def test_a_task_that_never_finishes_fails_at_its_deadline_and_a_retry_polls_it_a
     connect_visual(slow)
     op = operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name, poll_timeout=0.2)
     with pytest.raises(JiMengGenerationIncompleteError, match="TaskDeadline"):
-        op.execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        op.execute(context(FakeTI()))
 
     with pytest.raises(JiMengGenerationIncompleteError, match="TaskDeadline"):
         operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name, poll_timeout=0.2).execute(
-            {"ti": FakeTI(try_number=2)}  # type: ignore[arg-type]
+            context(FakeTI(try_number=2))
         )
     assert submits(slow) == 1, "never submitted twice"
 
@@ -199,14 +209,14 @@ def test_an_expired_task_fails_its_prompt_and_is_not_submitted_again(
         resume(op, ti, deferred)
     assert ti.xcoms["usage"]["possibly_billed_images"] == 1
     with pytest.raises(JiMengGenerationIncompleteError, match="TaskExpired"):
-        operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name).execute({"ti": FakeTI(try_number=2)})  # type: ignore[arg-type]
+        operator(prompt="a red fox", deferrable=False, s3_bucket=bucket.name).execute(context(FakeTI(try_number=2)))
     assert submits(visual) == 1
 
 
 def test_a_burst_of_50429_on_submit_is_absorbed(visual: JiMengEmulator, bucket: Bucket) -> None:
     visual.inject(Fault("visual_error", code="50429", path=SUBMIT_FAULT_PATH, times=3))
     ti = FakeTI()
-    uris = operator(deferrable=False, s3_bucket=bucket.name).execute({"ti": ti})  # type: ignore[arg-type]
+    uris = operator(deferrable=False, s3_bucket=bucket.name).execute(context(ti))
 
     assert len(uris) == 3
     assert visual.billed_images == 3
@@ -218,7 +228,7 @@ def test_a_wrong_secret_is_not_retried(
 ) -> None:
     connect_visual(emulator, secret="not-the-secret-at-all")
     with pytest.raises(Exception, match="SignatureDoesNotMatch") as raised:
-        operator(deferrable=True, s3_bucket=bucket.name).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        operator(deferrable=True, s3_bucket=bucket.name).execute(context(FakeTI()))
     assert not isinstance(raised.value, TaskDeferred)
     assert submits(emulator) == 1, "a refused key pair is not retried, and no other prompt is sent"
     assert emulator.billed_images == 0
@@ -229,13 +239,13 @@ def test_deferrable_on_an_ark_connection_is_refused_before_any_request(
 ) -> None:
     op = JiMengGenerateOperator(task_id="gen", prompt="a red fox", deferrable=True, s3_bucket=bucket.name)
     with pytest.raises(JiMengConfigurationError, match=r"deferrable.*Ark API.*idempotency"):
-        op.execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        op.execute(context(FakeTI()))
     assert jimeng_conn.requests == []
 
 
 def test_deferrable_without_storage_is_refused_before_any_request(visual: JiMengEmulator) -> None:
     with pytest.raises(JiMengConfigurationError, match=r"deferrable.*s3_bucket or output_path"):
-        operator(deferrable=True).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        operator(deferrable=True).execute(context(FakeTI()))
     assert visual.requests == []
 
 
@@ -253,7 +263,7 @@ def test_what_the_visual_api_does_not_take_is_refused_by_name(
     visual: JiMengEmulator, kwargs: dict[str, Any], parameter: str
 ) -> None:
     with pytest.raises(JiMengConfigurationError) as raised:
-        operator(deferrable=False, **kwargs).execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        operator(deferrable=False, **kwargs).execute(context(FakeTI()))
     assert raised.value.parameter == parameter
     assert visual.requests == []
 
@@ -261,7 +271,7 @@ def test_what_the_visual_api_does_not_take_is_refused_by_name(
 def test_max_images_per_task_reserves_a_set_per_submit(visual: JiMengEmulator, bucket: Bucket) -> None:
     op = operator(sequential_image_generation="auto", s3_bucket=bucket.name, max_images_per_task=20, deferrable=False)
     with pytest.raises(JiMengConfigurationError, match="max_images_per_task"):
-        op.execute({"ti": FakeTI()})  # type: ignore[arg-type]
+        op.execute(context(FakeTI()))
     assert visual.requests == []
 
 
@@ -273,3 +283,30 @@ def test_the_watermark_choice_goes_in_the_poll(visual: JiMengEmulator, bucket: B
     assert isinstance(trigger, JiMengVisualTrigger)
     assert trigger.req_json == {"return_url": True, "logo_info": {"add_logo": False}}
     assert SECRET not in caplog.text
+
+
+def test_the_decorated_function_runs_once_and_its_prompts_survive_the_deferral(
+    visual: JiMengEmulator, bucket: Bucket
+) -> None:
+    from airflow_provider_jimeng.decorators.jimeng import _JiMengDecoratedOperator
+
+    calls: list[int] = []
+
+    def prompts() -> dict[str, Any]:
+        calls.append(1)
+        return {"prompt": [f"a fox, take {len(calls)}", "a lighthouse"], "s3_bucket": bucket.name}
+
+    op = _JiMengDecoratedOperator(
+        task_id="gen", python_callable=prompts, jimeng_conn_id=CONN_ID, deferrable=True, poll_interval=0.01
+    )
+    ti = FakeTI()
+    deferred = defer(op, ti)
+    assert deferred.kwargs is not None
+    assert deferred.kwargs["fields"]["prompt"] == ["a fox, take 1", "a lighthouse"]
+
+    op.prompt, op.s3_bucket = None, None  # a resumed task is a fresh operator: only the kwargs carry them
+    uris = resume(op, ti, deferred)
+
+    assert len(uris) == 2
+    assert calls == [1], "the function is not called again on resume"
+    assert sorted(entry.prompt for entry in visual.ledger) == ["a fox, take 1", "a lighthouse"]
