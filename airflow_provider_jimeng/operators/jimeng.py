@@ -167,7 +167,7 @@ class JiMengGenerateOperator(BaseOperator):
     operator_extra_links = (JiMengImagesLink(),)
     # The active run holds threads and locks, which cannot be deep-copied; Airflow deep-copies operators
     # (DAG.partial_subset, and Airflow 3.0 when converting a DAG for dag.test()).
-    shallow_copy_attrs: Sequence[str] = ("_active_run",)
+    shallow_copy_attrs: Sequence[str] = ("_active_run", "_submitting", "_jimeng_conn")
     # Not shown in the UI: what the try wrote, kept for the OpenLineage methods (docs/lineage.md).
     _lineage: RunLineage | None = None
     #: Template fields shown redacted between rendering and execute: name -> (real value, shown value).
@@ -255,6 +255,8 @@ class JiMengGenerateOperator(BaseOperator):
         self._deferred_fields: dict[str, Any] = {}
         #: The ``jimeng`` connection, once looked up by execute.
         self._jimeng_conn: Any = None
+        #: The Visual API client while it submits, so that on_kill can stop it.
+        self._submitting: VisualClient | None = None
         #: The first image of a successful run, for the "JiMeng images" link (``None`` until then).
         self.images_link_target: str | None = None
         #: The try in progress, so that on_kill can stop it (``None`` outside execute).
@@ -529,6 +531,7 @@ class JiMengGenerateOperator(BaseOperator):
             ]
             return self._dry_run(shown, keyspace)
         reuse_from = self._visual_reuse_from(context, options)
+        self._submitting = client  # on_kill stops the submits at once
         try:
             existing = store.existing_keys(first=True) if store is not None else {}
             journal = VisualJournal(store).load(existing)
@@ -554,6 +557,8 @@ class JiMengGenerateOperator(BaseOperator):
         except BaseException:
             client.close()
             raise
+        finally:
+            self._submitting = None
         if deferrable and waiting:
             req_json = self._visual_req_json(generation, client)
             client.close()
@@ -945,6 +950,9 @@ class JiMengGenerateOperator(BaseOperator):
         A command waiting on a shared Redis that stopped answering ends at once too; S3 calls under way
         end within their bounds, and later ones get one short attempt each (docs/faults.md).
         """
+        submitting = self._submitting
+        if submitting is not None:
+            submitting.close()  # no further Visual API submit; those journaled are waited on by a retry
         run = self._active_run
         if run is not None:
             run.stop("on_kill")

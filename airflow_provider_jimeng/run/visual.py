@@ -266,6 +266,9 @@ def submit_prompts(
         try:
             task_id = client.submit(body)
         except JiMengAPIError as error:
+            if error.code == "Stopped":  # on_kill closed the client before this submit was sent
+                reservation.release()
+                raise
             if error.possibly_billed or error.code in ("50500", "50501"):
                 reservation.keep_as_possible()
                 journal.record(dataclasses.replace(entry, possibly_billed=images, error=str(error)[:300]))
