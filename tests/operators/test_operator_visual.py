@@ -310,3 +310,68 @@ def test_the_decorated_function_runs_once_and_its_prompts_survive_the_deferral(
     assert len(uris) == 2
     assert calls == [1], "the function is not called again on resume"
     assert sorted(entry.prompt for entry in visual.ledger) == ["a fox, take 1", "a lighthouse"]
+
+
+def test_a_triggerer_restarted_mid_poll_waits_on_the_same_tasks(
+    make_visual_emulator: Callable[..., JiMengEmulator],
+    connect_visual: Callable[..., None],
+    clock: Clock,
+    bucket: Bucket,
+) -> None:
+    slow = make_visual_emulator(latency=30)
+    connect_visual(slow)
+    ti = FakeTI()
+    op = operator(deferrable=True, s3_bucket=bucket.name)
+    deferred = defer(op, ti)
+    with pytest.raises(TimeoutError):
+        fire(deferred.trigger, timeout=0.3)  # the triggerer dies while the tasks are generating
+    clock.advance(31)  # one image each, 30 s per image
+
+    uris = resume(op, ti, deferred)  # a new triggerer, rebuilt from the same kwargs
+
+    assert len(uris) == 3
+    assert submits(slow) == 3
+    assert slow.billed_images == 3
+
+
+def test_a_submit_whose_answer_was_lost_is_counted_and_the_others_are_collected(
+    visual: JiMengEmulator, bucket: Bucket
+) -> None:
+    visual.inject(Fault("reset_mid_body", path=SUBMIT_FAULT_PATH))
+    ti = FakeTI()
+    op = operator(deferrable=True, s3_bucket=bucket.name)
+    deferred = defer(op, ti)
+    trigger = deferred.trigger
+    assert isinstance(trigger, JiMengVisualTrigger)
+    assert len(trigger.task_ids) == 2, "the lost submit has no task id to wait on"
+
+    with pytest.raises(JiMengGenerationIncompleteError, match="SubmitFailed"):
+        resume(op, ti, deferred)
+    usage = ti.xcoms["usage"]
+    assert usage["generated_images"] == 2
+    assert usage["possibly_billed_images"] == 1
+    assert visual.billed_images == 3, "the emulator billed the task whose id never came"
+    assert len(ti.xcoms["images"]) == 2
+
+
+def test_a_cleared_task_after_success_submits_nothing(visual: JiMengEmulator, bucket: Bucket) -> None:
+    first = operator(deferrable=False, s3_bucket=bucket.name).execute(context(FakeTI()))
+    again = operator(deferrable=False, s3_bucket=bucket.name).execute(context(FakeTI(try_number=2, max_tries=2)))
+
+    assert again == first
+    assert submits(visual) == 3
+    assert visual.billed_images == 3
+
+
+def test_the_secret_stays_out_of_the_journal_xcoms_and_trigger(visual: JiMengEmulator, bucket: Bucket) -> None:
+    ti = FakeTI()
+    op = operator(deferrable=True, s3_bucket=bucket.name)
+    deferred = defer(op, ti)
+    resume(op, ti, deferred)
+
+    names = bucket.keys(prefix="jimeng/")
+    stored = [bucket.read(name) for name in names if name.endswith(".json")]
+    assert stored
+    assert not any(SECRET.encode() in data for data in stored)
+    assert SECRET not in json.dumps(ti.xcoms, default=str)
+    assert SECRET not in json.dumps(deferred.trigger.serialize()[1])
