@@ -66,7 +66,7 @@ from airflow_provider_jimeng.run.visual import (
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
-from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
+from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage, committed_images
 from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_s3_hook
 from airflow_provider_jimeng.triggers.visual import DEFAULT_POLL_INTERVAL, JiMengVisualTrigger
 
@@ -537,6 +537,11 @@ class JiMengGenerateOperator(BaseOperator):
             journal = VisualJournal(store).load(existing)
             replacing = options.replace and reuse_from == getattr(context["ti"], "try_number", None)
             stored = {} if store is None or replacing else self._stored_prompts(store, existing, reuse_from)
+            cap = SpendingCap(options.max_images_per_task)
+            if store is not None and options.max_images_per_task is not None:
+                # What earlier tries of this budget billed or possibly billed counts, as on the Ark path.
+                earlier = store.read_earlier(existing, len(bodies)).tries.values()
+                cap.carry(committed_images(earlier, self._first_try_of_run(context)))
             self.log.info(
                 "Submitting %d prompt(s) to the Visual API (%s), into %s",
                 len(prompts),
@@ -548,7 +553,7 @@ class JiMengGenerateOperator(BaseOperator):
                 bodies,
                 journal,
                 skip=lambda index, fingerprint: stored.get(index) == fingerprint,
-                spending_cap=SpendingCap(options.max_images_per_task),
+                spending_cap=cap,
                 try_number=getattr(context["ti"], "try_number", None),
                 reuse_from=reuse_from,
                 poll_timeout=self.poll_timeout,

@@ -375,3 +375,34 @@ def test_the_secret_stays_out_of_the_journal_xcoms_and_trigger(visual: JiMengEmu
     assert not any(SECRET.encode() in data for data in stored)
     assert SECRET not in json.dumps(ti.xcoms, default=str)
     assert SECRET not in json.dumps(deferred.trigger.serialize()[1])
+
+
+@pytest.mark.parametrize(("limit", "resubmitted"), [(3, False), (4, True)])
+def test_a_retry_resubmits_a_lost_submit_only_within_max_images_per_task(
+    visual: JiMengEmulator, bucket: Bucket, limit: int, resubmitted: bool
+) -> None:
+    visual.inject(Fault("reset_mid_body", path=SUBMIT_FAULT_PATH))
+    with pytest.raises(JiMengGenerationIncompleteError, match="SubmitFailed"):
+        operator(deferrable=False, s3_bucket=bucket.name, max_images_per_task=limit, retries=1).execute(
+            context(FakeTI())
+        )
+    assert submits(visual) == 3
+
+    retry = operator(deferrable=False, s3_bucket=bucket.name, max_images_per_task=limit, retries=1)
+    if resubmitted:
+        assert len(retry.execute(context(FakeTI(try_number=2, max_tries=1)))) == 3
+    else:
+        with pytest.raises(JiMengConfigurationError, match="max_images_per_task"):
+            retry.execute(context(FakeTI(try_number=2, max_tries=1)))
+    assert submits(visual) == 3 + resubmitted, "only the lost prompt, and only within the cap"
+
+
+def test_default_deferrable_defers_visual_tasks_and_leaves_ark_ones_synchronous(
+    visual: JiMengEmulator, jimeng_conn: JiMengEmulator, bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE", "True")
+    defer(operator(prompt="a red fox", s3_bucket=bucket.name), FakeTI())
+    ark = JiMengGenerateOperator(task_id="ark", prompt="a red fox", s3_bucket=bucket.name)
+
+    assert len(ark.execute(context(FakeTI(task_id="ark")))) == 1
+    assert jimeng_conn.billed_images == 1
