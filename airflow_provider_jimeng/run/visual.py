@@ -394,14 +394,15 @@ class VisualTaskSource:
         if index is None:
             raise JiMengTimeoutError("no Visual API task for this request (not submitted)", code="NotSubmitted")
         cap = spending_cap or SpendingCap()
+        fingerprint = prompt_fingerprint(body)
         entry = self.journal.entries.get(index)
-        if entry is not None and entry.task_id is None and entry.error is not None:
+        if entry is not None and entry.fingerprint == fingerprint and entry.task_id is None and entry.error is not None:
             # This try's submit failed (possibly billed when its answer never came): the prompt's failure.
             cap.reserve(0).settle(0, entry.possibly_billed)
             raise JiMengTimeoutError(
                 f"the submit failed: {entry.error}", code="SubmitFailed", possibly_billed=entry.possibly_billed > 0
             )
-        entry = self.journal.usable(index, prompt_fingerprint(body), self.reuse_from)
+        entry = self.journal.usable(index, fingerprint, self.reuse_from)
         if entry is None or entry.task_id is None:
             raise JiMengTimeoutError(
                 "no journaled Visual API task for this prompt (not submitted)", code="NotSubmitted"
