@@ -406,3 +406,9 @@ def test_default_deferrable_defers_visual_tasks_and_leaves_ark_ones_synchronous(
 
     assert len(ark.execute(context(FakeTI(task_id="ark")))) == 1
     assert jimeng_conn.billed_images == 1
+
+
+def test_a_dry_run_sends_nothing(visual: JiMengEmulator, bucket: Bucket) -> None:
+    assert operator(deferrable=True, s3_bucket=bucket.name, dry_run=True).execute(context(FakeTI())) == []
+    assert visual.requests == []
+    assert bucket.keys(prefix="jimeng/") == []
