@@ -67,8 +67,6 @@ __all__ = [
 JOURNAL_NAME = "_visual/tasks.json"
 #: ``size`` presets of the Ark API, as the Visual API's pixel areas.
 _SIZE_AREAS = {"1K": 1024 * 1024, "2K": 2048 * 2048, "4K": 4096 * 4096}
-#: The longest wait between two polls of a task on the worker.
-MAX_POLL_WAIT = 60.0
 
 
 # -- the submit bodies ----------------------------------------------------------------------------------
@@ -331,8 +329,8 @@ class _ImageDownloads(JiMengHook):
 class VisualTaskSource:
     """Answers a :class:`GenerationRun`'s ``send`` with the prompt's journaled Visual API task.
 
-    ``wait=True`` (on a worker without a triggerer) polls with backoff until the task is finished or its
-    deadline has passed; ``wait=False`` (resumed after the trigger fired) polls once. Never submits.
+    ``wait=True`` (on a worker without a triggerer) polls every ``poll_interval`` until the task is finished
+    or its deadline has passed; ``wait=False`` (resumed after the trigger fired) polls once. Never submits.
     """
 
     def __init__(
@@ -442,7 +440,6 @@ class VisualTaskSource:
 
     def _poll(self, entry: TaskEntry) -> VisualTaskResult:
         assert entry.task_id is not None
-        wait = self.poll_interval
         while True:
             try:
                 outcome = self.client.poll(entry.task_id, self.req_json)
@@ -453,6 +450,6 @@ class VisualTaskSource:
             remaining = entry.deadline - time.time()
             if outcome.finished or not self.wait or remaining <= 0:
                 return outcome
-            if self._stop.wait(min(wait, remaining)):
+            # Every poll_interval, as the trigger does (polls are free; the client backs off on 50429/50430).
+            if self._stop.wait(min(self.poll_interval, remaining)):
                 raise JiMengTimeoutError("the task was stopped while polling", code="Stopped")
-            wait = min(wait * 1.5, max(self.poll_interval, MAX_POLL_WAIT))
