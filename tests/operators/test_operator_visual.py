@@ -412,3 +412,52 @@ def test_a_dry_run_sends_nothing(visual: JiMengEmulator, bucket: Bucket) -> None
     assert operator(deferrable=True, s3_bucket=bucket.name, dry_run=True).execute(context(FakeTI())) == []
     assert visual.requests == []
     assert bucket.keys(prefix="jimeng/") == []
+
+
+def test_a_worker_sigkilled_after_journaling_leaves_its_tasks_to_the_retry(
+    make_visual_emulator: Callable[..., JiMengEmulator],
+    connect_visual: Callable[..., None],
+    clock: Clock,
+    bucket: Bucket,
+    tmp_path: Any,
+) -> None:
+    """A real task process, killed with SIGKILL once its task ids are journaled (before it could defer or
+    finish polling): the retry waits on the same tasks, and the ledger shows each prompt submitted once."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.faults.conftest import wait_for
+
+    slow = make_visual_emulator(latency=60)  # generating until the test moves the clock
+    connect_visual(slow)
+    prompts = PROMPTS[:2]
+    script = (
+        "from tests.operators.test_operator_visual import FakeTI, context, operator\n"
+        f"operator(prompt={prompts!r}, deferrable=False, s3_bucket={bucket.name!r}).execute(context(FakeTI()))\n"
+    )
+    log = (tmp_path / "task.log").open("w")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def journaled() -> bool:
+            keys = [key for key in bucket.keys(prefix="jimeng/") if key.endswith(JOURNAL_NAME)]
+            return bool(keys) and sum(1 for e in bucket.json(keys[0])["tasks"].values() if e["task_id"]) == 2
+
+        assert wait_for(journaled, timeout=60), (tmp_path / "task.log").read_text()[-2000:]
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+        log.close()
+    assert submits(slow) == 2
+
+    clock.advance(61)
+    retry = FakeTI(try_number=2, max_tries=1)
+    op = operator(prompt=prompts, deferrable=True, s3_bucket=bucket.name, retries=1)
+    uris = resume(op, retry, defer(op, retry))
+
+    assert len(uris) == 2
+    assert submits(slow) == 2, "nothing submitted twice"
+    assert slow.billed_images == 2
