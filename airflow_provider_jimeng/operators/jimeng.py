@@ -605,6 +605,7 @@ class JiMengGenerateOperator(BaseOperator):
         wait: bool,
     ) -> list[str]:
         """Fetch and store the journaled tasks' images through the Ark path's run: same records and XComs."""
+        try_number = getattr(context["ti"], "try_number", None)
         source = VisualTaskSource(
             client,
             journal,
@@ -613,6 +614,8 @@ class JiMengGenerateOperator(BaseOperator):
             reuse_from=self._visual_reuse_from(context, options),
             wait=wait,
             poll_interval=self.poll_interval,
+            # Resumed from a deferral: this try's submits were made (and counted) before it deferred.
+            earlier_submits=0 if wait else journal.submitted_by(try_number),
         )
         run = GenerationRun(
             hook=source,  # type: ignore[arg-type]  # answers send/open_image/stats as the hook does
@@ -621,7 +624,7 @@ class JiMengGenerateOperator(BaseOperator):
             options=options,
             spending_cap=SpendingCap(options.max_images_per_task),
             log=self.log,
-            try_number=getattr(context["ti"], "try_number", None),
+            try_number=try_number,
             budget_first_try=self._first_try_of_run(context),
             replace_from=self._first_try_of_run(context) if options.replace else None,
         )

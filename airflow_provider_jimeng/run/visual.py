@@ -215,6 +215,10 @@ class VisualJournal:
             with contextlib.suppress(JiMengStorageError):
                 self.record(dataclasses.replace(entry, resubmit=True))
 
+    def submitted_by(self, try_number: int | None) -> int:
+        """Prompts submitted by try ``try_number`` (a task id or a failed submit journaled)."""
+        return sum(1 for entry in self.entries.values() if try_number is not None and entry.try_number == try_number)
+
     def usable(self, index: int, fingerprint: str, reuse_from: int | None) -> TaskEntry | None:
         entry = self.entries.get(index)
         return entry if entry is not None and entry.usable(fingerprint, reuse_from) else None
@@ -343,8 +347,11 @@ class VisualTaskSource:
         reuse_from: int | None,
         wait: bool,
         poll_interval: float = 10.0,
+        earlier_submits: int = 0,
     ) -> None:
         self.client = client
+        #: Submits this try made before it deferred (another process's client counted them).
+        self.earlier_submits = earlier_submits
         self.journal = journal
         self.req_json = dict(req_json)
         self.reuse_from = reuse_from
@@ -359,7 +366,7 @@ class VisualTaskSource:
     def stats(self) -> dict[str, int]:
         stats = self.client.stats
         return {
-            "attempts": stats["submit_attempts"],
+            "attempts": stats["submit_attempts"] + self.earlier_submits,
             "rate_limited": stats["rate_limited"],
             "retries": stats["retries"],
         }

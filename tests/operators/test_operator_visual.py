@@ -134,6 +134,7 @@ def test_deferrable_submits_journals_defers_then_stores_every_image(visual: JiMe
     records = bucket.json(f"{task_prefix}/records.json")
     assert [record["prompt"] for record in records["prompts"]] == PROMPTS
     assert ti.xcoms["usage"]["generated_images"] == 3
+    assert ti.xcoms["usage"]["attempts"] == 3, "the submits made before deferring are counted"
     assert ti.xcoms["storage"]["records"] == f"s3://{bucket.name}/{task_prefix}/records.json"
     assert [image["uri"] for image in ti.xcoms["images"]] == uris
 
