@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --output demo-output
+	$(BIN)/python scripts/demo.py --output demo-output $(if $(API),--api $(API))
 
 # The bench extra (matplotlib, for the scaling plot; Pillow and Playwright for P8) goes into the same venv
 # on demand. P5 (the shared account limit) needs a real Redis: Debian's redis-server, installed when missing

@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
+from airflow_provider_jimeng.emulator.pytest_plugin import make_jimeng_emulator  # noqa: F401  (a fixture)
 from tests.dag_runs import run_dag_test
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +117,7 @@ def test_every_example_parses_with_tags_and_docs() -> None:
         "jimeng_content_pipeline",
         "jimeng_mapped_generation",
         "jimeng_reference_edit_and_sets",
+        "jimeng_visual_deferrable",
     }
     for dag in bag.dags.values():
         assert dag.tags, f"{dag.dag_id} has no tags"
@@ -239,6 +241,32 @@ def test_mapped_generation(jimeng_conn: JiMengEmulator, s3_bucket: str, s3_clien
 
     assert xcom(dag_run, "summarize") == {"scenes": 6, "banners": 3}
     assert jimeng_conn.billed_images == len(images) == 9
+
+
+@dag_test
+def test_visual_deferrable_defers_and_stores_each_image_once(
+    make_jimeng_emulator: Any,  # noqa: F811  (the fixture imported above)
+    s3_bucket: str,
+    s3_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.visual_fixtures import ACCESS_KEY_ID, SECRET, submits, visual_connection_json
+
+    emulator = make_jimeng_emulator(access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET)
+    monkeypatch.setenv("AIRFLOW_CONN_JIMENG_VISUAL", visual_connection_json(emulator.root_url))
+    dag_run = run_example("jimeng_visual_deferrable", bucket=s3_bucket, topics=["a paper boat", "a teapot"])
+
+    uris = xcom(dag_run, "generate")
+    assert len(uris) == 2
+    images = objects(s3_client, s3_bucket, ".jpeg")
+    assert sorted(f"s3://{s3_bucket}/{key}" for key in images) == sorted(uris)
+    assert all(pixel_size(data) == (2048, 2048) for data in images.values())
+    journals = objects(s3_client, s3_bucket, "_visual/tasks.json")
+    (journal,) = journals.values()
+    assert len(json.loads(journal)["tasks"]) == 2, "every task id was journaled before deferring"
+    assert submits(emulator) == 2
+    assert emulator.billed_images == 2
+    assert xcom(dag_run, "report") == 2
 
 
 @dag_test

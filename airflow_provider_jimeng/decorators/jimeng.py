@@ -21,11 +21,12 @@ from airflow_provider_jimeng.options import MAX_EXTRA_BODY_DEPTH, nested_deeper_
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-#: Parameters the decorated function may set by returning a dict.
+#: Parameters the decorated function may set by returning a dict (``deferrable`` is how the task runs,
+#: chosen where it is declared: it decides what the try does before the function could be called again).
 RETURNABLE_PARAMETERS = frozenset(
     name
     for name in inspect.signature(JiMengGenerateOperator.__init__).parameters
-    if name not in ("self", "kwargs", "jimeng_conn_id", "aws_conn_id", "output_conn_id")
+    if name not in ("self", "kwargs", "jimeng_conn_id", "aws_conn_id", "output_conn_id", "deferrable")
 )
 
 
@@ -62,6 +63,24 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
         super().__init__(python_callable=python_callable, op_args=op_args, op_kwargs=op_kwargs, **kwargs)
 
     def execute(self, context: Context) -> Any:
+        self._apply_function(context)
+        return JiMengGenerateOperator.execute(self, context)
+
+    def execute_complete(
+        self, context: Context, event: Mapping[str, Any] | None = None, fields: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """Resumed from a deferral: with what the function set before (carried in the deferral's kwargs).
+
+        ``dag.test()`` drops those kwargs (Airflow's triggerer keeps them): the function is called again
+        then. Its prompts must match the journaled ones to be collected; nothing is ever submitted here.
+        """
+        if fields is None:
+            self._apply_function(context)
+            fields = self._deferred_fields
+        return JiMengGenerateOperator.execute_complete(self, context, event, fields)
+
+    def _apply_function(self, context: Context) -> None:
+        """Call the function and set what it returned (prompts, or a dict of parameters)."""
         context_merge(context, self.op_kwargs)
         kwargs = determine_kwargs(self.python_callable, self.op_args, context)
         returned = self.python_callable(*self.op_args, **kwargs)
@@ -98,9 +117,14 @@ class _JiMengDecoratedOperator(DecoratedOperator, JiMengGenerateOperator):
                 self.storage_requested = True
             if "output_path" in returned:
                 self.output_requested = True
+            carried = {name: value for name, value in returned.items() if value is not None}
+            for flag in ("storage_requested", "output_requested"):
+                carried[flag] = getattr(self, flag)
         else:
             self.prompt = returned
-        return JiMengGenerateOperator.execute(self, context)
+            carried = {"prompt": returned}
+        # A deferred task resumes in execute_complete without calling the function again: what it set goes along.
+        self._deferred_fields = carried
 
 
 def jimeng_task(python_callable: Callable[..., Any] | None = None, **kwargs: Any) -> TaskDecorator:

@@ -37,6 +37,14 @@ from airflow_provider_jimeng.exceptions import (
 )
 from airflow_provider_jimeng.hooks.connection_config import refused_key_message, wrong_path_message
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.hooks.visual import (
+    VISUAL_API,
+    VisualClient,
+    build_req_json,
+    connection_api,
+    max_images_billed_visual,
+    visual_config,
+)
 from airflow_provider_jimeng.lineage import RunLineage, find_prompt_file, group_images
 from airflow_provider_jimeng.links.jimeng import JiMengImagesLink
 from airflow_provider_jimeng.options import (
@@ -50,11 +58,18 @@ from airflow_provider_jimeng.options import (
 )
 from airflow_provider_jimeng.redaction import redact_value
 from airflow_provider_jimeng.run.engine import GenerationRun
+from airflow_provider_jimeng.run.visual import (
+    VisualJournal,
+    VisualTaskSource,
+    submit_prompts,
+    visual_submit_bodies,
+)
 from airflow_provider_jimeng.storage.base import ImageStore
 from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
-from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage
+from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage, committed_images
 from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_s3_hook
+from airflow_provider_jimeng.triggers.visual import DEFAULT_POLL_INTERVAL, JiMengVisualTrigger
 
 #: What native rendering may turn into a number: decimal digits, a sign, a point (no 0x, e, _).
 _PLAIN_DECIMAL = re.compile(r"^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$", re.ASCII)
@@ -126,6 +141,15 @@ class JiMengGenerateOperator(BaseOperator):
         (templated)
     :param extra_body: extra JSON fields for gateways (for example ``n``, counted as images per request);
         named fields cannot be overridden. (templated)
+    :param deferrable: on a Visual API connection (extra ``api: visual``): submit every prompt, journal
+        the task ids in the task's storage, then free the worker slot while Airflow's triggerer waits
+        (:class:`~airflow_provider_jimeng.triggers.visual.JiMengVisualTrigger`); the task resumes to store
+        the images. Needs ``s3_bucket`` or ``output_path``. ``None``: Airflow's ``[operators]
+        default_deferrable`` on a Visual API connection, ``False`` on an Ark one (whose answer carries the
+        images: it cannot be deferred). See docs/visual-api.md.
+    :param poll_interval: Visual API: seconds between polls of the tasks (on the worker or the triggerer).
+    :param poll_timeout: Visual API: give up on a task this many seconds after its submit (default: its
+        12 h expiry); a retry polls it again, never re-submits it.
     """
 
     template_fields: Sequence[str] = (
@@ -144,7 +168,7 @@ class JiMengGenerateOperator(BaseOperator):
     operator_extra_links = (JiMengImagesLink(),)
     # The active run holds threads and locks, which cannot be deep-copied; Airflow deep-copies operators
     # (DAG.partial_subset, and Airflow 3.0 when converting a DAG for dag.test()).
-    shallow_copy_attrs: Sequence[str] = ("_active_run",)
+    shallow_copy_attrs: Sequence[str] = ("_active_run", "_submitting", "_jimeng_conn")
     # Not shown in the UI: what the try wrote, kept for the OpenLineage methods (docs/lineage.md).
     _lineage: RunLineage | None = None
     #: Template fields shown redacted between rendering and execute: name -> (real value, shown value).
@@ -182,6 +206,9 @@ class JiMengGenerateOperator(BaseOperator):
         dry_run: bool | str = False,
         max_images_per_task: int | str | None = None,
         extra_body: Mapping[str, Any] | str | None = None,
+        deferrable: bool | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        poll_timeout: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -222,6 +249,15 @@ class JiMengGenerateOperator(BaseOperator):
         self.dry_run = dry_run  # type: ignore[method-assign,assignment]
         self.max_images_per_task = max_images_per_task
         self.extra_body = extra_body
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        self.poll_timeout = poll_timeout
+        #: Fields ``@task.jimeng``'s function set, carried through a deferral to ``execute_complete``.
+        self._deferred_fields: dict[str, Any] = {}
+        #: The ``jimeng`` connection, once looked up by execute.
+        self._jimeng_conn: Any = None
+        #: The Visual API client while it submits, so that on_kill can stop it.
+        self._submitting: VisualClient | None = None
         #: The first image of a successful run, for the "JiMeng images" link (``None`` until then).
         self.images_link_target: str | None = None
         #: The try in progress, so that on_kill can stop it (``None`` outside execute).
@@ -362,21 +398,13 @@ class JiMengGenerateOperator(BaseOperator):
     def _execute(self, context: Context) -> list[str]:
         self._lineage = None
         prompts, generation, options = self.checked_parameters()
+        if self._speaks_visual_api():
+            return self._execute_visual(context, prompts, generation, options)
         if generation.response_format == "b64_json":
             return_image_blocks_to_the_os()
         keyspace = self._keyspace(context, options, generation) if options.stores else None
         with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
-            # The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon
-            # provider walks the caller's stack, with source lines, for its user agent): build it
-            # beside the JiMeng hook and the request bodies, on a thread whose stack is short.
-            opening: Future[ImageStore] | None = None
-            if keyspace is not None and options.output_path is not None:
-                # The filesystem (and its connection) is looked up here: only this thread talks to Airflow.
-                opening = setup.submit(
-                    ObjectImageStore, self._filesystem(options), keyspace, conn_id=options.output_conn_id
-                )
-            elif keyspace is not None:
-                opening = setup.submit(S3ImageStore, self._s3_hook(options), keyspace)
+            opening = self._open_store(setup, options, keyspace)
             hook = JiMengHook(
                 self.jimeng_conn_id,
                 max_images_per_minute=options.max_images_per_minute,
@@ -384,14 +412,7 @@ class JiMengGenerateOperator(BaseOperator):
             )
             bodies = self._build_bodies(hook, generation, prompts)
             per_prompt = [hook.images_billed(body) for body in bodies]
-            planned = sum(per_prompt)
-            if options.max_images_per_task is not None and planned > options.max_images_per_task:
-                raise JiMengConfigurationError(
-                    "max_images_per_task",
-                    f"this run could bill up to {planned} images ({len(prompts)} prompt(s) x up to "
-                    f"{max(per_prompt)} each), above the limit of {options.max_images_per_task}; "
-                    "lower max_images (or extra_body n), split the prompts, or raise the limit",
-                )
+            planned = self._check_planned(per_prompt, options)
             if keyspace is not None:
                 keyspace.check_image_keys(per_prompt)
             store = opening.result() if opening is not None else None
@@ -425,6 +446,258 @@ class JiMengGenerateOperator(BaseOperator):
             self._active_run = None
             hook.close()
         return self._finish(context, run, options)
+
+    # ---------------------------------------------------------------------------------- Visual API
+    def _speaks_visual_api(self) -> bool:
+        """Whether the connection speaks the Visual API; ``deferrable=True`` on an Ark one is refused here."""
+        if self.deferrable is not None and not isinstance(self.deferrable, bool):
+            raise JiMengConfigurationError(
+                "deferrable", f"{self.deferrable!r:.40} is not a boolean; allowed: True, False, None"
+            )
+        conn = get_connection("jimeng_conn_id", self.jimeng_conn_id)
+        extras = conn.extra_dejson if conn.extra else {}
+        visual = isinstance(extras, Mapping) and connection_api(extras) == VISUAL_API
+        if not visual and self.deferrable:
+            raise JiMengConfigurationError(
+                "deferrable",
+                f"connection {self.jimeng_conn_id!r} speaks the Ark API, whose one answer carries the images and "
+                "has no idempotency key: a triggerer restart would have to send (and pay for) the request again. "
+                'Allowed: deferrable=False, or a Visual API connection (extra {"api": "visual"})',
+            )
+        self._jimeng_conn = conn
+        return visual
+
+    def _visual_deferrable(self) -> bool:
+        if self.deferrable is not None:
+            return self.deferrable
+        from airflow.configuration import conf
+
+        return conf.getboolean("operators", "default_deferrable", fallback=False)
+
+    def _visual_setup(
+        self, context: Context, prompts: list[str], generation: GenerationOptions, options: RunOptions, deferrable: bool
+    ) -> tuple[list[dict[str, Any]], TaskKeyspace | None, ImageStore | None, VisualClient]:
+        """Bodies, keyspace, store and client of a Visual API try: every check before any request."""
+        if deferrable and not options.stores:
+            raise JiMengConfigurationError(
+                "deferrable",
+                "needs s3_bucket or output_path: the task ids are journaled in the task's storage before the "
+                "worker slot is freed, so that a retry or a restarted triggerer never submits (and pays) twice; "
+                "allowed: storage, or deferrable=False",
+            )
+        if generation.response_format == "b64_json":
+            return_image_blocks_to_the_os()
+        keyspace = self._keyspace(context, options, generation) if options.stores else None
+        with ThreadPoolExecutor(1, thread_name_prefix="jimeng-s3-setup") as setup:
+            opening = self._open_store(setup, options, keyspace)
+            bodies = visual_submit_bodies(prompts, generation)
+            per_prompt = [max_images_billed_visual(body) for body in bodies]
+            self._check_planned(per_prompt, options)
+            if keyspace is not None:
+                keyspace.check_image_keys(per_prompt)
+            config = visual_config(self._jimeng_conn)
+            if options.max_images_per_minute is not None:
+                config = dataclasses.replace(config, max_images_per_minute=options.max_images_per_minute)
+            client = VisualClient(config, pool_maxsize=max(8, options.max_concurrency * 2))
+            store = opening.result() if opening is not None else None
+        return bodies, keyspace, store, client
+
+    def _visual_reuse_from(self, context: Context, options: RunOptions) -> int | None:
+        """From which try journaled tasks count (``None``: any): with ``replace``, this run of tries only."""
+        if not options.replace:
+            return None
+        try_number = getattr(context["ti"], "try_number", None)
+        first = self._first_try_of_run(context)
+        if isinstance(try_number, int) and first is not None and try_number > first:
+            return first
+        return try_number if isinstance(try_number, int) else None
+
+    def _visual_req_json(self, generation: GenerationOptions, client: VisualClient) -> dict[str, Any]:
+        """The poll's choice, made at poll time as the API requires: URLs or base64, and the logo."""
+        add_logo = client.config.watermark if generation.watermark is None else generation.watermark
+        return build_req_json(return_url=generation.response_format == "url", add_logo=add_logo)
+
+    def _execute_visual(
+        self, context: Context, prompts: list[str], generation: GenerationOptions, options: RunOptions
+    ) -> list[str]:
+        deferrable = self._visual_deferrable()
+        bodies, keyspace, store, client = self._visual_setup(context, prompts, generation, options, deferrable)
+        if options.dry_run:
+            client.close()
+            shown = [
+                {**body, "image_urls": [redact_url(url) for url in body["image_urls"]]}
+                if "image_urls" in body
+                else body
+                for body in bodies
+            ]
+            return self._dry_run(shown, keyspace)
+        reuse_from = self._visual_reuse_from(context, options)
+        self._submitting = client  # on_kill stops the submits at once
+        try:
+            existing = store.existing_keys(first=True) if store is not None else {}
+            journal = VisualJournal(store).load(existing)
+            replacing = options.replace and reuse_from == getattr(context["ti"], "try_number", None)
+            stored = {} if store is None or replacing else self._stored_prompts(store, existing, reuse_from)
+            cap = SpendingCap(options.max_images_per_task)
+            if store is not None and options.max_images_per_task is not None:
+                # What earlier tries of this budget billed or possibly billed counts, as on the Ark path.
+                earlier = store.read_earlier(existing, len(bodies)).tries.values()
+                cap.carry(committed_images(earlier, self._first_try_of_run(context)))
+            self.log.info(
+                "Submitting %d prompt(s) to the Visual API (%s), into %s",
+                len(prompts),
+                "deferrable" if deferrable else "polled on this worker",
+                keyspace.uri(keyspace.task_prefix + "/") if keyspace else "XCom (URLs, valid 24 h)",
+            )
+            waiting = submit_prompts(
+                client,
+                bodies,
+                journal,
+                skip=lambda index, fingerprint: stored.get(index) == fingerprint,
+                spending_cap=cap,
+                try_number=getattr(context["ti"], "try_number", None),
+                reuse_from=reuse_from,
+                poll_timeout=self.poll_timeout,
+                log=self.log,
+            )
+        except BaseException:
+            client.close()
+            raise
+        finally:
+            self._submitting = None
+        if deferrable and waiting:
+            req_json = self._visual_req_json(generation, client)
+            client.close()
+            self.log.info("Deferring: %d task(s) journaled under %s", len(waiting), journal.key)
+            self.defer(
+                trigger=JiMengVisualTrigger(
+                    task_ids=[str(entry.task_id) for entry in waiting],
+                    deadlines={str(entry.task_id): entry.deadline for entry in waiting},
+                    jimeng_conn_id=self.jimeng_conn_id,
+                    req_json=req_json,
+                    poll_interval=self.poll_interval,
+                    max_poll_interval=max(self.poll_interval, 120.0),
+                ),
+                method_name="execute_complete",
+                kwargs={"fields": self._deferred_fields} if self._deferred_fields else None,
+            )
+        return self._collect_visual(context, generation, options, bodies, store, journal, client, wait=not deferrable)
+
+    @staticmethod
+    def _stored_prompts(store: ImageStore, existing: Mapping[str, int], reuse_from: int | None) -> dict[int, str]:
+        """Prompts an earlier try stored (their fingerprints, by index): never submitted again."""
+        records = store.read_records(existing)
+        return {
+            index: record.fingerprint
+            for index, record in records.items()
+            if reuse_from is None or (record.try_number is not None and record.try_number >= reuse_from)
+        }
+
+    def _collect_visual(
+        self,
+        context: Context,
+        generation: GenerationOptions,
+        options: RunOptions,
+        bodies: list[dict[str, Any]],
+        store: ImageStore | None,
+        journal: VisualJournal,
+        client: VisualClient,
+        *,
+        wait: bool,
+    ) -> list[str]:
+        """Fetch and store the journaled tasks' images through the Ark path's run: same records and XComs."""
+        try_number = getattr(context["ti"], "try_number", None)
+        source = VisualTaskSource(
+            client,
+            journal,
+            bodies,
+            req_json=self._visual_req_json(generation, client),
+            reuse_from=self._visual_reuse_from(context, options),
+            wait=wait,
+            poll_interval=self.poll_interval,
+            # Resumed from a deferral: this try's submits were made (and counted) before it deferred.
+            earlier_submits=0 if wait else journal.submitted_by(try_number),
+        )
+        run = GenerationRun(
+            hook=source,  # type: ignore[arg-type]  # answers send/open_image/stats as the hook does
+            bodies=bodies,
+            store=store,
+            options=options,
+            spending_cap=SpendingCap(options.max_images_per_task),
+            log=self.log,
+            try_number=try_number,
+            budget_first_try=self._first_try_of_run(context),
+            replace_from=self._first_try_of_run(context) if options.replace else None,
+        )
+        self._active_run = run
+        try:
+            run.execute()
+        finally:
+            self._active_run = None
+            source.close()
+        return self._finish(context, run, options)
+
+    def execute_complete(
+        self, context: Context, event: Mapping[str, Any] | None = None, fields: Mapping[str, Any] | None = None
+    ) -> list[str]:
+        """Resumed after the trigger fired: poll the done tasks once more (free), store their images, finish."""
+        for name, value in (fields or {}).items():
+            setattr(self, name, value)
+        self._reveal_rendered_secrets()
+        try:
+            self._lineage = None
+            prompts, generation, options = self.checked_parameters()
+            if not self._speaks_visual_api():
+                raise JiMengConfigurationError(
+                    "jimeng_conn_id",
+                    f"connection {self.jimeng_conn_id!r} no longer speaks the Visual API; its journaled tasks "
+                    'cannot be collected: restore the extra {"api": "visual"} and clear the task',
+                )
+            if event is not None:
+                tasks = event.get("tasks") or {}
+                states: dict[str, int] = {}
+                for summary in tasks.values():
+                    states[str(summary.get("status"))] = states.get(str(summary.get("status")), 0) + 1
+                log = self.log.error if event.get("status") == "error" else self.log.info
+                log(
+                    "The Visual API trigger fired (%s): %s%s",
+                    event.get("status"),
+                    states,
+                    f"; {event.get('message')}" if event.get("message") else "",
+                )
+            bodies, _, store, client = self._visual_setup(context, prompts, generation, options, deferrable=True)
+            journal = VisualJournal(store).load()
+            return self._collect_visual(context, generation, options, bodies, store, journal, client, wait=False)
+        finally:
+            self._hide_rendered_secrets()
+
+    def _open_store(
+        self, setup: ThreadPoolExecutor, options: RunOptions, keyspace: TaskKeyspace | None
+    ) -> Future[ImageStore] | None:
+        """Start building the task's store on ``setup``, beside the API client and the request bodies.
+
+        The S3 client takes 0.1-0.5 s to build (botocore loads S3's service model; the amazon provider
+        walks the caller's stack, with source lines, for its user agent): on a thread whose stack is short.
+        """
+        if keyspace is not None and options.output_path is not None:
+            # The filesystem (and its connection) is looked up here: only this thread talks to Airflow.
+            return setup.submit(ObjectImageStore, self._filesystem(options), keyspace, conn_id=options.output_conn_id)
+        if keyspace is not None:
+            return setup.submit(S3ImageStore, self._s3_hook(options), keyspace)
+        return None
+
+    @staticmethod
+    def _check_planned(per_prompt: Sequence[int], options: RunOptions) -> int:
+        """The most images the run could bill, refused above ``max_images_per_task`` before any request."""
+        planned = sum(per_prompt)
+        if options.max_images_per_task is not None and planned > options.max_images_per_task:
+            raise JiMengConfigurationError(
+                "max_images_per_task",
+                f"this run could bill up to {planned} images ({len(per_prompt)} prompt(s) x up to "
+                f"{max(per_prompt)} each), above the limit of {options.max_images_per_task}; "
+                "lower max_images (or extra_body n), split the prompts, or raise the limit",
+            )
+        return planned
 
     def _first_try_of_run(self, context: Context) -> int | None:
         """The try number that began this run of tries: 1, or the first try after the task was cleared.
@@ -686,6 +959,9 @@ class JiMengGenerateOperator(BaseOperator):
         A command waiting on a shared Redis that stopped answering ends at once too; S3 calls under way
         end within their bounds, and later ones get one short attempt each (docs/faults.md).
         """
+        submitting = self._submitting
+        if submitting is not None:
+            submitting.close()  # no further Visual API submit; those journaled are waited on by a retry
         run = self._active_run
         if run is not None:
             run.stop("on_kill")

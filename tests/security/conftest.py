@@ -71,12 +71,16 @@ def unmasked(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 @pytest.fixture
 def canary_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[JiMengEmulator]:
-    """An emulator that only accepts the canary key; ``jimeng_default`` uses it (quick retries)."""
-    with JiMengEmulator(api_key=CANARY) as emulator:
+    """An emulator that only accepts the canary key; ``jimeng_default`` uses it (quick retries), and
+    ``jimeng_visual`` (the Visual API) the canary as its secret access key."""
+    from tests.visual_fixtures import ACCESS_KEY_ID, visual_connection_json
+
+    with JiMengEmulator(api_key=CANARY, access_key_id=ACCESS_KEY_ID, secret_access_key=CANARY) as emulator:
         monkeypatch.setenv(
             "AIRFLOW_CONN_JIMENG_DEFAULT",
             jimeng_connection_json(emulator.base_url, api_key=CANARY, max_retries=1, retry_backoff=0.01, timeout=2),
         )
+        monkeypatch.setenv("AIRFLOW_CONN_JIMENG_VISUAL", visual_connection_json(emulator.root_url, secret=CANARY))
         yield emulator
 
 
