@@ -32,9 +32,12 @@ def run(store_run: Any) -> StoredRun:
 
 @pytest.fixture
 def thumbnailer(gallery: Gallery) -> Thumbnailer:
-    from airflow_provider_jimeng.plugins.gallery import JiMengGalleryPlugin
+    from starlette.routing import Mount
 
-    found: Thumbnailer = JiMengGalleryPlugin.fastapi_apps[0]["app"].app.state.thumbnailer
+    # The app the API server mounted (tests/gallery/test_plugin.py reloads the plugin module, whose
+    # class attribute then names a new, unmounted app).
+    mounted = next(route for route in gallery.client.app.routes if isinstance(route, Mount) and route.path == "/jimeng")
+    found: Thumbnailer = mounted.app.app.state.thumbnailer
     found.cache = ThumbnailCache(found.settings.cache_bytes)  # each test starts cold
     return found
 
