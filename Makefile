@@ -16,7 +16,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES := False
 # about a quarter of `make test`). Let Python cache the bytecode of what it imports, inside the venv.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: venv test demo bench lint format docs e2e package-check scale clean lock
+.PHONY: venv test demo bench lint format docs e2e package-check scale clean lock compat
 
 venv: $(STAMP)
 
@@ -32,6 +32,13 @@ $(STAMP): pyproject.toml requirements/constraints.txt $(SERIES_CONSTRAINTS)
 TEST_WORKERS ?= 3
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+
+# The suite on the newest release of each supported series, each in its own venv (about 4 x `make test`:
+# for a quiet machine). Writes compat-output/summary.md, which docs/compatibility.md quotes. One series:
+# `make compat COMPAT_VERSIONS=3.0.6`; a quick subset: `make compat PYTEST_ARGS="tests/hooks"`.
+COMPAT_VERSIONS ?= 3.0.6 3.1.8 3.2.2 3.3.2
+compat:
+	$(PYTHON) scripts/compat.py --workers $(TEST_WORKERS) --pytest-args "$(PYTEST_ARGS)" $(COMPAT_VERSIONS)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py --output demo-output $(if $(API),--api $(API))

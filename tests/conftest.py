@@ -23,11 +23,13 @@ _DAG_SOURCES = [
 for _source in _DAG_SOURCES:
     if not _source.name.startswith("_"):
         (DAGS_FOLDER / _source.name).symlink_to(_source)
-# The README's DAG, as written there (tests/test_readme_dag.py triggers it the way the UI does).
-_README = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-(DAGS_FOLDER / "readme_dag.py").write_text(
-    _README.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0], encoding="utf-8"
-)
+# The complete DAGs of the README and docs, as written there (tests/packaging/test_doc_blocks.py
+# trigger them the way the UI does, with no logical date).
+sys.path.insert(0, str(REPO_ROOT))
+from tests.doc_blocks import dag_files  # noqa: E402
+
+for _module, _source in dag_files().items():
+    (DAGS_FOLDER / f"{_module}.py").write_text(_source, encoding="utf-8")
 os.environ.update(
     {
         "AIRFLOW_HOME": _AIRFLOW_HOME,
@@ -43,7 +45,6 @@ os.environ.update(
 )
 for _var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "JIMENG_BASE_URL"):
     os.environ.pop(_var, None)
-sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
 

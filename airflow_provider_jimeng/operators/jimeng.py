@@ -316,6 +316,16 @@ class JiMengGenerateOperator(BaseOperator):
                 setattr(self, name, value)
         self._hidden_rendered = {}
 
+    def _renders_native(self, dag: Any) -> bool:
+        """Airflow's choice of native rendering: the operator's own setting (3.2+), else the DAG's.
+
+        Airflow 3.2's ``_should_render_native``, which 3.0 and 3.1 do not have (they read the DAG's only).
+        """
+        own = getattr(self, "render_template_as_native_obj", None)
+        if own is not None:
+            return bool(own)
+        return bool(dag is not None and dag.render_template_as_native_obj)
+
     def _render(self, template: jinja2.Template, context: Any, dag: Any = None) -> Any:
         """Airflow's rendering, except that native rendering makes numbers of plain decimals only.
 
@@ -326,7 +336,7 @@ class JiMengGenerateOperator(BaseOperator):
         """
         if dag is None:
             dag = self.get_dag()
-        if not self._should_render_native(dag):
+        if not self._renders_native(dag):
             return super()._render(template, context, dag)
         context = copy.copy(context)
         env = template.environment

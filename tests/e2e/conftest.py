@@ -36,6 +36,8 @@ PIPELINE_DAG = "jimeng_content_pipeline"
 #: The bucket the pipeline stores in, and the one storage root the gallery may read (its default prefix).
 GALLERY_BUCKET = "jimeng-gallery-e2e"
 GALLERY_ROOT = f"s3://{GALLERY_BUCKET}/catalogue/"
+#: The example DAGs, every one in the stack's DAGs folder.
+EXAMPLE_FILES = sorted(path for path in (REPO_ROOT / "dags_examples").glob("*.py") if not path.name.startswith("_"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -54,8 +56,10 @@ def airflow_stack() -> Iterator[AirflowStack]:
     (home / "logs").mkdir()
     dags = home / "dags"
     dags.mkdir()
-    for example in (HELLO_DAG, PIPELINE_DAG):
-        (dags / f"{example}.py").symlink_to(REPO_ROOT / "dags_examples" / f"{example}.py")
+    # Every example (tests/e2e/test_examples_scheduled.py triggers each); each reads its data files
+    # next to its resolved path, in dags_examples/.
+    for example in EXAMPLE_FILES:
+        (dags / example.name).symlink_to(example)
     api_port, emulator_port, s3_port = free_port(), free_port(), free_port()
     stack = AirflowStack(
         home=home,

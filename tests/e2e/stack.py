@@ -142,6 +142,13 @@ class AirflowStack:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
+    def delete(self, path: str) -> None:
+        request = urllib.request.Request(
+            f"{self.base_url}/api/v2/{path}", headers={"Authorization": f"Bearer {self.token()}"}, method="DELETE"
+        )
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
     def task_api(self, dag_id: str, run_id: str, task_id: str, path: str = "") -> Any:
         return self.api(f"dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/{task_id}{path}")
 
