@@ -438,6 +438,12 @@ class JiMengGenerateOperator(BaseOperator):
             options.max_concurrency,
             keyspace.uri(keyspace.task_prefix + "/") if keyspace else "XCom (URLs, valid 24 h)",
         )
+        return self._run_generation(context, hook, bodies, store, options)
+
+    def _run_generation(
+        self, context: Context, hook: Any, bodies: list[dict[str, Any]], store: ImageStore | None, options: RunOptions
+    ) -> list[str]:
+        """Run the engine over ``bodies`` with ``hook`` (the Ark hook, or the Visual API's task source), then finish."""
         run = GenerationRun(
             hook=hook,
             bodies=bodies,
@@ -628,24 +634,8 @@ class JiMengGenerateOperator(BaseOperator):
             # Resumed from a deferral: this try's submits were made (and counted) before it deferred.
             earlier_submits=0 if wait else journal.submitted_by(try_number),
         )
-        run = GenerationRun(
-            hook=source,  # type: ignore[arg-type]  # answers send/open_image/stats as the hook does
-            bodies=bodies,
-            store=store,
-            options=options,
-            spending_cap=SpendingCap(options.max_images_per_task),
-            log=self.log,
-            try_number=try_number,
-            budget_first_try=self._first_try_of_run(context),
-            replace_from=self._first_try_of_run(context) if options.replace else None,
-        )
-        self._active_run = run
-        try:
-            run.execute()
-        finally:
-            self._active_run = None
-            source.close()
-        return self._finish(context, run, options)
+        # The source answers send/open_image/stats as the hook does, from the journaled task ids.
+        return self._run_generation(context, source, bodies, store, options)
 
     def execute_complete(
         self, context: Context, event: Mapping[str, Any] | None = None, fields: Mapping[str, Any] | None = None
