@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from airflow_provider_jimeng.emulator import DEFAULT_ACCESS_KEY_ID, DEFAULT_SECRET_ACCESS_KEY
 from tests.e2e.stack import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -75,6 +76,16 @@ def airflow_stack() -> Iterator[AirflowStack]:
             # Everyone is an admin but ``outsider``, who may read no jimeng_ DAG (the refused user).
             "AIRFLOW__CORE__AUTH_MANAGER": f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), stack.env.get("PYTHONPATH")])),
+            # jimeng_visual_deferrable: the emulator's Visual API, with its default key pair.
+            "AIRFLOW_CONN_JIMENG_VISUAL": json.dumps(
+                {
+                    "conn_type": "jimeng",
+                    "host": f"http://127.0.0.1:{emulator_port}",
+                    "login": DEFAULT_ACCESS_KEY_ID,
+                    "password": DEFAULT_SECRET_ACCESS_KEY,
+                    "extra": {"api": "visual", "allow_http": True},
+                }
+            ),
         }
     )
     started = time.monotonic()
@@ -93,6 +104,7 @@ def airflow_stack() -> Iterator[AirflowStack]:
         stack.start("api-server", "airflow", "api-server", "--host", "127.0.0.1", "--port", str(api_port))
         stack.start("scheduler", "airflow", "scheduler")
         stack.start("dag-processor", "airflow", "dag-processor")
+        stack.start("triggerer", "airflow", "triggerer")  # the Visual API example defers
         stack.wait_for("Airflow healthy", stack.healthy, STARTUP_TIMEOUT)
         for example in (HELLO_DAG, PIPELINE_DAG):
             stack.wait_for(f"DAG {example} parsed", lambda e=example: stack.api(f"dags/{e}")["dag_id"], STARTUP_TIMEOUT)
