@@ -217,11 +217,11 @@ def create_gallery_app() -> "FastAPI":
                 stored, allowed, thumb = find_image(session, dag_id, task_id, run_id, map_index, n)
             finally:
                 session.close()  # its DB connection goes back to the pool before the image is read and decoded
-            if thumb is not None:
+            if thumb is not None and not thumbnailer.none_stored(thumb[0]):
                 try:  # the worker's thumbnail ([jimeng] store_thumbnails): ~16 KB read, nothing decoded here
                     return stored, open_object(*thumb), True
                 except (FileNotFoundError, ConnectionMissing):
-                    pass
+                    thumbnailer.remember_none_stored(thumb[0])  # one miss per image, not one per request
                 except Exception as error:
                     log.warning("JiMeng gallery: a stored thumbnail of %s not read (%s)", task_id, type(error).__name__)
             return stored, open_found(allowed, task_id), False

@@ -54,6 +54,8 @@ CACHE_BYTES = 64 * 1024 * 1024
 #: with one at 163 ms.
 DECODE_WORKERS = 1
 READ_WORKERS = 8
+#: How many thumbnail URIs without a stored object each API server process remembers.
+NONE_STORED_REMEMBERED = 10_000
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,20 @@ class Thumbnailer:
         self.settings = settings
         self.cache = ThumbnailCache(settings.cache_bytes)
         self._limiters: dict[str, Any] = {}
+        #: Thumbnail URIs known to have no stored object: asked once, not on every tile request.
+        self._none_stored: OrderedDict[str, None] = OrderedDict()
+        self._none_stored_lock = threading.Lock()
+
+    def none_stored(self, uri: str) -> bool:
+        """Whether ``uri`` was already found to hold no stored thumbnail (the worker stores it with the image)."""
+        with self._none_stored_lock:
+            return uri in self._none_stored
+
+    def remember_none_stored(self, uri: str) -> None:
+        with self._none_stored_lock:
+            self._none_stored[uri] = None
+            if len(self._none_stored) > NONE_STORED_REMEMBERED:
+                self._none_stored.popitem(last=False)
 
     def _limiter(self, name: str, total: int) -> Any:
         # Created on first use, inside the API server's event loop.

@@ -89,6 +89,9 @@ def test_a_thumbnail_is_made_once_and_revalidated_without_its_bytes(
 
     assert first.content == again.content
     assert thumbnailer.cache.made == 1
+    # No stored thumbnail: looked for once, then remembered (not one extra S3 request per tile request).
+    image = run.xcom("gen", "images")[0]
+    assert thumbnailer.none_stored(thumbnail_key(image["uri"]))
     assert len(thumbnailer.cache) == 1
     assert unchanged.status_code == 304
     assert unchanged.content == b""
