@@ -108,6 +108,17 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "128",
                         "default": "64",
                     },
+                    "gallery_tiles_at_once": {
+                        "description": (
+                            "Thumbnail requests each API server process handles at once; the others wait their "
+                            "turn (at most 0.25 s), so a grid of many tiles leaves the process's one GIL to "
+                            "Airflow's own API. 0: no limit.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "integer",
+                        "example": "2",
+                        "default": "1",
+                    },
                 },
             }
         },

@@ -150,6 +150,7 @@ def _p8_rows(p8: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
     for name, label in (
         ("before", "full images (thumbnails off)"),
         ("after", "thumbnails made by the API server"),
+        ("stored_all_at_once", "stored thumbnails, every tile request at once"),
         ("stored", "thumbnails stored by the worker"),
     ):
         variant = p8.get(name)
@@ -430,7 +431,8 @@ ideal `ceil(N/K) x latency`:
   *Before* is the same server with `[jimeng] gallery_thumbnails = False` (full images, lazily: the
   gallery before thumbnails, and without Pillow); *after* serves thumbnails the API server makes on
   first request; *stored* serves the thumbnails a worker with `[jimeng] store_thumbnails = True`
-  stored next to each image (the target is judged there).
+  stored next to each image (the target is judged there); *stored, every tile request at once* is
+  the same with `[jimeng] gallery_tiles_at_once = 0` (tile requests do not take turns).
 
 ## Reading the results
 

@@ -85,11 +85,12 @@ def create_gallery_app() -> "FastAPI":
     )
     from airflow_provider_jimeng.plugins.gallery_store import (
         find_missing,
+        load_image,
         load_task_images,
         open_object,
         read_records,
     )
-    from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer, ThumbnailSettings
+    from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer, ThumbnailSettings, TileAdmission
     from airflow_provider_jimeng.storage.s3 import image_content_type
     from airflow_provider_jimeng.storage.thumbnails import thumbnail_key
 
@@ -116,6 +117,7 @@ def create_gallery_app() -> "FastAPI":
     }
     thumbnailer = Thumbnailer(ThumbnailSettings.from_config())
     app.state.thumbnailer = thumbnailer
+    app.add_middleware(TileAdmission, at_once=thumbnailer.settings.tiles_at_once)
 
     @app.exception_handler(StarletteHTTPException)
     async def readable_refusal(request: Request, error: StarletteHTTPException) -> Response:
@@ -154,11 +156,12 @@ def create_gallery_app() -> "FastAPI":
         roots = allowed_roots(_team_name(dag_id, session))
         if not roots:
             raise not_found
-        tasks = load_task_images(session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index, roots=roots)
-        allowed = tasks[0].readable(number) if tasks else None
-        stored = tasks[0].image(number) if tasks else None
-        if allowed is None or stored is None:
+        found = load_image(
+            session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index, number=number, roots=roots
+        )
+        if found is None:
             raise not_found
+        stored, allowed = found
         # Where the worker may have stored its thumbnail: derived from the checked URI, read under the roots too.
         return stored, allowed, root_of(thumbnail_key(allowed[0]), roots)
 

@@ -192,6 +192,44 @@ def load_task_images(
     return found
 
 
+def load_image(
+    session: Session,
+    *,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int,
+    number: int,
+    roots: tuple[StorageRoot, ...],
+) -> tuple[StoredImage, tuple[str, StorageRoot]] | None:
+    """The ``number``-th image of one task instance and where it may be read; ``None``: it is never read.
+
+    The lookup of every tile and image request: the same checks as :meth:`TaskImages.readable`, but
+    only the ``images`` XCom is read and only its ``number``-th entry checked (a grid of 64 tiles
+    would otherwise check all 64 entries 64 times).
+    """
+    from airflow.models.xcom import XComModel
+    from sqlalchemy import select
+
+    if not 0 <= number < MAX_IMAGES:
+        return None
+    row = session.scalars(
+        select(XComModel).where(
+            XComModel.dag_id == dag_id,
+            XComModel.run_id == run_id,
+            XComModel.task_id == task_id,
+            XComModel.map_index == map_index,
+            XComModel.key == "images",
+        )
+    ).first()
+    entries = _xcom_value(row) if row is not None else None
+    if not isinstance(entries, list) or number >= len(entries):
+        return None
+    image = image_entry(entries[number])
+    allowed = root_of(image.uri, roots) if image is not None else None
+    return None if image is None or allowed is None else (image, allowed)
+
+
 def _flat_usage(usage: Any) -> dict[str, Any]:
     """The usage XCom's counters: short keys with numbers only (it is shown on the page)."""
     if not isinstance(usage, Mapping):

@@ -14,7 +14,7 @@ from PIL import Image
 from airflow_provider_jimeng.plugins import thumbnails
 from airflow_provider_jimeng.plugins.gallery_page import render_gallery
 from airflow_provider_jimeng.plugins.gallery_store import TaskImages
-from airflow_provider_jimeng.plugins.thumbnails import ThumbnailCache, Thumbnailer
+from airflow_provider_jimeng.plugins.thumbnails import TILES_AT_ONCE, ThumbnailCache, Thumbnailer, TileAdmission
 from airflow_provider_jimeng.storage import thumbnails as stored_thumbnails
 from airflow_provider_jimeng.storage.records import StoredImage
 from airflow_provider_jimeng.storage.thumbnails import THUMBNAIL_PX, NotThumbnailable, make_thumbnail, thumbnail_key
@@ -310,3 +310,77 @@ def test_the_thumbnail_key_sits_next_to_the_image() -> None:
     assert thumbnail_key("jimeng/d/r/t/p0000_i00.jpeg") == "jimeng/d/r/t/_thumbnails/p0000_i00.jpeg"
     assert thumbnail_key("s3://b/jimeng/d/r/t/p0001_i02.png") == "s3://b/jimeng/d/r/t/_thumbnails/p0001_i02.jpeg"
     assert thumbnail_key("p.jpeg") == "_thumbnails/p.jpeg"
+
+
+# ------------------------------------------------------------------------------------ tiles take turns
+def _tile_traffic(
+    paths: list[str], *, wait_s: float, release_after: int | None = None, at_once: int = TILES_AT_ONCE
+) -> tuple[TileAdmission, int]:
+    """Send ``paths`` at once through :class:`TileAdmission` to an app that holds each request until told.
+
+    Returns the middleware and the most requests the inner app held at once. The inner app releases
+    everything once ``release_after`` requests are inside it (default: as soon as each arrives, one by one).
+    """
+    import anyio
+
+    async def main() -> tuple[TileAdmission, int]:
+        inside = {"now": 0, "most": 0, "entered": 0}
+        everyone_in = anyio.Event()
+
+        async def inner(scope: Any, receive: Any, send: Any) -> None:
+            inside["now"] += 1
+            inside["entered"] += 1
+            inside["most"] = max(inside["most"], inside["now"])
+            if release_after is not None:
+                if inside["entered"] == release_after:
+                    everyone_in.set()
+                await everyone_in.wait()
+            await anyio.lowlevel.checkpoint()
+            inside["now"] -= 1
+
+        admission = TileAdmission(inner, wait_s=wait_s, at_once=at_once)
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                for path in paths:
+                    group.start_soon(admission, {"type": "http", "path": path}, None, None)
+        return admission, inside["most"]
+
+    return anyio.run(main)
+
+
+def test_tile_requests_take_turns_and_others_pass_untouched() -> None:
+    admission, most = _tile_traffic(["/jimeng/thumbnail"] * 6, wait_s=30)
+    assert most == TILES_AT_ONCE == 1
+    assert admission.overtaken == 0
+
+    _, most = _tile_traffic(["/jimeng/image", "/jimeng/gallery", "/jimeng/image"], wait_s=30, release_after=3)
+    assert most == 3, "only tiles take turns: the page and the full images are not queued"
+
+
+def test_a_tile_held_up_delays_the_others_by_the_wait_not_by_the_storage() -> None:
+    # The first tile never finishes until every tile is inside: the others must go ahead once their
+    # wait runs out (a storage read stuck for its timeout does not stall every gallery for minutes).
+    admission, most = _tile_traffic(["/jimeng/thumbnail"] * 4, wait_s=0.05, release_after=4)
+    assert most == 4
+    assert admission.overtaken == 3
+
+
+def test_tiles_at_once_is_the_deployment_s_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__JIMENG__GALLERY_TILES_AT_ONCE", "0")
+    settings = thumbnails.ThumbnailSettings.from_config()
+    assert settings.tiles_at_once == 0
+    _, most = _tile_traffic(["/jimeng/thumbnail"] * 4, wait_s=30, release_after=4, at_once=settings.tiles_at_once)
+    assert most == 4, "0: no limit"
+
+    monkeypatch.setenv("AIRFLOW__JIMENG__GALLERY_TILES_AT_ONCE", "2")
+    _, most = _tile_traffic(
+        ["/jimeng/thumbnail"] * 6, wait_s=30, at_once=thumbnails.ThumbnailSettings.from_config().tiles_at_once
+    )
+    assert most == 2
+
+
+def test_the_gallery_app_lets_tiles_take_turns(gallery: Gallery) -> None:
+    from starlette.routing import Mount
+
+    mounted = next(route for route in gallery.client.app.routes if isinstance(route, Mount) and route.path == "/jimeng")
+    assert any(middleware.cls is TileAdmission for middleware in mounted.app.app.user_middleware)

@@ -20,6 +20,7 @@ from airflow_provider_jimeng.hooks.connection_config import (
 )
 from airflow_provider_jimeng.hooks.connection_form import BYTEPLUS_BASE_URL, CHINA_BASE_URL
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_2_PLUS
 
 KEY = "sk-config-test-key-0042"
 GATEWAY = "https://gw.example.com/v1"
@@ -333,7 +334,9 @@ def test_a_ca_bundle_that_is_not_there_is_refused_naming_verify_before_anything_
 
 def test_an_extra_that_is_not_an_object_is_refused(set_connection: Callable[..., None]) -> None:
     error = _refused(set_connection, {"host": GATEWAY, "extra": "[1, 2]"})
-    assert error.parameter == "extra"
+    # Airflow 3.0 and 3.1 do not load such a connection at all: the error then names the connection id
+    # as undefined (docs/compatibility.md). Either way nothing is sent.
+    assert error.parameter == ("extra" if AIRFLOW_V_3_2_PLUS else "jimeng_conn_id")
 
 
 @pytest.mark.parametrize("unset", ["", "None", "null", " none ", None], ids=repr)
