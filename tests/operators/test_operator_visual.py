@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.providers.common.compat.sdk import TaskDeferred  # airflow.exceptions on Airflow 3.0 and 3.1
 from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_jimeng.emulator import SUBMIT_FAULT_PATH, Fault, JiMengEmulator
