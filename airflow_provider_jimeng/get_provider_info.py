@@ -40,7 +40,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.hooks.jimeng"]}],
         "operators": [
-            {"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.operators.jimeng"]}
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "airflow_provider_jimeng.operators.jimeng",
+                    "airflow_provider_jimeng.operators.review",
+                ],
+            }
         ],
         "connection-types": [
             {
