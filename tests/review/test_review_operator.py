@@ -29,7 +29,9 @@ def test_on_airflow_3_0_importing_the_review_fails_naming_the_version_it_needs(m
     assert "this is Airflow 3.0.6" in str(raised.value)
 
 
-requires_hitl = pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="human-in-the-loop operators need Airflow 3.1 or later")
+requires_hitl = pytest.mark.skipif(
+    not AIRFLOW_V_3_1_PLUS, reason="human-in-the-loop operators need Airflow 3.1 or later"
+)
 
 
 def _review(**kwargs: Any) -> Any:
