@@ -218,7 +218,7 @@ class JiMengReviewOperator(HITLOperator):
         stored through (its ``storage`` XCom).
     """
 
-    template_fields: Sequence[str] = ("subject", "body")
+    template_fields: Sequence[str] = ("subject", "body", "rejected_prefix", "takes_prefix")
     ui_color = "#fff4e0"
 
     def __init__(

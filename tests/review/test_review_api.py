@@ -10,9 +10,7 @@ them again. Each test then checks one part of what happened. The scenario waits 
 from __future__ import annotations
 
 import json
-import logging
 import re
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,9 +23,9 @@ import pytest
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
-from tests.dag_runs import run_dag_test
 from tests.gallery.conftest import Gallery
 from tests.gallery.roots import GALLERY_STORAGE_ENV, register_root
+from tests.hitl_runs import WaitingTasks, latest_run_id, run_with_reviewer
 
 pytestmark = [
     pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="human-in-the-loop operators need Airflow 3.1 or later"),
@@ -39,30 +37,6 @@ if AIRFLOW_V_3_1_PLUS:
     from airflow_provider_jimeng.operators.review import PUBLISH_NONE, REGENERATE
 
 REVIEWS = {"review_multi", "review_empty", "review_mind", "review_mapped", "review_deadline", "review_regen"}
-WAIT_SECONDS = 90
-
-
-class WaitingTasks(logging.Handler):
-    """What ``dag.test()`` says it waits for: the HITL tasks parked when nothing else can run."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.changed = threading.Condition()
-        self.tasks: set[str] = set()
-        self.messages = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "Waiting for Human-in-the-loop input" in record.msg:
-            with self.changed:
-                self.tasks = set(record.args[0] if isinstance(record.args, tuple) else [])
-                self.messages += 1
-                self.changed.notify_all()
-
-    def wait_for(self, tasks: set[str]) -> None:
-        """Wait until exactly ``tasks`` are parked."""
-        with self.changed:
-            reached = self.changed.wait_for(lambda: self.tasks == tasks, WAIT_SECONDS)
-        assert reached, f"waiting for {sorted(tasks)}, dag.test() waits for {sorted(self.tasks)}"
 
 
 @dataclass
@@ -158,11 +132,6 @@ def scenario(gallery: Gallery, airflow_db: None, s3_server: S3Server) -> Iterato
     )
     bucket = f"jimeng-review-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
-    waiting = WaitingTasks()
-    dag_logger = logging.getLogger("airflow.sdk.definitions.dag")
-    level = dag_logger.level
-    dag_logger.addHandler(waiting)
-    dag_logger.setLevel(logging.INFO)
     tokens = gallery.tokens
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 
@@ -173,60 +142,17 @@ def scenario(gallery: Gallery, airflow_db: None, s3_server: S3Server) -> Iterato
         patch.setenv("AIRFLOW_CONN_AWS_DEFAULT", aws_connection_json(s3_server.endpoint_url))
         patch.setenv(GALLERY_STORAGE_ENV, json.dumps({}))
         register_root(f"s3://{bucket}/", "aws_default")
-        outcome: dict[str, Any] = {}
         played: list[Scenario] = []
 
-        def review() -> None:
-            try:
-                waiting.wait_for(REVIEWS)
-                found = Scenario("jimeng_test_review", _run_id(), bucket, s3, emulator, gallery)
-                _play(found, waiting)
-                played.append(found)
-            except BaseException as error:
-                outcome["error"] = error
-                _fail_unfinished("jimeng_test_review")  # so that dag.test() ends instead of waiting on
+        def review(waiting: WaitingTasks) -> None:
+            waiting.wait_for(REVIEWS)
+            found = Scenario("jimeng_test_review", latest_run_id("jimeng_test_review"), bucket, s3, emulator, gallery)
+            _play(found, waiting)
+            played.append(found)
 
-        # dag.test() runs on the main thread (the task runner installs signal handlers); reviewers on another.
-        reviewer = threading.Thread(target=review, name="reviewer", daemon=True)
-        reviewer.start()
-        try:
-            dag_run = run_dag_test(jimeng_test_review.dag, run_conf={"bucket": bucket})
-            reviewer.join(WAIT_SECONDS)
-            if "error" in outcome:
-                raise outcome["error"]
-            assert played, "the reviewers did not finish"
-            played[0].dag_run = dag_run
-            yield played[0]
-        finally:
-            dag_logger.removeHandler(waiting)
-            dag_logger.setLevel(level)
-
-
-def _run_id() -> str:
-    from airflow.models.dagrun import DagRun
-    from airflow.utils.session import create_session
-    from sqlalchemy import select
-
-    with create_session() as session:
-        run_id = session.scalars(
-            select(DagRun.run_id).where(DagRun.dag_id == "jimeng_test_review").order_by(DagRun.id.desc())
-        ).first()
-    assert run_id is not None
-    return str(run_id)
-
-
-def _fail_unfinished(dag_id: str) -> None:
-    from airflow.models.taskinstance import TaskInstance
-    from airflow.utils.session import create_session
-    from airflow.utils.state import State
-    from sqlalchemy import update
-
-    with create_session() as session:
-        session.execute(
-            update(TaskInstance)
-            .where(TaskInstance.dag_id == dag_id, TaskInstance.state.not_in(list(State.finished)))
-            .values(state=State.FAILED)
-        )
+        dag_run = run_with_reviewer(jimeng_test_review.dag, review, run_conf={"bucket": bucket})
+        played[0].dag_run = dag_run
+        yield played[0]
 
 
 def _play(found: Scenario, waiting: WaitingTasks) -> None:
