@@ -321,3 +321,15 @@ def test_a_mapped_generation_is_reviewed_across_its_map_indexes(scenario: Scenar
     assert [(c["map_index"], c["prompt_index"]) for c in decision["approved"]] == [(1, 0), (1, 1)]
     assert scenario.xcom("review_mapped") == scenario.xcom("gen_mapped", map_index=1)
     assert str(scenario.dag_run.state) == "success"
+
+
+def test_the_gallery_shows_what_the_reviews_decided(scenario: Scenario) -> None:
+    page = scenario.gallery.get("gallery", dag_id=scenario.dag_id, run_id=scenario.run_id, task_id="gen_mapped")
+    assert page.status_code == 200
+    html = page.text
+    assert (
+        html.count('<figure class="image" data-review="approved"') == 2
+    )  # review_mapped approved the two images of map index 1
+    assert html.count('<figure class="image" data-review="not approved"') == 1
+    assert "Approved by editor (review_mapped)" in html
+    assert "Not approved by editor (review_empty)" in html
