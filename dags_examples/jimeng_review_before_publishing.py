@@ -20,7 +20,8 @@ Airflow, in **Required actions** (or through the REST API), and only what they c
 6. **`record_decision`** writes `published/<run>/decision.json`: who decided, when, the note, what
    was published and what was not. The review is also shown in the generation task's **Images** tab.
 
-**Params:** `bucket`, `prefix`, `size`, `products` (how many).
+**Params:** `bucket`, `prefix`, `size`, `products` (how many). **Reviewers:** the Airflow user ids in
+`JIMENG_REVIEWERS` (comma-separated, where DAGs are parsed); unset, anyone allowed to act on the DAG.
 **Connections:** `jimeng_default` (the API) and `aws_default` (S3).
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 from datetime import timedelta
 from pathlib import Path
@@ -42,8 +44,9 @@ from airflow_provider_jimeng.operators.review import JiMengReviewOperator
 log = logging.getLogger(__name__)
 
 CATALOGUE = Path(__file__).resolve().parent / "data" / "products.json"
-#: Who may answer (Airflow user ids); ``None``: anyone Airflow lets act on the DAG's required actions.
-REVIEWERS: list[str] | None = None
+#: Who may answer: Airflow user ids, here from ``JIMENG_REVIEWERS`` (comma-separated) where the DAG is
+#: parsed; none: anyone Airflow lets act on the DAG's required actions.
+REVIEWERS = [name.strip() for name in os.environ.get("JIMENG_REVIEWERS", "").split(",") if name.strip()] or None
 #: After this, nobody's answer approves nothing (``on_timeout="approve_none"``): nothing goes out unseen.
 REVIEW_DEADLINE = timedelta(hours=24)
 
