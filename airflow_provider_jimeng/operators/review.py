@@ -404,12 +404,11 @@ class JiMengReviewOperator(HITLOperator):
         chosen = set(payload["chosen_options"])
         picked = [item for item in items if item.label in chosen]
         regenerate: list[ReviewItem] = []
-        if PUBLISH_NONE in chosen:
-            if picked:
-                self.log.warning("%r was chosen with images: nothing is approved", PUBLISH_NONE)
+        # "Publish none" counts only alone: the UI pre-selects the defaults (on_timeout="approve_none"), so a
+        # reviewer who picks images may leave it selected; the images picked are what they mean.
+        if REGENERATE in chosen:
             approved: list[ReviewItem] = []
-        elif REGENERATE in chosen:
-            approved, regenerate = [], picked
+            regenerate = picked
         else:
             approved = picked
         approved_uris = {item.uri for item in approved}

@@ -31,7 +31,12 @@ with DAG(
     ).expand(prompt=MAPPED_PROMPTS)
 
     review_multi = JiMengReviewOperator(
-        task_id="review_multi", images_from=gen, respondents=["editor"], rejected="move", subject="Pick for the shop"
+        task_id="review_multi",
+        images_from=gen,
+        respondents=["editor"],
+        rejected="move",
+        subject="Pick for the shop",
+        on_timeout="approve_none",
     )
     review_empty = JiMengReviewOperator(task_id="review_empty", images_from="gen_mapped", rejected="tag")
     review_mind = JiMengReviewOperator(task_id="review_mind", images_from=gen, allow_regenerate=False)

@@ -172,7 +172,9 @@ def _play(found: Scenario, waiting: WaitingTasks) -> None:
     # Who may answer: a viewer may not update a HITL detail; a user who is not a respondent may not either.
     found.responses["viewer"] = found.answer("review_multi", found.labels("review_multi", 1), user="reader")
     found.responses["intern"] = found.answer("review_multi", found.labels("review_multi", 1), user="intern")
-    found.responses["multi"] = found.answer("review_multi", found.labels("review_multi", 1, 3), note="Shop: 1 and 3")
+    # As the UI sends it when "Publish none" was pre-selected (on_timeout="approve_none") and two images picked.
+    chosen = [PUBLISH_NONE, *found.labels("review_multi", 1, 3)]
+    found.responses["multi"] = found.answer("review_multi", chosen, note="Shop: 1 and 3")
     found.responses["mind_first"] = found.answer("review_mind", found.labels("review_mind", 2))
     found.responses["mind_again"] = found.answer("review_mind", found.labels("review_mind", 4))
     found.responses["nothing_ticked"] = found.answer("review_empty", [])
@@ -211,6 +213,7 @@ def test_the_request_shows_each_image_with_its_prompt_and_size(scenario: Scenari
         "#4 a yellow chair (1024x1024)",
     ]
     assert detail["options"][4:] == [PUBLISH_NONE, REGENERATE]
+    assert detail["defaults"] == [PUBLISH_NONE]  # on_timeout="approve_none": what the UI pre-selects
     body = detail["body"]
     assert body.count("](jimeng/thumbnail?") == 4
     assert body.count("](jimeng/image?") == 4
