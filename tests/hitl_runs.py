@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from typing import Any
 
 WAIT_SECONDS = 90
@@ -114,7 +115,6 @@ def answer_as_the_api_does(dag_id: str, run_id: str, task_id: str, choose: Calla
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.trigger import handle_event_submit
     from airflow.triggers.base import TriggerEvent
-    from airflow.utils import timezone
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
@@ -128,5 +128,5 @@ def answer_as_the_api_does(dag_id: str, run_id: str, task_id: str, choose: Calla
         detail.chosen_options = choose(list(detail.options))
         detail.params_input = {}
         detail.responded_by = {"id": "editor", "name": "editor"}
-        detail.responded_at = timezone.utcnow()
+        detail.responded_at = datetime.now(timezone.utc)
         handle_event_submit(TriggerEvent(detail.as_resume_event_payload()), task_instance=ti, session=session)
