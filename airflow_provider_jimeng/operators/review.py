@@ -197,8 +197,8 @@ class JiMengReviewOperator(HITLOperator):
     """Ask a person which generated images to publish; push the approved URIs for downstream tasks.
 
     :param images_from: the generation task(s) whose images are reviewed: a task id, an operator (a
-        mapped one too: every map index is reviewed) or a list of them. Operators given here become
-        upstream tasks of the review.
+        mapped one too: every map index is reviewed), a ``@task.jimeng`` task's output, or a list of
+        them. Operators and outputs given here become upstream tasks of the review.
     :param subject: the request's headline in *Required actions*. (templated)
     :param body: Markdown shown above the images (the images, prompts and sizes follow). (templated)
     :param respondents: user ids who may answer (Airflow's HITL ``assigned_users``); ``None``: anyone
@@ -237,9 +237,9 @@ class JiMengReviewOperator(HITLOperator):
         storage_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
-        sources = (
-            [images_from] if isinstance(images_from, str) or not isinstance(images_from, Sequence) else images_from
-        )
+        given = [images_from] if isinstance(images_from, str) or not isinstance(images_from, Sequence) else images_from
+        # A TaskFlow task's output (``@task.jimeng``) stands for its task.
+        sources = [getattr(source, "operator", source) for source in given]
         if respondents is not None and "assigned_users" not in kwargs:
             names = [respondents] if isinstance(respondents, str) else list(respondents)
             kwargs["assigned_users"] = [{"id": str(name), "name": str(name)} for name in names]

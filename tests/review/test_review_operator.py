@@ -102,3 +102,20 @@ def test_another_take_has_its_own_prefix_with_the_take_number() -> None:
     }
     assert take_of("s3://b/shop/takes/take_2/gen/map_4/p0007/dag/run/regenerate/map_0/") == 2
     assert take_of("s3://b/jimeng/dag/run/gen/") == 1
+
+
+@requires_hitl
+def test_a_taskflow_generation_output_is_reviewed_like_its_operator() -> None:
+    from airflow.sdk import DAG, task
+
+    from airflow_provider_jimeng.operators.review import JiMengReviewOperator
+
+    with DAG("jimeng_review_taskflow", schedule=None):
+
+        @task.jimeng(s3_bucket="images")
+        def generate() -> list[str]:
+            return ["a fox", "an owl"]
+
+        review = JiMengReviewOperator(task_id="review", images_from=generate())
+    assert review.images_from == ["generate"]
+    assert review.upstream_task_ids == {"generate"}
