@@ -58,7 +58,10 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "triggers": [{"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.triggers.visual"]}],
-        "extra-links": ["airflow_provider_jimeng.links.jimeng.JiMengImagesLink"],
+        "extra-links": [
+            "airflow_provider_jimeng.links.jimeng.JiMengImagesLink",
+            "airflow_provider_jimeng.links.jimeng.JiMengReviewLink",
+        ],
         "config": {
             "jimeng": {
                 "description": "Settings of the JiMeng provider.\n",

@@ -29,7 +29,7 @@ from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 
 from airflow_provider_jimeng.exceptions import JiMengConfigurationError
-from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX
+from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX, JiMengReviewLink
 from airflow_provider_jimeng.plugins.gallery_access import StorageRoot
 from airflow_provider_jimeng.plugins.gallery_store import Storage, TaskImages, image_entry, read_records
 from airflow_provider_jimeng.storage.keys import safe_key_part
@@ -220,6 +220,7 @@ class JiMengReviewOperator(HITLOperator):
 
     template_fields: Sequence[str] = ("subject", "body", "rejected_prefix", "takes_prefix")
     ui_color = "#fff4e0"
+    operator_extra_links = (JiMengReviewLink(),)
 
     def __init__(
         self,

@@ -336,3 +336,10 @@ def test_the_gallery_shows_what_the_reviews_decided(scenario: Scenario) -> None:
     assert html.count('<figure class="image" data-review="not approved"') == 1
     assert "Approved by editor (review_mapped)" in html
     assert "Not approved by editor (review_empty)" in html
+
+
+def test_the_review_links_to_the_gallery_of_what_it_reviewed(scenario: Scenario) -> None:
+    # Airflow 3 evaluates extra links when the task finishes and stores them as XComs.
+    link = scenario.xcom("review_mapped", "_link_JiMengReviewLink")
+    run = quote(scenario.run_id, safe="")
+    assert link.endswith(f"/jimeng/gallery?dag_id={scenario.dag_id}&run_id={run}&task_id=gen_mapped"), link
