@@ -25,7 +25,13 @@ from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.emulator.pytest_plugin import make_jimeng_emulator  # noqa: F401  (a fixture)
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dag_runs import run_dag_test
-from tests.hitl_runs import answer_as_the_api_does, latest_run_id, run_with_reviewer
+from tests.hitl_runs import (
+    AWAITS_INPUT_REASON,
+    answer_as_the_api_does,
+    dag_test_awaits_input,
+    latest_run_id,
+    run_with_reviewer,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -327,6 +333,7 @@ def test_demo_script_writes_a_gallery(tmp_path: Path) -> None:
 
 @dag_test
 @pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="human-in-the-loop operators need Airflow 3.1 or later")
+@pytest.mark.skipif(AIRFLOW_V_3_1_PLUS and not dag_test_awaits_input(), reason=AWAITS_INPUT_REASON)
 def test_review_before_publishing_publishes_exactly_what_the_reviewer_chose(
     jimeng_conn: JiMengEmulator, s3_bucket: str, s3_client: Any
 ) -> None:

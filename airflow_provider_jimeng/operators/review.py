@@ -182,7 +182,7 @@ def note_param() -> Param:
 def with_note(params: Any) -> ParamsDict:
     """The task's params (Airflow has merged the DAG's in already) with the reviewer's note added."""
     merged = params if isinstance(params, ParamsDict) else ParamsDict(params or {})
-    if "note" not in merged or merged.get_param("note").source != "task":
+    if "note" not in merged or getattr(merged.get_param("note"), "source", "task") != "task":
         merged["note"] = note_param()
     return merged
 
@@ -443,7 +443,8 @@ class JiMengReviewOperator(HITLOperator):
         ti = context["ti"]
         ti.xcom_push(key="review", value=decision.to_json())
         ti.xcom_push(key="regenerate", value=[self.regenerate_request(item) for item in regenerate])
-        self.hitl_summary_extra["approved"] = len(decision.approved)
+        if isinstance(summary := getattr(self, "hitl_summary_extra", None), dict):  # newer standard providers
+            summary["approved"] = len(decision.approved)
         return [choice["uri"] for choice in decision.approved]
 
     def regenerate_request(self, item: ReviewItem) -> RegenerateRequest:

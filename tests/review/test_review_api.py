@@ -25,10 +25,17 @@ from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.gallery.conftest import Gallery
 from tests.gallery.roots import GALLERY_STORAGE_ENV, register_root
-from tests.hitl_runs import WaitingTasks, latest_run_id, run_with_reviewer
+from tests.hitl_runs import (
+    AWAITS_INPUT_REASON,
+    WaitingTasks,
+    dag_test_awaits_input,
+    latest_run_id,
+    run_with_reviewer,
+)
 
 pytestmark = [
     pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="human-in-the-loop operators need Airflow 3.1 or later"),
+    pytest.mark.skipif(AIRFLOW_V_3_1_PLUS and not dag_test_awaits_input(), reason=AWAITS_INPUT_REASON),
     pytest.mark.integration,
     pytest.mark.xdist_group("review_api"),
 ]
