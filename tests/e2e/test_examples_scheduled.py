@@ -74,7 +74,8 @@ ANSWER_AFTER = timedelta(seconds=10)
 def _answer_reviews(stack: AirflowStack) -> None:
     """A reviewer answers every waiting review (jimeng_review_before_publishing): the first two images."""
     for detail in stack.api("dags/~/dagRuns/~/hitlDetails?response_received=false")["hitl_details"]:
-        if datetime.now(timezone.utc) - datetime.fromisoformat(detail["created_at"]) < ANSWER_AFTER:
+        asked = datetime.fromisoformat(detail["created_at"].replace("Z", "+00:00"))  # Python 3.10 reads no "Z"
+        if datetime.now(timezone.utc) - asked < ANSWER_AFTER:
             continue
         ti = detail["task_instance"]
         images = [option for option in detail["options"] if option.startswith("#")]
