@@ -40,7 +40,13 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "hooks": [{"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.hooks.jimeng"]}],
         "operators": [
-            {"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.operators.jimeng"]}
+            {
+                "integration-name": INTEGRATION,
+                "python-modules": [
+                    "airflow_provider_jimeng.operators.jimeng",
+                    "airflow_provider_jimeng.operators.review",
+                ],
+            }
         ],
         "connection-types": [
             {
@@ -52,7 +58,10 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "triggers": [{"integration-name": INTEGRATION, "python-modules": ["airflow_provider_jimeng.triggers.visual"]}],
-        "extra-links": ["airflow_provider_jimeng.links.jimeng.JiMengImagesLink"],
+        "extra-links": [
+            "airflow_provider_jimeng.links.jimeng.JiMengImagesLink",
+            "airflow_provider_jimeng.links.jimeng.JiMengReviewLink",
+        ],
         "config": {
             "jimeng": {
                 "description": "Settings of the JiMeng provider.\n",

@@ -23,7 +23,15 @@ from PIL import Image
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.emulator.pytest_plugin import make_jimeng_emulator  # noqa: F401  (a fixture)
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dag_runs import run_dag_test
+from tests.hitl_runs import (
+    AWAITS_INPUT_REASON,
+    answer_as_the_api_does,
+    dag_test_awaits_input,
+    latest_run_id,
+    run_with_reviewer,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -109,16 +117,24 @@ def test_every_example_parses_with_tags_and_docs() -> None:
         from airflow.models.dagbag import DagBag  # type: ignore[attr-defined,no-redef]
 
     bag = DagBag(dag_folder=str(EXAMPLES))
-    assert bag.import_errors == {}
-    assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {path.name for path in EXAMPLE_FILES}
-    assert set(bag.dag_ids) == {
+    expected = {
         "jimeng_hello",
         "jimeng_check_connection",
         "jimeng_content_pipeline",
         "jimeng_mapped_generation",
         "jimeng_reference_edit_and_sets",
         "jimeng_visual_deferrable",
+        "jimeng_review_before_publishing",
     }
+    if AIRFLOW_V_3_1_PLUS:
+        assert bag.import_errors == {}
+        assert {Path(dag.fileloc).name for dag in bag.dags.values()} == {path.name for path in EXAMPLE_FILES}
+    else:  # the review needs human-in-the-loop: on 3.0 its DAG fails to parse, saying so
+        ((path, error),) = bag.import_errors.items()
+        assert Path(path).name == "jimeng_review_before_publishing.py"
+        assert "needs Airflow 3.1 or later" in error
+        expected.discard("jimeng_review_before_publishing")
+    assert set(bag.dag_ids) == expected
     for dag in bag.dags.values():
         assert dag.tags, f"{dag.dag_id} has no tags"
         assert "jimeng" in dag.tags
@@ -313,3 +329,37 @@ def test_demo_script_writes_a_gallery(tmp_path: Path) -> None:
     assert len(list(output.glob("*.jpeg"))) == manifest["count"] == len(PRODUCTS)
     gallery = (output / "index.html").read_text()
     assert all((output / entry["file"]).is_file() and entry["file"] in gallery for entry in manifest["images"])
+
+
+@dag_test
+@pytest.mark.skipif(not AIRFLOW_V_3_1_PLUS, reason="human-in-the-loop operators need Airflow 3.1 or later")
+@pytest.mark.skipif(AIRFLOW_V_3_1_PLUS and not dag_test_awaits_input(), reason=AWAITS_INPUT_REASON)
+def test_review_before_publishing_publishes_exactly_what_the_reviewer_chose(
+    jimeng_conn: JiMengEmulator, s3_bucket: str, s3_client: Any
+) -> None:
+    dag_id = "jimeng_review_before_publishing"
+
+    def reviewer(waiting: Any) -> None:
+        waiting.wait_for({"review_images"})
+        # The editor ticks images #2 and #4 (as PATCH .../hitlDetails records it).
+        answer_as_the_api_does(dag_id, latest_run_id(dag_id), "review_images", lambda o: [o[1], o[3]])
+
+    dag = load_example(dag_id).dag
+    dag_run = run_with_reviewer(dag, reviewer, run_conf={"bucket": s3_bucket, "prefix": "shop", "products": 4})
+    assert dag_run.state == "success"
+    assert jimeng_conn.billed_images == 4  # no take was asked for: nothing more was paid
+
+    generated = xcom(dag_run, "generate_images")
+    assert xcom(dag_run, "review_images") == [generated[1], generated[3]]
+    stored = objects(s3_client, s3_bucket)
+    published = sorted(key for key in stored if key.startswith(f"published/{dag_run.run_id}/"))
+    assert published == sorted(
+        [f"published/{dag_run.run_id}/{uri.rsplit('/', 1)[-1]}" for uri in (generated[1], generated[3])]
+        + [f"published/{dag_run.run_id}/decision.json"]
+    )
+    decision = json.loads(stored[f"published/{dag_run.run_id}/decision.json"])
+    assert decision["decided_by"] == {"id": "editor", "name": "editor"}
+    assert [choice["uri"] for choice in decision["approved"]] == [generated[1], generated[3]]
+    assert len(decision["rejected"]) == 2
+    assert len(decision["published"]) == 2
+    assert all(key in stored for key in (uri.split("/", 3)[3] for uri in generated))  # rejected: kept

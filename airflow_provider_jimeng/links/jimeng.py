@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import posixpath
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from airflow.sdk import BaseOperatorLink
 
@@ -127,6 +127,20 @@ class JiMengImagesLink(BaseOperatorLink):
             log.warning("No JiMeng images link: the S3 client's endpoint is unknown (%s)", type(error).__name__)
             return ""
         return images_link(first, endpoint_url=endpoint_url, region=region, partition=partition)
+
+
+class JiMengReviewLink(BaseOperatorLink):
+    """Links a review (``JiMengReviewOperator``) to the gallery of the images it asked about, with its decision."""
+
+    name = "Reviewed images"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
+        sources = getattr(operator, "images_from", None)
+        if not AIRFLOW_V_3_1_PLUS or ti_key is None or not isinstance(sources, list) or not sources:
+            return ""
+        # The gallery page itself (every map index of a mapped generation task), not a task's tab.
+        query = urlencode({"dag_id": ti_key.dag_id, "run_id": ti_key.run_id, "task_id": str(sources[0])})
+        return f"{_api_base_url().rstrip('/')}{GALLERY_URL_PREFIX}/gallery?{query}"
 
 
 def _s3_client_location(aws_conn_id: str | None) -> tuple[str | None, str | None, str]:

@@ -86,6 +86,7 @@ def create_gallery_app() -> "FastAPI":
     from airflow_provider_jimeng.plugins.gallery_store import (
         find_missing,
         load_image,
+        load_reviews,
         load_task_images,
         open_object,
         read_records,
@@ -143,6 +144,7 @@ def create_gallery_app() -> "FastAPI":
         for task in tasks:
             read_records(task)
             find_missing(task)
+        load_reviews(session, dag_id=dag_id, run_id=run_id, tasks=tasks)
         page = render_gallery(
             dag_id, run_id, task_id, tasks, storage_configured=bool(roots), thumbnails=thumbnailer.settings.enabled
         )

@@ -32,6 +32,8 @@ figure.absent .placeholder{height:220px;display:flex;align-items:center;justify-
 color:#52606d;padding:.5rem;text-align:center;overflow-wrap:anywhere}
 details.prompt summary{cursor:pointer}
 .note{padding:.5rem;background:#fffbea;border:1px solid #f0b429;border-radius:4px}
+figcaption .review{font-weight:600}figure[data-review=approved]{border:2px solid #2f8132}
+figure[data-review=approved] .review{color:#2f8132}figure[data-review="not approved"]{opacity:.75}
 @media (prefers-color-scheme:dark){body{background:#1f2933;color:#f5f7fa}
 figure{background:#323f4b;border-color:#52606d}.meta{color:#9aa5b1}figure.failed{background:#5c1a1a}
 figure.failed .placeholder{color:#ffbdbd}.note{background:#513c06;border-color:#8d6708}}
@@ -132,8 +134,10 @@ def _task_section(
             continue
         record = task.records.get(image.prompt_index)
         alt = f"prompt {image.prompt_index}, image {image.image_index}"
+        verdicts = task.reviews.get(image.uri, [])
         caption = _caption(
             [
+                *(("review", verdict.text) for verdict in verdicts),
                 ("prompt", record.prompt if record else None),
                 ("meta", f"{alt} · {image.size or 'size n/a'} · {image.model or 'model n/a'}"),
                 ("meta", f"request id {image.request_id or 'n/a'}"),
@@ -149,8 +153,11 @@ def _task_section(
         url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
         # The tile loads a thumbnail (without Pillow: the full image, lazily); the link opens the full image.
         src = escape(_image_url(dag_id, run_id, task_id, task.map_index, number, "thumbnail")) if thumbnails else url
+        outcomes = [verdict.outcome for verdict in verdicts]
+        shown = "approved" if "approved" in outcomes else (outcomes[0] if outcomes else None)
+        reviewed = f' data-review="{escape(shown)}"' if shown else ""
         figures.append(
-            f'<figure class="image"><a href="{url}" title="Open full size">'
+            f'<figure class="image"{reviewed}><a href="{url}" title="Open full size">'
             f'<img src="{src}" alt="{escape(alt)}" loading="lazy" decoding="async"></a>'
             f"<figcaption>{caption}</figcaption></figure>"
         )

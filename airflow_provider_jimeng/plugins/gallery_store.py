@@ -119,6 +119,29 @@ class Storage:
         return cls(records=records if isinstance(records, str) and len(records) <= MAX_FIELD_CHARS else None)
 
 
+#: The XCom a review task (``JiMengReviewOperator``) pushes its decision under.
+REVIEW_XCOM_KEY = "review"
+#: Review decisions of one run beyond this are not read.
+MAX_REVIEWS = 50
+#: What a review's decision lists, and the verdict each list gives its images.
+_REVIEW_LISTS = (("approved", "approved"), ("regenerate", "take again"), ("rejected", "not approved"))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A review's decision about one image, as the gallery shows it."""
+
+    outcome: str
+    review_task: str
+    decided_by: str | None
+    timed_out: bool
+
+    @property
+    def text(self) -> str:
+        who = "the deadline" if self.timed_out or not self.decided_by else self.decided_by
+        return f"{self.outcome.capitalize()} by {who} ({self.review_task})"
+
+
 @dataclass
 class TaskImages:
     """Everything the gallery shows of one task instance (one map index)."""
@@ -136,6 +159,8 @@ class TaskImages:
     records_note: str | None = None
     #: Numbers of images whose object is known to be gone (deleted since the task stored it).
     missing: set[int] = field(default_factory=set)
+    #: What the run's reviews decided about an image (by URI), in review task order.
+    reviews: dict[str, list[Verdict]] = field(default_factory=dict)
 
     def image(self, number: int) -> StoredImage | None:
         """The ``number``-th entry of the ``images`` XCom, if it passed every check and may be read."""
@@ -228,6 +253,42 @@ def load_image(
     image = image_entry(entries[number])
     allowed = root_of(image.uri, roots) if image is not None else None
     return None if image is None or allowed is None else (image, allowed)
+
+
+def load_reviews(session: Session, *, dag_id: str, run_id: str, tasks: list[TaskImages]) -> None:
+    """Mark the tasks' images with what the run's reviews decided (their ``review`` XComs, read defensively)."""
+    from airflow.models.xcom import XComModel
+    from sqlalchemy import select
+
+    query = (
+        select(XComModel)
+        .where(XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key == REVIEW_XCOM_KEY)
+        .order_by(XComModel.task_id, XComModel.map_index)
+    )
+    verdicts: dict[str, list[Verdict]] = {}
+    for row in session.scalars(query.limit(MAX_REVIEWS)):
+        decision = _xcom_value(row)
+        if not isinstance(decision, Mapping):
+            continue
+        user = decision.get("decided_by")
+        name = user.get("name") if isinstance(user, Mapping) else None
+        for list_name, outcome in _REVIEW_LISTS:
+            choices = decision.get(list_name)
+            for choice in (choices if isinstance(choices, list) else [])[:MAX_IMAGES]:
+                uri = choice.get("uri") if isinstance(choice, Mapping) else None
+                if isinstance(uri, str) and len(uri) <= MAX_FIELD_CHARS:
+                    verdicts.setdefault(uri, []).append(
+                        Verdict(
+                            outcome=outcome,
+                            review_task=str(row.task_id)[:MAX_FIELD_CHARS],
+                            decided_by=name[:MAX_FIELD_CHARS] if isinstance(name, str) else None,
+                            timed_out=decision.get("timed_out") is True,
+                        )
+                    )
+    for task in tasks:
+        for image in task.images:
+            if image is not None and image.uri in verdicts:
+                task.reviews[image.uri] = verdicts[image.uri]
 
 
 def _flat_usage(usage: Any) -> dict[str, Any]:

@@ -37,6 +37,8 @@ PIPELINE_DAG = "jimeng_content_pipeline"
 #: The bucket the pipeline stores in, and the one storage root the gallery may read (its default prefix).
 GALLERY_BUCKET = "jimeng-gallery-e2e"
 GALLERY_ROOT = f"s3://{GALLERY_BUCKET}/catalogue/"
+#: The reviewer of jimeng_review_before_publishing: the user every UI request is made as (all admins).
+REVIEWER = "Anonymous"
 #: The example DAGs, every one in the stack's DAGs folder.
 EXAMPLE_FILES = sorted(path for path in (REPO_ROOT / "dags_examples").glob("*.py") if not path.name.startswith("_"))
 
@@ -76,6 +78,8 @@ def airflow_stack() -> Iterator[AirflowStack]:
             # Everyone is an admin but ``outsider``, who may read no jimeng_ DAG (the refused user).
             "AIRFLOW__CORE__AUTH_MANAGER": f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), stack.env.get("PYTHONPATH")])),
+            # jimeng_review_before_publishing: only the UI's user (all admins: "Anonymous") may answer.
+            "JIMENG_REVIEWERS": REVIEWER,
             # jimeng_visual_deferrable: the emulator's Visual API, with its default key pair.
             "AIRFLOW_CONN_JIMENG_VISUAL": json.dumps(
                 {

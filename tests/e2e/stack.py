@@ -132,12 +132,12 @@ class AirflowStack:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, path: str, body: dict[str, Any], method: str = "POST") -> Any:
         request = urllib.request.Request(
             f"{self.base_url}/api/v2/{path}",
             data=json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {self.token()}", "Content-Type": "application/json"},
-            method="POST",
+            method=method,
         )
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from airflow_provider_jimeng.hooks.connection_form import CONNECTION_EXTRAS, UI_FIELD_BEHAVIOUR
-from tests.e2e.conftest import GALLERY_BUCKET, PIPELINE_DAG
+from tests.e2e.conftest import GALLERY_BUCKET, PIPELINE_DAG, REVIEWER
 from tests.e2e.stack import EMULATOR_API_KEY, AirflowStack
 
 # Starting Airflow alone takes most of a minute on two cores; the whole path stays well under 5 minutes.
@@ -285,12 +285,12 @@ def test_the_images_tab_shows_every_stored_image(
         refused.close()
 
 
-def _token_of(stack: AirflowStack, user: str) -> str:
+def _token_of(stack: AirflowStack, user: str, role: str = "viewer") -> str:
     """A JWT for ``user``, signed as the API server signs (its auth manager and secret, in a child process)."""
     code = (
         "from airflow.api_fastapi.app import create_auth_manager\n"
         "from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser\n"
-        f"print(create_auth_manager().generate_jwt(SimpleAuthManagerUser(username={user!r}, role='viewer')))"
+        f"print(create_auth_manager().generate_jwt(SimpleAuthManagerUser(username={user!r}, role={role!r})))"
     )
     answer = subprocess.run(
         [sys.executable, "-c", code], env=stack.env, cwd=stack.home, capture_output=True, text=True, timeout=120
@@ -375,3 +375,105 @@ def test_a_forged_xcom_makes_the_gallery_serve_nothing(
             assert b"jwt_secret" not in direct.body()
         if task_id == "build_prompts":
             page.screenshot(path=str(screenshot_dir / "ui-gallery-forged.png"))
+
+
+REVIEW_DAG = "jimeng_review_before_publishing"
+
+
+def _patch_hitl(stack: AirflowStack, path: str, token: str, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(
+        f"{stack.base_url}/api/v2/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method="PATCH",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_a_reviewer_chooses_two_of_four_images_and_exactly_those_are_published(
+    browser: Any, airflow_stack: AirflowStack, screenshot_dir: Path
+) -> None:
+    import boto3
+
+    stack = airflow_stack
+    _ensure_connection(stack)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=GALLERY_BUCKET)
+    conf = {"bucket": GALLERY_BUCKET, "prefix": "catalogue", "products": 4}
+    run_id = stack.post(f"dags/{REVIEW_DAG}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
+    run_path = urllib.parse.quote(run_id, safe="")
+    hitl_path = f"dags/{REVIEW_DAG}/dagRuns/{run_path}/taskInstances/review_images/-1/hitlDetails"
+
+    def asking() -> dict[str, Any] | None:
+        ti = stack.task_api(REVIEW_DAG, run_id, "review_images")
+        if ti["state"] not in ("awaiting_input", "deferred"):
+            assert ti["state"] in (None, "scheduled", "queued", "running"), ti
+            return None
+        return dict(stack.api(hitl_path))
+
+    detail = stack.wait_for("the review's question", asking, RUN_TIMEOUT, interval=2.0)
+    generated = stack.task_api(REVIEW_DAG, run_id, "generate_images", "/xcomEntries/return_value")["value"]
+    assert len(generated) == 4
+    assert detail["assigned_users"] == [{"id": REVIEWER, "name": REVIEWER}]
+    labels = [option for option in detail["options"] if option.startswith("#")]
+    assert len(labels) == 4
+
+    # A user who may act on the DAG but is not a respondent cannot answer (403), through the UI's API.
+    intern = _token_of(stack, "intern", role="admin")
+    assert _patch_hitl(stack, hitl_path, intern, {"chosen_options": [labels[0]]}) == 403
+
+    # The reviewer opens the required action: four thumbnails, served by the gallery, load.
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.set_default_timeout(30_000)
+    task_page = f"{stack.base_url}/dags/{REVIEW_DAG}/runs/{run_path}/tasks/review_images"
+    page.goto(f"{task_page}/required_actions")
+    thumbnails = page.locator("img[src*='jimeng/thumbnail']")
+    thumbnails.first.wait_for()
+    assert thumbnails.count() == 4
+    for index in range(4):
+        thumbnails.nth(index).scroll_into_view_if_needed()
+        assert 0 < thumbnails.nth(index).evaluate(IMAGE_SHOWN) <= 440, f"thumbnail {index} did not load"
+    assert GALLERY_BUCKET not in page.content()
+
+    # Chooses #1 and #3 in the options, leaves a note, and answers.
+    chooser = page.locator("#element_chosen_options")
+    for label in (labels[0], labels[2]):
+        chooser.click()
+        page.keyboard.type(label.split(" ", 1)[0] + " ")
+        page.keyboard.press("Enter")
+    note = page.locator("#element_note")
+    if note.count():
+        note.fill("1 and 3 for the shop")
+    thumbnails.first.scroll_into_view_if_needed()
+    page.screenshot(path=str(screenshot_dir / "ui-review-required-action.png"), full_page=True)
+    page.get_by_role("button", name="Respond").click()
+
+    _wait_for_run(stack, run_id, REVIEW_DAG)
+    answered = stack.api(hitl_path)
+    # The form pre-selects the deadline's default ("Publish none of these"): the images picked are approved.
+    assert set(answered["chosen_options"]) - {"Publish none of these"} == {labels[0], labels[2]}
+    assert answered["responded_by_user"]["id"] == REVIEWER
+    published = s3.list_objects_v2(Bucket=GALLERY_BUCKET, Prefix=f"published/{run_id}/").get("Contents", [])
+    names = sorted(item["Key"].rsplit("/", 1)[-1] for item in published)
+    chosen = sorted(uri.rsplit("/", 1)[-1] for uri in (generated[0], generated[2]))
+    assert names == sorted([*chosen, "decision.json"])
+
+    # The generation task's Images tab shows the decision on each image.
+    page.goto(f"{stack.base_url}/dags/{REVIEW_DAG}/runs/{run_path}/tasks/generate_images/plugin/jimeng-images")
+    gallery = page.frame_locator("iframe").first
+    gallery.locator("figure.image img").first.wait_for()
+    assert gallery.locator("figure[data-review=approved]").count() == 2
+    assert gallery.locator('figure[data-review="not approved"]').count() == 2
+    assert f"Approved by {REVIEWER} (review_images)" in gallery.locator("body").inner_text()
+    page.screenshot(path=str(screenshot_dir / "ui-review-gallery.png"))

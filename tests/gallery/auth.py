@@ -12,7 +12,8 @@ from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleA
 
 
 class RestrictedAuthManager(SimpleAuthManager):
-    """``SimpleAuthManager`` where ``outsider`` may read no ``jimeng_*`` DAG, and ``noxcom`` none of their XComs."""
+    """``SimpleAuthManager`` where ``outsider`` may read no ``jimeng_*`` DAG, and ``noxcom`` none of their XComs;
+    only a review's respondents may answer it, admins included."""
 
     #: Every DAG check asked of the auth manager: (user, method, access entity, dag id).
     checks: list[tuple[str, str, Any, str | None]] = []
@@ -25,3 +26,7 @@ class RestrictedAuthManager(SimpleAuthManager):
         if user.get_name() == "noxcom" and getattr(access_entity, "name", None) == "XCOM":
             return False
         return super().is_authorized_dag(method=method, user=user, access_entity=access_entity, details=details)
+
+    def is_authorized_hitl_task(self, *, assigned_users: set[str], user: Any) -> bool:
+        # Respondents are checked even when every user is an admin (the e2e stack): only they may answer.
+        return bool(user.get_id() in assigned_users)
