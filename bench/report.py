@@ -175,6 +175,49 @@ def _p8_rows(p8: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
     return table
 
 
+def _p9_rows(p9: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]]:
+    params = p9["params"]
+    workload = (
+        f"{params['prompts']} prompts, {params['latency_s']:g} s/image, {params['parallelism']} generated at once "
+        f"(ideal {params['ideal_s']:g} s), poll_interval {params['poll_interval_s']:g} s, K={params['max_concurrency']}"
+    )
+    table = []
+    for name, label in (("deferrable", "deferrable=True"), ("polling", "deferrable=False (polled on the worker)")):
+        run = p9[name]
+        table.append(
+            (
+                f"P9 Visual API {label}: {workload}; scheduler, triggerer, LocalExecutor",
+                "slot <= 10% of polling's, end to end <= 1.1x polling's" if name == "deferrable" else "for comparison",
+                f"{run['state']}; worker slot **{run['slot_s']:.2f} s** ({run['slot_s_per_image']:.3f} s/image, "
+                f"{len(run['workloads'])} workload(s); task processes {run['task_process_s']:.2f} s); end to end "
+                f"**{run['end_to_end_s']:.1f} s**; billed {run['billed_images']}"
+                + (
+                    f"; slot **{p9['slot_ratio']:.1%}** of polling's (task processes "
+                    f"{run['task_process_s'] / p9['polling']['task_process_s']:.1%}), end to end "
+                    f"**{p9['end_to_end_ratio']:.3f}x**"
+                    if name == "deferrable"
+                    else ""
+                ),
+                verdict(p9["pass"]) if name == "deferrable" else "-",
+            )
+        )
+    triggerer = p9.get("triggerer")
+    if triggerer:
+        idle, polling = triggerer["idle"], triggerer["polling"]
+        table.append(
+            (
+                f"P9 triggerer: {triggerer['pending_task_ids']} pending task ids on one trigger, poll_interval "
+                f"{params['trigger_poll_interval_s']:g} s (the default)",
+                "reported",
+                f"**{polling['cpu_s_per_min']:.2f} CPU s/min** ({polling['polls_per_min']:.0f} polls/min; idle "
+                f"{idle['cpu_s_per_min']:.2f}); RSS **{polling['rss_mib']:.0f} MiB** (idle {idle['rss_mib']:.0f} MiB; "
+                "supervisor, trigger runner and log server)",
+                "-",
+            )
+        )
+    return table
+
+
 def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(benchmark, target, measured, verdict) for every section present."""
     quick = results.get("meta", {}).get("mode") == "quick"
@@ -213,6 +256,9 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     p8 = results.get("p8_gallery")
     if p8:
         table += _p8_rows(p8, _verdict)
+    p9 = results.get("p9_visual")
+    if p9:
+        table += _p9_rows(p9, _verdict)
     p3 = results.get("p3_memory")
     if p3:
         small, large = p3["params"]["n"]
