@@ -313,3 +313,27 @@ def test_demo_script_writes_a_gallery(tmp_path: Path) -> None:
     assert len(list(output.glob("*.jpeg"))) == manifest["count"] == len(PRODUCTS)
     gallery = (output / "index.html").read_text()
     assert all((output / entry["file"]).is_file() and entry["file"] in gallery for entry in manifest["images"])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_demo_script_runs_the_visual_api_example_offline(tmp_path: Path) -> None:
+    """``make demo API=visual``: the deferrable Visual API example on the offline emulator, images copied out."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "JIMENG_"))}
+    output = tmp_path / "out"
+    finished = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--api", "visual", "--output", str(output)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "jimeng_visual_deferrable against the offline emulator" in finished.stdout
+    assert "Visual API, deferrable" in finished.stdout
+    assert "[info" not in finished.stdout + finished.stderr  # Airflow's logs went to the log file
+    images = sorted(output.glob("*.jpeg"))
+    assert len(images) == 2  # one per topic of the example's default params, billed once each
+    assert "billed 2" in finished.stdout
+    assert all(image.read_bytes()[:3] == b"\xff\xd8\xff" for image in images)
