@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -593,6 +594,8 @@ class JiMengGenerateOperator(BaseOperator):
                     req_json=req_json,
                     poll_interval=self.poll_interval,
                     max_poll_interval=max(self.poll_interval, 120.0),
+                    # Rounds counted from the submits, as a worker would poll: not from the triggerer's pick-up.
+                    poll_anchor=time.time(),
                 ),
                 method_name="execute_complete",
                 kwargs={"fields": self._deferred_fields} if self._deferred_fields else None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -67,6 +68,10 @@ class JiMengVisualTrigger(BaseTrigger):
     :param poll_interval: seconds between rounds of polls; doubled (with jitter) on each rate-limited round,
         up to ``max_poll_interval`` (a ``Retry-After`` wins).
     :param concurrency: polls in flight at once.
+    :param poll_anchor: epoch seconds the rounds are counted from (they fall on ``poll_anchor + k *
+        poll_interval``): the operator passes the end of its submits, so the triggerer polls on the clock
+        a worker polling the same tasks would use, whenever it picks the trigger up (or a restarted one
+        does). ``None``: from the trigger's start.
 
     The event's payload: ``status`` (``success``, or ``error`` when the connection or the key pair is
     refused: nothing more can be learnt), ``tasks`` (task id to :meth:`VisualTaskResult.summary`, status one
@@ -84,6 +89,7 @@ class JiMengVisualTrigger(BaseTrigger):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         concurrency: int = DEFAULT_CONCURRENCY,
+        poll_anchor: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         ids = list(task_ids)
@@ -104,6 +110,9 @@ class JiMengVisualTrigger(BaseTrigger):
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r:.40}")
         self.concurrency = concurrency
+        if poll_anchor is not None and (isinstance(poll_anchor, bool) or not isinstance(poll_anchor, (int, float))):
+            raise ValueError(f"poll_anchor must be epoch seconds or None, got {poll_anchor!r:.40}")
+        self.poll_anchor = None if poll_anchor is None else float(poll_anchor)
         self.polls = 0
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -117,6 +126,7 @@ class JiMengVisualTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "max_poll_interval": self.max_poll_interval,
                 "concurrency": self.concurrency,
+                "poll_anchor": self.poll_anchor,
             },
         )
 
@@ -147,6 +157,7 @@ class JiMengVisualTrigger(BaseTrigger):
         req_json = {**(self.req_json or client.default_req_json()), "return_url": True}
         backoff = RetryPolicy(max_retries=0, backoff=self.poll_interval, max_wait=self.max_poll_interval)
         rate_limited_rounds = 0
+        anchor = _now() if self.poll_anchor is None else self.poll_anchor
         pending = list(self.task_ids)
         log.info("Polling %d JiMeng Visual API task(s) on connection %s", len(pending), self.jimeng_conn_id)
         try:
@@ -172,7 +183,7 @@ class JiMengVisualTrigger(BaseTrigger):
                     log.info("JiMeng Visual API polls rate-limited (%s); next round in %.2fs", rate_limit.code, wait)
                 else:
                     rate_limited_rounds = 0
-                    wait = self.poll_interval
+                    wait = self._until_next_round(anchor, _now())
                 next_deadline = min(self.deadlines[task_id] for task_id in pending)
                 await asyncio.sleep(max(0.0, min(wait, next_deadline - _now())))
         finally:
@@ -180,6 +191,11 @@ class JiMengVisualTrigger(BaseTrigger):
         done = sum(1 for outcome in outcomes.values() if outcome["status"] == "done")
         log.info("JiMeng Visual API: %d of %d task(s) done after %d poll(s)", done, len(self.task_ids), self.polls)
         yield self._event("success", outcomes)
+
+    def _until_next_round(self, anchor: float, now: float) -> float:
+        """Seconds until the next ``anchor + k * poll_interval`` after ``now`` (a round that overran skips a tick)."""
+        ticks = math.floor((now - anchor) / self.poll_interval) + 1
+        return min(self.poll_interval, max(0.0, anchor + ticks * self.poll_interval - now))
 
     async def _poll_round(
         self,
