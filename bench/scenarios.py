@@ -708,6 +708,7 @@ def p9_visual(h: Harness, s: Sizes) -> dict[str, Any]:
         max_concurrency=s.p9_max_concurrency,
         pending=s.p9_pending,
         window=s.p9_window,
+        repeats=s.repeats,
         progress=h.progress,
     )
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import statistics
 import tempfile
 import time
 import urllib.parse
@@ -283,6 +284,25 @@ def _measured_run(airflow: _Airflow, stack: Stack, dag_id: str, prompts: int, pr
     return result
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": float(statistics.median(values)), "min": min(values), "max": max(values)}
+
+
+def _summary(runs: list[dict[str, Any]], prompts: int) -> dict[str, Any]:
+    """Medians and ranges of one mode's runs; the worker's time beside the task processes is the supervisor's."""
+    slots = [run["slot_s"] for run in runs]
+    return {
+        "state": ",".join(sorted({run["state"] for run in runs})),
+        "slot_s": _spread(slots),
+        "slot_s_per_image": statistics.median(slots) / prompts,
+        "task_process_s": _spread([run["task_process_s"] for run in runs]),
+        "around_task_processes_s": _spread([run["slot_s"] - run["task_process_s"] for run in runs]),
+        "end_to_end_s": _spread([run["end_to_end_s"] for run in runs]),
+        "workloads": statistics.median(len(run["workloads"]) for run in runs),
+        "billed_images": max(run["billed_images"] for run in runs),
+    }
+
+
 def _process_tree(pid: int) -> list[Any]:
     import psutil
 
@@ -381,6 +401,7 @@ def p9_visual(
     max_concurrency: int,
     pending: int,
     window: float,
+    repeats: int,
     progress: Any,
 ) -> dict[str, Any]:
     """Measure both modes side by side, then the triggerer's cost for ``pending`` task ids."""
@@ -405,10 +426,13 @@ def p9_visual(
         airflow.wait_finished(POLLING_DAG, warm)
         stack.empty_bucket()
         stack.emulator.configure(latency=latency, visual_parallelism=parallelism)
-        runs = {
-            "deferrable": _measured_run(airflow, stack, DEFERRABLE_DAG, prompts, progress),
-            "polling": _measured_run(airflow, stack, POLLING_DAG, prompts, progress),
-        }
+        runs: dict[str, list[dict[str, Any]]] = {"deferrable": [], "polling": []}
+        for repeat in range(repeats):
+            # Alternated (D P, P D, ...), so that a drift in the machine's load hits both modes alike.
+            order = ("deferrable", "polling") if repeat % 2 == 0 else ("polling", "deferrable")
+            for mode in order:
+                dag_id = DEFERRABLE_DAG if mode == "deferrable" else POLLING_DAG
+                runs[mode].append(_measured_run(airflow, stack, dag_id, prompts, progress))
         triggerer = _triggerer_load(airflow, stack, pending, window, progress)
     except BaseException:
         progress(airflow.stack.diagnostics())
@@ -416,12 +440,15 @@ def p9_visual(
     finally:
         airflow.stop()
         stack.emulator.configure(latency=0.0, visual_parallelism=None)
-    deferrable, polling = runs["deferrable"], runs["polling"]
-    slot_ratio = deferrable["slot_s"] / polling["slot_s"]
-    end_to_end_ratio = deferrable["end_to_end_s"] / polling["end_to_end_s"]
+    summary = {mode: _summary(mode_runs, prompts) for mode, mode_runs in runs.items()}
+    deferrable, polling = summary["deferrable"], summary["polling"]
+    slot_ratio = deferrable["slot_s"]["median"] / polling["slot_s"]["median"]
+    end_to_end_ratio = deferrable["end_to_end_s"]["median"] / polling["end_to_end_s"]["median"]
+    task_process_ratio = deferrable["task_process_s"]["median"] / polling["task_process_s"]["median"]
     complete = all(
         run["state"] == "success" and run["billed_images"] == prompts and run["objects_stored"] >= prompts
-        for run in runs.values()
+        for mode_runs in runs.values()
+        for run in mode_runs
     )
     return {
         "params": {
@@ -432,10 +459,13 @@ def p9_visual(
             "poll_interval_s": poll_interval,
             "max_concurrency": max_concurrency,
             "trigger_poll_interval_s": DEFAULT_POLL_INTERVAL,
+            "repeats": repeats,
         },
-        "target": "deferrable worker-slot time <= 10% of polling's; end to end within 10% of polling's",
-        **runs,
+        "target": "deferrable worker-slot time <= 10% of polling's; end to end within 10% of polling's (medians)",
+        **summary,
+        "runs": runs,
         "slot_ratio": slot_ratio,
+        "task_process_ratio": task_process_ratio,
         "end_to_end_ratio": end_to_end_ratio,
         "triggerer": triggerer,
         "complete": complete,

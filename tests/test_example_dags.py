@@ -337,3 +337,9 @@ def test_demo_script_runs_the_visual_api_example_offline(tmp_path: Path) -> None
     assert len(images) == 2  # one per topic of the example's default params, billed once each
     assert "billed 2" in finished.stdout
     assert all(image.read_bytes()[:3] == b"\xff\xd8\xff" for image in images)
+
+
+@pytest.fixture(autouse=True)
+def _no_resume_hold_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``dag.test()`` runs the Visual API example's trigger in line: no worker supervisor to wait out."""
+    monkeypatch.setattr("airflow_provider_jimeng.operators.jimeng.resume_hold_off", lambda: 0.0)

@@ -28,7 +28,7 @@ from airflow_provider_jimeng.hooks.retry import RetryPolicy
 from airflow_provider_jimeng.hooks.visual import TASK_TTL_SECONDS, VisualClient, VisualTaskResult
 from airflow_provider_jimeng.version_compat import BaseHook
 
-__all__ = ["DEADLINE", "JiMengVisualTrigger", "task_deadline"]
+__all__ = ["DEADLINE", "JiMengVisualTrigger", "resume_hold_off", "task_deadline"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,21 @@ def task_deadline(submitted_at: float, *, ttl: float = TASK_TTL_SECONDS) -> floa
 
 def _now() -> float:
     return time.time()
+
+
+def resume_hold_off() -> float:
+    """Seconds after deferring before the trigger may fire: ``[workers] min_heartbeat_interval`` plus one.
+
+    The worker's supervisor notices that a deferring task process exited up to one
+    ``min_heartbeat_interval`` late (it waits on the process's sockets, and they can close before the
+    process can be reaped). A trigger firing sooner lets the task resume (same try, same executor key)
+    while that first workload is still open; the scheduler then takes the late "success" of the
+    deferral for a task that died while running and fails the resumed try (P9 saw it in its quick runs).
+    Waiting out that window costs only a run whose tasks all finish within seconds of the deferral.
+    """
+    from airflow.configuration import conf
+
+    return conf.getfloat("workers", "min_heartbeat_interval", fallback=5.0) + 1.0
 
 
 def _positive(name: str, value: Any) -> float:
@@ -72,6 +87,8 @@ class JiMengVisualTrigger(BaseTrigger):
         poll_interval``): the operator passes the end of its submits, so the triggerer polls on the clock
         a worker polling the same tasks would use, whenever it picks the trigger up (or a restarted one
         does). ``None``: from the trigger's start.
+    :param fire_after: epoch seconds before which the event is held back (the operator passes the deferral's
+        time plus :func:`resume_hold_off`). ``None``: fire at once.
 
     The event's payload: ``status`` (``success``, or ``error`` when the connection or the key pair is
     refused: nothing more can be learnt), ``tasks`` (task id to :meth:`VisualTaskResult.summary`, status one
@@ -90,6 +107,7 @@ class JiMengVisualTrigger(BaseTrigger):
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         concurrency: int = DEFAULT_CONCURRENCY,
         poll_anchor: float | None = None,
+        fire_after: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         ids = list(task_ids)
@@ -113,6 +131,9 @@ class JiMengVisualTrigger(BaseTrigger):
         if poll_anchor is not None and (isinstance(poll_anchor, bool) or not isinstance(poll_anchor, (int, float))):
             raise ValueError(f"poll_anchor must be epoch seconds or None, got {poll_anchor!r:.40}")
         self.poll_anchor = None if poll_anchor is None else float(poll_anchor)
+        if fire_after is not None and (isinstance(fire_after, bool) or not isinstance(fire_after, (int, float))):
+            raise ValueError(f"fire_after must be epoch seconds or None, got {fire_after!r:.40}")
+        self.fire_after = None if fire_after is None else float(fire_after)
         self.polls = 0
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -127,6 +148,7 @@ class JiMengVisualTrigger(BaseTrigger):
                 "max_poll_interval": self.max_poll_interval,
                 "concurrency": self.concurrency,
                 "poll_anchor": self.poll_anchor,
+                "fire_after": self.fire_after,
             },
         )
 
@@ -140,7 +162,13 @@ class JiMengVisualTrigger(BaseTrigger):
         client: VisualClient = await sync_to_async(VisualClient.from_connection)(conn)
         return client
 
-    def _event(self, status: str, outcomes: Mapping[str, dict[str, Any]], message: str | None = None) -> TriggerEvent:
+    async def _event(
+        self, status: str, outcomes: Mapping[str, dict[str, Any]], message: str | None = None
+    ) -> TriggerEvent:
+        """The one event, once ``fire_after`` has passed (see :func:`resume_hold_off`)."""
+        if self.fire_after is not None and (hold := self.fire_after - _now()) > 0:
+            log.info("Holding the event %.1fs, until the deferring worker has surely let go of the task", hold)
+            await asyncio.sleep(hold)
         tasks = {
             task_id: outcomes.get(task_id) or VisualTaskResult(task_id, PENDING).summary() for task_id in self.task_ids
         }
@@ -152,7 +180,7 @@ class JiMengVisualTrigger(BaseTrigger):
         try:
             client = await self._client()
         except JiMengError as error:  # a connection that cannot work: a retry of the task says so again
-            yield self._event("error", outcomes, f"connection {self.jimeng_conn_id!r}: {error}")
+            yield await self._event("error", outcomes, f"connection {self.jimeng_conn_id!r}: {error}")
             return
         req_json = {**(self.req_json or client.default_req_json()), "return_url": True}
         backoff = RetryPolicy(max_retries=0, backoff=self.poll_interval, max_wait=self.max_poll_interval)
@@ -172,7 +200,7 @@ class JiMengVisualTrigger(BaseTrigger):
                 rate_limit, fatal = await self._poll_round(client, pending, req_json, outcomes)
                 if fatal is not None:
                     log.error("Polling JiMeng Visual API tasks stopped: %s", fatal)
-                    yield self._event("error", outcomes, str(fatal))
+                    yield await self._event("error", outcomes, str(fatal))
                     return
                 pending = [task_id for task_id in pending if task_id not in outcomes]
                 if not pending:
@@ -190,7 +218,7 @@ class JiMengVisualTrigger(BaseTrigger):
             client.close()  # closes pooled sockets only: quick, and safe while a cancelled poll's thread ends
         done = sum(1 for outcome in outcomes.values() if outcome["status"] == "done")
         log.info("JiMeng Visual API: %d of %d task(s) done after %d poll(s)", done, len(self.task_ids), self.polls)
-        yield self._event("success", outcomes)
+        yield await self._event("success", outcomes)
 
     def _until_next_round(self, anchor: float, now: float) -> float:
         """Seconds until the next ``anchor + k * poll_interval`` after ``now`` (a round that overran skips a tick)."""

@@ -164,6 +164,13 @@ def task_prefix(run: DagRunResult, task_id: str = "gen", *, prefix: str = "jimen
     return "/".join(parts)
 
 
+@pytest.fixture(autouse=True)
+def _no_resume_hold_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process runs have no worker supervisor to wait out (``triggers/visual.py``, ``resume_hold_off``):
+    a deferred Visual API task's trigger fires at once here. ``make e2e`` runs it with the real hold-off."""
+    monkeypatch.setattr("airflow_provider_jimeng.operators.jimeng.resume_hold_off", lambda: 0.0)
+
+
 # ------------------------------------------------------------------------------------- DAG runs
 @dataclass
 class DagRunResult:

@@ -18,7 +18,7 @@ from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_jimeng.emulator import POLL_FAULT_PATH, SUBMIT_FAULT_PATH, Fault, JiMengEmulator
 from airflow_provider_jimeng.hooks.visual import TASK_TTL_SECONDS, VisualClient
-from airflow_provider_jimeng.triggers.visual import DEADLINE, JiMengVisualTrigger, task_deadline
+from airflow_provider_jimeng.triggers.visual import DEADLINE, JiMengVisualTrigger, resume_hold_off, task_deadline
 from tests.visual_fixtures import (  # noqa: F401  (fixtures)
     CONN_ID,
     SECRET,
@@ -239,6 +239,7 @@ def test_serialize_round_trips_and_holds_no_secret(client: VisualClient) -> None
         "max_poll_interval",
         "concurrency",
         "poll_anchor",
+        "fire_after",
     }
     assert SECRET not in json.dumps(kwargs)
     assert SECRET not in repr(trigger)
@@ -313,6 +314,29 @@ def test_a_trigger_picked_up_late_polls_on_the_submits_clock_not_its_own(
     assert event.payload["tasks"][task_id]["status"] == "done"
     assert trigger.polls == 2
     assert waits[0] == pytest.approx(2.7, abs=0.3)
+
+
+def test_the_event_is_held_until_fire_after(
+    client: VisualClient, emulator: JiMengEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run done at once still fires only after the deferring worker has surely let go (resume_hold_off)."""
+    task_id = client.submit(ONE)
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    event = first_event(trigger_for([task_id], fire_after=time.time() + 6.0))
+    assert event.payload["tasks"][task_id]["status"] == "done"
+    assert waits == [pytest.approx(6.0, abs=0.5)]  # the hold, and no poll round in between
+
+
+def test_the_hold_off_covers_the_workers_exit_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "3")
+    assert resume_hold_off() == 4.0
 
 
 def test_a_tasks_deadline_is_its_expiry() -> None:
