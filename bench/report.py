@@ -413,7 +413,7 @@ TEMPLATE = """# Benchmarks
 Image generation takes seconds per image and is rate-limited, so the operator's job is to keep the
 API busy up to its limits while spending almost nothing itself. These benchmarks check that, each
 side by side in one run against the [emulator](../airflow_provider_jimeng/emulator/) and an S3
-server (moto) on loopback. Reproduce with `make bench` (about 18 minutes on 2 cores; `python -m bench
+server (moto) on loopback. Reproduce with `make bench` (about 16 minutes on 2 cores; `python -m bench
 --help` for options: `--only SECTION`, `--profile DIR` for a per-thread CPU profile, `--quick` for a
 smoke run; `python -m bench --only p1 --quick --repeats 3` checks P1 alone in half a minute).
 
@@ -530,8 +530,9 @@ ideal `ceil(N/K) x latency`:
   prompts, and again to poll them once, download and store: a few seconds of task process against
   the whole generation polled on the worker. The rest of the deferred task's slot is Airflow's: a
   task supervisor notices that its task process exited by the closing of the process's sockets, and
-  when they close before the process can be reaped (about 40% of exits here, whatever the task did)
-  it waits out a `select` of up to `[workers] min_heartbeat_interval` (5 s) before it looks again. A
+  when they close before the process can be reaped (a third to a half of exits here, whatever the
+  task did) it waits out a `select` of up to `[workers] min_heartbeat_interval` (5 s) before it looks
+  again. A
   deferred task has two processes, so it pays that up to twice, the polled one once; the table gives
   the worker's time around the task processes. End to end, deferral adds the triggerer's hand-back to a
   worker (about a second here) and storing all 64 images after resuming (the polled run stores each
