@@ -532,9 +532,8 @@ ideal `ceil(N/K) x latency`:
   task supervisor notices that its task process exited by the closing of the process's sockets, and
   when they close before the process can be reaped (a third to a half of exits here, whatever the
   task did) it waits out a `select` of up to `[workers] min_heartbeat_interval` (5 s) before it looks
-  again. A
-  deferred task has two processes, so it pays that up to twice, the polled one once; the table gives
-  the worker's time around the task processes. End to end, deferral adds the triggerer's hand-back to a
+  again. A deferred task has two processes, so it pays that up to twice, the polled one once; the
+  table gives the worker's time around the task processes. End to end, deferral adds the triggerer's hand-back to a
   worker (about a second here) and storing all 64 images after resuming (the polled run stores each
   as it comes); the trigger polls on the submits' clock (`poll_anchor`), as the worker would, so
   neither mode waits longer for the last image. Both are fixed costs: at real latencies (tens of
