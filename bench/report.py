@@ -527,14 +527,14 @@ ideal `ceil(N/K) x latency`:
   wall time, set-up and finish included. At the real API's latency (seconds to tens of seconds an
   image) all of this is well under 1%.
 * **Deferral (P9).** Deferred, the task holds a worker slot to validate, submit and journal 64
-  prompts, and again to poll them once, download and store: a few seconds of task process against
-  the whole generation polled on the worker. The rest of the deferred task's slot is Airflow's: a
-  task supervisor notices that its task process exited by the closing of the process's sockets, and
-  when they close before the process can be reaped (a third to a half of exits here, whatever the
-  task did) it waits out a `select` of up to `[workers] min_heartbeat_interval` (5 s) before it looks
-  again. A deferred task has two processes, so it pays that up to twice, the polled one once; the
-  table gives the worker's time around the task processes. End to end, deferral adds the triggerer's hand-back to a
-  worker (about a second here) and storing all 64 images after resuming (the polled run stores each
+  prompts, and again to poll them once, download and store: a few seconds of task process against the
+  whole generation polled on the worker. The rest of the deferred task's slot is Airflow's: a task
+  supervisor notices that its task process exited by the closing of the process's sockets, and when
+  they close before the process can be reaped (a third to a half of exits here, whatever the task did)
+  it waits out a `select` of up to `[workers] min_heartbeat_interval` (5 s) before it looks again. A
+  deferred task has two processes, so it pays that up to twice, the polled one once; the table gives
+  the worker's time around the task processes. End to end, deferral adds the triggerer's hand-back to
+  a worker (about a second here) and storing all 64 images after resuming (the polled run stores each
   as it comes); the trigger polls on the submits' clock (`poll_anchor`), as the worker would, so
   neither mode waits longer for the last image. Both are fixed costs: at real latencies (tens of
   seconds an image, hundreds of images) they vanish in the generation time, and the worker slot is
