@@ -24,6 +24,7 @@ from PIL import Image
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.emulator.pytest_plugin import make_jimeng_emulator  # noqa: F401  (a fixture)
 from tests.dag_runs import run_dag_test
+from tests.visual_fixtures import no_resume_hold_off  # noqa: F401  (autouse: no worker supervisor here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -337,9 +338,3 @@ def test_demo_script_runs_the_visual_api_example_offline(tmp_path: Path) -> None
     assert len(images) == 2  # one per topic of the example's default params, billed once each
     assert "billed 2" in finished.stdout
     assert all(image.read_bytes()[:3] == b"\xff\xd8\xff" for image in images)
-
-
-@pytest.fixture(autouse=True)
-def _no_resume_hold_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``dag.test()`` runs the Visual API example's trigger in line: no worker supervisor to wait out."""
-    monkeypatch.setattr("airflow_provider_jimeng.operators.jimeng.resume_hold_off", lambda: 0.0)

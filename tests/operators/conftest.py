@@ -27,6 +27,7 @@ from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.storage.keys import safe_key_part
 from airflow_provider_jimeng.testing import AWS_REGION, jimeng_connection_json
 from tests.dag_runs import run_dag_test
+from tests.visual_fixtures import no_resume_hold_off  # noqa: F401  (autouse)
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG
@@ -162,13 +163,6 @@ def task_prefix(run: DagRunResult, task_id: str = "gen", *, prefix: str = "jimen
     if map_index >= 0:
         parts.append(f"map_{map_index}")
     return "/".join(parts)
-
-
-@pytest.fixture(autouse=True)
-def _no_resume_hold_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process runs have no worker supervisor to wait out (``triggers/visual.py``, ``resume_hold_off``):
-    a deferred Visual API task's trigger fires at once here. ``make e2e`` runs it with the real hold-off."""
-    monkeypatch.setattr("airflow_provider_jimeng.operators.jimeng.resume_hold_off", lambda: 0.0)
 
 
 # ------------------------------------------------------------------------------------- DAG runs
