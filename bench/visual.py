@@ -4,8 +4,9 @@ One Airflow on loopback (``airflow scheduler`` with the LocalExecutor, ``airflow
 ``airflow dag-processor``, ``airflow api-server``: :class:`tests.e2e.stack.AirflowStack`, as P8 and
 ``make e2e`` start it) against the bench's emulator and S3 server. Two DAGs run the same
 ``JiMengGenerateOperator`` (64 prompts, one image each, stored in S3, the same ``poll_interval`` and
-``max_concurrency``), one with ``deferrable=True`` and one with ``deferrable=False``, one after the
-other in the same run, after an untimed warm-up run (the emulator renders each image once).
+``max_concurrency``), one with ``deferrable=True`` and one with ``deferrable=False``, alternated
+(``repeats`` pairs: D P, P D, ...; medians reported) in the same run, after an untimed warm-up run
+(the emulator renders each image once).
 
 The emulator makes 5 s per image and generates ``visual_parallelism`` tasks at once (the others wait
 ``in_queue``, first come first served): an account that generates 8 images at a time, the K=8 of P1.
@@ -14,16 +15,17 @@ The emulator makes 5 s per image and generates ``visual_parallelism`` tasks at o
 * **Worker-slot seconds**: how long each task instance held a LocalExecutor worker, read from the
   ``Workload finished ... duration=`` line the worker's task supervisor logs (into the scheduler's
   output) when a workload ends: one per process, so a deferred task has two (submit, then collect),
-  summed. That duration runs from the supervisor's start to the task process's exit, which is the time
-  the worker slot is taken; the metadata database cannot say it (a deferred task instance keeps one
-  ``start_date``/``end_date`` pair spanning the deferral, and no ``TaskInstanceHistory`` row is written
-  for a deferral), and polling the REST API for the ``running`` state would cost the two cores the run
-  uses and miss up to a polling interval at each edge.
+  summed. That duration runs from the supervisor's start to its noticing the task process's exit, the
+  time the worker slot is taken (the task's own log gives the task processes' share); the metadata
+  database cannot say it (a deferred task instance keeps one ``start_date``/``end_date`` pair spanning
+  the deferral, and no ``TaskInstanceHistory`` row is written for a deferral), and polling the REST API
+  for the ``running`` state would cost the two cores the run uses and miss up to a polling interval at
+  each edge.
 * **End to end**: the DAG run's ``start_date`` to ``end_date`` (REST API), what a user waits for.
 * **Triggerer for 1,000 pending task ids**: 1,000 tasks submitted to the emulator with an hour of
   latency (they stay ``generating``), then a task defers onto one :class:`JiMengVisualTrigger` polling
-  all of them at the operator's default ``poll_interval``. The triggerer's process tree (its supervisor
-  and the trigger runner) is sampled with psutil: CPU seconds per minute and RSS, idle (before) and
+  all of them at the operator's default ``poll_interval``. The triggerer's process tree (its supervisor,
+  the trigger runner and the log server) is sampled with psutil: CPU seconds per minute and RSS, idle (before) and
   while polling, and the polls the emulator answered.
 """
 
