@@ -27,6 +27,7 @@ SECTION_NAMES = (
     "scaling",
     "p5_shared_limit",
     "p8_gallery",
+    "p9_visual",
 )
 #: ``--only p1`` for ``--only p1_throughput``, and so on.
 SHORT_NAMES = {name.split("_")[0]: name for name in SECTION_NAMES}
@@ -40,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         type=lambda name: SHORT_NAMES.get(name, name),
         choices=SECTION_NAMES,
-        help="run only this section (repeatable; p1, p2, p3, p4, p5, p8 for short)",
+        help="run only this section (repeatable; p1, p2, p3, p4, p5, p8, p9 for short)",
     )
     parser.add_argument("--json", type=Path, help="where to write the results (default: bench/results/latest.json)")
     parser.add_argument("--docs", type=Path, help="where to write the Markdown report (default: docs/benchmarks.md)")

@@ -71,6 +71,15 @@ class Sizes:
     #: P8: images in the gallery of one task instance, and their side in pixels.
     p8_images: int = 64
     p8_side: int = 2048
+    #: P9: prompts, seconds per image, tasks the emulator generates at once, the operator's poll_interval
+    #: and max_concurrency; pending task ids for the triggerer, and the window its usage is sampled over.
+    p9_prompts: int = 64
+    p9_latency: float = 5.0
+    p9_parallelism: int = 8
+    p9_poll_interval: float = 5.0
+    p9_max_concurrency: int = 8
+    p9_pending: int = 1000
+    p9_window: float = 60.0
 
     def with_repeats(self, repeats: int) -> Sizes:
         return dataclasses.replace(self, repeats=repeats)
@@ -118,6 +127,13 @@ QUICK = Sizes(
     p5_variants=("shared_all_busy",),
     p8_images=4,
     p8_side=512,
+    p9_prompts=4,
+    p9_latency=0.5,
+    p9_parallelism=2,
+    p9_poll_interval=1.0,
+    p9_max_concurrency=4,
+    p9_pending=50,
+    p9_window=12.0,
 )
 
 
@@ -679,6 +695,24 @@ def p8_gallery(h: Harness, s: Sizes) -> dict[str, Any]:
     return measure(h.stack, images=s.p8_images, side=s.p8_side, progress=h.progress)
 
 
+def p9_visual(h: Harness, s: Sizes) -> dict[str, Any]:
+    """P9: the Visual API deferrable against polling, under a real scheduler and triggerer (:mod:`bench.visual`)."""
+    from bench.visual import p9_visual as measure
+
+    return measure(
+        h.stack,
+        prompts=s.p9_prompts,
+        latency=s.p9_latency,
+        parallelism=s.p9_parallelism,
+        poll_interval=s.p9_poll_interval,
+        max_concurrency=s.p9_max_concurrency,
+        pending=s.p9_pending,
+        window=s.p9_window,
+        repeats=s.repeats,
+        progress=h.progress,
+    )
+
+
 SECTIONS: dict[str, Callable[[Harness, Sizes], dict[str, Any]]] = {
     "p1_throughput": p1_throughput,
     "p2_rate_limit": p2_rate_limit,
@@ -687,10 +721,11 @@ SECTIONS: dict[str, Callable[[Harness, Sizes], dict[str, Any]]] = {
     "scaling": scaling,
     "p5_shared_limit": p5_shared_limit,
     "p8_gallery": p8_gallery,
+    "p9_visual": p9_visual,
 }
 #: Sections a ``--quick`` run of every section leaves out: P8 starts Airflow's API server twice and a
-#: browser (``python -m bench --only p8 --quick`` runs it small).
-NOT_IN_QUICK = frozenset({"p8_gallery"})
+#: browser, P9 a whole Airflow (``python -m bench --only p8 --quick`` runs it small).
+NOT_IN_QUICK = frozenset({"p8_gallery", "p9_visual"})
 
 
 def new_workdir() -> Path:

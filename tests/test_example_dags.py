@@ -32,6 +32,7 @@ from tests.hitl_runs import (
     latest_run_id,
     run_with_reviewer,
 )
+from tests.visual_fixtures import no_resume_hold_off  # noqa: F401  (autouse: no worker supervisor here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "dags_examples"
@@ -363,3 +364,27 @@ def test_review_before_publishing_publishes_exactly_what_the_reviewer_chose(
     assert len(decision["rejected"]) == 2
     assert len(decision["published"]) == 2
     assert all(key in stored for key in (uri.split("/", 3)[3] for uri in generated))  # rejected: kept
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_demo_script_runs_the_visual_api_example_offline(tmp_path: Path) -> None:
+    """``make demo API=visual``: the deferrable Visual API example on the offline emulator, images copied out."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "JIMENG_"))}
+    output = tmp_path / "out"
+    finished = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--api", "visual", "--output", str(output)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "jimeng_visual_deferrable against the offline emulator" in finished.stdout
+    assert "Visual API, deferrable" in finished.stdout
+    assert "[info" not in finished.stdout + finished.stderr  # Airflow's logs went to the log file
+    images = sorted(output.glob("*.jpeg"))
+    assert len(images) == 2  # one per topic of the example's default params, billed once each
+    assert "billed 2" in finished.stdout
+    assert all(image.read_bytes()[:3] == b"\xff\xd8\xff" for image in images)

@@ -58,6 +58,14 @@ def submits(emulator: JiMengEmulator) -> int:
     return sum(1 for record in emulator.requests if record["path"] == SUBMIT_FAULT_PATH)
 
 
+@pytest.fixture(autouse=True)
+def no_resume_hold_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autouse where imported (a conftest, a DAG-running module): in-process runs have no worker supervisor
+    to wait out (``triggers/visual.py``, ``resume_hold_off``), so a deferred Visual API task's trigger fires
+    at once. ``make e2e`` runs the real hold-off."""
+    monkeypatch.setattr("airflow_provider_jimeng.operators.jimeng.resume_hold_off", lambda: 0.0)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()

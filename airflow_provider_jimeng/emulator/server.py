@@ -95,7 +95,8 @@ class JiMengEmulator:
     ``visual_queue_delay`` seconds, generates ``latency`` seconds per image, and expires
     ``visual_task_ttl`` seconds after its submit, all on ``clock`` (``time.time`` unless a test
     injects one); ``visual_max_concurrent_tasks`` unfinished tasks at most (``None`` = unlimited),
-    more answer ``50430``. ``images_per_minute`` limits its submits too (``50429``).
+    more answer ``50430``; ``visual_parallelism`` tasks generate at once, the others wait ``in_queue``
+    first come first served (``None`` = all at once). ``images_per_minute`` limits its submits too (``50429``).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class JiMengEmulator:
         visual_queue_delay: float = 0.0,
         visual_task_ttl: float = TASK_TTL,
         visual_max_concurrent_tasks: int | None = None,
+        visual_parallelism: int | None = None,
         images_per_request: int | None = None,
     ) -> None:
         self.host = host
@@ -133,6 +135,7 @@ class JiMengEmulator:
         self.visual_queue_delay = visual_queue_delay
         self.visual_task_ttl = visual_task_ttl
         self.visual_max_concurrent_tasks = visual_max_concurrent_tasks
+        self.visual_parallelism = visual_parallelism
         #: Behave as a gateway that answers (and bills) at least this many images per request.
         self.images_per_request = images_per_request
         #: What the requests share (faults, ledger, rate limiter, images, URL signing, counters).

@@ -1,7 +1,8 @@
 """The Visual API's task table: what each submitted task will make, and when, on the emulator's clock.
 
-A task's life is fixed when it is submitted: ``in_queue`` for the queue delay, ``generating`` for the
-emulator's latency times its image count, then ``done``; ``expired`` once its lifetime (12 h) has passed.
+A task's life is fixed when it is submitted: ``in_queue`` for the queue delay (and, with a limited
+``visual_parallelism``, until a generation lane is free), ``generating`` for the emulator's latency
+times its image count, then ``done``; ``expired`` once its lifetime (12 h) has passed.
 States are computed from the clock at poll time, so nothing runs in the background and a test that
 injects a clock moves a task along without sleeping.
 """
@@ -58,10 +59,28 @@ class VisualTaskTable:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tasks: dict[str, VisualTask] = {}
+        #: When each of the service's generation lanes is free again (``parallelism`` of them).
+        self._lanes: list[float] = []
 
     def add(self, task: VisualTask) -> None:
         with self._lock:
             self._tasks[task.task_id] = task
+
+    def start_at(self, ready_at: float, duration: float, parallelism: int | None) -> float:
+        """When a task ready at ``ready_at`` starts generating, and book its lane for ``duration``.
+
+        The service makes ``parallelism`` tasks at once, first come first served; the others wait
+        ``in_queue`` (``None``: every task starts when ready).
+        """
+        if parallelism is None:
+            return ready_at
+        with self._lock:
+            if len(self._lanes) != parallelism:
+                self._lanes = [0.0] * parallelism
+            lane = min(range(parallelism), key=self._lanes.__getitem__)
+            started_at = max(ready_at, self._lanes[lane])
+            self._lanes[lane] = started_at + duration
+            return started_at
 
     def get(self, task_id: str) -> VisualTask | None:
         with self._lock:
@@ -79,3 +98,4 @@ class VisualTaskTable:
     def clear(self) -> None:
         with self._lock:
             self._tasks.clear()
+            self._lanes = []

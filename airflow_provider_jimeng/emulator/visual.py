@@ -329,7 +329,9 @@ def _submit(call: _Call, raw: bytes) -> None:
         runtime.stats.count("rate_limited")
         call.error("50429")
         return
-    started_at = now + emulator.visual_queue_delay
+    started_at = runtime.visual_tasks.start_at(
+        now + emulator.visual_queue_delay, emulator.latency * images, emulator.visual_parallelism
+    )
     task = VisualTask(
         task_id=new_task_id(),
         request_id=call.request_id,

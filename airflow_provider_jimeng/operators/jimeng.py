@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -69,7 +70,7 @@ from airflow_provider_jimeng.storage.keys import TaskKeyspace
 from airflow_provider_jimeng.storage.objstore import ObjectImageStore
 from airflow_provider_jimeng.storage.records import DeliveredImage, StoredImage, committed_images
 from airflow_provider_jimeng.storage.s3 import S3ImageStore, bounded_s3_hook
-from airflow_provider_jimeng.triggers.visual import DEFAULT_POLL_INTERVAL, JiMengVisualTrigger
+from airflow_provider_jimeng.triggers.visual import DEFAULT_POLL_INTERVAL, JiMengVisualTrigger, resume_hold_off
 
 #: What native rendering may turn into a number: decimal digits, a sign, a point (no 0x, e, _).
 _PLAIN_DECIMAL = re.compile(r"^\s*[+-]?[0-9]+(\.[0-9]*)?\s*$", re.ASCII)
@@ -593,6 +594,10 @@ class JiMengGenerateOperator(BaseOperator):
                     req_json=req_json,
                     poll_interval=self.poll_interval,
                     max_poll_interval=max(self.poll_interval, 120.0),
+                    # Rounds counted from the submits, as a worker would poll: not from the triggerer's pick-up.
+                    poll_anchor=time.time(),
+                    # Not before the worker that defers has surely let go of the task (an Airflow race).
+                    fire_after=time.time() + resume_hold_off(),
                 ),
                 method_name="execute_complete",
                 kwargs={"fields": self._deferred_fields} if self._deferred_fields else None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from airflow_provider_jimeng.hooks.retry import RetryPolicy
 from airflow_provider_jimeng.hooks.visual import TASK_TTL_SECONDS, VisualClient, VisualTaskResult
 from airflow_provider_jimeng.version_compat import BaseHook
 
-__all__ = ["DEADLINE", "JiMengVisualTrigger", "task_deadline"]
+__all__ = ["DEADLINE", "JiMengVisualTrigger", "resume_hold_off", "task_deadline"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,21 @@ def _now() -> float:
     return time.time()
 
 
+def resume_hold_off() -> float:
+    """Seconds after deferring before the trigger may fire: ``[workers] min_heartbeat_interval`` plus one.
+
+    The worker's supervisor notices that a deferring task process exited up to one
+    ``min_heartbeat_interval`` late (it waits on the process's sockets, and they can close before the
+    process can be reaped). A trigger firing sooner lets the task resume (same try, same executor key)
+    while that first workload is still open; the scheduler then takes the late "success" of the
+    deferral for a task that died while running and fails the resumed try (P9 saw it in its quick runs).
+    Waiting out that window costs only a run whose tasks all finish within seconds of the deferral.
+    """
+    from airflow.configuration import conf
+
+    return conf.getfloat("workers", "min_heartbeat_interval", fallback=5.0) + 1.0
+
+
 def _positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r:.40}")
@@ -67,6 +83,12 @@ class JiMengVisualTrigger(BaseTrigger):
     :param poll_interval: seconds between rounds of polls; doubled (with jitter) on each rate-limited round,
         up to ``max_poll_interval`` (a ``Retry-After`` wins).
     :param concurrency: polls in flight at once.
+    :param poll_anchor: epoch seconds the rounds are counted from (they fall on ``poll_anchor + k *
+        poll_interval``): the operator passes the end of its submits, so the triggerer polls on the clock
+        a worker polling the same tasks would use, whenever it picks the trigger up (or a restarted one
+        does). ``None``: from the trigger's start.
+    :param fire_after: epoch seconds before which the event is held back (the operator passes the deferral's
+        time plus :func:`resume_hold_off`). ``None``: fire at once.
 
     The event's payload: ``status`` (``success``, or ``error`` when the connection or the key pair is
     refused: nothing more can be learnt), ``tasks`` (task id to :meth:`VisualTaskResult.summary`, status one
@@ -84,6 +106,8 @@ class JiMengVisualTrigger(BaseTrigger):
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         max_poll_interval: float = DEFAULT_MAX_POLL_INTERVAL,
         concurrency: int = DEFAULT_CONCURRENCY,
+        poll_anchor: float | None = None,
+        fire_after: float | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         ids = list(task_ids)
@@ -104,6 +128,12 @@ class JiMengVisualTrigger(BaseTrigger):
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be a whole number >= 1, got {concurrency!r:.40}")
         self.concurrency = concurrency
+        if poll_anchor is not None and (isinstance(poll_anchor, bool) or not isinstance(poll_anchor, (int, float))):
+            raise ValueError(f"poll_anchor must be epoch seconds or None, got {poll_anchor!r:.40}")
+        self.poll_anchor = None if poll_anchor is None else float(poll_anchor)
+        if fire_after is not None and (isinstance(fire_after, bool) or not isinstance(fire_after, (int, float))):
+            raise ValueError(f"fire_after must be epoch seconds or None, got {fire_after!r:.40}")
+        self.fire_after = None if fire_after is None else float(fire_after)
         self.polls = 0
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -117,6 +147,8 @@ class JiMengVisualTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "max_poll_interval": self.max_poll_interval,
                 "concurrency": self.concurrency,
+                "poll_anchor": self.poll_anchor,
+                "fire_after": self.fire_after,
             },
         )
 
@@ -130,7 +162,13 @@ class JiMengVisualTrigger(BaseTrigger):
         client: VisualClient = await sync_to_async(VisualClient.from_connection)(conn)
         return client
 
-    def _event(self, status: str, outcomes: Mapping[str, dict[str, Any]], message: str | None = None) -> TriggerEvent:
+    async def _event(
+        self, status: str, outcomes: Mapping[str, dict[str, Any]], message: str | None = None
+    ) -> TriggerEvent:
+        """The one event, once ``fire_after`` has passed (see :func:`resume_hold_off`)."""
+        if self.fire_after is not None and (hold := self.fire_after - _now()) > 0:
+            log.info("Holding the event %.1fs, until the deferring worker has surely let go of the task", hold)
+            await asyncio.sleep(hold)
         tasks = {
             task_id: outcomes.get(task_id) or VisualTaskResult(task_id, PENDING).summary() for task_id in self.task_ids
         }
@@ -142,11 +180,12 @@ class JiMengVisualTrigger(BaseTrigger):
         try:
             client = await self._client()
         except JiMengError as error:  # a connection that cannot work: a retry of the task says so again
-            yield self._event("error", outcomes, f"connection {self.jimeng_conn_id!r}: {error}")
+            yield await self._event("error", outcomes, f"connection {self.jimeng_conn_id!r}: {error}")
             return
         req_json = {**(self.req_json or client.default_req_json()), "return_url": True}
         backoff = RetryPolicy(max_retries=0, backoff=self.poll_interval, max_wait=self.max_poll_interval)
         rate_limited_rounds = 0
+        anchor = _now() if self.poll_anchor is None else self.poll_anchor
         pending = list(self.task_ids)
         log.info("Polling %d JiMeng Visual API task(s) on connection %s", len(pending), self.jimeng_conn_id)
         try:
@@ -161,7 +200,7 @@ class JiMengVisualTrigger(BaseTrigger):
                 rate_limit, fatal = await self._poll_round(client, pending, req_json, outcomes)
                 if fatal is not None:
                     log.error("Polling JiMeng Visual API tasks stopped: %s", fatal)
-                    yield self._event("error", outcomes, str(fatal))
+                    yield await self._event("error", outcomes, str(fatal))
                     return
                 pending = [task_id for task_id in pending if task_id not in outcomes]
                 if not pending:
@@ -172,14 +211,19 @@ class JiMengVisualTrigger(BaseTrigger):
                     log.info("JiMeng Visual API polls rate-limited (%s); next round in %.2fs", rate_limit.code, wait)
                 else:
                     rate_limited_rounds = 0
-                    wait = self.poll_interval
+                    wait = self._until_next_round(anchor, _now())
                 next_deadline = min(self.deadlines[task_id] for task_id in pending)
                 await asyncio.sleep(max(0.0, min(wait, next_deadline - _now())))
         finally:
             client.close()  # closes pooled sockets only: quick, and safe while a cancelled poll's thread ends
         done = sum(1 for outcome in outcomes.values() if outcome["status"] == "done")
         log.info("JiMeng Visual API: %d of %d task(s) done after %d poll(s)", done, len(self.task_ids), self.polls)
-        yield self._event("success", outcomes)
+        yield await self._event("success", outcomes)
+
+    def _until_next_round(self, anchor: float, now: float) -> float:
+        """Seconds until the next ``anchor + k * poll_interval`` after ``now`` (a round that overran skips a tick)."""
+        ticks = math.floor((now - anchor) / self.poll_interval) + 1
+        return min(self.poll_interval, max(0.0, anchor + ticks * self.poll_interval - now))
 
     async def _poll_round(
         self,

@@ -77,11 +77,12 @@ class AirflowStack:
     def log_path(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
+        """Start ``python -m <args>`` as ``name`` (``env``: settings on top of the stack's, for this one)."""
         log = self.log_path(name).open("wb")
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             cwd=self.home,
             stdout=log,
             stderr=subprocess.STDOUT,

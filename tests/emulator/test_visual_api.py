@@ -387,6 +387,23 @@ def test_the_concurrency_limit_answers_50430_until_a_task_is_done(
     assert emulator.billed_images == 3
 
 
+def test_with_limited_parallelism_tasks_wait_in_queue_first_come_first_served(
+    make_jimeng_emulator: Callable[..., JiMengEmulator], clock: Clock
+) -> None:
+    emulator = make_jimeng_emulator(clock=clock, latency=5.0, visual_parallelism=2)
+    first, second, third = (submitted(emulator, f"a fox number {n}") for n in range(3))
+
+    def statuses() -> list[str]:
+        return [state(emulator, task)["status"] for task in (first, second, third)]
+
+    assert statuses() == ["generating", "generating", "in_queue"]
+    clock.advance(5.0)
+    assert statuses() == ["done", "done", "generating"]
+    clock.advance(5.0)
+    assert statuses() == ["done", "done", "done"]
+    assert emulator.billed_images == 3  # billed at submit, queued or not
+
+
 def test_images_per_minute_limits_submits_with_50429(make_jimeng_emulator: Callable[..., JiMengEmulator]) -> None:
     emulator = make_jimeng_emulator(images_per_minute=2)
     submitted(emulator, "a set of 2 mugs")

@@ -27,6 +27,7 @@ from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.storage.keys import safe_key_part
 from airflow_provider_jimeng.testing import AWS_REGION, jimeng_connection_json
 from tests.dag_runs import run_dag_test
+from tests.visual_fixtures import no_resume_hold_off  # noqa: F401  (autouse)
 
 if TYPE_CHECKING:
     from airflow.sdk import DAG

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -407,6 +408,23 @@ def test_default_deferrable_defers_visual_tasks_and_leaves_ark_ones_synchronous(
 
     assert len(ark.execute(context(FakeTI(task_id="ark")))) == 1
     assert jimeng_conn.billed_images == 1
+
+
+def test_the_trigger_holds_its_event_past_the_workers_exit_detection(
+    visual: JiMengEmulator, bucket: Bucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow_provider_jimeng.triggers import visual as trigger_module
+
+    monkeypatch.setattr("airflow_provider_jimeng.operators.jimeng.resume_hold_off", trigger_module.resume_hold_off)
+    monkeypatch.setenv("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "5")
+    before = time.time()
+    deferred = defer(operator(deferrable=True, s3_bucket=bucket.name), FakeTI())
+    trigger = deferred.trigger
+    assert isinstance(trigger, JiMengVisualTrigger)
+    assert trigger.fire_after is not None
+    assert before + 6.0 <= trigger.fire_after <= time.time() + 6.0
+    assert trigger.poll_anchor is not None
+    assert before <= trigger.poll_anchor <= time.time()
 
 
 def test_a_dry_run_sends_nothing(visual: JiMengEmulator, bucket: Bucket) -> None:

@@ -26,6 +26,7 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import jimeng_connection_json
+from tests.visual_fixtures import no_resume_hold_off  # noqa: F401  (autouse: no worker supervisor here)
 
 #: The API key every hygiene test uses: it must never appear anywhere but the connection itself.
 CANARY = "sk-CANARY-7f3a9c1e5b2d4f6a8c0e1b3d5f7a9c2e"

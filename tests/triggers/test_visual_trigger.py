@@ -18,7 +18,7 @@ from airflow.triggers.base import TriggerEvent
 
 from airflow_provider_jimeng.emulator import POLL_FAULT_PATH, SUBMIT_FAULT_PATH, Fault, JiMengEmulator
 from airflow_provider_jimeng.hooks.visual import TASK_TTL_SECONDS, VisualClient
-from airflow_provider_jimeng.triggers.visual import DEADLINE, JiMengVisualTrigger, task_deadline
+from airflow_provider_jimeng.triggers.visual import DEADLINE, JiMengVisualTrigger, resume_hold_off, task_deadline
 from tests.visual_fixtures import (  # noqa: F401  (fixtures)
     CONN_ID,
     SECRET,
@@ -238,6 +238,8 @@ def test_serialize_round_trips_and_holds_no_secret(client: VisualClient) -> None
         "poll_interval",
         "max_poll_interval",
         "concurrency",
+        "poll_anchor",
+        "fire_after",
     }
     assert SECRET not in json.dumps(kwargs)
     assert SECRET not in repr(trigger)
@@ -274,6 +276,67 @@ def test_bad_trigger_arguments_are_refused_at_defer_time(kwargs: dict[str, Any],
     arguments: dict[str, Any] = {"task_ids": ["a"], "deadlines": 1.0, **kwargs}
     with pytest.raises(ValueError, match=word):
         JiMengVisualTrigger(**arguments)
+
+
+@pytest.mark.parametrize(
+    ("now", "wait"),
+    [(102.3, 2.7), (105.0, 5.0), (117.9, 2.1), (99.0, 1.0), (80.0, 5.0)],
+    ids=["late-pick-up", "on-a-tick", "an-overrun-round", "clock-skew", "far-skew-capped"],
+)
+def test_rounds_fall_on_the_anchors_ticks(now: float, wait: float) -> None:
+    trigger = JiMengVisualTrigger(task_ids=["a"], deadlines=1e12, poll_interval=5, poll_anchor=100.0)
+    assert trigger._until_next_round(100.0, now) == pytest.approx(wait)
+
+
+def test_a_trigger_picked_up_late_polls_on_the_submits_clock_not_its_own(
+    make_visual_emulator: Callable[..., JiMengEmulator],
+    connect_visual: Callable[..., None],
+    make_client: Callable[..., VisualClient],
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Submitted 2.3 s before the triggerer picked the trigger up: the second round comes 2.7 s later, on the
+    5 s tick a worker polling since the submit would use, not 5 s after the pick-up."""
+    emulator = make_visual_emulator(latency=10.0)
+    connect_visual(emulator)
+    task_id = make_client().submit(ONE)
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        clock.advance(10.0)  # the task is done by the next round
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    trigger = trigger_for([task_id], poll_interval=5, poll_anchor=time.time() - 2.3)
+    event = first_event(trigger)
+    assert event.payload["tasks"][task_id]["status"] == "done"
+    assert trigger.polls == 2
+    assert waits[0] == pytest.approx(2.7, abs=0.3)
+
+
+def test_the_event_is_held_until_fire_after(
+    client: VisualClient, emulator: JiMengEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run done at once still fires only after the deferring worker has surely let go (resume_hold_off)."""
+    task_id = client.submit(ONE)
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    event = first_event(trigger_for([task_id], fire_after=time.time() + 6.0))
+    assert event.payload["tasks"][task_id]["status"] == "done"
+    assert waits == [pytest.approx(6.0, abs=0.5)]  # the hold, and no poll round in between
+
+
+def test_the_hold_off_covers_the_workers_exit_detection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL", "3")
+    assert resume_hold_off() == 4.0
 
 
 def test_a_tasks_deadline_is_its_expiry() -> None:
