@@ -123,7 +123,8 @@ def test_execution_timeout_stops_spending_and_the_retry_pays_nothing_twice(
     if fmt == "b64_json":
         unstored = after_try_1["journaled"] - after_try_1["stored"]
         assert unstored <= after_try_1["local_with_data"], after_try_1
-    assert after_try_1["records"]  # the finished prompts are recorded
+    # The finished prompts are recorded (a try that timed out in set-up, on a busy machine, finished none).
+    assert after_try_1["records"] or billed_1 == 0, after_try_1
     # The retry paid only for the prompts try 1 never sent.
     accounting = pipeline.account()
     assert accounting.requests == len(prompts)
