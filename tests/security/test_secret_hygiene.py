@@ -24,7 +24,14 @@ from airflow_provider_jimeng.emulator import Fault, JiMengEmulator
 from airflow_provider_jimeng.exceptions import JiMengError
 from airflow_provider_jimeng.hooks.jimeng import JiMengHook
 from airflow_provider_jimeng.testing import jimeng_connection_json
-from tests.faults.conftest import Pipeline, object_keys, run_dag_test, xcoms_of
+from tests.faults.conftest import RUN_AFTER, Pipeline, object_keys, run_dag_test, xcoms_of
+from tests.hitl_runs import (
+    AWAITS_INPUT_REASON,
+    answer_as_the_api_does,
+    dag_test_awaits_input,
+    latest_run_id,
+    run_with_reviewer,
+)
 from tests.security.conftest import CANARY, as_text, find_leaks
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,6 +75,22 @@ def _assert_clean(where: str, value: Any, *, allow_signed_urls: bool = False) ->
     assert not leaks, f"{where} leaks {leaks}"
 
 
+def _run_answering_reviews(dag: Any, conf: dict[str, Any]) -> Any:
+    """``dag.test()``; a review step in the DAG is answered (its first two images) as a reviewer would."""
+    reviews = [task.task_id for task in dag.tasks if type(task).__name__ == "JiMengReviewOperator"]
+    if not reviews:
+        return run_dag_test(dag, conf)
+    if not dag_test_awaits_input():
+        pytest.skip(AWAITS_INPUT_REASON)
+
+    def reviewer(waiting: Any) -> None:
+        for task_id in reviews:
+            waiting.wait_for({task_id})
+            answer_as_the_api_does(dag.dag_id, latest_run_id(dag.dag_id), task_id, lambda options: options[:2])
+
+    return run_with_reviewer(dag, reviewer, run_conf=conf, logical_date=RUN_AFTER, run_after=RUN_AFTER)
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=[path.stem for path in EXAMPLES])
 def test_example_dags_leak_nothing(
     airflow_db: None,
@@ -84,7 +107,7 @@ def test_example_dags_leak_nothing(
     for dag in dags:
         conf = {"bucket": s3_bucket} if "bucket" in dag.params else {}
         capfd.readouterr()
-        dag_run = run_dag_test(dag, conf)
+        dag_run = _run_answering_reviews(dag, conf)
         logs = _captured(capfd, caplog)
 
         states = {ti.task_id: str(ti.state) for ti in dag_run.get_task_instances()}
