@@ -315,19 +315,25 @@ def test_the_thumbnail_key_sits_next_to_the_image() -> None:
 # ------------------------------------------------------------------------------------ tiles take turns
 def _tile_traffic(
     paths: list[str], *, wait_s: float, release_after: int | None = None, at_once: int = TILES_AT_ONCE
-) -> tuple[TileAdmission, int]:
+) -> tuple[TileAdmission, int, list[float]]:
     """Send ``paths`` at once through :class:`TileAdmission` to an app that holds each request until told.
 
-    Returns the middleware and the most requests the inner app held at once. The inner app releases
+    Returns the middleware, the most requests the inner app held at once, and the pauses between one
+    request's end and the next one's start. The inner app releases
     everything once ``release_after`` requests are inside it (default: as soon as each arrives, one by one).
     """
     import anyio
 
-    async def main() -> tuple[TileAdmission, int]:
+    gaps: list[float] = []
+
+    async def main() -> tuple[TileAdmission, int, list[float]]:
         inside = {"now": 0, "most": 0, "entered": 0}
+        last_end: list[float] = []
         everyone_in = anyio.Event()
 
         async def inner(scope: Any, receive: Any, send: Any) -> None:
+            if last_end:
+                gaps.append(anyio.current_time() - last_end[-1])
             inside["now"] += 1
             inside["entered"] += 1
             inside["most"] = max(inside["most"], inside["now"])
@@ -337,30 +343,33 @@ def _tile_traffic(
                 await everyone_in.wait()
             await anyio.lowlevel.checkpoint()
             inside["now"] -= 1
+            last_end.append(anyio.current_time())
 
         admission = TileAdmission(inner, wait_s=wait_s, at_once=at_once)
         with anyio.fail_after(30):
             async with anyio.create_task_group() as group:
                 for path in paths:
                     group.start_soon(admission, {"type": "http", "path": path}, None, None)
-        return admission, inside["most"]
+        return admission, inside["most"], gaps
 
     return anyio.run(main)
 
 
-def test_tile_requests_take_turns_and_others_pass_untouched() -> None:
-    admission, most = _tile_traffic(["/jimeng/thumbnail"] * 6, wait_s=30)
+def test_tile_requests_take_turns_with_a_pause_and_others_pass_untouched() -> None:
+    admission, most, gaps = _tile_traffic(["/jimeng/thumbnail"] * 6, wait_s=30)
     assert most == TILES_AT_ONCE == 1
     assert admission.overtaken == 0
+    assert len(gaps) == 5
+    assert min(gaps) >= thumbnails.TILE_GAP_S, "Airflow's requests get the GIL between tiles"
 
-    _, most = _tile_traffic(["/jimeng/image", "/jimeng/gallery", "/jimeng/image"], wait_s=30, release_after=3)
+    _, most, _ = _tile_traffic(["/jimeng/image", "/jimeng/gallery", "/jimeng/image"], wait_s=30, release_after=3)
     assert most == 3, "only tiles take turns: the page and the full images are not queued"
 
 
 def test_a_tile_held_up_delays_the_others_by_the_wait_not_by_the_storage() -> None:
     # The first tile never finishes until every tile is inside: the others must go ahead once their
     # wait runs out (a storage read stuck for its timeout does not stall every gallery for minutes).
-    admission, most = _tile_traffic(["/jimeng/thumbnail"] * 4, wait_s=0.05, release_after=4)
+    admission, most, _ = _tile_traffic(["/jimeng/thumbnail"] * 4, wait_s=0.05, release_after=4)
     assert most == 4
     assert admission.overtaken == 3
 
@@ -369,11 +378,11 @@ def test_tiles_at_once_is_the_deployment_s_choice(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AIRFLOW__JIMENG__GALLERY_TILES_AT_ONCE", "0")
     settings = thumbnails.ThumbnailSettings.from_config()
     assert settings.tiles_at_once == 0
-    _, most = _tile_traffic(["/jimeng/thumbnail"] * 4, wait_s=30, release_after=4, at_once=settings.tiles_at_once)
+    _, most, _ = _tile_traffic(["/jimeng/thumbnail"] * 4, wait_s=30, release_after=4, at_once=settings.tiles_at_once)
     assert most == 4, "0: no limit"
 
     monkeypatch.setenv("AIRFLOW__JIMENG__GALLERY_TILES_AT_ONCE", "2")
-    _, most = _tile_traffic(
+    _, most, _ = _tile_traffic(
         ["/jimeng/thumbnail"] * 6, wait_s=30, at_once=thumbnails.ThumbnailSettings.from_config().tiles_at_once
     )
     assert most == 2
