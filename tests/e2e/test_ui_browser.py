@@ -477,3 +477,38 @@ def test_a_reviewer_chooses_two_of_four_images_and_exactly_those_are_published(
     assert gallery.locator('figure[data-review="not approved"]').count() == 2
     assert f"Approved by {REVIEWER} (review_images)" in gallery.locator("body").inner_text()
     page.screenshot(path=str(screenshot_dir / "ui-review-gallery.png"))
+
+
+def test_a_review_nobody_answers_takes_its_default_at_the_deadline(airflow_stack: AirflowStack) -> None:
+    # tests/e2e/dags/jimeng_e2e_review_deadline.py: a 20 s deadline, "approve all" by default. The real
+    # scheduler times the review out; the publish task copies both images; the decision says so.
+    import boto3
+
+    stack = airflow_stack
+    _ensure_connection(stack)
+    dag_id = "jimeng_e2e_review_deadline"
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=stack.s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=GALLERY_BUCKET)
+    run_id = stack.post(f"dags/{dag_id}/dagRuns", {"logical_date": None, "conf": {"bucket": GALLERY_BUCKET}})[
+        "dag_run_id"
+    ]
+    _wait_for_run(stack, run_id, dag_id)
+
+    generated = stack.task_api(dag_id, run_id, "generate_images", "/xcomEntries/return_value")["value"]
+    approved = stack.task_api(dag_id, run_id, "review_images", "/xcomEntries/return_value")["value"]
+    assert len(generated) == 2
+    assert approved == generated, "the deadline's default: every image approved"
+    decision = stack.task_api(dag_id, run_id, "review_images", "/xcomEntries/review")["value"]
+    assert decision["timed_out"] is True
+    assert decision["decided_by"] is None
+    published = s3.list_objects_v2(Bucket=GALLERY_BUCKET, Prefix=f"published/{run_id}/").get("Contents", [])
+    assert sorted(item["Key"].rsplit("/", 1)[-1] for item in published) == sorted(
+        uri.rsplit("/", 1)[-1] for uri in generated
+    )
