@@ -39,3 +39,14 @@ def run_dag_test(dag: Any, **kwargs: Any) -> Any:
         dag_run = dag.test(**kwargs)
     _SYNCED["done"] = True
     return dag_run
+
+
+def read_xcom(dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+    """One XCom of a run, as Airflow deserializes it (``None`` when there is none)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        query = XComModel.get_many(run_id=run_id, dag_ids=dag_id, task_ids=task_id, key=key, map_indexes=map_index)
+        row = session.scalars(query).first()
+        return None if row is None else XComModel.deserialize_value(row)

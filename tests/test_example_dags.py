@@ -24,7 +24,7 @@ from PIL import Image
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.emulator.pytest_plugin import make_jimeng_emulator  # noqa: F401  (a fixture)
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
-from tests.dag_runs import run_dag_test
+from tests.dag_runs import read_xcom, run_dag_test
 from tests.hitl_runs import (
     AWAITS_INPUT_REASON,
     answer_as_the_api_does,
@@ -73,16 +73,9 @@ def run_example(name: str, **conf: Any) -> Any:
 
 
 def xcom(dag_run: Any, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-    from airflow.models.xcom import XComModel
-    from airflow.utils.session import create_session
-
-    with create_session() as session:
-        query = XComModel.get_many(
-            run_id=dag_run.run_id, dag_ids=dag_run.dag_id, task_ids=task_id, key=key, map_indexes=map_index
-        )
-        row = session.scalars(query).first()
-        assert row is not None, f"no XCom {key!r} for {task_id}[{map_index}]"
-        return XComModel.deserialize_value(row)
+    value = read_xcom(dag_run.dag_id, dag_run.run_id, task_id, key, map_index)
+    assert value is not None, f"no XCom {key!r} for {task_id}[{map_index}]"
+    return value
 
 
 def gallery_asset_events(dag_run: Any) -> list[dict[str, Any]]:
@@ -309,20 +302,26 @@ def test_reference_edit_and_sets(jimeng_conn: JiMengEmulator, s3_bucket: str, s3
 
 
 # ---------------------------------------------------------------------------------------- make demo
-@pytest.mark.integration
-@pytest.mark.timeout(180)
-def test_demo_script_writes_a_gallery(tmp_path: Path) -> None:
+def _run_demo(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/demo.py`` as ``make demo`` runs it, in a shell with no Airflow or JiMeng settings; it must succeed."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "JIMENG_"))}
-    output = tmp_path / "out"
     finished = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--output", str(output)],
+        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), *args],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=170,
     )
     assert finished.returncode == 0, finished.stdout + finished.stderr
+    return finished
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_demo_script_writes_a_gallery(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    finished = _run_demo(tmp_path, "--output", str(output))
     assert "offline emulator" in finished.stdout
     assert "[info" not in finished.stdout + finished.stderr  # Airflow's logs went to the log file
     assert (output / "index.html").is_file()
@@ -370,17 +369,8 @@ def test_review_before_publishing_publishes_exactly_what_the_reviewer_chose(
 @pytest.mark.timeout(180)
 def test_demo_script_runs_the_visual_api_example_offline(tmp_path: Path) -> None:
     """``make demo API=visual``: the deferrable Visual API example on the offline emulator, images copied out."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "JIMENG_"))}
     output = tmp_path / "out"
-    finished = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "scripts" / "demo.py"), "--api", "visual", "--output", str(output)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert finished.returncode == 0, finished.stdout + finished.stderr
+    finished = _run_demo(tmp_path, "--api", "visual", "--output", str(output))
     assert "jimeng_visual_deferrable against the offline emulator" in finished.stdout
     assert "Visual API, deferrable" in finished.stdout
     assert "[info" not in finished.stdout + finished.stderr  # Airflow's logs went to the log file

@@ -74,6 +74,22 @@ class AirflowStack:
     def s3_endpoint(self) -> str:
         return f"http://127.0.0.1:{self.s3_port}"
 
+    def s3_client(self, *buckets: str) -> Any:
+        """A boto3 client of the stack's S3 server, with ``buckets`` created if they are not there yet."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+        for bucket in buckets:
+            with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                client.create_bucket(Bucket=bucket)
+        return client
+
     def log_path(self, name: str) -> Path:
         return self.home / "logs" / f"{name}.log"
 

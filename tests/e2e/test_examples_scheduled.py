@@ -87,19 +87,9 @@ def _answer_reviews(stack: AirflowStack) -> None:
 
 
 def test_every_example_dag_succeeds_when_triggered_by_hand(airflow_stack: AirflowStack, jimeng_default: None) -> None:
-    import boto3
-
     stack = airflow_stack
     _create_pool(stack)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-        s3.create_bucket(Bucket=BUCKET)
+    s3 = stack.s3_client(BUCKET)
     dag_ids = [Path(path).stem for path in EXAMPLE_FILES]
     for dag_id in dag_ids:
         stack.wait_for(f"DAG {dag_id} parsed", lambda d=dag_id: stack.api(f"dags/{d}")["dag_id"], STARTUP_TIMEOUT)

@@ -8,7 +8,6 @@ creates the connection through the REST API if the first test did not.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -210,17 +209,9 @@ def _ensure_connection(stack: AirflowStack) -> None:
 def test_the_images_tab_shows_every_stored_image(
     browser: Any, airflow_stack: AirflowStack, screenshot_dir: Path
 ) -> None:
-    import boto3
-
     stack = airflow_stack
     _ensure_connection(stack)
-    boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket=GALLERY_BUCKET)
+    stack.s3_client(GALLERY_BUCKET)
     run_id = stack.post(f"dags/{PIPELINE_DAG}/dagRuns", {"logical_date": None, "conf": {"bucket": GALLERY_BUCKET}})[
         "dag_run_id"
     ]
@@ -328,20 +319,9 @@ def test_a_forged_xcom_makes_the_gallery_serve_nothing(
     # an object of a bucket no JiMeng task stores in, the other a file of the API server (airflow.cfg).
     # Neither is under a storage root the deployment lists: nothing is served, and the page leaks nothing.
     # Needs the gallery's trust boundary (issue 19, section 1): on a gallery that trusts the XCom it fails.
-    import boto3
-
     stack = airflow_stack
     _ensure_connection(stack)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    for bucket in (GALLERY_BUCKET, OTHER_BUCKET):
-        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-            s3.create_bucket(Bucket=bucket)
+    s3 = stack.s3_client(GALLERY_BUCKET, OTHER_BUCKET)
     secret = json.dumps({"secret": "planted-not-by-a-jimeng-task"}).encode()
     s3.put_object(Bucket=OTHER_BUCKET, Key="planted/secret.jpeg", Body=secret)
     run_id = stack.post(f"dags/{PIPELINE_DAG}/dagRuns", {"logical_date": None, "conf": {"bucket": GALLERY_BUCKET}})[
@@ -397,19 +377,9 @@ def _patch_hitl(stack: AirflowStack, path: str, token: str, body: dict[str, Any]
 def test_a_reviewer_chooses_two_of_four_images_and_exactly_those_are_published(
     browser: Any, airflow_stack: AirflowStack, screenshot_dir: Path
 ) -> None:
-    import boto3
-
     stack = airflow_stack
     _ensure_connection(stack)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-        s3.create_bucket(Bucket=GALLERY_BUCKET)
+    s3 = stack.s3_client(GALLERY_BUCKET)
     conf = {"bucket": GALLERY_BUCKET, "prefix": "catalogue", "products": 4}
     run_id = stack.post(f"dags/{REVIEW_DAG}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
     run_path = urllib.parse.quote(run_id, safe="")
@@ -482,20 +452,10 @@ def test_a_reviewer_chooses_two_of_four_images_and_exactly_those_are_published(
 def test_a_review_nobody_answers_takes_its_default_at_the_deadline(airflow_stack: AirflowStack) -> None:
     # tests/e2e/dags/jimeng_e2e_review_deadline.py: a 20 s deadline, "approve all" by default. The real
     # scheduler times the review out; the publish task copies both images; the decision says so.
-    import boto3
-
     stack = airflow_stack
     _ensure_connection(stack)
     dag_id = "jimeng_e2e_review_deadline"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-        s3.create_bucket(Bucket=GALLERY_BUCKET)
+    s3 = stack.s3_client(GALLERY_BUCKET)
     run_id = stack.post(f"dags/{dag_id}/dagRuns", {"logical_date": None, "conf": {"bucket": GALLERY_BUCKET}})[
         "dag_run_id"
     ]

@@ -88,17 +88,8 @@ def _requests(emulator: JiMengEmulator, path: str, since: float = 0.0) -> list[d
 def test_a_triggerer_killed_mid_poll_and_restarted_collects_every_image_submitting_nothing_twice(
     airflow_stack: AirflowStack, slow_emulator: JiMengEmulator, visual_connection: str
 ) -> None:
-    import boto3
-
     stack, emulator = airflow_stack, slow_emulator
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=stack.s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    s3.create_bucket(Bucket=BUCKET)
+    s3 = stack.s3_client(BUCKET)
     (stack.home / "dags" / f"{DAG_ID}.py").write_text(DAG_FILE)
     stack.wait_for(f"DAG {DAG_ID} parsed", lambda: stack.api(f"dags/{DAG_ID}")["dag_id"], STARTUP_TIMEOUT)
     run_id = stack.post(f"dags/{DAG_ID}/dagRuns", {"logical_date": None})["dag_run_id"]

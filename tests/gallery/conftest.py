@@ -20,7 +20,7 @@ import pytest
 
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
-from tests.dag_runs import run_dag_test
+from tests.dag_runs import read_xcom, run_dag_test
 from tests.gallery.auth import RestrictedAuthManager
 from tests.gallery.roots import ALLOWED_ROOTS, GALLERY_STORAGE_ENV, register_root
 from tests.operators.conftest import _DECLARED_PARAMS
@@ -74,21 +74,7 @@ class StoredRun:
     s3: Any
 
     def xcom(self, task_id: str, key: str, map_index: int = -1) -> Any:
-        from airflow.models.xcom import XComModel
-        from airflow.utils.session import create_session
-        from sqlalchemy import select
-
-        with create_session() as session:
-            row = session.scalars(
-                select(XComModel).where(
-                    XComModel.dag_id == self.dag_id,
-                    XComModel.run_id == self.run_id,
-                    XComModel.task_id == task_id,
-                    XComModel.key == key,
-                    XComModel.map_index == map_index,
-                )
-            ).one_or_none()
-            return None if row is None else XComModel.deserialize_value(row)
+        return read_xcom(self.dag_id, self.run_id, task_id, key, map_index)
 
 
 @pytest.fixture(scope="session")

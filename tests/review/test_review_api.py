@@ -23,6 +23,7 @@ import pytest
 from airflow_provider_jimeng.emulator import JiMengEmulator
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server, aws_connection_json, jimeng_connection_json
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
+from tests.dag_runs import read_xcom
 from tests.gallery.conftest import Gallery
 from tests.gallery.roots import GALLERY_STORAGE_ENV, register_root
 from tests.hitl_runs import (
@@ -83,21 +84,7 @@ class Scenario:
         return [next(option for option in options if option.startswith(f"#{n} ")) for n in numbers]
 
     def xcom(self, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-        from airflow.models.xcom import XComModel
-        from airflow.utils.session import create_session
-        from sqlalchemy import select
-
-        with create_session() as session:
-            row = session.scalars(
-                select(XComModel).where(
-                    XComModel.dag_id == self.dag_id,
-                    XComModel.run_id == self.run_id,
-                    XComModel.task_id == task_id,
-                    XComModel.key == key,
-                    XComModel.map_index == map_index,
-                )
-            ).one_or_none()
-            return None if row is None else XComModel.deserialize_value(row)
+        return read_xcom(self.dag_id, self.run_id, task_id, key, map_index)
 
     def keys(self, prefix: str = "") -> set[str]:
         listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
