@@ -20,6 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from airflow_provider_jimeng.emulator import SUBMIT_FAULT_PATH, Fault, JiMengEmulator
+from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dags import jimeng_test_visual
 from tests.operators.conftest import Bucket, RunDag, task_prefix, wait_until
 from tests.visual_fixtures import (  # noqa: F401  (fixtures)
@@ -46,7 +47,18 @@ def timing_out(emulator: JiMengEmulator, connect_visual: Callable[..., None]) ->
     return emulator
 
 
-@pytest.mark.parametrize("deferrable", [True, False], ids=["deferrable", "polled-on-the-worker"])
+#: Airflow 3.0 does not retry a try that failed after it resumed from a deferral as a fresh try
+#: (apache/airflow#56731, fixed in 3.1): the run fails there, paying nothing twice (docs/compatibility.md).
+RETRIES_AFTER_A_DEFERRAL = pytest.mark.skipif(
+    not AIRFLOW_V_3_1_PLUS, reason="Airflow 3.0 does not retry a try that failed after a deferral (fixed in 3.1)"
+)
+
+
+@pytest.mark.parametrize(
+    "deferrable",
+    [pytest.param(True, marks=RETRIES_AFTER_A_DEFERRAL), False],
+    ids=["deferrable", "polled-on-the-worker"],
+)
 def test_a_timed_out_submit_is_counted_and_the_retry_submits_only_that_prompt_again(
     run_dag: RunDag, bucket: Bucket, timing_out: JiMengEmulator, deferrable: bool
 ) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from airflow.exceptions import AirflowOptionalProviderFeatureException
 
 from airflow_provider_jimeng.emulator import Fault, JiMengEmulator
 from airflow_provider_jimeng.exceptions import JiMengError
@@ -102,7 +103,10 @@ def test_example_dags_leak_nothing(
     caplog: pytest.LogCaptureFixture,
     example: Path,
 ) -> None:
-    dags = _load_dags(example)
+    try:
+        dags = _load_dags(example)
+    except AirflowOptionalProviderFeatureException as needs_newer_airflow:  # the review example on Airflow 3.0
+        pytest.skip(str(needs_newer_airflow))
     assert dags, f"{example.name} defines no DAG"
     for dag in dags:
         conf = {"bucket": s3_bucket} if "bucket" in dag.params else {}
