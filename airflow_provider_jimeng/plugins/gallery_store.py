@@ -162,16 +162,26 @@ class TaskImages:
     #: What the run's reviews decided about an image (by URI), in review task order.
     reviews: dict[str, list[Verdict]] = field(default_factory=dict)
 
-    def image(self, number: int) -> StoredImage | None:
-        """The ``number``-th entry of the ``images`` XCom, if it passed every check and may be read."""
-        return self.images[number] if self.readable(number) is not None else None
-
     def readable(self, number: int) -> tuple[str, StorageRoot] | None:
         """The URI and allowed root of the ``number``-th image; ``None``: it is never read."""
         if not 0 <= number < len(self.images):
             return None
         image = self.images[number]
         return root_of(image.uri, self.roots) if image is not None else None
+
+
+def _task_xcoms(*, dag_id: str, run_id: str, task_id: str, keys: tuple[str, ...], map_index: int | None) -> Any:
+    """The query of one task's ``keys`` XComs in a run (``map_index`` ``None``: every map index)."""
+    from airflow.models.xcom import XComModel
+    from sqlalchemy import select
+
+    query = select(XComModel).where(
+        XComModel.dag_id == dag_id,
+        XComModel.run_id == run_id,
+        XComModel.task_id == task_id,
+        XComModel.key.in_(keys),
+    )
+    return query if map_index is None else query.where(XComModel.map_index == map_index)
 
 
 def load_task_images(
@@ -184,17 +194,7 @@ def load_task_images(
     roots: tuple[StorageRoot, ...] = (),
 ) -> list[TaskImages]:
     """The task instance's XComs, per map index (``None``: every map index the task pushed images for)."""
-    from airflow.models.xcom import XComModel
-    from sqlalchemy import select
-
-    query = select(XComModel).where(
-        XComModel.dag_id == dag_id,
-        XComModel.run_id == run_id,
-        XComModel.task_id == task_id,
-        XComModel.key.in_(XCOM_KEYS),
-    )
-    if map_index is not None:
-        query = query.where(XComModel.map_index == map_index)
+    query = _task_xcoms(dag_id=dag_id, run_id=run_id, task_id=task_id, keys=XCOM_KEYS, map_index=map_index)
     values: dict[int, dict[str, Any]] = {}
     for row in session.scalars(query.limit(3 * 10_000)):
         values.setdefault(row.map_index, {})[row.key] = _xcom_value(row)
@@ -233,20 +233,10 @@ def load_image(
     only the ``images`` XCom is read and only its ``number``-th entry checked (a grid of 64 tiles
     would otherwise check all 64 entries 64 times).
     """
-    from airflow.models.xcom import XComModel
-    from sqlalchemy import select
-
     if not 0 <= number < MAX_IMAGES:
         return None
-    row = session.scalars(
-        select(XComModel).where(
-            XComModel.dag_id == dag_id,
-            XComModel.run_id == run_id,
-            XComModel.task_id == task_id,
-            XComModel.map_index == map_index,
-            XComModel.key == "images",
-        )
-    ).first()
+    query = _task_xcoms(dag_id=dag_id, run_id=run_id, task_id=task_id, keys=("images",), map_index=map_index)
+    row = session.scalars(query).first()
     entries = _xcom_value(row) if row is not None else None
     if not isinstance(entries, list) or number >= len(entries):
         return None
