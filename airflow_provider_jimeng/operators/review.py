@@ -13,7 +13,8 @@ request holds no bucket name, key or signed URL.
 Downstream tasks get small, typed things: ``return_value`` is the list of approved image URIs (the
 shape of the generation task's own, so ``publish.expand(uri=review.output)`` works), the ``review``
 XCom is the whole decision (:class:`ReviewDecision`), and the ``regenerate`` XCom holds one set of
-keyword arguments per image to take again, for ``JiMengGenerateOperator.partial(...).expand_kwargs``.
+keyword arguments per image to take again, for ``JiMengGenerateOperator.partial(...).expand_kwargs``,
+each on the map index where this run stored its take already, if it did (:func:`arrange_takes`).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class TakePlan:
 def arrange_takes(asked: Sequence[str], stored: Mapping[int, str]) -> TakePlan:
     """Place the requests ``asked`` for (``s3_key_prefix`` each) on the map indexes of the take task.
 
-    The take task's keyspace holds its map index, so a request reused only where it was stored:
+    The take task's keyspace holds its map index, so a request is reused only where it was stored:
     ``stored`` says which request each occupied map index holds. An asked request stored already
     goes back to its index (reused, not paid); a new one takes the lowest index nothing was stored
     at. The list ends with the last asked request; an occupied index before it keeps its own request
@@ -590,13 +591,14 @@ class JiMengReviewOperator(HITLOperator):
         run_part = f"{safe_key_part(ti.dag_id)}/{safe_key_part(ti.run_id)}/"
         claims: dict[int, set[str]] = {}
         clients: dict[str | None, Any] = {}
+        elsewhere = 0
         for prefix, item in sources.items():
             if self.takes_bucket is not None:
                 bucket = str(self.takes_bucket)
             elif item.uri.startswith("s3://"):
                 bucket = item.uri.removeprefix("s3://").partition("/")[0]
             else:
-                self.log.info("Takes of %s: not in S3, where stored takes are looked for", item.label)
+                elsewhere += 1
                 continue
             conn_id = self.storage_conn_id or item.conn_id
             if conn_id not in clients:
@@ -609,6 +611,10 @@ class JiMengReviewOperator(HITLOperator):
                 found = _MAP_SEGMENT.match(rest.partition("/")[0])
                 if task_part and found:
                     claims.setdefault(int(found[1]), set()).add(prefix)
+        if elsewhere:
+            self.log.info(
+                "Takes of %d prompt(s) not looked for: their images are not in S3 (no takes_bucket)", elsewhere
+            )
         stored: dict[int, str] = {}
         for index, prefixes in sorted(claims.items()):
             # Asked ones first (kept where they are stored, so not paid again), then in key order.

@@ -64,6 +64,7 @@ def test_the_operator_is_cheap_to_build_and_wires_itself_after_the_generation() 
         ({"rejected_prefix": "/"}, "rejected_prefix"),
         ({"rejected_prefix": "a/../b/"}, "rejected_prefix"),
         ({"takes_prefix": ""}, "takes_prefix"),
+        ({"takes_bucket": "Not_A_Bucket"}, "takes_bucket"),
     ],
 )
 def test_bad_settings_are_refused_before_anything_is_asked(kwargs: dict[str, Any], parameter: str) -> None:
