@@ -16,7 +16,7 @@ Airflow, in **Required actions** (or through the REST API), and only what they c
 4. **`publish_image`** is mapped over the approved images: each is copied to
    `s3://<bucket>/published/<run>/<file>`.
 5. **`take_again`** generates another take of each prompt sent back, under
-   `<prefix>/takes/take_2/...` (cleared and answered the same, it reuses the take it stored).
+   `<prefix>/takes/take_2/...` (cleared and answered again, even differently, it reuses each take it stored).
 6. **`record_decision`** writes `published/<run>/decision.json`: who decided, when, the note, what
    was published and what was not. The review is also shown in the generation task's **Images** tab.
 

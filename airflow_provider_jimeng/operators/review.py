@@ -13,11 +13,14 @@ request holds no bucket name, key or signed URL.
 Downstream tasks get small, typed things: ``return_value`` is the list of approved image URIs (the
 shape of the generation task's own, so ``publish.expand(uri=review.output)`` works), the ``review``
 XCom is the whole decision (:class:`ReviewDecision`), and the ``regenerate`` XCom holds one set of
-keyword arguments per image to take again, for ``JiMengGenerateOperator.partial(...).expand_kwargs``.
+keyword arguments per image to take again, for ``JiMengGenerateOperator.partial(...).expand_kwargs``,
+each on the map index where this run stored its take already, if it did (:func:`arrange_takes`).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,12 +31,14 @@ from urllib.parse import urlencode
 from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 
-from airflow_provider_jimeng.exceptions import JiMengConfigurationError
+from airflow_provider_jimeng.exceptions import JiMengConfigurationError, JiMengStorageError
 from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX, JiMengReviewLink
 from airflow_provider_jimeng.plugins.gallery_access import StorageRoot
 from airflow_provider_jimeng.plugins.gallery_store import Storage, TaskImages, image_entry, read_records
-from airflow_provider_jimeng.storage.keys import safe_key_part
+from airflow_provider_jimeng.storage.keys import check_bucket_name, safe_key_part
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS, AIRFLOW_VERSION
+
+log = logging.getLogger(__name__)
 
 #: What the review needs: Airflow's human-in-the-loop operators came with Airflow 3.1.
 REQUIRES = "Airflow 3.1"
@@ -68,6 +73,10 @@ MAX_REVIEW_IMAGES = 200
 LABEL_PROMPT_CHARS = 60
 #: A take number already in a key prefix: ``.../take_2/...``.
 _TAKE = re.compile(r"(?:^|/)take_(\d{1,6})(?:/|$)")
+#: A mapped take task's segment of its keyspace: ``.../<take task>/map_<k>/...``.
+_MAP_SEGMENT = re.compile(r"^map_(\d{1,9})$")
+#: Listings of one request's stored takes (1,000 keys each): a take task instance holds a handful of objects.
+MAX_TAKE_LISTING_PAGES = 5
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~])")
 
 
@@ -91,6 +100,64 @@ class RegenerateRequest(TypedDict):
     prompt: str
     size: str | None
     s3_key_prefix: str
+
+
+class KeptTake(TypedDict):
+    """A take stored at a map index of the take task, not asked for again but kept there (reused, not paid)."""
+
+    map_index: int
+    prompt: str
+    s3_key_prefix: str
+
+
+@dataclass(frozen=True)
+class TakePlan:
+    """Which request each map index of the take task gets (by ``s3_key_prefix``), from :func:`arrange_takes`."""
+
+    requests: list[str]
+    #: Map indexes holding a stored take nobody asked for this time: kept so that no other prompt lands there.
+    kept: list[int]
+    #: Map indexes where a stored take had to go elsewhere (to fill a gap): it is generated (paid) again.
+    moved: list[int]
+
+
+def arrange_takes(asked: Sequence[str], stored: Mapping[int, str]) -> TakePlan:
+    """Place the requests ``asked`` for (``s3_key_prefix`` each) on the map indexes of the take task.
+
+    The take task's keyspace holds its map index, so a request is reused only where it was stored:
+    ``stored`` says which request each occupied map index holds. An asked request stored already
+    goes back to its index (reused, not paid); a new one takes the lowest index nothing was stored
+    at. The list ends with the last asked request; an occupied index before it keeps its own request
+    although nobody asked for it (it is reused, and no other prompt's take lands there). A free index
+    before it that no new request fills (a take instance that stored nothing, below one that did) is
+    filled with the last request, which is then generated again: the only case that pays for a take
+    stored already.
+    """
+    waiting: dict[str, list[int]] = {}
+    for index in sorted(stored):
+        waiting.setdefault(stored[index], []).append(index)
+    placed: dict[int, str] = {}
+    new: list[str] = []
+    for request in asked:
+        indexes = waiting.get(request)
+        if indexes:
+            placed[indexes.pop(0)] = request
+        else:
+            new.append(request)
+    free = (index for index in itertools.count() if index not in stored)
+    for request in new:
+        placed[next(free)] = request
+    moved: list[int] = []
+    while True:
+        length = max(placed, default=-1) + 1
+        gap = next((index for index in range(length) if index not in placed and index not in stored), None)
+        if gap is None:
+            break
+        top = max(placed)
+        placed[gap] = placed.pop(top)
+        moved.append(top)
+    kept = [index for index in range(length) if index not in placed]
+    return TakePlan([placed[index] if index in placed else stored[index] for index in range(length)], kept, moved)
 
 
 @dataclass(frozen=True)
@@ -154,6 +221,8 @@ class ReviewDecision:
     rejected_action: str
     #: Where each moved image went (``rejected="move"``): original URI -> new URI.
     moved: dict[str, str] = field(default_factory=dict)
+    #: Takes stored by an earlier answer, not asked for now, that keep their map index in ``regenerate``.
+    kept_takes: list[KeptTake] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,11 +283,13 @@ class JiMengReviewOperator(HITLOperator):
     :param allow_regenerate: offer "Regenerate the chosen images": the chosen images' prompts go to the
         ``regenerate`` XCom (one take more each) instead of being approved.
     :param takes_prefix: the ``s3_key_prefix`` root of new takes: ``<takes_prefix>/take_<n>/...``.
+    :param takes_bucket: the bucket the take task stores in, where the review looks for the takes an
+        earlier answer made (so that none is paid twice); ``None``: the bucket of the image sent back.
     :param storage_conn_id: the connection ``tag``/``move`` use; ``None``: the one each generation task
         stored through (its ``storage`` XCom).
     """
 
-    template_fields: Sequence[str] = ("subject", "body", "rejected_prefix", "takes_prefix")
+    template_fields: Sequence[str] = ("subject", "body", "rejected_prefix", "takes_prefix", "takes_bucket")
     ui_color = "#fff4e0"
     operator_extra_links = (JiMengReviewLink(),)
 
@@ -235,6 +306,7 @@ class JiMengReviewOperator(HITLOperator):
         rejected_prefix: str = "rejected/",
         allow_regenerate: bool = True,
         takes_prefix: str = "jimeng/takes",
+        takes_bucket: str | None = None,
         storage_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
@@ -263,6 +335,7 @@ class JiMengReviewOperator(HITLOperator):
         self.rejected_prefix = rejected_prefix
         self.allow_regenerate = allow_regenerate
         self.takes_prefix = takes_prefix
+        self.takes_bucket = takes_bucket
         self.storage_conn_id = storage_conn_id
 
     # --------------------------------------------------------------------------------- checks
@@ -280,6 +353,11 @@ class JiMengReviewOperator(HITLOperator):
             )
         if not isinstance(self.takes_prefix, str) or not self.takes_prefix.strip("/"):
             raise JiMengConfigurationError("takes_prefix", f"is {self.takes_prefix!r}; allowed: a non-empty key prefix")
+        if self.takes_bucket is not None:
+            try:
+                check_bucket_name(self.takes_bucket)
+            except JiMengConfigurationError as error:
+                raise JiMengConfigurationError("takes_bucket", error.detail) from None
         if not self.images_from or not all(isinstance(task_id, str) and task_id for task_id in self.images_from):
             raise JiMengConfigurationError("images_from", "allowed: a generation task, its id, or a list of them")
         for task_id in self.images_from:
@@ -435,14 +513,18 @@ class JiMengReviewOperator(HITLOperator):
             len(rejected),
             len(regenerate),
         )
+        # Before anything is moved: a storage that cannot be listed fails the task with nothing changed.
+        requests, decision.kept_takes = self.plan_takes(context, items, regenerate)
         if rejected and decision.rejected_action != "keep":
             decision.moved = self._apply_rejected_policy(rejected, decision.rejected_action)
-        return self._push(context, decision, regenerate)
+        return self._push(context, decision, requests)
 
-    def _push(self, context: Context, decision: ReviewDecision, regenerate: Sequence[ReviewItem] = ()) -> list[str]:
+    def _push(
+        self, context: Context, decision: ReviewDecision, requests: Sequence[RegenerateRequest] = ()
+    ) -> list[str]:
         ti = context["ti"]
         ti.xcom_push(key="review", value=decision.to_json())
-        ti.xcom_push(key="regenerate", value=[self.regenerate_request(item) for item in regenerate])
+        ti.xcom_push(key="regenerate", value=list(requests))
         if isinstance(summary := getattr(self, "hitl_summary_extra", None), dict):  # newer standard providers
             summary["approved"] = len(decision.approved)
         return [choice["uri"] for choice in decision.approved]
@@ -455,6 +537,99 @@ class JiMengReviewOperator(HITLOperator):
             size=item.size,
             s3_key_prefix=f"{self.takes_prefix.strip('/')}/take_{item.take + 1}/{source}",
         )
+
+    # ------------------------------------------------------------------------------- takes
+    def plan_takes(
+        self, context: Context, items: Sequence[ReviewItem], regenerate: Sequence[ReviewItem]
+    ) -> tuple[list[RegenerateRequest], list[KeptTake]]:
+        """The ``regenerate`` list: each request on the map index of the take task where its take is stored.
+
+        The take task maps over this list, and its keyspace holds its map index: a request that moved
+        to another index (a cleared review answered in another order, or with fewer or more images)
+        would find nothing stored there and be paid again. So the list is built around what this run
+        stored already (:func:`arrange_takes`); takes kept though not asked for again are returned too.
+        """
+        if not regenerate:
+            return [], []
+        candidates: dict[str, tuple[RegenerateRequest, ReviewItem]] = {}
+        for item in items:
+            request = self.regenerate_request(item)
+            candidates.setdefault(request["s3_key_prefix"], (request, item))
+        asked = [self.regenerate_request(item)["s3_key_prefix"] for item in regenerate]
+        stored = self._stored_takes(context, {prefix: item for prefix, (_, item) in candidates.items()}, set(asked))
+        plan = arrange_takes(asked, stored)
+        requests = [candidates[prefix][0] for prefix in plan.requests]
+        kept = [
+            KeptTake(map_index=index, prompt=requests[index]["prompt"], s3_key_prefix=requests[index]["s3_key_prefix"])
+            for index in plan.kept
+        ]
+        reused = sum(1 for index, prefix in enumerate(plan.requests) if stored.get(index) == prefix) - len(kept)
+        self.log.info(
+            "Takes: %d request(s), %d at the map index holding their stored take (not paid again), %d kept there "
+            "though not asked for again (map indexes %s)",
+            len(requests),
+            reused,
+            len(kept),
+            plan.kept,
+        )
+        for index in plan.moved:
+            self.log.warning(
+                "The take stored at map index %d of the take task goes to a lower index (a free one below it "
+                "stored nothing): it is generated again there",
+                index,
+            )
+        return requests, kept
+
+    def _stored_takes(self, context: Context, sources: Mapping[str, ReviewItem], asked: set[str]) -> dict[int, str]:
+        """Which request (``s3_key_prefix``) each map index of the take task holds, from this run's stored keys.
+
+        A take task instance's keys are ``<s3_key_prefix>/<dag>/<run>/<take task>/map_<k>/...``: records,
+        journals (a take that failed after paying has one) or images, anything there occupies ``k``. One
+        bounded listing per request the review could make; nothing is read.
+        """
+        ti = context["ti"]
+        run_part = f"{safe_key_part(ti.dag_id)}/{safe_key_part(ti.run_id)}/"
+        claims: dict[int, set[str]] = {}
+        clients: dict[str | None, Any] = {}
+        elsewhere = 0
+        for prefix, item in sources.items():
+            if self.takes_bucket is not None:
+                bucket = str(self.takes_bucket)
+            elif item.uri.startswith("s3://"):
+                bucket = item.uri.removeprefix("s3://").partition("/")[0]
+            else:
+                elsewhere += 1
+                continue
+            conn_id = self.storage_conn_id or item.conn_id
+            if conn_id not in clients:
+                from airflow_provider_jimeng.storage.s3 import bounded_s3_hook
+
+                clients[conn_id] = bounded_s3_hook(conn_id).get_conn()
+            listed = f"{prefix}/{run_part}"
+            for key in _list_take_keys(clients[conn_id], bucket, listed):
+                task_part, _, rest = key[len(listed) :].partition("/")
+                found = _MAP_SEGMENT.match(rest.partition("/")[0])
+                if task_part and found:
+                    claims.setdefault(int(found[1]), set()).add(prefix)
+        if elsewhere:
+            self.log.info(
+                "Takes of %d prompt(s) not looked for: their images are not in S3 (no takes_bucket)", elsewhere
+            )
+        stored: dict[int, str] = {}
+        for index, prefixes in sorted(claims.items()):
+            # Asked ones first (kept where they are stored, so not paid again), then in key order.
+            ordered = sorted(prefixes, key=lambda prefix: (prefix not in asked, prefix))
+            stored[index] = ordered[0]
+            if len(ordered) > 1:
+                self.log.warning(
+                    "Map index %d of the take task holds takes of %d requests (%s): keeping %s there; the "
+                    "others, if asked for, go to a free index and are generated again",
+                    index,
+                    len(ordered),
+                    ", ".join(ordered),
+                    ordered[0],
+                )
+        return stored
 
     # ---------------------------------------------------------------------------- rejected
     def _apply_rejected_policy(self, rejected: Sequence[ReviewItem], action: str) -> dict[str, str]:
@@ -492,6 +667,34 @@ class JiMengReviewOperator(HITLOperator):
             moved[item.uri] = f"s3://{bucket}/{target}"
         self.log.info("Rejected images: %s %d", "tagged" if action == "tag" else "moved", len(rejected))
         return moved
+
+
+def _list_take_keys(client: Any, bucket: str, prefix: str) -> list[str]:
+    """The keys under ``prefix`` (at most :data:`MAX_TAKE_LISTING_PAGES` listings); a failure stops the review."""
+    keys: list[str] = []
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    try:
+        for _ in range(MAX_TAKE_LISTING_PAGES):
+            answer = client.list_objects_v2(**kwargs)
+            keys.extend(item["Key"] for item in answer.get("Contents", []) if isinstance(item.get("Key"), str))
+            if not answer.get("IsTruncated"):
+                return keys
+            kwargs["ContinuationToken"] = answer["NextContinuationToken"]
+    except Exception as error:
+        from airflow_provider_jimeng.storage.s3 import _describe
+
+        raise JiMengStorageError(
+            f"listing s3://{bucket}/{prefix} failed: {_describe(error)}; the review cannot tell which takes this "
+            "run stored already, and sends no request rather than risk paying for one twice (clear the review "
+            "task to ask again)"
+        ) from None
+    log.warning(
+        "More than %d pages of keys under s3://%s/%s: the rest were not looked at",
+        MAX_TAKE_LISTING_PAGES,
+        bucket,
+        prefix,
+    )
+    return keys
 
 
 def _exists(client: Any, bucket: str, key: str) -> bool:

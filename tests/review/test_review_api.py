@@ -48,6 +48,18 @@ REVIEWS = {"review_multi", "review_empty", "review_mind", "review_mapped", "revi
 
 
 @dataclass
+class Takes:
+    """One answer of ``review_regen`` after a clear, and what the take task then did."""
+
+    requests: list[dict[str, Any]]
+    #: The prompts the emulator billed while the take task ran.
+    paid: list[str]
+    #: Each map index's stored take (its key), in map order.
+    keys: list[str]
+    kept: list[dict[str, Any]]
+
+
+@dataclass
 class Scenario:
     """What the scenario saw and did; each test reads its part."""
 
@@ -61,6 +73,7 @@ class Scenario:
     details: dict[str, Any] = field(default_factory=dict)
     billed: dict[str, int] = field(default_factory=dict)
     thumbnails: list[Any] = field(default_factory=list)
+    takes: dict[str, Takes] = field(default_factory=dict)
     dag_run: Any = None
 
     def path(self, task_id: str, map_index: int = -1) -> str:
@@ -188,9 +201,31 @@ def _play(found: Scenario, waiting: WaitingTasks) -> None:
     found.responses["regen_again"] = found.answer("review_regen", [REGENERATE, *found.labels("review_regen", 2)])
     waiting.wait_for({"review_mapped"})
     found.billed["second_takes"] = len(found.emulator.ledger)
+    found.details["regenerate_requests"] = found.xcom("review_regen", "regenerate")
+
+    # Cleared and answered differently: each stored take stays on its map index of the take task.
+    _take_again(found, waiting, "one_more", 1, 2)  # the sneaker (new) and the teapot (stored at map index 0)
+    _take_again(found, waiting, "subset", 1)  # the sneaker alone: the teapot keeps index 0, not paid
+    _take_again(found, waiting, "another", 1, 3)  # the sneaker and the lamp (new)
 
     # A mapped generation upstream: images of every map index, numbered in map order.
     found.responses["mapped"] = found.answer("review_mapped", found.labels("review_mapped", 2, 3))
+
+
+def _take_again(found: Scenario, waiting: WaitingTasks, step: str, *numbers: int) -> None:
+    """Clear the review and its take task, answer "regenerate" with ``numbers``, let the take task run."""
+    _clear(found.dag_id, found.run_id, {"review_regen", "takes", "regenerate"})
+    waiting.wait_for({"review_mapped", "review_regen"})
+    paid_before = len(found.emulator.ledger)
+    found.responses[step] = found.answer("review_regen", [REGENERATE, *found.labels("review_regen", *numbers)])
+    waiting.wait_for({"review_mapped"})
+    requests = found.xcom("review_regen", "regenerate")
+    found.takes[step] = Takes(
+        requests=requests,
+        paid=[entry.prompt for entry in found.emulator.ledger[paid_before:]],
+        keys=[found.xcom("regenerate", "images", map_index=index)[0]["key"] for index in range(len(requests))],
+        kept=found.xcom("review_regen", "review").get("kept_takes", []),
+    )
 
 
 # ------------------------------------------------------------------------------------------- tests
@@ -291,7 +326,7 @@ def test_a_changed_mind_after_answering_is_refused_and_a_cleared_review_asks_aga
 def test_regenerate_takes_the_chosen_prompt_again_once(scenario: Scenario) -> None:
     assert scenario.responses["regen"].status_code == 200
     assert scenario.xcom("review_regen") == []
-    requests = scenario.xcom("review_regen", "regenerate")
+    requests = scenario.details["regenerate_requests"]
     assert requests == [
         {"prompt": "a blue teapot", "size": "1024x1024", "s3_key_prefix": "jimeng/takes/take_2/gen/map_-1/p0001"}
     ]
@@ -301,6 +336,31 @@ def test_regenerate_takes_the_chosen_prompt_again_once(scenario: Scenario) -> No
     take = scenario.details["regenerate_first"][0]["key"]
     assert take.startswith("jimeng/takes/take_2/gen/map_-1/p0001/")
     assert scenario.xcom("regenerate", "images", map_index=0)[0]["key"] == take
+
+
+def test_a_cleared_review_answered_differently_pays_only_for_new_takes(scenario: Scenario) -> None:
+    """Each take stays on the take task's map index where it is stored: reused there, never paid again."""
+    prefix = "jimeng/takes/take_2/gen/map_-1/"
+    teapot, sneaker, lamp = f"{prefix}p0001", f"{prefix}p0000", f"{prefix}p0002"
+    expected = {
+        # The teapot, taken first, keeps map index 0; the sneaker comes after it and is the one paid.
+        "one_more": ([teapot, sneaker], ["a red sneaker"], []),
+        # The sneaker alone: at index 1 it finds its take; the teapot keeps index 0 (reused, not paid).
+        "subset": ([teapot, sneaker], [], [0]),
+        # A new image: after the stored ones, never on a map index that holds another prompt's take.
+        "another": ([teapot, sneaker, lamp], ["a green lamp"], [0]),
+    }
+    for step, (prefixes, paid, kept) in expected.items():
+        takes = scenario.takes[step]
+        assert scenario.responses[step].status_code == 200
+        assert takes.paid == paid, step  # the emulator's ledger: only new takes are paid
+        assert [request["s3_key_prefix"] for request in takes.requests] == prefixes, step
+        assert [take["map_index"] for take in takes.kept] == kept, step
+        # Each map index's images are in the keyspace of its own request and map index.
+        for index, (key, request) in enumerate(zip(takes.keys, takes.requests, strict=True)):
+            assert key.startswith(f"{request['s3_key_prefix']}/{scenario.dag_id}/"), (step, key)
+            assert f"/regenerate/map_{index}/" in key, (step, key)
+    assert scenario.takes["another"].kept[0]["prompt"] == "a blue teapot"
 
 
 def test_the_deadline_takes_the_default_outcome(scenario: Scenario) -> None:
