@@ -198,6 +198,11 @@ def _p9_rows(p9: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
             f"({around['min']:.2f}-{around['max']:.2f}); end to end **{end['median']:.1f} s** "
             f"({end['min']:.1f}-{end['max']:.1f}); billed {run['billed_images']}"
         )
+        if "late_exit_detections" in run:
+            measured += (
+                f"; Airflow's supervisor noticed {run['late_exit_detections']} of {run['process_exits']} task process "
+                "exit(s) ~5 s late"
+            )
         if name == "deferrable":
             measured += (
                 f"; slot **{p9['slot_ratio']:.1%}** of polling's (task processes {p9['task_process_ratio']:.1%}), "

@@ -54,6 +54,9 @@ SLOT_RATIO = 0.10
 END_TO_END_RATIO = 1.10
 RUN_TIMEOUT = 900.0
 WORKLOAD_FINISHED = re.compile(r"Workload finished.*")
+#: ``[workers] min_heartbeat_interval`` of the stack (Airflow's default): how late a task supervisor can
+#: notice its task process's exit (it waits that long in a ``select`` with no socket left to wake it).
+MIN_HEARTBEAT_INTERVAL_S = 5.0
 
 DAG_FILE = '''
 import json, os, time
@@ -273,6 +276,8 @@ def _measured_run(airflow: _Airflow, stack: Stack, dag_id: str, prompts: int, pr
         # The task processes alone; the rest of the slot is the worker around them (see the module doc).
         "task_process_s": sum(task_seconds),
         "task_processes": task_seconds,
+        # Exits the supervisor noticed a whole min_heartbeat_interval late (docs/visual-api.md).
+        "late_exit_detections": round((sum(slots) - sum(task_seconds)) / MIN_HEARTBEAT_INTERVAL_S),
         "ti_start_to_end_s": _timestamp(ti["end_date"]) - _timestamp(ti["start_date"]),
         "billed_images": emulator["billed_images"],
         "requests": emulator["requests"],
@@ -301,6 +306,8 @@ def _summary(runs: list[dict[str, Any]], prompts: int) -> dict[str, Any]:
         "around_task_processes_s": _spread([run["slot_s"] - run["task_process_s"] for run in runs]),
         "end_to_end_s": _spread([run["end_to_end_s"] for run in runs]),
         "workloads": statistics.median(len(run["workloads"]) for run in runs),
+        "late_exit_detections": sum(run.get("late_exit_detections", 0) for run in runs),
+        "process_exits": sum(len(run["workloads"]) for run in runs),
         "billed_images": max(run["billed_images"] for run in runs),
     }
 
