@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -263,3 +265,100 @@ def test_sheet_requests_take_turns_as_tiles_do() -> None:
     assert most == 1
     assert admission.overtaken == 0
     assert min(gaps) >= thumbnails.TILE_GAP_S
+
+
+# ---------------------------------------------------------------------------------------------- in Chromium
+#: Every tile made eager; resolves with each tile's natural width and the colour at its centre.
+TILES_DRAWN = """async () => {
+    const tiles = [...document.querySelectorAll("figure.image img")];
+    tiles.forEach((img) => { img.loading = "eager"; });
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = 440;
+    const context = canvas.getContext("2d", {willReadFrequently: true});
+    const drawn = [];
+    for (const img of tiles) {
+        const width = await img.decode().then(() => img.naturalWidth, () => 0);
+        context.clearRect(0, 0, 440, 440);
+        context.drawImage(img, 0, 0, 440, 440);
+        drawn.push([width, [...context.getImageData(220, 220, 1, 1).data].slice(0, 3)]);
+    }
+    return drawn;
+}"""
+
+
+@pytest.fixture
+def served(gallery: Gallery) -> Iterator[str]:
+    """Airflow's API server app (a new one, as the test's) on a loopback port, for the browser."""
+    import threading
+
+    import uvicorn
+    from airflow.api_fastapi.app import create_app
+
+    from tests.e2e.stack import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app("core"), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            if server.started:
+                break
+            thread.join(0.05)
+        assert server.started
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _colour(number: int) -> tuple[int, int, int]:
+    return (number * 4 % 256, 255 - number * 4 % 256, (number * 37) % 256)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(os.environ.get("JIMENG_E2E") != "1", reason="in headless Chromium; opt in with JIMENG_E2E=1")
+def test_chromium_draws_64_tiles_from_8_sheets(gallery: Gallery, run: StoredRun, served: str) -> None:
+    from PIL import Image
+
+    from tests.e2e.stack import CHROMIUM, CHROMIUM_ARGS
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="install the e2e extra: pip install -e '.[e2e]'")
+    # 64 images, each with a stored thumbnail of its own colour (what a worker with store_thumbnails writes).
+    entries = []
+    for number in range(64):
+        out = io.BytesIO()
+        Image.new("RGB", (440, 330), _colour(number)).save(out, "JPEG", quality=95)
+        key = f"grid/p{number:04d}_i00.jpeg"
+        run.s3.put_object(Bucket=run.bucket, Key=key, Body=out.getvalue())
+        run.s3.put_object(Bucket=run.bucket, Key=thumbnail_key(key), Body=out.getvalue())
+        entries.append(_entry(f"s3://{run.bucket}/{key}", number))
+    forge(run, images=entries)
+    url = f"{served}/jimeng/gallery?{urlencode({'dag_id': run.dag_id, 'run_id': run.run_id, 'task_id': FORGED})}"
+
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(
+                viewport={"width": 1280, "height": 1000},
+                extra_http_headers={"Authorization": f"Bearer {gallery.tokens['reader']}"},
+            )
+            page = context.new_page()
+            answers: list[tuple[str, int]] = []
+            page.on("response", lambda response: answers.append((response.url, response.status)))
+            for load in ("first", "again"):
+                answers.clear()
+                page.goto(url, wait_until="domcontentloaded")
+                drawn = page.evaluate(TILES_DRAWN)
+                tiles = [(path, status) for path, status in answers if "/jimeng/" in path and "/gallery?" not in path]
+
+                assert [width for width, _ in drawn] == [440] * 64, load
+                for number, (_, colour) in enumerate(drawn):
+                    assert colour == pytest.approx(_colour(number), abs=12), f"tile {number} shows its own image"
+                assert all("/jimeng/sheet?" in path for path, _ in tiles), tiles
+                # One request per sheet (a second page load revalidates each: 304), not one per tile.
+                assert len(tiles) == 8, (load, tiles)
+                assert {status for _, status in tiles} == ({200} if load == "first" else {304})
+            context.close()
+        finally:
+            browser.close()
