@@ -19,6 +19,7 @@ named for that root, and every refusal is the same 404 as an unknown image.
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, which name
 # objects imported inside create_gallery_app (so that only the API server imports them).
+import gzip
 import hashlib
 import logging
 import re
@@ -299,32 +300,47 @@ def create_gallery_app() -> "FastAPI":
         if not thumbnailer.settings.sheets or size is None or not 1 <= size <= SHEET_MAX:
             raise not_found
 
-        def lookup() -> list[bytes | None]:
+        validated = request.headers.get("if-none-match", "")
+        gzipped = "gzip" in request.headers.get("accept-encoding", "")
+
+        def make() -> tuple[bytes | None, str] | None:
+            """The sheet (``None`` when the browser's copy is current) and its ETag; ``None``: nothing to show."""
             try:
                 found = find_images(session, dag_id, task_id, run_id, map_index, first, count)
             finally:
                 session.close()  # its DB connection goes back to the pool before storage is read
             # One after the other, on this one thread: ~8 small reads that wait on the network (the GIL
             # is free meanwhile) rather than 8 threads that compete with Airflow's own API for it.
-            return [None if entry is None else thumbnailer.stored_thumbnail(entry[2]) for entry in found]
+            cells = [None if entry is None else thumbnailer.stored_thumbnail(entry[2]) for entry in found]
+            if all(cell is None for cell in cells):
+                return None
+            body = render_sheet(int(first), cells)
+            # A strong validator per representation. Compressed here, on this thread, not by the API
+            # server's GZip middleware (on its event loop for a sheet under 128 KB).
+            etag = f'"{hashlib.sha256(body).hexdigest()[:32]}{"-gzip" if gzipped else ""}"'
+            if etag in validated:
+                return None, etag
+            return (gzip.compress(body, compresslevel=5, mtime=0) if gzipped else body), etag
 
-        cells = await thumbnailer.run_io(lookup)
-        if all(cell is None for cell in cells):
+        made = await thumbnailer.run_io(make)
+        if made is None:
             # Nothing read: the one 404, so that no answer tells an entry the roots allow (but whose
             # thumbnail is missing) from one they refuse. The page names no such sheet.
             raise not_found
-        body = render_sheet(int(first), cells)
+        body, etag = made
         # As the tiles: the browser keeps the sheet and asks again on the next page load (a revoked
         # permission applies then); within one page every tile of the row is drawn from one fetch.
-        etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
         headers = {
             "Cache-Control": "private, no-cache",
             "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": SHEET_POLICY,
             "ETag": etag,
+            "Vary": "Accept-Encoding",
         }
-        if etag in request.headers.get("if-none-match", ""):
+        if body is None:
             return Response(status_code=304, headers=headers)
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
         return Response(body, media_type="image/svg+xml", headers=headers)
 
     return app

@@ -90,7 +90,17 @@ def test_a_sheet_holds_a_row_of_stored_thumbnails_as_they_were_stored(
     assert answer.headers["x-content-type-options"] == "nosniff"
     assert answer.headers["content-security-policy"].startswith("default-src 'none'; img-src data:")
     assert answer.headers["cache-control"] == "private, no-cache"
-    assert answer.headers["etag"] == f'"{hashlib.sha256(answer.content).hexdigest()[:32]}"'
+    # Compressed on the route's own thread (the client accepts gzip), with a validator of its own.
+    assert answer.headers["content-encoding"] == "gzip"
+    assert answer.headers["etag"] == f'"{hashlib.sha256(answer.content).hexdigest()[:32]}-gzip"'
+    plain = gallery.client.get(
+        "/jimeng/sheet",
+        params=_sheet(run, 0, 8),
+        headers={"Authorization": f"Bearer {gallery.tokens['reader']}", "Accept-Encoding": "identity"},
+    )
+    assert "content-encoding" not in plain.headers
+    assert plain.content == answer.content
+    assert plain.headers["etag"] == f'"{hashlib.sha256(plain.content).hexdigest()[:32]}"'
     views, cells = _cells(answer.content)
     assert cells == [_stored(run, image) for image in images[:8]], "the worker's bytes, neither decoded nor re-encoded"
     assert list(views) == [f"t{number}" for number in range(8)]
