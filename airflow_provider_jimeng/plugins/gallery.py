@@ -7,9 +7,11 @@ brings two things to the API server:
   images, failures and usage) and ``image`` (one image's bytes, read server side and streamed: no
   bucket name, key or credential reaches the page);
 * ``thumbnail``: the grid's small version of one image (:mod:`.thumbnails`), through the same lookup;
+* ``sheet``: the stored thumbnails of a row of the grid (up to eight) in one SVG (:mod:`.sheets`),
+  through the same lookup and checks for each;
 * an external view on the task instance page, named "Images", that shows the gallery.
 
-Both routes require what Airflow's own routes require to read what the page shows: ``GET`` on the
+Every route requires what Airflow's own routes require to read what the page shows: ``GET`` on the
 DAG's task instances and on its XComs (``requires_access_dag``, with the DAG's team), before
 anything is read. The image route takes the task instance and a number, never a key. What may be
 read is the deployment's decision (``[jimeng] gallery_storage``, :mod:`.gallery_access`), never

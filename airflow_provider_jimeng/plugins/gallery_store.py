@@ -253,23 +253,6 @@ def load_images(
     return found
 
 
-def load_image(
-    session: Session,
-    *,
-    dag_id: str,
-    run_id: str,
-    task_id: str,
-    map_index: int,
-    number: int,
-    roots: tuple[StorageRoot, ...],
-) -> tuple[StoredImage, tuple[str, StorageRoot]] | None:
-    """The ``number``-th image of one task instance and where it may be read; ``None``: it is never read."""
-    found = load_images(
-        session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=map_index, first=number, count=1, roots=roots
-    )
-    return found[0] if found else None
-
-
 def load_reviews(session: Session, *, dag_id: str, run_id: str, tasks: list[TaskImages]) -> None:
     """Mark the tasks' images with what the run's reviews decided (their ``review`` XComs, read defensively)."""
     from airflow.models.xcom import XComModel
