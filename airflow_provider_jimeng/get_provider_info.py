@@ -107,6 +107,19 @@ def get_provider_info() -> dict[str, Any]:
                         "example": "True",
                         "default": "False",
                     },
+                    "gallery_sheets": {
+                        "description": (
+                            "Whether the gallery's tiles whose thumbnail a worker stored (store_thumbnails) load "
+                            "from sheets: one request per row of up to eight tiles (an SVG embedding the stored "
+                            "JPEGs) instead of one per tile, so a grid of 64 images costs the API server 8 "
+                            "requests. The page lists each image folder's _thumbnails/ once to know which tiles "
+                            "have one; the others load their own thumbnail. False: one request per tile.\n"
+                        ),
+                        "version_added": "0.1.0",
+                        "type": "boolean",
+                        "example": "False",
+                        "default": "True",
+                    },
                     "gallery_thumbnail_cache_mb": {
                         "description": (
                             "The API server's in-memory cache of thumbnails, in MiB (a thumbnail is about 16 KB); "
@@ -119,8 +132,8 @@ def get_provider_info() -> dict[str, Any]:
                     },
                     "gallery_tiles_at_once": {
                         "description": (
-                            "Thumbnail requests each API server process handles at once; the others wait their "
-                            "turn (at most 0.25 s), so a grid of many tiles leaves the process's one GIL to "
+                            "Thumbnail and sheet requests each API server process handles at once; the others "
+                            "wait their turn (at most 1 s), so a grid of many tiles leaves the process's one GIL to "
                             "Airflow's own API. 0: no limit.\n"
                         ),
                         "version_added": "0.1.0",

@@ -151,15 +151,17 @@ def _p8_rows(p8: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
         ("before", "full images (thumbnails off)"),
         ("after", "thumbnails made by the API server"),
         ("stored_all_at_once", "stored thumbnails, every tile request at once"),
-        ("stored", "thumbnails stored by the worker"),
+        ("stored_per_tile", "stored thumbnails, one request per tile (no sheets)"),
+        ("stored", "thumbnails stored by the worker, one sheet per row"),
     ):
         variant = p8.get(name)
         if not variant:
             continue
         idle, loaded = variant["dags_idle"], variant["dags_while_loading"]
         measured = (
-            f"first screen **{variant['first_screen_bytes'] / 1e6:.2f} MB** ({variant['first_screen_tiles']} tiles); "
-            f"all tiles {variant['all_tiles_bytes'] / 1e6:.1f} MB, decoded in **{variant['all_decoded_s']:.2f} s** "
+            f"first screen **{variant['first_screen_bytes'] / 1e6:.2f} MB** ({variant['first_screen_tiles']} tile "
+            f"requests); all tiles {variant['all_tiles_bytes'] / 1e6:.1f} MB in "
+            f"{variant['loads']['cold']['tile_requests']} requests, decoded in **{variant['all_decoded_s']:.2f} s** "
             f"cold ({variant['all_decoded_warm_s']:.2f} s warm; {variant['tiles_shown']}/{variant['tiles']} shown); "
             f"`/api/v2/dags` p50/p95 {loaded['p50_ms']:.0f}/{loaded['p95_ms']:.0f} ms while loading vs "
             f"{idle['p50_ms']:.0f}/{idle['p95_ms']:.0f} ms idle = **{variant['dags_p95_ratio']:.1f}x**"
@@ -492,8 +494,10 @@ ideal `ceil(N/K) x latency`:
   *Before* is the same server with `[jimeng] gallery_thumbnails = False` (full images, lazily: the
   gallery before thumbnails, and without Pillow); *after* serves thumbnails the API server makes on
   first request; *stored* serves the thumbnails a worker with `[jimeng] store_thumbnails = True`
-  stored next to each image (the target is judged there); *stored, every tile request at once* is
-  the same with `[jimeng] gallery_tiles_at_once = 0` (tile requests do not take turns).
+  stored next to each image, drawn from one sheet per row of eight tiles (the target is judged
+  there); *stored, every tile request at once* is the same with `[jimeng] gallery_tiles_at_once = 0`
+  (tile requests do not take turns); *stored, one request per tile* with `[jimeng] gallery_sheets =
+  False`. Tile requests are the resource timing entries of `/thumbnail`, `/sheet` and `/image`.
 * **The Visual API, deferrable (P9).** One Airflow on loopback (`airflow scheduler` with the
   LocalExecutor and two worker slots, `airflow triggerer`, `airflow dag-processor`, `airflow
   api-server`, SQLite; the processes of `make e2e`) against the emulator and moto. Two DAGs run the

@@ -7,9 +7,11 @@ brings two things to the API server:
   images, failures and usage) and ``image`` (one image's bytes, read server side and streamed: no
   bucket name, key or credential reaches the page);
 * ``thumbnail``: the grid's small version of one image (:mod:`.thumbnails`), through the same lookup;
+* ``sheet``: the stored thumbnails of a row of the grid (up to eight) in one SVG (:mod:`.sheets`),
+  through the same lookup and checks for each;
 * an external view on the task instance page, named "Images", that shows the gallery.
 
-Both routes require what Airflow's own routes require to read what the page shows: ``GET`` on the
+Every route requires what Airflow's own routes require to read what the page shows: ``GET`` on the
 DAG's task instances and on its XComs (``requires_access_dag``, with the DAG's team), before
 anything is read. The image route takes the task instance and a number, never a key. What may be
 read is the deployment's decision (``[jimeng] gallery_storage``, :mod:`.gallery_access`), never
@@ -19,6 +21,7 @@ named for that root, and every refusal is the same 404 as an unknown image.
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations, which name
 # objects imported inside create_gallery_app (so that only the API server imports them).
+import gzip
 import hashlib
 import logging
 import re
@@ -85,12 +88,14 @@ def create_gallery_app() -> "FastAPI":
     )
     from airflow_provider_jimeng.plugins.gallery_store import (
         find_missing,
-        load_image,
+        load_images,
         load_reviews,
         load_task_images,
         open_object,
         read_records,
     )
+    from airflow_provider_jimeng.plugins.sheets import CONTENT_SECURITY_POLICY as SHEET_POLICY
+    from airflow_provider_jimeng.plugins.sheets import SHEET_MAX, is_jpeg, render_sheet
     from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer, ThumbnailSettings, TileAdmission
     from airflow_provider_jimeng.storage.s3 import image_content_type
     from airflow_provider_jimeng.storage.thumbnails import thumbnail_key
@@ -143,29 +148,55 @@ def create_gallery_app() -> "FastAPI":
         )
         for task in tasks:
             read_records(task)
-            find_missing(task)
+            find_missing(task, thumbnails=thumbnailer.settings.sheets)
         load_reviews(session, dag_id=dag_id, run_id=run_id, tasks=tasks)
         page = render_gallery(
-            dag_id, run_id, task_id, tasks, storage_configured=bool(roots), thumbnails=thumbnailer.settings.enabled
+            dag_id,
+            run_id,
+            task_id,
+            tasks,
+            storage_configured=bool(roots),
+            thumbnails=thumbnailer.settings.enabled,
+            sheets=thumbnailer.settings.sheets,
         )
         return HTMLResponse(page, headers=page_headers)
 
-    def find_image(session: Any, dag_id: str, task_id: str, run_id: str, map_index: str, n: str) -> Any:
-        """The ``n``-th image and where it may be read: the one lookup of the image and thumbnail routes."""
-        index, number = _index(map_index), _index(n)
-        if index is None or number is None:
+    def find_images(
+        session: Any, dag_id: str, task_id: str, run_id: str, map_index: str, first: str, count: str = "1"
+    ) -> list[Any]:
+        """Images ``first`` to ``first + count - 1`` and where each may be read: the one lookup of every route.
+
+        Each readable one is ``(image, (uri, root), thumbnail)``, the thumbnail's location derived from
+        the checked URI and checked under the roots too; a refused one is ``None``. Every refusal of
+        the range as a whole (bad numbers, no roots, no such entries, none readable) is the one 404.
+        """
+        index, start, size = _index(map_index), _index(first), _index(count)
+        if index is None or start is None or size is None:
             raise not_found
         roots = allowed_roots(_team_name(dag_id, session))
         if not roots:
             raise not_found
-        found = load_image(
-            session, dag_id=dag_id, run_id=run_id, task_id=task_id, map_index=index, number=number, roots=roots
+        found = load_images(
+            session,
+            dag_id=dag_id,
+            run_id=run_id,
+            task_id=task_id,
+            map_index=index,
+            first=start,
+            count=size,
+            roots=roots,
         )
-        if found is None:
+        if found is None or all(entry is None for entry in found):
             raise not_found
-        stored, allowed = found
         # Where the worker may have stored its thumbnail: derived from the checked URI, read under the roots too.
-        return stored, allowed, root_of(thumbnail_key(allowed[0]), roots)
+        return [
+            None if entry is None else (entry[0], entry[1], root_of(thumbnail_key(entry[1][0]), roots))
+            for entry in found
+        ]
+
+    def find_image(session: Any, dag_id: str, task_id: str, run_id: str, map_index: str, n: str) -> Any:
+        """The ``n``-th image, where it may be read and where its stored thumbnail may be."""
+        return find_images(session, dag_id, task_id, run_id, map_index, n)[0]
 
     def open_found(allowed: Any, task_id: str) -> "ObjectStream":
         try:
@@ -237,7 +268,7 @@ def create_gallery_app() -> "FastAPI":
         headers = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
         if ready:
             data = await thumbnailer.read_stored(stream)
-            if data is not None and data.startswith(b"\xff\xd8\xff"):  # a JPEG, or it is not served
+            if is_jpeg(data):  # a JPEG, or it is not served
                 etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
                 if etag in request.headers.get("if-none-match", ""):
                     return Response(status_code=304, headers={**headers, "ETag": etag})
@@ -253,6 +284,66 @@ def create_gallery_app() -> "FastAPI":
         if made.etag is not None:
             headers["ETag"] = made.etag
         return Response(made.data, media_type="image/jpeg", headers=headers)
+
+    # A row of the grid in one request (:mod:`.sheets`): the stored thumbnails of images first to
+    # first + count - 1, through the same lookup and checks as a tile, embedded in one SVG.
+    @app.get("/sheet", dependencies=can_read)
+    async def sheet(
+        request: Request,
+        session: SessionDep,
+        dag_id: Annotated[str, Query(min_length=1)],
+        run_id: Annotated[str, Query(min_length=1)],
+        task_id: Annotated[str, Query(min_length=1)],
+        map_index: Annotated[str, Query()],
+        first: Annotated[str, Query()],
+        count: Annotated[str, Query()],
+    ) -> Response:
+        size = _index(count)
+        if not thumbnailer.settings.sheets or size is None or not 1 <= size <= SHEET_MAX:
+            raise not_found
+
+        validated = request.headers.get("if-none-match", "")
+        gzipped = "gzip" in request.headers.get("accept-encoding", "")
+
+        def make() -> tuple[bytes | None, str] | None:
+            """The sheet (``None`` when the browser's copy is current) and its ETag; ``None``: nothing to show."""
+            try:
+                found = find_images(session, dag_id, task_id, run_id, map_index, first, count)
+            finally:
+                session.close()  # its DB connection goes back to the pool before storage is read
+            # One after the other, on this one thread: ~8 small reads that wait on the network (the GIL
+            # is free meanwhile) rather than 8 threads that compete with Airflow's own API for it.
+            cells = [None if entry is None else thumbnailer.stored_thumbnail(entry[2]) for entry in found]
+            if all(cell is None for cell in cells):
+                return None
+            body = render_sheet(int(first), cells)
+            # A strong validator per representation. Compressed here, on this thread, not by the API
+            # server's GZip middleware (on its event loop for a sheet under 128 KB).
+            etag = f'"{hashlib.sha256(body).hexdigest()[:32]}{"-gzip" if gzipped else ""}"'
+            if etag in validated:
+                return None, etag
+            return (gzip.compress(body, compresslevel=5, mtime=0) if gzipped else body), etag
+
+        made = await thumbnailer.run_io(make)
+        if made is None:
+            # Nothing read: the one 404, so that no answer tells an entry the roots allow (but whose
+            # thumbnail is missing) from one they refuse. The page names no such sheet.
+            raise not_found
+        body, etag = made
+        # As the tiles: the browser keeps the sheet and asks again on the next page load (a revoked
+        # permission applies then); within one page every tile of the row is drawn from one fetch.
+        headers = {
+            "Cache-Control": "private, no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": SHEET_POLICY,
+            "ETag": etag,
+            "Vary": "Accept-Encoding",
+        }
+        if body is None:
+            return Response(status_code=304, headers=headers)
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, media_type="image/svg+xml", headers=headers)
 
     return app
 

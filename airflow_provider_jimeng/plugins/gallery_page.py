@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from airflow_provider_jimeng.plugins.gallery_store import Failure, TaskImages
+from airflow_provider_jimeng.plugins.sheets import sheet_of
 
 #: Prompts longer than this are shown clamped, the whole text one click away (``<details>``, no script).
 PROMPT_PREVIEW_CHARS = 160
@@ -52,6 +53,15 @@ def _usage_text(usage: Mapping[str, Any]) -> str:
 def _image_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int, route: str = "image") -> str:
     query = urlencode({"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index, "n": number})
     return f"{route}?{query}"
+
+
+def _sheet_url(dag_id: str, run_id: str, task_id: str, map_index: int, number: int, total: int) -> str:
+    """The tile of image ``number`` drawn from its row's sheet: one URL for the whole row, a fragment per tile."""
+    first, count = sheet_of(number, total)
+    query = urlencode(
+        {"dag_id": dag_id, "run_id": run_id, "task_id": task_id, "map_index": map_index, "first": first, "count": count}
+    )
+    return f"sheet?{query}#t{number}"
 
 
 def _caption(lines: Sequence[tuple[str, str | None]]) -> str:
@@ -107,6 +117,7 @@ def _task_section(
     mapped: bool,
     storage_configured: bool,
     thumbnails: bool = True,
+    sheets: bool = False,
 ) -> str:
     parts = []
     if mapped:
@@ -151,8 +162,14 @@ def _task_section(
             figures.append(_absent_figure("missing", ABSENT["missing"], caption))
             continue
         url = escape(_image_url(dag_id, run_id, task_id, task.map_index, number))
-        # The tile loads a thumbnail (without Pillow: the full image, lazily); the link opens the full image.
-        src = escape(_image_url(dag_id, run_id, task_id, task.map_index, number, "thumbnail")) if thumbnails else url
+        # The tile loads the worker's stored thumbnail from its row's sheet, else a thumbnail of its own
+        # (without Pillow: the full image, lazily); the link opens the full image.
+        if sheets and number in task.thumbnails_stored:
+            src = escape(_sheet_url(dag_id, run_id, task_id, task.map_index, number, len(task.images)))
+        elif thumbnails:
+            src = escape(_image_url(dag_id, run_id, task_id, task.map_index, number, "thumbnail"))
+        else:
+            src = url
         outcomes = [verdict.outcome for verdict in verdicts]
         shown = "approved" if "approved" in outcomes else (outcomes[0] if outcomes else None)
         reviewed = f' data-review="{escape(shown)}"' if shown else ""
@@ -187,8 +204,12 @@ def render_gallery(
     *,
     storage_configured: bool = True,
     thumbnails: bool = True,
+    sheets: bool = False,
 ) -> str:
-    """The gallery page of a task instance (or of every map index of a mapped task); tiles load thumbnails."""
+    """The gallery page of a task instance (or of every map index of a mapped task); tiles load thumbnails.
+
+    With ``sheets``, a tile whose stored thumbnail was found loads from its row's sheet (:mod:`.sheets`).
+    """
     title = f"JiMeng images · {task_id}"
     mapped = any(task.map_index >= 0 for task in tasks)
     if tasks:
@@ -201,6 +222,7 @@ def render_gallery(
                 mapped=mapped,
                 storage_configured=storage_configured,
                 thumbnails=thumbnails,
+                sheets=sheets,
             )
             for task in tasks
         )

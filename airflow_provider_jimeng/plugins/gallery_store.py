@@ -30,6 +30,7 @@ from airflow_provider_jimeng.plugins.gallery_access import (
     s3_client,
 )
 from airflow_provider_jimeng.storage.records import PromptRecord, StoredImage
+from airflow_provider_jimeng.storage.thumbnails import THUMBNAIL_FOLDER, thumbnail_key
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -161,6 +162,8 @@ class TaskImages:
     missing: set[int] = field(default_factory=set)
     #: What the run's reviews decided about an image (by URI), in review task order.
     reviews: dict[str, list[Verdict]] = field(default_factory=dict)
+    #: Numbers of images whose stored thumbnail was found (their tiles load from sheets).
+    thumbnails_stored: set[int] = field(default_factory=set)
 
     def readable(self, number: int) -> tuple[str, StorageRoot] | None:
         """The URI and allowed root of the ``number``-th image; ``None``: it is never read."""
@@ -217,32 +220,37 @@ def load_task_images(
     return found
 
 
-def load_image(
+def load_images(
     session: Session,
     *,
     dag_id: str,
     run_id: str,
     task_id: str,
     map_index: int,
-    number: int,
+    first: int,
+    count: int,
     roots: tuple[StorageRoot, ...],
-) -> tuple[StoredImage, tuple[str, StorageRoot]] | None:
-    """The ``number``-th image of one task instance and where it may be read; ``None``: it is never read.
+) -> list[tuple[StoredImage, tuple[str, StorageRoot]] | None] | None:
+    """Images ``first`` to ``first + count - 1`` of one task instance and where each may be read.
 
-    The lookup of every tile and image request: the same checks as :meth:`TaskImages.readable`, but
-    only the ``images`` XCom is read and only its ``number``-th entry checked (a grid of 64 tiles
-    would otherwise check all 64 entries 64 times).
+    The lookup of every tile, sheet and image request: the same checks as :meth:`TaskImages.readable`,
+    but only the ``images`` XCom is read (one query) and only the asked entries checked (a grid of 64
+    tiles would otherwise check all 64 entries 64 times). ``None``: the range is not the task's (no
+    such entries); an entry that fails a check is ``None`` in the list: it is never read.
     """
-    if not 0 <= number < MAX_IMAGES:
+    if first < 0 or count < 1 or first + count > MAX_IMAGES:
         return None
     query = _task_xcoms(dag_id=dag_id, run_id=run_id, task_id=task_id, keys=("images",), map_index=map_index)
     row = session.scalars(query).first()
     entries = _xcom_value(row) if row is not None else None
-    if not isinstance(entries, list) or number >= len(entries):
+    if not isinstance(entries, list) or first + count > len(entries):
         return None
-    image = image_entry(entries[number])
-    allowed = root_of(image.uri, roots) if image is not None else None
-    return None if image is None or allowed is None else (image, allowed)
+    found: list[tuple[StoredImage, tuple[str, StorageRoot]] | None] = []
+    for item in entries[first : first + count]:
+        image = image_entry(item)
+        allowed = root_of(image.uri, roots) if image is not None else None
+        found.append(None if image is None or allowed is None else (image, allowed))
+    return found
 
 
 def load_reviews(session: Session, *, dag_id: str, run_id: str, tasks: list[TaskImages]) -> None:
@@ -335,30 +343,46 @@ def read_records(task: TaskImages) -> None:
             task.failures.append(parse_failure(text[:MAX_FIELD_CHARS]))
 
 
-def find_missing(task: TaskImages) -> None:
+def find_missing(task: TaskImages, *, thumbnails: bool = False) -> None:
     """Mark the allowed images whose object is gone: one listing per folder (S3) or a stat (``file://``).
 
+    With ``thumbnails``, also mark the images whose stored thumbnail (``[jimeng] store_thumbnails``) is
+    there, from one more listing per folder (its ``_thumbnails/``): the page loads those tiles from
+    sheets. Only a hint for the page: the sheet route checks and reads each thumbnail itself.
     Best effort: a folder that cannot be listed (no ``s3:ListBucket``, another backend) marks nothing.
     """
-    folders: dict[tuple[str, str, str], list[tuple[int, str]]] = {}
+    folders: dict[tuple[str, str, str], list[tuple[int, str, str | None]]] = {}
     for number in range(len(task.images)):
         allowed = task.readable(number)
         if allowed is None:
             continue
         uri, root = allowed
+        thumb = root_of(thumbnail_key(uri), task.roots) if thumbnails else None
         if uri.startswith("s3://") and root.conn_id is not None:
             bucket, _, key = uri.removeprefix("s3://").partition("/")
             folder = posixpath.dirname(key)
-            folders.setdefault((root.conn_id, bucket, f"{folder}/" if folder else ""), []).append((number, key))
-        elif uri.startswith("file://") and local_path(uri, root) is None:
-            task.missing.add(number)
+            thumb_key = thumb[0].removeprefix(f"s3://{bucket}/") if thumb is not None and thumb[1] == root else None
+            folders.setdefault((root.conn_id, bucket, f"{folder}/" if folder else ""), []).append(
+                (number, key, thumb_key)
+            )
+        elif uri.startswith("file://"):
+            if local_path(uri, root) is None:
+                task.missing.add(number)
+            elif thumb is not None and local_path(*thumb) is not None:
+                task.thumbnails_stored.add(number)
     for (conn_id, bucket, prefix), wanted in list(folders.items())[:20]:
         try:
-            present = _list_keys(s3_client(conn_id), bucket, prefix, {key for _, key in wanted})
+            client = s3_client(conn_id)
+            present = _list_keys(client, bucket, prefix, {key for _, key, _ in wanted})
+            thumb_keys = {thumb for _, _, thumb in wanted if thumb is not None}
+            stored = _list_keys(client, bucket, f"{prefix}{THUMBNAIL_FOLDER}/", thumb_keys) if thumb_keys else set()
         except Exception as error:
             log.info("JiMeng gallery: folder not listed (%s)", type(error).__name__)
             continue
-        task.missing.update(number for number, key in wanted if key not in present)
+        task.missing.update(number for number, key, _ in wanted if key not in present)
+        task.thumbnails_stored.update(
+            number for number, key, thumb in wanted if key in present and thumb is not None and thumb in stored
+        )
 
 
 def _list_keys(client: Any, bucket: str, prefix: str, wanted: set[str], pages: int = 10) -> set[str]:

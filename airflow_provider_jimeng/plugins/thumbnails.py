@@ -38,6 +38,7 @@ from airflow_provider_jimeng.storage.thumbnails import (
 )
 
 if TYPE_CHECKING:
+    from airflow_provider_jimeng.plugins.gallery_access import StorageRoot
     from airflow_provider_jimeng.plugins.gallery_store import ObjectStream
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,8 @@ class ThumbnailSettings:
     cache_bytes: int
     #: Tile requests handled at once (0: no limit).
     tiles_at_once: int = TILES_AT_ONCE
+    #: Tiles whose thumbnail the worker stored load from sheets (:mod:`.sheets`); no Pillow needed for them.
+    sheets: bool = False
 
     @classmethod
     def from_config(cls) -> ThumbnailSettings:
@@ -81,10 +84,12 @@ class ThumbnailSettings:
         enabled = conf.getboolean("jimeng", "gallery_thumbnails", fallback=True)
         cache_mb = conf.getint("jimeng", "gallery_thumbnail_cache_mb", fallback=CACHE_BYTES // 2**20)
         tiles = conf.getint("jimeng", "gallery_tiles_at_once", fallback=TILES_AT_ONCE)
+        sheets = conf.getboolean("jimeng", "gallery_sheets", fallback=True)
         return cls(
             enabled=enabled and pillow_available(),
             cache_bytes=max(0, cache_mb) * 2**20,
             tiles_at_once=max(0, tiles),
+            sheets=enabled and sheets,
         )
 
 
@@ -187,6 +192,29 @@ class Thumbnailer:
 
         return await to_thread.run_sync(function, limiter=self._limiter("read", READ_WORKERS))
 
+    def stored_thumbnail(self, location: tuple[str, StorageRoot] | None) -> bytes | None:
+        """The JPEG the worker stored at ``location`` (checked under the roots), read whole; ``None``: none usable.
+
+        Blocking (call it through :meth:`run_io`). A missing one is remembered, so it is asked once.
+        """
+        from airflow_provider_jimeng.plugins.gallery_access import ConnectionMissing
+        from airflow_provider_jimeng.plugins.gallery_store import open_object
+        from airflow_provider_jimeng.plugins.sheets import is_jpeg
+
+        if location is None or self.none_stored(location[0]):
+            return None
+        try:
+            data = _read_all(open_object(*location), MAX_STORED_THUMBNAIL_BYTES)
+        except (FileNotFoundError, ConnectionMissing):
+            self.remember_none_stored(location[0])
+            return None
+        except NotThumbnailable:
+            return None
+        except Exception as error:
+            log.warning("JiMeng gallery: a stored thumbnail not read (%s)", type(error).__name__)
+            return None
+        return data if is_jpeg(data) else None
+
     async def read_stored(self, stream: ObjectStream) -> bytes | None:
         """A thumbnail the worker stored, read whole (``None``: larger than any thumbnail should be)."""
         try:
@@ -222,8 +250,12 @@ class Thumbnailer:
         return Thumbnail(small, _validator(key))
 
 
+#: The routes whose requests take turns (:class:`TileAdmission`): a grid's tiles and its sheets.
+TILE_ROUTES = ("/thumbnail", "/sheet")
+
+
 class TileAdmission:
-    """ASGI middleware: thumbnail requests take turns, so a grid of 64 tiles cannot crowd out Airflow's own API.
+    """ASGI middleware: tile and sheet requests take turns, so a grid of 64 tiles cannot crowd out Airflow's own API.
 
     A tile request is cheap (~6-10 ms of CPU: two permission checks, an XCom lookup, a storage read)
     but pure Python: all of it holds the API server process's one GIL. A browser sends six at once per
@@ -248,7 +280,7 @@ class TileAdmission:
         self.overtaken = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if self.at_once <= 0 or scope["type"] != "http" or not scope["path"].endswith("/thumbnail"):
+        if self.at_once <= 0 or scope["type"] != "http" or not scope["path"].endswith(TILE_ROUTES):
             await self.app(scope, receive, send)
             return
         import anyio

@@ -20,6 +20,7 @@ import pytest
 
 from airflow_provider_jimeng.plugins import gallery_access
 from airflow_provider_jimeng.plugins.gallery_access import normalise, parse_roots
+from airflow_provider_jimeng.storage.thumbnails import thumbnail_key
 from airflow_provider_jimeng.testing import AWS_REGION, S3Server
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS, AIRFLOW_V_3_2_PLUS
 from tests.dags import jimeng_test_generate
@@ -96,14 +97,27 @@ def _ti(run: StoredRun, **extra: Any) -> dict[str, Any]:
     return {"dag_id": run.dag_id, "run_id": run.run_id, "task_id": FORGED, **extra}
 
 
+def served(gallery: Gallery, run: StoredRun, number: int, user: str = "reader", task_id: str = FORGED) -> list[Any]:
+    """What each route that reads an image answers for the ``number``-th one: the image, its tile, its sheet."""
+    ti = {**_ti(run, map_index=-1), "task_id": task_id}
+    return [
+        gallery.get("image", user=user, **ti, n=number),
+        gallery.get("thumbnail", user=user, **ti, n=number),
+        gallery.get("sheet", user=user, **ti, first=number, count=1),
+    ]
+
+
 def assert_nothing_served(gallery: Gallery, run: StoredRun, count: int = 1) -> str:
     """Every forged image is the same 404 as an unknown one; the page shows none of them. Returns the page."""
     unknown = gallery.get("image", **_ti(run, map_index=-1), n=999_999)
     assert unknown.status_code == 404
     for number in range(count):
-        answer = gallery.get("image", **_ti(run, map_index=-1), n=number)
-        assert (answer.status_code, answer.content) == (404, unknown.content)
-        assert SECRET not in answer.content
+        for answer in served(gallery, run, number):
+            assert (answer.status_code, answer.content) == (404, unknown.content)
+            assert SECRET not in answer.content
+    # A whole row's sheet of refused entries is the same 404.
+    answer = gallery.get("sheet", **_ti(run, map_index=-1), first=0, count=min(count, 8))
+    assert (answer.status_code, answer.content) == (404, unknown.content)
     page = gallery.get("gallery", **_ti(run))
     assert page.status_code == 200
     assert SECRET.decode() not in page.text
@@ -132,6 +146,7 @@ def test_a_forged_file_uri_reads_no_file_of_the_api_server(
 def test_another_bucket_with_a_connection_of_the_tasks_choosing_is_not_read(gallery: Gallery, run: StoredRun) -> None:
     run.s3.create_bucket(Bucket="another-bucket-gallery")
     run.s3.put_object(Bucket="another-bucket-gallery", Key="secret.jpeg", Body=JPEG + SECRET)
+    run.s3.put_object(Bucket="another-bucket-gallery", Key="_thumbnails/secret.jpeg", Body=JPEG + SECRET)
     run.s3.put_object(Bucket="another-bucket-gallery", Key="records.json", Body=b'{"prompts": []}')
     forge(
         run,
@@ -148,6 +163,7 @@ def test_a_user_who_may_edit_xcoms_through_the_rest_api_reads_nothing_more(galle
     # The USER role may write XComs through the REST API (and may not read connections).
     run.s3.create_bucket(Bucket="another-bucket-rest")
     run.s3.put_object(Bucket="another-bucket-rest", Key="secret.jpeg", Body=JPEG + SECRET)
+    run.s3.put_object(Bucket="another-bucket-rest", Key="_thumbnails/secret.jpeg", Body=JPEG + SECRET)
     _clear(run)
     headers = {"Authorization": f"Bearer {gallery.tokens['editor']}"}
     url = f"/api/v2/dags/{run.dag_id}/dagRuns/{run.run_id}/taskInstances/{FORGED}/xcomEntries"
@@ -181,6 +197,7 @@ def test_a_missing_connection_is_no_read_not_the_default_credentials(
     }.items():
         monkeypatch.setenv(name, value)
     run.s3.put_object(Bucket=run.bucket, Key="elsewhere/secret.jpeg", Body=JPEG + SECRET)
+    run.s3.put_object(Bucket=run.bucket, Key="elsewhere/_thumbnails/secret.jpeg", Body=JPEG + SECRET)
     allow(monkeypatch, {f"s3://{run.bucket}/": "aws_gallery_missing"})
     forge(
         run,
@@ -190,8 +207,8 @@ def test_a_missing_connection_is_no_read_not_the_default_credentials(
     )
 
     unknown = gallery.get("image", **_ti(run, map_index=-1), n=999_999)
-    answer = gallery.get("image", **_ti(run, map_index=-1), n=0)
-    assert (answer.status_code, answer.content) == (404, unknown.content)
+    for answer in served(gallery, run, 0):
+        assert (answer.status_code, answer.content) == (404, unknown.content)
 
 
 def test_the_tasks_connection_id_is_ignored(gallery: Gallery, run: StoredRun, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -325,6 +342,9 @@ def test_a_symlink_under_a_listed_file_root_is_not_followed_out_of_it(
     (root / "link.jpeg").symlink_to(outside / "secret.jpeg")
     (root / "dir").symlink_to(outside)
     (root / "inside.jpeg").symlink_to(root / "real.jpeg")  # a link that stays under the root is fine
+    (root / "_thumbnails").mkdir()
+    (root / "_thumbnails" / "real.jpeg").symlink_to(outside / "secret.jpeg")  # a "thumbnail" out of the root
+    (root / "_thumbnails" / "inside.jpeg").write_bytes(JPEG)
     allow(monkeypatch, {f"file://{root}/": None})
     forge(
         run,
@@ -338,10 +358,16 @@ def test_a_symlink_under_a_listed_file_root_is_not_followed_out_of_it(
 
     unknown = gallery.get("image", **_ti(run, map_index=-1), n=999_999)
     for number in (0, 1):
-        answer = gallery.get("image", **_ti(run, map_index=-1), n=number)
-        assert (answer.status_code, answer.content) == (404, unknown.content)
+        for answer in served(gallery, run, number):
+            assert (answer.status_code, answer.content) == (404, unknown.content)
     for number in (2, 3):
         assert gallery.get("image", **_ti(run, map_index=-1), n=number).content == JPEG
+    # The sheet of all four embeds image 3's thumbnail only: image 2's links out of the root.
+    sheet = gallery.get("sheet", **_ti(run, map_index=-1), first=0, count=4)
+    assert sheet.status_code == 200
+    assert SECRET not in sheet.content
+    assert sheet.content.count(b"data:image/jpeg") == 1
+    assert gallery.get("sheet", **_ti(run, map_index=-1), first=2, count=1).status_code == 404
 
 
 # ------------------------------------------------------------------------------------------- teams
@@ -384,6 +410,7 @@ def test_a_teams_dag_reads_only_the_teams_own_storage(
         "AIRFLOW__TEAM_B___JIMENG__GALLERY_STORAGE", json.dumps({f"s3://{team_run.bucket}/": "aws_default"})
     )
     run.s3.put_object(Bucket=run.bucket, Key="team-a/secret.jpeg", Body=JPEG + SECRET)
+    run.s3.put_object(Bucket=run.bucket, Key="team-a/_thumbnails/secret.jpeg", Body=JPEG + SECRET)
     token = gallery.manager.generate_jwt(SimpleAuthManagerUser(username="member_b", role="viewer", teams=["team_b"]))
     headers = {"Authorization": f"Bearer {token}"}
     forged = {"dag_id": team_run.dag_id, "run_id": team_run.run_id, "task_id": "count", "map_index": -1}
@@ -400,12 +427,15 @@ def test_a_teams_dag_reads_only_the_teams_own_storage(
             **forged,
         )
 
+    [image] = team_run.xcom("gen", "images")[:1]
+    run.s3.put_object(Bucket=team_run.bucket, Key=thumbnail_key(image["key"]), Body=JPEG)  # a sheet shows it
     unknown = gallery.client.get("/jimeng/image", params={**forged, "n": 999_999}, headers=headers)
-    answer = gallery.client.get("/jimeng/image", params={**forged, "n": 0}, headers=headers)
-    assert (answer.status_code, answer.content) == (404, unknown.content)
-    # Team B's own images, under team B's root, are served; a member of no team is refused the DAG.
-    assert gallery.client.get("/jimeng/image", params={**own, "n": 0}, headers=headers).status_code == 200
-    assert gallery.get("image", **own, n=0).status_code == 403
+    for route, number in (("image", {"n": 0}), ("thumbnail", {"n": 0}), ("sheet", {"first": 0, "count": 1})):
+        answer = gallery.client.get(f"/jimeng/{route}", params={**forged, **number}, headers=headers)
+        assert (answer.status_code, answer.content) == (404, unknown.content), route
+        # Team B's own images, under team B's root, are served; a member of no team is refused the DAG.
+        assert gallery.client.get(f"/jimeng/{route}", params={**own, **number}, headers=headers).status_code == 200
+        assert gallery.get(route, **own, **number).status_code == 403
 
 
 # ------------------------------------------------------------------------------------ bounded parsing
