@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from airflow.plugins_manager import AirflowPlugin
 
 from airflow_provider_jimeng.links.jimeng import GALLERY_URL_PREFIX, GALLERY_URL_ROUTE
+from airflow_provider_jimeng.plugins.priority import AIRFLOW_REQUESTS, AirflowFirst
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 
 if TYPE_CHECKING:
@@ -124,6 +125,8 @@ def create_gallery_app() -> "FastAPI":
     thumbnailer = Thumbnailer(ThumbnailSettings.from_config())
     app.state.thumbnailer = thumbnailer
     app.add_middleware(TileAdmission, at_once=thumbnailer.settings.tiles_at_once)
+    # Turn-taking and yielding to Airflow's own requests go together ([jimeng] gallery_tiles_at_once = 0: neither).
+    AIRFLOW_REQUESTS.enabled = thumbnailer.settings.tiles_at_once > 0
 
     @app.exception_handler(StarletteHTTPException)
     async def readable_refusal(request: Request, error: StarletteHTTPException) -> Response:
@@ -253,6 +256,7 @@ def create_gallery_app() -> "FastAPI":
                 stored, allowed, thumb = find_image(session, dag_id, task_id, run_id, map_index, n)
             finally:
                 session.close()  # its DB connection goes back to the pool before the image is read and decoded
+            AIRFLOW_REQUESTS.wait_quiet()  # Airflow's own requests first (:mod:`.priority`)
             if thumb is not None and not thumbnailer.none_stored(thumb[0]):
                 try:  # the worker's thumbnail ([jimeng] store_thumbnails): ~16 KB read, nothing decoded here
                     return stored, open_object(*thumb), True
@@ -313,16 +317,20 @@ def create_gallery_app() -> "FastAPI":
                 session.close()  # its DB connection goes back to the pool before storage is read
             # One after the other, on this one thread: ~8 small reads that wait on the network (the GIL
             # is free meanwhile) rather than 8 threads that compete with Airflow's own API for it.
-            cells = [None if entry is None else thumbnailer.stored_thumbnail(entry[2]) for entry in found]
+            cells: list[bytes | None] = []
+            for entry in found:
+                AIRFLOW_REQUESTS.wait_quiet()  # Airflow's own requests first (:mod:`.priority`)
+                cells.append(None if entry is None else thumbnailer.stored_thumbnail(entry[2]))
             if all(cell is None for cell in cells):
                 return None
+            AIRFLOW_REQUESTS.wait_quiet()  # the encoding too: ~1 ms a cell, at Airflow's pace
             body = render_sheet(int(first), cells)
             # A strong validator per representation. Compressed here, on this thread, not by the API
             # server's GZip middleware (on its event loop for a sheet under 128 KB).
             etag = f'"{hashlib.sha256(body).hexdigest()[:32]}{"-gzip" if gzipped else ""}"'
             if etag in validated:
                 return None, etag
-            return (gzip.compress(body, compresslevel=5, mtime=0) if gzipped else body), etag
+            return (gzip.compress(body, compresslevel=1, mtime=0) if gzipped else body), etag
 
         made = await thumbnailer.run_io(make)
         if made is None:
@@ -375,6 +383,12 @@ class JiMengGalleryPlugin(AirflowPlugin):
     name = "jimeng_gallery"
     fastapi_apps = (
         [{"app": LazyGalleryApp(), "url_prefix": URL_PREFIX, "name": "JiMeng image gallery"}]
+        if AIRFLOW_V_3_1_PLUS
+        else []
+    )
+    # Counts Airflow's own requests in flight, so that the gallery's reads wait for them (:mod:`.priority`).
+    fastapi_root_middlewares = (
+        [{"middleware": AirflowFirst, "name": "JiMeng gallery: Airflow's own requests first"}]
         if AIRFLOW_V_3_1_PLUS
         else []
     )

@@ -294,6 +294,9 @@ class TileAdmission:
         if not turn:
             self.overtaken += 1
         try:
+            from airflow_provider_jimeng.plugins.priority import AIRFLOW_REQUESTS
+
+            await AIRFLOW_REQUESTS.await_quiet()  # and Airflow's own requests before any tile
             await self.app(scope, receive, send)
             if turn:
                 await anyio.sleep(self.gap_s)

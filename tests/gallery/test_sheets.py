@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
@@ -14,13 +15,15 @@ from urllib.parse import parse_qsl, urlencode
 
 import pytest
 
-from airflow_provider_jimeng.plugins import thumbnails
+from airflow_provider_jimeng.plugins import priority, thumbnails
+from airflow_provider_jimeng.plugins.priority import AIRFLOW_REQUESTS
 from airflow_provider_jimeng.plugins.sheets import SHEET_MAX, render_sheet, sheet_of
 from airflow_provider_jimeng.plugins.thumbnails import Thumbnailer
 from airflow_provider_jimeng.storage.thumbnails import thumbnail_key
 from airflow_provider_jimeng.version_compat import AIRFLOW_V_3_1_PLUS
 from tests.dags import jimeng_test_generate
 from tests.gallery.conftest import Gallery, StoredRun
+from tests.gallery.test_priority import LONG_S, waiting
 from tests.gallery.test_thumbnails import _tile_traffic
 from tests.gallery.test_trust import FORGED, JPEG, _entry, forge
 
@@ -372,3 +375,25 @@ def test_chromium_draws_64_tiles_from_8_sheets(gallery: Gallery, run: StoredRun,
             context.close()
         finally:
             browser.close()
+
+
+# --------------------------------------------------------------------------- Airflow's requests first
+def test_a_sheet_waits_for_airflow_s_request_then_is_served(
+    gallery: Gallery, run: StoredRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(priority, "MAX_YIELD_S", LONG_S)
+    assert AIRFLOW_REQUESTS.enabled
+    outwaited = AIRFLOW_REQUESTS.outwaited
+    token = AIRFLOW_REQUESTS.begin()  # an Airflow request being served
+    answers: list[Any] = []
+    thread, done = waiting(lambda: answers.append(gallery.get("sheet", **_sheet(run, 0, 8))))
+    try:
+        assert not done.wait(0.3), "the sheet waits while Airflow's request is served"
+    finally:
+        started = time.monotonic()
+        AIRFLOW_REQUESTS.end(token)
+    assert done.wait(LONG_S)
+    thread.join()
+    assert answers[0].status_code == 200
+    assert time.monotonic() - started < LONG_S / 2
+    assert AIRFLOW_REQUESTS.outwaited == outwaited, "it waited for the request, not for its bound"
