@@ -280,6 +280,14 @@ def test_sheet_requests_take_turns_as_tiles_do() -> None:
     assert min(gaps) >= thumbnails.TILE_GAP_S
 
 
+def test_a_sheet_leaves_the_process_to_airflow_twice_as_long_as_it_took() -> None:
+    # Eight tiles' work in one turn: the next turn starts no sooner than twice that turn's time after it.
+    _, _, gaps = _tile_traffic(["/jimeng/sheet", "/jimeng/thumbnail", "/jimeng/sheet"], wait_s=30, sheet_s=0.1)
+    after_sheet, after_tile = gaps
+    assert after_sheet >= thumbnails.SHEET_GAP_FACTOR * 0.1
+    assert after_tile >= thumbnails.TILE_GAP_S
+
+
 # ---------------------------------------------------------------------------------------------- in Chromium
 #: Every tile made eager; resolves with each tile's natural width and the colour at its centre.
 TILES_DRAWN = """async () => {

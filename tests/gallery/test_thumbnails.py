@@ -314,13 +314,19 @@ def test_the_thumbnail_key_sits_next_to_the_image() -> None:
 
 # ------------------------------------------------------------------------------------ tiles take turns
 def _tile_traffic(
-    paths: list[str], *, wait_s: float, release_after: int | None = None, at_once: int = TILES_AT_ONCE
+    paths: list[str],
+    *,
+    wait_s: float,
+    release_after: int | None = None,
+    at_once: int = TILES_AT_ONCE,
+    sheet_s: float = 0.0,
 ) -> tuple[TileAdmission, int, list[float]]:
     """Send ``paths`` at once through :class:`TileAdmission` to an app that holds each request until told.
 
     Returns the middleware, the most requests the inner app held at once, and the pauses between one
     request's end and the next one's start. The inner app releases
-    everything once ``release_after`` requests are inside it (default: as soon as each arrives, one by one).
+    everything once ``release_after`` requests are inside it (default: as soon as each arrives, one by one);
+    a sheet's request takes ``sheet_s``.
     """
     import anyio
 
@@ -342,6 +348,8 @@ def _tile_traffic(
                     everyone_in.set()
                 await everyone_in.wait()
             await anyio.lowlevel.checkpoint()
+            if scope["path"].endswith("/sheet"):
+                await anyio.sleep(sheet_s)
             inside["now"] -= 1
             last_end.append(anyio.current_time())
 
