@@ -166,6 +166,8 @@ def _p8_rows(p8: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
             f"`/api/v2/dags` p50/p95 {loaded['p50_ms']:.0f}/{loaded['p95_ms']:.0f} ms while loading vs "
             f"{idle['p50_ms']:.0f}/{idle['p95_ms']:.0f} ms idle = **{variant['dags_p95_ratio']:.1f}x**"
         )
+        if "api_server_cpu_cold_s" in variant:
+            measured += f"; API server CPU for the cold load {variant['api_server_cpu_cold_s']:.2f} s (probes included)"
         table.append(
             (
                 f"P8 gallery, {label}: {params['images']} JPEGs of {params['side_px']}x{params['side_px']} "
