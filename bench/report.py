@@ -151,8 +151,8 @@ def _p8_rows(p8: dict[str, Any], verdict: Any) -> list[tuple[str, str, str, str]
         ("before", "full images (thumbnails off)"),
         ("after", "thumbnails made by the API server"),
         ("stored_all_at_once", "stored thumbnails, every tile request at once"),
-        ("stored_per_tile", "stored thumbnails, one request per tile (no sheets)"),
-        ("stored", "thumbnails stored by the worker, one sheet per row"),
+        ("stored_sheets", "stored thumbnails, one sheet per row (`gallery_sheets = True`)"),
+        ("stored", "thumbnails stored by the worker, one request per tile (the defaults)"),
     ):
         variant = p8.get(name)
         if not variant:
@@ -491,15 +491,16 @@ ideal `ceil(N/K) x latency`:
   screen* is what the page as served transfers (tiles below the fold load lazily) until the network
   is idle (resource timing `transferSize`, the page included); *all tiles* makes every tile eager at
   once (a user scrolling straight to the end) and times navigation start to the last `img.decode()`,
-  once cold (no thumbnail made yet) and once warm. Meanwhile a client asks `GET /api/v2/dags` in a
-  loop (20 ms apart); its p50/p95 are compared with 60 requests on the same idle server just before.
+  once cold (no thumbnail made yet) and twice warm. Meanwhile a client asks `GET /api/v2/dags` in a
+  loop (20 ms apart) through the three loads; its p50/p95 are compared with 60 requests on the same
+  idle server just before. The API server's CPU (its process tree, psutil) is read around each load.
   *Before* is the same server with `[jimeng] gallery_thumbnails = False` (full images, lazily: the
   gallery before thumbnails, and without Pillow); *after* serves thumbnails the API server makes on
   first request; *stored* serves the thumbnails a worker with `[jimeng] store_thumbnails = True`
-  stored next to each image, drawn from one sheet per row of eight tiles (the target is judged
-  there); *stored, every tile request at once* is the same with `[jimeng] gallery_tiles_at_once = 0`
-  (tile requests do not take turns); *stored, one request per tile* with `[jimeng] gallery_sheets =
-  False`. Tile requests are the resource timing entries of `/thumbnail`, `/sheet` and `/image`.
+  stored next to each image, one request per tile (the defaults; the target is judged there);
+  *stored, every tile request at once* is the same with `[jimeng] gallery_tiles_at_once = 0` (tile
+  requests neither take turns nor wait for Airflow's); *stored, one sheet per row* with `[jimeng]
+  gallery_sheets = True`. Tile requests are the resource timing entries of `/thumbnail`, `/sheet` and `/image`.
 * **The Visual API, deferrable (P9).** One Airflow on loopback (`airflow scheduler` with the
   LocalExecutor and two worker slots, `airflow triggerer`, `airflow dag-processor`, `airflow
   api-server`, SQLite; the processes of `make e2e`) against the emulator and moto. Two DAGs run the

@@ -85,7 +85,7 @@ class ThumbnailSettings:
         enabled = conf.getboolean("jimeng", "gallery_thumbnails", fallback=True)
         cache_mb = conf.getint("jimeng", "gallery_thumbnail_cache_mb", fallback=CACHE_BYTES // 2**20)
         tiles = conf.getint("jimeng", "gallery_tiles_at_once", fallback=TILES_AT_ONCE)
-        sheets = conf.getboolean("jimeng", "gallery_sheets", fallback=True)
+        sheets = conf.getboolean("jimeng", "gallery_sheets", fallback=False)
         return cls(
             enabled=enabled and pillow_available(),
             cache_bytes=max(0, cache_mb) * 2**20,

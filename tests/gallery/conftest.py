@@ -49,6 +49,8 @@ def gallery(airflow_db: None) -> Iterator[Gallery]:
         patch.setenv(
             "AIRFLOW__CORE__AUTH_MANAGER", f"{RestrictedAuthManager.__module__}.{RestrictedAuthManager.__qualname__}"
         )
+        # Sheets on (off by default): the shared app serves them, and the page points stored thumbnails at them.
+        patch.setenv("AIRFLOW__JIMENG__GALLERY_SHEETS", "True")
         users = "reader:viewer,outsider:viewer,noxcom:viewer,editor:user"
         patch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", users)
         # A key of the length HS512 wants (the generated default is short and warns on every token).

@@ -48,7 +48,7 @@ def thumbnailer(gallery: Gallery) -> Thumbnailer:
 
     mounted = next(route for route in gallery.client.app.routes if isinstance(route, Mount) and route.path == "/jimeng")
     found: Thumbnailer = mounted.app.app.state.thumbnailer
-    assert found.settings.sheets, "on by default ([jimeng] gallery_sheets)"
+    assert found.settings.sheets, "on for these tests ([jimeng] gallery_sheets, see conftest)"
     found._none_stored.clear()  # each test asks storage afresh
     return found
 
@@ -246,6 +246,9 @@ def test_tiles_without_a_stored_thumbnail_load_their_own(
 
 
 def test_sheets_follow_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW__JIMENG__GALLERY_SHEETS", raising=False)
+    assert not thumbnails.ThumbnailSettings.from_config().sheets, "off by default: one request per tile"
+    monkeypatch.setenv("AIRFLOW__JIMENG__GALLERY_SHEETS", "True")
     assert thumbnails.ThumbnailSettings.from_config().sheets
     monkeypatch.setenv("AIRFLOW__JIMENG__GALLERY_SHEETS", "False")
     assert not thumbnails.ThumbnailSettings.from_config().sheets
