@@ -544,7 +544,7 @@ ideal `ceil(N/K) x latency`:
   prompts, and again to poll them once, download and store: a few seconds of task process against the
   whole generation polled on the worker. The rest of the deferred task's slot is Airflow's: a task
   supervisor notices that its task process exited by the closing of the process's sockets, and when
-  they close before the process can be reaped (a third to a half of exits here, whatever the task did)
+  they close before the process can be reaped (a fifth to a half of exits here, whatever the task did)
   it waits out a `select` of up to `[workers] min_heartbeat_interval` (5 s) before it looks again. A
   deferred task has two processes, so it pays that up to twice, the polled one once; the table gives
   the worker's time around the task processes. End to end, deferral adds the triggerer's hand-back to
