@@ -251,27 +251,21 @@ def create_gallery_app() -> "FastAPI":
         if not thumbnailer.settings.enabled:
             return full_image
 
-        def lookup() -> tuple["StoredImage", "ObjectStream", bool]:
+        def lookup() -> tuple["StoredImage", "ObjectStream | None", bytes | None]:
             try:
                 stored, allowed, thumb = find_image(session, dag_id, task_id, run_id, map_index, n)
             finally:
                 session.close()  # its DB connection goes back to the pool before the image is read and decoded
             AIRFLOW_REQUESTS.wait_quiet()  # Airflow's own requests first (:mod:`.priority`)
-            if thumb is not None and not thumbnailer.none_stored(thumb[0]):
-                try:  # the worker's thumbnail ([jimeng] store_thumbnails): ~16 KB read, nothing decoded here
-                    return stored, open_object(*thumb), True
-                except (FileNotFoundError, ConnectionMissing):
-                    thumbnailer.remember_none_stored(thumb[0])  # one miss per image, not one per request
-                except Exception as error:
-                    log.warning("JiMeng gallery: a stored thumbnail of %s not read (%s)", task_id, type(error).__name__)
-            return stored, open_found(allowed, task_id), False
+            # The worker's thumbnail ([jimeng] store_thumbnails): ~16 KB read, nothing decoded here.
+            data = thumbnailer.stored_thumbnail(thumb)
+            return stored, None if data is not None else open_found(allowed, task_id), data
 
-        stored, stream, ready = await thumbnailer.run_io(lookup)
+        stored, stream, data = await thumbnailer.run_io(lookup)
         # No-cache: the browser asks each time, so a revoked permission applies at once; an unchanged
         # thumbnail costs a 304 then, not its bytes.
         headers = {"Cache-Control": "private, no-cache", "X-Content-Type-Options": "nosniff"}
-        if ready:
-            data = await thumbnailer.read_stored(stream)
+        if stream is None:
             if is_jpeg(data):  # a JPEG, or it is not served
                 etag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
                 if etag in request.headers.get("if-none-match", ""):
@@ -320,7 +314,7 @@ def create_gallery_app() -> "FastAPI":
             cells: list[bytes | None] = []
             for entry in found:
                 AIRFLOW_REQUESTS.wait_quiet()  # Airflow's own requests first (:mod:`.priority`)
-                cells.append(None if entry is None else thumbnailer.stored_thumbnail(entry[2]))
+                cells.append(None if entry is None else thumbnailer.stored_thumbnail(entry[2]) or None)
             if all(cell is None for cell in cells):
                 return None
             AIRFLOW_REQUESTS.wait_quiet()  # the encoding too: ~1 ms a cell, at Airflow's pace

@@ -194,9 +194,11 @@ class Thumbnailer:
         return await to_thread.run_sync(function, limiter=self._limiter("read", READ_WORKERS))
 
     def stored_thumbnail(self, location: tuple[str, StorageRoot] | None) -> bytes | None:
-        """The JPEG the worker stored at ``location`` (checked under the roots), read whole; ``None``: none usable.
+        """The JPEG the worker stored at ``location`` (checked under the roots), read whole.
 
-        Blocking (call it through :meth:`run_io`). A missing one is remembered, so it is asked once.
+        ``None``: none stored, or not readable (the tile may make one); ``b""``: one is stored but is
+        no JPEG or is larger than any thumbnail should be (never served, nor decoded here). Blocking
+        (call it through :meth:`run_io`). A missing one is remembered, so it is asked once.
         """
         from airflow_provider_jimeng.plugins.gallery_access import ConnectionMissing
         from airflow_provider_jimeng.plugins.gallery_store import open_object
@@ -210,18 +212,11 @@ class Thumbnailer:
             self.remember_none_stored(location[0])
             return None
         except NotThumbnailable:
-            return None
+            return b""
         except Exception as error:
             log.warning("JiMeng gallery: a stored thumbnail not read (%s)", type(error).__name__)
             return None
-        return data if is_jpeg(data) else None
-
-    async def read_stored(self, stream: ObjectStream) -> bytes | None:
-        """A thumbnail the worker stored, read whole (``None``: larger than any thumbnail should be)."""
-        try:
-            return await self.run_io(lambda: _read_all(stream, MAX_STORED_THUMBNAIL_BYTES))  # type: ignore[no-any-return]
-        except NotThumbnailable:
-            return None
+        return data if is_jpeg(data) else b""
 
     def validator(self, uri: str, stream: ObjectStream) -> str | None:
         """The ETag the thumbnail of this object has (``None``: the object's size is unknown)."""
